@@ -1,0 +1,36 @@
+"""
+twisted-socks5: a SOCKS5 (RFC 1928, RFC 1929) proxy server built on Twisted.
+"""
+
+from ._version import __version__
+from .auth import NoAuthAuthenticator, ProxyRealm, UsernamePasswordAuthenticator
+from .codec import Address, AddressType, Command, ReplyCode
+from .connect import DirectConnector, IOutboundConnector
+from .interfaces import (
+    AuthResult,
+    AuthStep,
+    IAuthenticator,
+    IAuthenticatorFactory,
+    IAuthNegotiation,
+)
+from .server import SOCKS5ServerFactory, SOCKS5ServerProtocol
+
+__all__ = [
+    "Address",
+    "AddressType",
+    "AuthResult",
+    "AuthStep",
+    "Command",
+    "DirectConnector",
+    "IAuthNegotiation",
+    "IAuthenticator",
+    "IAuthenticatorFactory",
+    "IOutboundConnector",
+    "NoAuthAuthenticator",
+    "ProxyRealm",
+    "ReplyCode",
+    "SOCKS5ServerFactory",
+    "SOCKS5ServerProtocol",
+    "UsernamePasswordAuthenticator",
+    "__version__",
+]

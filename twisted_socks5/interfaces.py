@@ -1,0 +1,104 @@
+"""
+The interfaces others implement to extend the server.
+
+An authentication method is an :class:`IAuthenticator`: it owns one SOCKS
+METHOD code and runs that method's sub-negotiation through a fresh
+:class:`IAuthNegotiation` per connection.  Packages ship new methods as
+:class:`IAuthenticatorFactory` plugins (``twisted.plugin``), found by name from
+``twistd socks5 --method NAME``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.plugin import IPlugin
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """
+    The outcome of one step of a method's sub-negotiation.
+
+    :ivar reply: bytes to send to the client (may be empty).
+    :ivar done: ``False`` when the method needs another client message.
+    :ivar success: once ``done``, whether the client is authenticated; a
+        failure closes the connection once ``reply`` has been sent.
+    :ivar user: the authenticated identity for rules and logs, or ``None``
+        for anonymous access.
+    :ivar avatar: whatever the method's back end returned (a
+        ``twisted.cred`` avatar, for instance), for per-user policy.
+    """
+
+    reply: bytes = b""
+    done: bool = True
+    success: bool = True
+    user: Optional[str] = None
+    avatar: Any = None
+
+
+@dataclass(frozen=True)
+class AuthStep:
+    """One client message taken by a negotiation: bytes used and the outcome."""
+
+    consumed: int
+    result: Union[AuthResult, "Deferred[AuthResult]"]
+
+
+class IAuthNegotiation(Interface):
+    """The sub-negotiation of one method on one connection."""
+
+    max_message_size = Attribute(
+        "The most bytes one client message of this method can take; the "
+        "server drops a client that sends more without completing one."
+    )
+
+    def start() -> Optional[AuthResult]:
+        """
+        Called right after the method is selected.  Return a result when the
+        method completes without client input (METHOD 0x00 does), else
+        ``None`` to wait for :meth:`data_received`.
+        """
+
+    def data_received(data: bytes) -> Optional[AuthStep]:
+        """
+        Look at the bytes buffered so far.  Return ``None`` if they do not yet
+        hold a whole message, else an :class:`AuthStep`.  Raise
+        :class:`twisted_socks5.codec.ProtocolError` on malformed input: the
+        server closes the connection.  Slow checks return a Deferred result
+        and must not block the reactor.
+        """
+
+
+class IAuthenticator(Interface):
+    """One SOCKS authentication METHOD."""
+
+    method = Attribute("The METHOD code this authenticator answers to (0-254).")
+    name = Attribute("A short name for logs and configuration, e.g. 'userpass'.")
+
+    def negotiate(client: IAddress) -> IAuthNegotiation:
+        """Start a sub-negotiation for a client that selected this method."""
+
+
+class IAuthenticatorFactory(IPlugin):
+    """
+    A ``twisted.plugin`` that makes an :class:`IAuthenticator`.
+
+    Put an object providing this interface in a module under your package's
+    ``twisted/plugins/`` directory and ``twistd socks5 --method NAME`` finds it.
+    """
+
+    name = Attribute("The name used with --method.")
+    description = Attribute("One line for --help-methods.")
+
+    def build(argument: str, portal: Any) -> IAuthenticator:
+        """
+        Make the authenticator.  ``argument`` is what followed ``NAME:`` on
+        the command line (or ``""``); ``portal`` is the ``twisted.cred``
+        portal built from ``--auth`` (or ``None``), for methods that check
+        credentials.
+        """

@@ -1,0 +1,494 @@
+"""
+The SOCKS5 server protocol and factory: the Twisted layer that moves bytes
+and state.  Parsing lives in :mod:`twisted_socks5.codec`.
+
+One connection walks this machine (``State``)::
+
+    GREETING --(method chosen)--> AUTHENTICATING --(success)--> REQUEST
+    REQUEST --(CONNECT)--> CONNECTING --(connected)--> RELAYING
+    any state --(error, refusal, timeout)--> CLOSING
+
+Every state before RELAYING is covered by the handshake timeout and by a
+bound on buffered input; input is parsed greedily so that a client may
+pipeline its greeting, credentials, request and first payload in one segment.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .auth import NoAuthAuthenticator
+from .codec import (
+    MAX_GREETING_SIZE,
+    MAX_REQUEST_SIZE,
+    Address,
+    Command,
+    Method,
+    MethodSelection,
+    ProtocolError,
+    Reply,
+    ReplyCode,
+    Request,
+    parse_greeting,
+    parse_request,
+)
+from .connect import DirectConnector, IOutboundConnector, reply_for_failure
+from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
+from .relay import OutboundProtocol, RelayCounters
+
+#: Most bytes buffered before the relay starts: pipelined payload that came
+#: with the request.  More means a client that is not speaking SOCKS.
+MAX_EARLY_DATA = 256 * 1024
+
+
+class _OutboundFactory(Factory):
+    noisy = False
+    protocol = OutboundProtocol
+
+
+_OUTBOUND_FACTORY = _OutboundFactory()
+
+
+class State(enum.Enum):
+    GREETING = "greeting"
+    AUTHENTICATING = "authenticating"
+    REQUEST = "request"
+    CONNECTING = "connecting"
+    RELAYING = "relaying"
+    CLOSING = "closing"
+
+
+def address_of(ip_address: Any) -> Optional[Address]:
+    """The SOCKS address of a Twisted IPv4Address/IPv6Address, or None."""
+    host = getattr(ip_address, "host", None)
+    port = getattr(ip_address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    try:
+        return Address.from_host(host, port)
+    except ValueError:
+        return None
+
+
+@implementer(IHalfCloseableProtocol)
+class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
+    """One client connection."""
+
+    log = Logger()
+    factory: "SOCKS5ServerFactory"
+    transport: Any
+
+    def __init__(self, factory: "SOCKS5ServerFactory") -> None:
+        self.factory = factory
+        self.state = State.GREETING
+        self._buffer = bytearray()
+        self._waiting = False
+        self._negotiation: Optional[IAuthNegotiation] = None
+        self._connecting: Optional[defer.Deferred[IProtocol]] = None
+        self._outbound: Optional[OutboundProtocol] = None
+        self._client_eof = False
+        self._idle_call: Any = None
+        self.counters = RelayCounters()
+        # Facts for the connection's log event.
+        self.started = 0.0
+        self.client: Optional[Address] = None
+        self.method: Optional[int] = None
+        self.user: Optional[str] = None
+        self.request: Optional[Request] = None
+        self.reply: Optional[ReplyCode] = None
+        self.bound: Optional[Address] = None
+        self.outcome = "closed during handshake"
+        self._handlers: Dict[State, Callable[[], bool]] = {
+            State.GREETING: self._on_greeting,
+            State.AUTHENTICATING: self._on_auth_data,
+            State.REQUEST: self._on_request,
+        }
+
+    # TimeoutMixin schedules through this, so tests drive it with a Clock.
+    def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
+        return self.factory.reactor.callLater(delay, f, *a)
+
+    # ------------------------------------------------------------------
+    # Twisted callbacks
+
+    def connectionMade(self) -> None:
+        self.started = self.factory.reactor.seconds()
+        self.client = address_of(self.transport.getPeer())
+        self.factory.connection_opened(self)
+        self.setTimeout(self.factory.handshake_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.RELAYING:
+            counters = self.counters
+            counters.bytes_up += len(data)
+            counters.active = True
+            self._outbound.transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.state is State.CLOSING:
+            return
+        self._buffer += data
+        if len(self._buffer) > MAX_EARLY_DATA:
+            self._abort("too much data before the relay started")
+            return
+        self._process()
+
+    def readConnectionLost(self) -> None:
+        """The client sent EOF (half-close)."""
+        self._client_eof = True
+        if self.state is State.RELAYING:
+            self._forward_client_eof()
+        elif self.state is not State.CONNECTING:
+            # EOF before a request is complete: nothing will follow.
+            if self.state is not State.CLOSING:
+                self.outcome = "client closed during handshake"
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        """Our EOF to the client has been sent."""
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.state = State.CLOSING
+        self.setTimeout(None)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self._connecting is not None:
+            self.outcome = "client went away while connecting"
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        if self._outbound is not None:
+            outbound, self._outbound = self._outbound, None
+            outbound.on_lost = None
+            if reason.check(ConnectionDone):
+                outbound.transport.loseConnection()
+            else:
+                outbound.transport.abortConnection()
+            if self.outcome == "relaying":
+                self.outcome = "closed"
+        self.factory.connection_closed(self, reason)
+
+    def timeoutConnection(self) -> None:
+        self._abort(f"handshake timeout in state {self.state.value}")
+
+    # ------------------------------------------------------------------
+    # Handshake
+
+    def _process(self) -> None:
+        """Parse as many messages as the buffer holds, one state at a time."""
+        while not self._waiting and self.state in self._handlers and self._buffer:
+            try:
+                progressed = self._handlers[self.state]()
+            except ProtocolError as e:
+                self._protocol_error(e)
+                return
+            if not progressed:
+                return
+
+    def _protocol_error(self, e: ProtocolError) -> None:
+        self.outcome = f"protocol error: {e}"
+        if self.state is State.REQUEST and e.reply is not None:
+            self._send_reply(e.reply)
+        self._close()
+
+    def _on_greeting(self) -> bool:
+        parsed = parse_greeting(self._buffer[:MAX_GREETING_SIZE])
+        if parsed is None:
+            return False
+        greeting, used = parsed
+        del self._buffer[:used]
+        authenticator = self.factory.select_authenticator(greeting.methods)
+        if authenticator is None:
+            self.method = Method.NO_ACCEPTABLE_METHODS
+            self.outcome = "no acceptable methods"
+            self.transport.write(
+                MethodSelection(Method.NO_ACCEPTABLE_METHODS).to_bytes()
+            )
+            self._close()
+            return False
+        self.method = authenticator.method
+        self.transport.write(MethodSelection(authenticator.method).to_bytes())
+        self.state = State.AUTHENTICATING
+        self._negotiation = authenticator.negotiate(self.transport.getPeer())
+        result = self._negotiation.start()
+        if result is not None:
+            self._auth_result(result)
+        return True
+
+    def _on_auth_data(self) -> bool:
+        negotiation = self._negotiation
+        limit = negotiation.max_message_size  # type: ignore[union-attr]
+        step: Optional[AuthStep] = negotiation.data_received(  # type: ignore[union-attr]
+            bytes(self._buffer[:limit])
+        )
+        if step is None:
+            if len(self._buffer) >= limit:
+                raise ProtocolError("authentication message too long")
+            return False
+        del self._buffer[: step.consumed]
+        result = step.result
+        if isinstance(result, defer.Deferred):
+            self._wait()
+            result.addCallback(self._auth_result)
+            result.addErrback(self._auth_error)
+            result.addBoth(self._unwait)
+            return True
+        self._auth_result(result)
+        return True
+
+    def _auth_result(self, result: AuthResult) -> None:
+        if self.state is State.CLOSING or self.transport.disconnected:
+            return
+        if result.reply:
+            self.transport.write(result.reply)
+        if result.user is not None:
+            self.user = result.user
+        if not result.done:
+            return
+        if not result.success:
+            self.outcome = "authentication failed"
+            self.factory.authentication_failed(self)
+            self._close()
+            return
+        self.state = State.REQUEST
+
+    def _auth_error(self, failure: Failure) -> None:
+        self.log.failure("authenticator failed", failure)
+        self.outcome = "authenticator error"
+        self._close()
+
+    def _on_request(self) -> bool:
+        parsed = parse_request(self._buffer[:MAX_REQUEST_SIZE])
+        if parsed is None:
+            return False
+        request, used = parsed
+        del self._buffer[:used]
+        self.request = request
+        if request.command is Command.CONNECT:
+            self._connect(request)
+        else:
+            self.outcome = f"{request.command.phrase} not supported"
+            self._send_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
+            self._close()
+        return False
+
+    # ------------------------------------------------------------------
+    # CONNECT
+
+    def _connect(self, request: Request) -> None:
+        self.state = State.CONNECTING
+        self._wait()
+        d = self.factory.connector.connect(request.address, _OUTBOUND_FACTORY)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, protocol: IProtocol) -> None:
+        self._connecting = None
+        if not isinstance(protocol, OutboundProtocol):  # pragma: no cover
+            raise TypeError(f"unexpected outbound protocol {protocol!r}")
+        self._outbound = protocol
+        self.bound = address_of(protocol.transport.getHost())
+        self._send_reply(ReplyCode.SUCCEEDED, self.bound)
+        self.state = State.RELAYING
+        self.outcome = "relaying"
+        self.setTimeout(None)
+        protocol.start_relay(
+            self.transport, self.counters, self._target_eof, self._target_lost
+        )
+        if self._buffer:
+            early = bytes(self._buffer)
+            self._buffer.clear()
+            self.counters.bytes_up += len(early)
+            protocol.transport.write(early)
+        self._buffer = bytearray()
+        if self._client_eof:
+            self._forward_client_eof()
+        else:
+            self._unwait(None)
+        if self.factory.idle_timeout:
+            self._idle_call = self.callLater(self.factory.idle_timeout, self._idle_check)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(defer.CancelledError) and self.transport.disconnected:
+            return
+        code = reply_for_failure(failure)
+        self.outcome = f"connect failed: {failure.getErrorMessage()}"
+        self._send_reply(code)
+        self._close()
+
+    # ------------------------------------------------------------------
+    # Relay
+
+    def _forward_client_eof(self) -> None:
+        self.counters.up_closed = True
+        if self._outbound is not None:
+            self._outbound.transport.loseWriteConnection()
+        self._maybe_finished()
+
+    def _target_eof(self) -> None:
+        self.counters.down_closed = True
+        self.transport.loseWriteConnection()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if self.counters.up_closed and self.counters.down_closed:
+            self.transport.loseConnection()
+            if self._outbound is not None:
+                self._outbound.transport.loseConnection()
+
+    def _target_lost(self, reason: Failure) -> None:
+        """The destination connection is gone: end the client side too."""
+        self._outbound = None
+        if reason.check(ConnectionDone):
+            self.transport.loseConnection()
+        else:
+            self.outcome = f"target connection lost: {reason.getErrorMessage()}"
+            self.transport.abortConnection()
+
+    def _idle_check(self) -> None:
+        if self.counters.active:
+            self.counters.active = False
+            self._idle_call = self.callLater(self.factory.idle_timeout, self._idle_check)
+            return
+        self._idle_call = None
+        self.outcome = "idle timeout"
+        self.transport.abortConnection()
+
+    # ------------------------------------------------------------------
+    # Helpers
+
+    def _send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
+        self.reply = code
+        if address is None:
+            self.transport.write(Reply(code).to_bytes())
+        else:
+            self.transport.write(Reply(code, address).to_bytes())
+
+    def _wait(self) -> None:
+        """Stop reading the client while something asynchronous runs."""
+        self._waiting = True
+        self.transport.pauseProducing()
+
+    def _unwait(self, result: Any) -> Any:
+        self._waiting = False
+        if self.state is not State.CLOSING and not self.transport.disconnected:
+            self.transport.resumeProducing()
+            if self.state is not State.RELAYING:
+                self._process()
+        return result
+
+    def _close(self) -> None:
+        """Close after the queued reply has been written."""
+        self.state = State.CLOSING
+        self._buffer.clear()
+        self.transport.loseConnection()
+
+    def _abort(self, why: str) -> None:
+        self.outcome = why
+        self.state = State.CLOSING
+        self._buffer.clear()
+        self.transport.abortConnection()
+
+
+class SOCKS5ServerFactory(Factory):
+    """
+    A SOCKS5 server for any Twisted stream endpoint::
+
+        from twisted.internet import endpoints, reactor
+        from twisted_socks5 import SOCKS5ServerFactory
+
+        endpoints.serverFromString(reactor, "tcp:1080").listen(SOCKS5ServerFactory())
+
+    :param authenticators: the methods offered, in the server's order of
+        preference; a client gets the first one it also offers.  Default:
+        no authentication only.
+    :param connector: opens outbound connections; default
+        :class:`~twisted_socks5.connect.DirectConnector`.
+    :param handshake_timeout: seconds from accept to the start of the relay.
+    :param connect_timeout: seconds for an outbound connect, name
+        resolution included.
+    :param idle_timeout: close a tunnel after this many seconds without a
+        byte either way; ``None`` (the default) never does.
+    """
+
+    log = Logger()
+    protocol = SOCKS5ServerProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        authenticators: Optional[Sequence[IAuthenticator]] = None,
+        *,
+        reactor: Any = None,
+        connector: Optional[IOutboundConnector] = None,
+        handshake_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        idle_timeout: Optional[float] = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
+        if authenticators is None:
+            authenticators = [NoAuthAuthenticator()]
+        if not authenticators:
+            raise ValueError("at least one authentication method is needed")
+        self.authenticators = list(authenticators)
+        self.connector = connector or DirectConnector(reactor, connect_timeout)
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.active: set[SOCKS5ServerProtocol] = set()
+
+    @property
+    def methods(self) -> list[int]:
+        """METHOD codes offered, in order of preference."""
+        return [int(a.method) for a in self.authenticators]
+
+    def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:
+        return SOCKS5ServerProtocol(self)
+
+    def select_authenticator(self, offered: Sequence[int]) -> Optional[IAuthenticator]:
+        """The first of our methods, in our order, that the client offers."""
+        for authenticator in self.authenticators:
+            if authenticator.method in offered:
+                return authenticator
+        return None
+
+    # Hooks, overridable, for limits and accounting.
+
+    def connection_opened(self, protocol: SOCKS5ServerProtocol) -> None:
+        self.active.add(protocol)
+
+    def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
+        pass
+
+    def connection_closed(self, protocol: SOCKS5ServerProtocol, reason: Failure) -> None:
+        self.active.discard(protocol)
+        request = protocol.request
+        self.log.info(
+            "{client} {user} {command} {target} -> {reply_text}: {outcome}; "
+            "up {bytes_up} B, down {bytes_down} B in {duration:.3f} s",
+            event="socks5.connection",
+            client=str(protocol.client) if protocol.client else None,
+            user=protocol.user,
+            method=protocol.method,
+            command=request.command.phrase if request else None,
+            target=str(request.address) if request else None,
+            reply=int(protocol.reply) if protocol.reply is not None else None,
+            reply_text=protocol.reply.phrase if protocol.reply is not None else "-",
+            bound=str(protocol.bound) if protocol.bound else None,
+            outcome=protocol.outcome,
+            bytes_up=protocol.counters.bytes_up,
+            bytes_down=protocol.counters.bytes_down,
+            duration=self.reactor.seconds() - protocol.started,
+        )
