@@ -38,7 +38,7 @@ class ProxyRealm:
     destinations) that later policy code reads from ``AuthResult.avatar``.
     """
 
-    def requestAvatar(
+    def requestAvatar(  # type: ignore[override]
         self, avatarId: Union[bytes, str], mind: object, *interfaces: Any
     ) -> tuple[Any, str, Any]:
         if IProxyUser not in interfaces:
@@ -117,7 +117,9 @@ class _UserPassNegotiation:
         credentials = UsernamePassword(request.username, request.password)
         d = self._portal.login(credentials, None, IProxyUser)
         user = _text(request.username)
-        return AuthStep(used, d.addCallbacks(self._ok, self._failed, errbackArgs=(user,)))
+        return AuthStep(
+            used, d.addCallbacks(self._ok, self._failed, errbackArgs=(user,))
+        )
 
     def _ok(self, result: tuple[Any, Any, Any]) -> AuthResult:
         _, avatar, _ = result
@@ -151,7 +153,7 @@ class UsernamePasswordAuthenticator:
         self.portal = portal
 
     @classmethod
-    def from_checkers(cls, *checkers: Any) -> "UsernamePasswordAuthenticator":
+    def from_checkers(cls, *checkers: Any) -> UsernamePasswordAuthenticator:
         """Build one from ``twisted.cred`` checkers with the default realm."""
         return cls(Portal(ProxyRealm(), checkers))
 

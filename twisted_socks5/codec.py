@@ -146,7 +146,7 @@ class Address:
                 raise ValueError("domain name must be 1 to 255 bytes")
 
     @classmethod
-    def from_host(cls, host: str, port: int) -> "Address":
+    def from_host(cls, host: str, port: int) -> Address:
         """
         Build an address, choosing IPV4/IPV6 for IP literals and DOMAIN
         otherwise; IPv4-mapped IPv6 addresses become plain IPv4.
@@ -443,7 +443,9 @@ class UDPDatagram:
     def to_bytes(self) -> bytes:
         if not 0 <= self.fragment <= 255:
             raise ValueError("FRAG is one byte")
-        return b"\x00\x00" + bytes((self.fragment,)) + self.address.to_bytes() + self.data
+        return (
+            b"\x00\x00" + bytes((self.fragment,)) + self.address.to_bytes() + self.data
+        )
 
 
 def parse_udp_datagram(buf: Buffer) -> UDPDatagram:

@@ -14,7 +14,14 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IProtocol,
+    IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -83,8 +90,24 @@ class IOutboundConnector(Interface):
 
     def connect(
         address: Address, factory: IProtocolFactory
-    ) -> "defer.Deferred[IProtocol]":
+    ) -> defer.Deferred[IProtocol]:
         """Connect to ``address``; fire with the connected protocol."""
+
+
+@implementer(IReactorPluggableNameResolver, IReactorTCP, IReactorTime)
+class _ResolvingReactor:
+    """A view of a reactor with another name resolver, for HostnameEndpoint."""
+
+    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        old, self.nameResolver = self.nameResolver, resolver
+        return old
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
 
 
 @implementer(IOutboundConnector)
@@ -96,6 +119,9 @@ class DirectConnector:
     names through :class:`HostnameEndpoint`, which resolves in the reactor's
     thread pool without blocking and races IPv6 against IPv4 (RFC 8305).  The
     whole attempt, resolution included, is bounded by ``timeout``.
+
+    :param resolver: an ``IHostnameResolver`` to use instead of the
+        reactor's (tests use one that never leaves the machine).
     """
 
     def __init__(
@@ -103,10 +129,14 @@ class DirectConnector:
         reactor: Any,
         timeout: float = 10.0,
         bind_address: Optional[Tuple[str, int]] = None,
+        resolver: Optional[IHostnameResolver] = None,
     ) -> None:
         self.reactor = reactor
         self.timeout = timeout
         self.bind_address = bind_address
+        self._name_reactor = (
+            reactor if resolver is None else _ResolvingReactor(reactor, resolver)
+        )
 
     def _endpoint(self, address: Address) -> Any:
         timeout = max(1, int(self.timeout + 1))
@@ -119,7 +149,7 @@ class DirectConnector:
                 self.reactor, address.host, address.port, timeout, self.bind_address
             )
         return HostnameEndpoint(
-            self.reactor,
+            self._name_reactor,
             address.host.encode("idna") if not address.host.isascii() else address.host,
             address.port,
             timeout=timeout,
@@ -128,11 +158,36 @@ class DirectConnector:
 
     def connect(
         self, address: Address, factory: IProtocolFactory
-    ) -> "defer.Deferred[IProtocol]":
+    ) -> defer.Deferred[IProtocol]:
         try:
             endpoint = self._endpoint(address)
         except (UnicodeError, ValueError) as e:
             return defer.fail(error.DNSLookupError(str(e)))
         d: defer.Deferred[IProtocol] = defer.maybeDeferred(endpoint.connect, factory)
-        d.addTimeout(self.timeout, self.reactor)
-        return d
+        return _with_timeout(d, self.timeout, self.reactor)
+
+
+def _with_timeout(
+    d: defer.Deferred[IProtocol], timeout: float, reactor: Any
+) -> defer.Deferred[IProtocol]:
+    """
+    Cancel ``d`` after ``timeout`` seconds and fail with ``TimeoutError``,
+    whatever error the cancelled operation reports (HostnameEndpoint turns a
+    cancelled resolution into a DNS error, which would mislabel the reply).
+    """
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    call = reactor.callLater(timeout, expire)
+
+    def finish(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        if expired and isinstance(result, Failure):
+            return Failure(error.TimeoutError(f"no connection within {timeout} s"))
+        return result
+
+    return d.addBoth(finish)

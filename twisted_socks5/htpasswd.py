@@ -12,7 +12,7 @@ answer takes as long as a wrong password.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -112,7 +112,7 @@ class HtpasswdChecker:
         self._users = users
         self._mtime = mtime
 
-    def requestAvatarId(self, credentials: Any) -> "defer.Deferred[Union[bytes, str]]":
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:  # type: ignore[override]
         self._load()
         username = credentials.username
         if isinstance(username, str):

@@ -46,7 +46,7 @@ class AuthStep:
     """One client message taken by a negotiation: bytes used and the outcome."""
 
     consumed: int
-    result: Union[AuthResult, "Deferred[AuthResult]"]
+    result: Union[AuthResult, Deferred[AuthResult]]
 
 
 class IAuthNegotiation(Interface):

@@ -85,10 +85,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     """One client connection."""
 
     log = Logger()
-    factory: "SOCKS5ServerFactory"
+    factory: SOCKS5ServerFactory
     transport: Any
 
-    def __init__(self, factory: "SOCKS5ServerFactory") -> None:
+    def __init__(self, factory: SOCKS5ServerFactory) -> None:
         self.factory = factory
         self.state = State.GREETING
         self._buffer = bytearray()
@@ -315,7 +315,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         else:
             self._unwait(None)
         if self.factory.idle_timeout:
-            self._idle_call = self.callLater(self.factory.idle_timeout, self._idle_check)
+            self._idle_call = self.callLater(
+                self.factory.idle_timeout, self._idle_check
+            )
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -356,9 +358,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.transport.abortConnection()
 
     def _idle_check(self) -> None:
-        if self.counters.active:
+        timeout = self.factory.idle_timeout
+        if self.counters.active and timeout:
             self.counters.active = False
-            self._idle_call = self.callLater(self.factory.idle_timeout, self._idle_check)
+            self._idle_call = self.callLater(timeout, self._idle_check)
             return
         self._idle_call = None
         self.outcome = "idle timeout"
@@ -454,7 +457,7 @@ class SOCKS5ServerFactory(Factory):
         """METHOD codes offered, in order of preference."""
         return [int(a.method) for a in self.authenticators]
 
-    def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:
+    def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
         return SOCKS5ServerProtocol(self)
 
     def select_authenticator(self, offered: Sequence[int]) -> Optional[IAuthenticator]:
@@ -472,7 +475,9 @@ class SOCKS5ServerFactory(Factory):
     def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
         pass
 
-    def connection_closed(self, protocol: SOCKS5ServerProtocol, reason: Failure) -> None:
+    def connection_closed(
+        self, protocol: SOCKS5ServerProtocol, reason: Failure
+    ) -> None:
         self.active.discard(protocol)
         request = protocol.request
         self.log.info(

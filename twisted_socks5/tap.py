@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from typing import Any, List, Optional
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import (
     AllowAnonymousAccess,
     InMemoryUsernamePasswordDatabaseDontUse,
@@ -43,6 +45,36 @@ def _timeout_or_off(value: str) -> Optional[float]:
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 _timeout_or_off.coerceDoc = "Seconds; 0 or 'off' disables it."  # type: ignore[attr-defined]
+
+
+def escape_ipv6_interface(description: str) -> str:
+    """
+    Escape the colons of an IPv6 literal given as ``interface=``, so that
+    ``tcp:1080:interface=::`` means what it says (Twisted's endpoint syntax
+    would otherwise read each colon as a separator).
+    """
+    key = "interface="
+    start = description.find(key)
+    if start < 0:
+        return description
+    start += len(key)
+    rest = description[start:]
+    if "\\" in rest or ":" not in rest:
+        return description
+    best = None
+    for end in range(1, len(rest) + 1):
+        if end < len(rest) and rest[end] != ":":
+            continue
+        candidate = rest[:end]
+        try:
+            ipaddress.IPv6Address(candidate.split("%", 1)[0])
+        except ValueError:
+            continue
+        best = candidate
+    if best is None:
+        return description
+    escaped = best.replace(":", "\\:")
+    return description[:start] + escaped + rest[len(best) :]
 
 
 def find_authenticator_factory(name: str) -> IAuthenticatorFactory:
@@ -104,7 +136,15 @@ class Options(usage.Options, AuthOptionMixin):
         unix:/run/socks5.sock  systemd:domain=INET6:index=0
         (default: tcp:1080:interface=127.0.0.1).
         """
-        self["listen"].append(endpoint)
+        description = escape_ipv6_interface(endpoint)
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        try:
+            serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--listen {endpoint!r}: {e}") from None
+        self["listen"].append(description)
 
     def opt_method(self, spec: str) -> None:
         """
@@ -167,6 +207,57 @@ def build_authenticators(options: Options) -> List[IAuthenticator]:
     return authenticators
 
 
+class SOCKS5Service(service.MultiService):
+    """
+    One listening service per ``--listen``; logs where it actually listens
+    (the real port when ``tcp:0`` was asked for) and what it offers.
+    """
+
+    def __init__(self, factory: SOCKS5ServerFactory, listen: List[str]) -> None:
+        super().__init__()
+        self.factory = factory
+        self.ports: List[Any] = []
+        from twisted.internet.endpoints import serverFromString
+
+        for description in listen:
+            endpoint = serverFromString(factory.reactor, description)
+            child = StreamServerEndpointService(endpoint, factory)
+            # Fail at start-up (twistd exits non-zero) when a port is taken.
+            child._raiseSynchronously = True
+            child.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        waiting = [child._waitingForPort for child in self]
+        from twisted.internet.defer import gatherResults
+
+        gatherResults(waiting, consumeErrors=True).addCallback(self._listening)
+
+    def _listening(self, ports: List[Any]) -> None:
+        self.ports = ports
+        where = ", ".join(_describe(port.getHost()) for port in ports)
+        methods = ", ".join(
+            f"0x{a.method:02x} ({a.name})" for a in self.factory.authenticators
+        )
+        log.info(
+            "twisted-socks5 listening on {listen}; methods offered: {methods}",
+            listen=where,
+            methods=methods,
+            event="socks5.listening",
+        )
+
+
+def _describe(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return str(address)
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -178,14 +269,4 @@ def makeService(options: Options) -> service.IService:
         connect_timeout=options["connect-timeout"],
         idle_timeout=options["idle-timeout"],
     )
-    top = service.MultiService()
-    for description in options["listen"]:
-        strports.service(description, factory, reactor=reactor).setServiceParent(top)
-    names = ", ".join(f"0x{a.method:02x} ({a.name})" for a in authenticators)
-    reactor.callWhenRunning(
-        log.info,
-        "twisted-socks5 listening on {listen}; methods offered: {methods}",
-        listen=" ".join(options["listen"]),
-        methods=names,
-    )
-    return top
+    return SOCKS5Service(factory, options["listen"])

@@ -1,0 +1,101 @@
+"""In-memory doubles for driving the server protocol without sockets."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
+
+from twisted_socks5.codec import Address
+from twisted_socks5.connect import IOutboundConnector
+from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
+
+CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
+SERVER = IPv4Address("TCP", "127.0.0.1", 1080)
+OUTBOUND_LOCAL = IPv4Address("TCP", "127.0.0.1", 50000)
+TARGET = IPv4Address("TCP", "127.0.0.1", 8080)
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that records half-closes, which StringTransport lacks."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+@implementer(IOutboundConnector)
+class FakeConnector:
+    """Records connect() calls; the test decides how each one ends."""
+
+    timeout = 10.0
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[Address, IProtocolFactory, defer.Deferred[Any]]] = []
+        self.cancelled = 0
+
+    def connect(
+        self, address: Address, factory: IProtocolFactory
+    ) -> defer.Deferred[Any]:
+        def cancel(d: defer.Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        d: defer.Deferred[Any] = defer.Deferred(cancel)
+        self.calls.append((address, factory, d))
+        return d
+
+    def succeed(self, index: int = -1) -> Tuple[Any, HalfCloseTransport]:
+        """Complete a pending connect with an in-memory outbound transport."""
+        address, factory, d = self.calls[index]
+        protocol = factory.buildProtocol(TARGET)
+        transport = HalfCloseTransport(OUTBOUND_LOCAL, TARGET)
+        protocol.makeConnection(transport)
+        d.callback(protocol)
+        return protocol, transport
+
+    def fail(self, exception: BaseException, index: int = -1) -> None:
+        self.calls[index][2].errback(exception)
+
+
+class Harness:
+    """A server protocol on a StringTransport with a clock and fake connector."""
+
+    def __init__(self, **factory_kwargs: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.connector = FakeConnector()
+        factory_kwargs.setdefault("connector", self.connector)
+        self.factory = SOCKS5ServerFactory(reactor=self.reactor, **factory_kwargs)
+        self.protocol: SOCKS5ServerProtocol = self.factory.buildProtocol(CLIENT)
+        self.transport = HalfCloseTransport(SERVER, CLIENT)
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def take(self) -> bytes:
+        """Bytes written to the client since the last take()."""
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.transport.disconnecting or self.transport.disconnected)
+
+    def lose(self, reason: Optional[Any] = None) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.protocol.connectionLost(Failure(reason or ConnectionDone()))

@@ -1,0 +1,107 @@
+"""`twistd socks5` as users run it: a real process, a real client."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import sys
+from typing import Any, List
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, utils
+
+CURL = shutil.which("curl")
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(TWISTD), reason="twistd is not installed next to python"
+)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+
+
+class Twistd(protocol.ProcessProtocol):
+    """Runs twistd; ``listening`` fires with the port it reports."""
+
+    def __init__(self) -> None:
+        self.output: List[bytes] = []
+        self.listening: defer.Deferred[int] = defer.Deferred()
+        self.ended: defer.Deferred[Any] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output.append(data)
+        match = re.search(rb"listening on 127\.0\.0\.1:(\d+)", b"".join(self.output))
+        if match and not self.listening.called:
+            self.listening.callback(int(match.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(b"".join(self.output).decode()))
+        self.ended.callback(reason.value.exitCode)
+
+
+@pytest_twisted.ensureDeferred
+async def test_help_lists_every_option() -> None:
+    out, err, code = await utils.getProcessOutputAndValue(
+        TWISTD, ["socks5", "--help"], env=_env()
+    )
+    assert code == 0, err
+    for option in (
+        b"--listen",
+        b"--auth",
+        b"--connect-timeout",
+        b"--handshake-timeout",
+        b"--idle-timeout",
+        b"--method",
+    ):
+        assert option in out
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest_twisted.ensureDeferred
+async def test_twistd_socks5_serves_curl_with_a_password(
+    http_target: Any, tmp_path: Any
+) -> None:
+    process = Twistd()
+    args = [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "socks5",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--auth",
+        "memory:alice:s3cret",
+    ]
+    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(tmp_path))
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+        out, err, code = await utils.getProcessOutputAndValue(
+            CURL,
+            [
+                "-sS",
+                "--max-time",
+                "20",
+                "--socks5",
+                f"127.0.0.1:{port}",
+                "-U",
+                "alice:s3cret",
+                f"http://127.0.0.1:{http_target['127.0.0.1']}/",
+            ],
+            env=_env(),
+        )
+        assert code == 0, err
+        assert out == b"hello through socks\n"
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        await process.ended
+    log = b"".join(process.output)
+    assert b"methods offered: 0x02 (userpass)" in log
+    assert b"alice connect 127.0.0.1:" in log
+    assert b"s3cret" not in log

@@ -1,0 +1,167 @@
+"""The twistd plugin, its options and the plugin discovery of auth methods."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.cred.strcred import findCheckerFactories
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+import twisted.plugins
+from twisted_socks5.auth import NoAuthAuthenticator, UsernamePasswordAuthenticator
+from twisted_socks5.tap import (
+    DEFAULT_LISTEN,
+    Options,
+    build_authenticators,
+    escape_ipv6_interface,
+    makeService,
+)
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_socks5_service_maker_is_discovered() -> None:
+    """An import error in the plugin module would silently hide it (#3865)."""
+    makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+    assert "socks5" in makers
+    assert makers["socks5"].module == "twisted_socks5.tap"
+
+
+def test_htpasswd_checker_factory_is_discovered() -> None:
+    assert "htpasswd" in {f.authType for f in findCheckerFactories()}
+
+
+def test_defaults() -> None:
+    options = parse()
+    assert options["listen"] == [DEFAULT_LISTEN]
+    assert options["handshake-timeout"] == 10.0
+    assert options["connect-timeout"] == 10.0
+    assert options["idle-timeout"] is None
+    (auth,) = build_authenticators(options)
+    assert isinstance(auth, NoAuthAuthenticator)
+
+
+def test_listen_is_repeatable_and_validated() -> None:
+    options = parse("--listen", "tcp:1081", "--listen", "unix:/tmp/s5.sock")
+    assert options["listen"] == ["tcp:1081", "unix:/tmp/s5.sock"]
+    with pytest.raises(usage.UsageError):
+        parse("--listen", "nosuchendpoint:1")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("tcp:1080:interface=::", "tcp:1080:interface=\\:\\:"),
+        ("tcp:1080:interface=::1:backlog=5", "tcp:1080:interface=\\:\\:1:backlog=5"),
+        ("tcp:1080:interface=\\:\\:1", "tcp:1080:interface=\\:\\:1"),
+        ("tcp:1080:interface=127.0.0.1", "tcp:1080:interface=127.0.0.1"),
+        ("tcp:1080", "tcp:1080"),
+    ],
+)
+def test_ipv6_interface_needs_no_escaping(given: str, expected: str) -> None:
+    assert escape_ipv6_interface(given) == expected
+    assert parse("--listen", given)["listen"] == [expected]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_bad_timeouts_are_usage_errors(value: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse("--connect-timeout", value)
+
+
+def test_idle_timeout_values() -> None:
+    assert parse("--idle-timeout", "300")["idle-timeout"] == 300.0
+    assert parse("--idle-timeout", "off")["idle-timeout"] is None
+
+
+def test_auth_requires_password_unless_anonymous() -> None:
+    (auth,) = build_authenticators(parse("--auth", "memory:alice:pw"))
+    assert isinstance(auth, UsernamePasswordAuthenticator)
+    auths = build_authenticators(
+        parse("--auth", "memory:alice:pw", "--auth", "anonymous")
+    )
+    assert [a.method for a in auths] == [0x02, 0x00]
+
+
+def test_unknown_method_plugin_is_a_usage_error() -> None:
+    with pytest.raises(usage.UsageError):
+        parse("--method", "nosuchmethod")
+
+
+@pytest.fixture
+def third_party_plugin(tmp_path: Any, monkeypatch: Any) -> None:
+    """A package of someone else's, adding a method through twisted.plugin."""
+    plugins = tmp_path / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "fancy_auth.py").write_text(
+        textwrap.dedent(
+            """
+            from zope.interface import implementer, provider
+            from twisted.plugin import IPlugin
+            from twisted_socks5.interfaces import (
+                AuthResult, IAuthenticator, IAuthenticatorFactory, IAuthNegotiation,
+            )
+
+            @implementer(IAuthNegotiation)
+            class Negotiation:
+                max_message_size = 0
+                def start(self):
+                    return AuthResult(user="token-holder")
+                def data_received(self, data):
+                    return None
+
+            @implementer(IAuthenticator)
+            class Fancy:
+                method = 0x88
+                name = "fancy"
+                def __init__(self, argument):
+                    self.argument = argument
+                def negotiate(self, client):
+                    return Negotiation()
+
+            @implementer(IAuthenticatorFactory, IPlugin)
+            class FancyFactory:
+                name = "fancy"
+                description = "a private method for tests"
+                def build(self, argument, portal):
+                    return Fancy(argument)
+
+            fancy = FancyFactory()
+            """
+        )
+    )
+    monkeypatch.setattr(
+        twisted.plugins, "__path__", [*twisted.plugins.__path__, str(plugins)]
+    )
+
+
+def test_third_party_method_found_by_name(third_party_plugin: None) -> None:
+    options = parse("--method", "fancy:arg", "--auth", "memory:a:b")
+    auths = build_authenticators(options)
+    assert [a.method for a in auths] == [0x88, 0x02]
+    assert auths[0].argument == "arg"
+
+
+def test_make_service_logs_real_addresses() -> None:
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    service = makeService(parse("--listen", "tcp:0:interface=127.0.0.1"))
+    try:
+        service.startService()
+        (event,) = [e for e in observer if e.get("event") == "socks5.listening"]
+        assert event["listen"].startswith("127.0.0.1:")
+        assert not event["listen"].endswith(":0")
+        assert event["methods"] == "0x00 (none)"
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        service.stopService()
