@@ -98,6 +98,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
         self._idle_call: Any = None
+        #: The zero-copy relay, when one took over (see splice.py).
+        self._splice: Any = None
         self.counters = RelayCounters()
         # Facts for the connection's log event.
         self.started = 0.0
@@ -162,6 +164,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
+        if self._splice is not None:
+            self._splice.stop()
         if self._connecting is not None:
             self.outcome = "client went away while connecting"
             d, self._connecting = self._connecting, None
@@ -298,26 +302,35 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._outbound = protocol
         self.bound = address_of(protocol.transport.getHost())
         self._send_reply(ReplyCode.SUCCEEDED, self.bound)
+        self._start_relay(protocol)
+
+    def _start_relay(self, peer: OutboundProtocol) -> None:
+        """Both ends are connected and the reply is queued: move bytes."""
         self.state = State.RELAYING
         self.outcome = "relaying"
         self.setTimeout(None)
-        protocol.start_relay(
-            self.transport, self.counters, self._target_eof, self._target_lost
-        )
-        if self._buffer:
-            early = bytes(self._buffer)
-            self._buffer.clear()
-            self.counters.bytes_up += len(early)
-            protocol.transport.write(early)
+        early = bytes(self._buffer)
         self._buffer = bytearray()
-        if self._client_eof:
-            self._forward_client_eof()
-        else:
-            self._unwait(None)
         if self.factory.idle_timeout:
             self._idle_call = self.callLater(
                 self.factory.idle_timeout, self._idle_check
             )
+        if self.factory.splice:
+            from .splice import start_splice_relay
+
+            self._splice = start_splice_relay(self, peer, early)
+            if self._splice is not None:
+                return
+        peer.start_relay(
+            self.transport, self.counters, self._target_eof, self._target_lost
+        )
+        if early:
+            self.counters.bytes_up += len(early)
+            peer.transport.write(early)
+        if self._client_eof:
+            self._forward_client_eof()
+        else:
+            self._unwait(None)
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -422,6 +435,8 @@ class SOCKS5ServerFactory(Factory):
         resolution included.
     :param idle_timeout: close a tunnel after this many seconds without a
         byte either way; ``None`` (the default) never does.
+    :param splice: move bytes with ``os.splice`` (Linux, plain TCP on both
+        ends), falling back to the ordinary relay elsewhere.
     """
 
     log = Logger()
@@ -436,6 +451,7 @@ class SOCKS5ServerFactory(Factory):
         handshake_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         idle_timeout: Optional[float] = None,
+        splice: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -450,6 +466,8 @@ class SOCKS5ServerFactory(Factory):
         self.connector = connector or DirectConnector(reactor, connect_timeout)
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        #: Relay with os.splice() when both ends are plain TCP sockets.
+        self.splice = splice
         self.active: set[SOCKS5ServerProtocol] = set()
 
     @property

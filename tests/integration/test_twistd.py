@@ -31,12 +31,28 @@ class Twistd(protocol.ProcessProtocol):
         self.output: List[bytes] = []
         self.listening: defer.Deferred[int] = defer.Deferred()
         self.ended: defer.Deferred[Any] = defer.Deferred()
+        self.waiting: List[tuple[bytes, defer.Deferred[None]]] = []
+
+    def wait_for(self, text: bytes) -> defer.Deferred[None]:
+        """Fires once ``text`` has appeared in the output."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append((text, d))
+        self._check()
+        return d
+
+    def _check(self) -> None:
+        output = b"".join(self.output)
+        for text, d in list(self.waiting):
+            if text in output:
+                self.waiting.remove((text, d))
+                d.callback(None)
 
     def outReceived(self, data: bytes) -> None:
         self.output.append(data)
         match = re.search(rb"listening on 127\.0\.0\.1:(\d+)", b"".join(self.output))
         if match and not self.listening.called:
             self.listening.callback(int(match.group(1)))
+        self._check()
 
     errReceived = outReceived
 
@@ -98,6 +114,7 @@ async def test_twistd_socks5_serves_curl_with_a_password(
         )
         assert code == 0, err
         assert out == b"hello through socks\n"
+        await process.wait_for(b"alice connect 127.0.0.1:").addTimeout(30, reactor)
     finally:
         process.transport.signalProcess(signal.SIGTERM)
         await process.ended
