@@ -45,6 +45,7 @@ class FakeConnector:
     def __init__(self) -> None:
         self.calls: List[Tuple[Address, IProtocolFactory, defer.Deferred[Any]]] = []
         self.cancelled = 0
+        self.lookups: List[Tuple[str, defer.Deferred[Any]]] = []
 
     def connect(
         self, address: Address, factory: IProtocolFactory
@@ -54,6 +55,11 @@ class FakeConnector:
 
         d: defer.Deferred[Any] = defer.Deferred(cancel)
         self.calls.append((address, factory, d))
+        return d
+
+    def resolve(self, name: str) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.lookups.append((name, d))
         return d
 
     def succeed(self, index: int = -1) -> Tuple[Any, HalfCloseTransport]:
@@ -73,7 +79,7 @@ class Harness:
     """A server protocol on a StringTransport with a clock and fake connector."""
 
     def __init__(self, **factory_kwargs: Any) -> None:
-        self.reactor = MemoryReactorClock()
+        self.reactor = UDPReactor()
         self.connector = FakeConnector()
         factory_kwargs.setdefault("connector", self.connector)
         self.factory = SOCKS5ServerFactory(reactor=self.reactor, **factory_kwargs)
@@ -99,3 +105,44 @@ class Harness:
         from twisted.python.failure import Failure
 
         self.protocol.connectionLost(Failure(reason or ConnectionDone()))
+
+
+class FakeUDPPort:
+    """A listening UDP port that records what is written through it."""
+
+    def __init__(self, protocol: Any, interface: str, port: int) -> None:
+        self.protocol = protocol
+        self.interface = interface
+        self.port = port
+        self.written: List[Tuple[bytes, Tuple[str, int]]] = []
+        self.listening = True
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address, IPv6Address
+
+        if ":" in self.interface:
+            return IPv6Address("UDP", self.interface, self.port)
+        return IPv4Address("UDP", self.interface, self.port)
+
+    def write(self, data: bytes, addr: Tuple[str, int]) -> None:
+        self.written.append((data, addr))
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+
+class UDPReactor(MemoryReactorClock):
+    """MemoryReactorClock with a listenUDP that hands out FakeUDPPorts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp_ports: List[FakeUDPPort] = []
+
+    def listenUDP(
+        self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
+    ) -> FakeUDPPort:
+        self.max_packet_size = maxPacketSize
+        fake = FakeUDPPort(protocol, interface, 30000 + len(self.udp_ports))
+        protocol.transport = fake
+        self.udp_ports.append(fake)
+        return fake

@@ -269,14 +269,6 @@ def test_bad_request_gets_its_reply_code_then_close(
     assert h.connector.calls == []
 
 
-@pytest.mark.parametrize("command", [Command.BIND, Command.UDP_ASSOCIATE])
-def test_bind_and_udp_not_supported_yet(command: Command) -> None:
-    h = Harness()
-    h.send(GREET_NOAUTH + Request(command, TARGET).to_bytes())
-    assert h.take() == b"\x05\x00" + failure_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
-    assert h.closing
-
-
 @pytest.mark.parametrize(
     "address",
     [

@@ -136,10 +136,11 @@ class Address:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
             raise ValueError(f"port out of range: {self.port}")
+        # IP hosts are kept in canonical text, so equal addresses compare equal.
         if self.type is AddressType.IPV4:
-            ipaddress.IPv4Address(self.host)
+            object.__setattr__(self, "host", str(ipaddress.IPv4Address(self.host)))
         elif self.type is AddressType.IPV6:
-            ipaddress.IPv6Address(self.host)
+            object.__setattr__(self, "host", str(ipaddress.IPv6Address(self.host)))
         else:
             size = len(self.host.encode("utf-8"))
             if not 1 <= size <= 255:

@@ -6,7 +6,7 @@ connection into a SOCKS reply code.
 from __future__ import annotations
 
 import errno
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -21,11 +21,14 @@ from twisted.internet.interfaces import (
     IReactorPluggableNameResolver,
     IReactorTCP,
     IReactorTime,
+    IResolutionReceiver,
 )
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from .codec import Address, AddressType, ReplyCode
+
+_T = TypeVar("_T")
 
 #: errno values that carry a more precise meaning than their exception class.
 _ERRNO_REPLIES = {
@@ -93,6 +96,35 @@ class IOutboundConnector(Interface):
     ) -> defer.Deferred[IProtocol]:
         """Connect to ``address``; fire with the connected protocol."""
 
+    def resolve(name: str) -> defer.Deferred[List[str]]:
+        """Resolve a name to IP address strings (for BIND and UDP)."""
+
+
+@implementer(IResolutionReceiver)
+class _Collector:
+    """Gathers the addresses of one resolution into a Deferred."""
+
+    def __init__(self, d: defer.Deferred[List[str]], name: str) -> None:
+        self._d = d
+        self._name = name
+        self._addresses: List[str] = []
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        pass
+
+    def addressResolved(self, address: Any) -> None:
+        host = getattr(address, "host", None)
+        if isinstance(host, str) and host not in self._addresses:
+            self._addresses.append(host)
+
+    def resolutionComplete(self) -> None:
+        if self._d.called:
+            return
+        if self._addresses:
+            self._d.callback(self._addresses)
+        else:
+            self._d.errback(error.DNSLookupError(f"no address for {self._name}"))
+
 
 @implementer(IReactorPluggableNameResolver, IReactorTCP, IReactorTime)
 class _ResolvingReactor:
@@ -156,6 +188,16 @@ class DirectConnector:
             bindAddress=self.bind_address,
         )
 
+    def resolve(self, name: str) -> defer.Deferred[List[str]]:
+        """
+        Resolve ``name`` to IP address strings (IPv6 and IPv4), without
+        blocking and within ``timeout``; fails with ``DNSLookupError``.
+        """
+        resolver = IReactorPluggableNameResolver(self._name_reactor).nameResolver
+        d: defer.Deferred[List[str]] = defer.Deferred()
+        resolver.resolveHostName(_Collector(d, name), name, 0)
+        return _with_timeout(d, self.timeout, self.reactor)
+
     def connect(
         self, address: Address, factory: IProtocolFactory
     ) -> defer.Deferred[IProtocol]:
@@ -168,8 +210,8 @@ class DirectConnector:
 
 
 def _with_timeout(
-    d: defer.Deferred[IProtocol], timeout: float, reactor: Any
-) -> defer.Deferred[IProtocol]:
+    d: defer.Deferred[_T], timeout: float, reactor: Any
+) -> defer.Deferred[_T]:
     """
     Cancel ``d`` after ``timeout`` seconds and fail with ``TimeoutError``,
     whatever error the cancelled operation reports (HostnameEndpoint turns a

@@ -16,7 +16,7 @@ pipeline its greeting, credentials, request and first payload in one segment.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -28,10 +28,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .auth import NoAuthAuthenticator
+from .bind import BindWaiter, normalize_ip
 from .codec import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
     Address,
+    AddressType,
     Command,
     Method,
     MethodSelection,
@@ -45,6 +47,7 @@ from .codec import (
 from .connect import DirectConnector, IOutboundConnector, reply_for_failure
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .relay import OutboundProtocol, RelayCounters
+from .udp import UDPAssociation
 
 #: Most bytes buffered before the relay starts: pipelined payload that came
 #: with the request.  More means a client that is not speaking SOCKS.
@@ -64,6 +67,8 @@ class State(enum.Enum):
     AUTHENTICATING = "authenticating"
     REQUEST = "request"
     CONNECTING = "connecting"
+    BINDING = "binding"
+    ASSOCIATED = "associated"
     RELAYING = "relaying"
     CLOSING = "closing"
 
@@ -94,12 +99,17 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._buffer = bytearray()
         self._waiting = False
         self._negotiation: Optional[IAuthNegotiation] = None
-        self._connecting: Optional[defer.Deferred[IProtocol]] = None
+        self._connecting: Optional[defer.Deferred[Any]] = None
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
         self._idle_call: Any = None
         #: The zero-copy relay, when one took over (see splice.py).
         self._splice: Any = None
+        self._binding: Optional[BindWaiter] = None
+        #: The UDP relay of an UDP ASSOCIATE.
+        self.udp: Optional[UDPAssociation] = None
+        #: The peer that connected to a BIND.
+        self.peer: Optional[Address] = None
         self.counters = RelayCounters()
         # Facts for the connection's log event.
         self.started = 0.0
@@ -138,6 +148,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             return
         if self.state is State.CLOSING:
             return
+        if self.state is State.ASSOCIATED:
+            # RFC 1928 gives the control connection nothing more to carry.
+            self.counters.bytes_up += len(data)
+            return
         self._buffer += data
         if len(self._buffer) > MAX_EARLY_DATA:
             self._abort("too much data before the relay started")
@@ -149,6 +163,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._client_eof = True
         if self.state is State.RELAYING:
             self._forward_client_eof()
+        elif self.state is State.ASSOCIATED:
+            self.outcome = "association ended by the client"
+            self._close()
+        elif self.state is State.BINDING:
+            self.outcome = "client went away while binding"
+            self._close()
         elif self.state is not State.CONNECTING:
             # EOF before a request is complete: nothing will follow.
             if self.state is not State.CLOSING:
@@ -166,6 +186,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._idle_call = None
         if self._splice is not None:
             self._splice.stop()
+        if self._binding is not None:
+            waiter, self._binding = self._binding, None
+            waiter.cancel()
+        if self.udp is not None:
+            self.udp.close()
+            if self.outcome == "associated":
+                self.outcome = "association ended"
         if self._connecting is not None:
             self.outcome = "client went away while connecting"
             d, self._connecting = self._connecting, None
@@ -277,12 +304,16 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         request, used = parsed
         del self._buffer[:used]
         self.request = request
-        if request.command is Command.CONNECT:
-            self._connect(request)
-        else:
-            self.outcome = f"{request.command.phrase} not supported"
+        if request.command not in self.factory.commands:
+            self.outcome = f"{request.command.phrase} not enabled"
             self._send_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
             self._close()
+        elif request.command is Command.CONNECT:
+            self._connect(request)
+        elif request.command is Command.BIND:
+            self._bind(request)
+        else:
+            self._associate(request)
         return False
 
     # ------------------------------------------------------------------
@@ -340,6 +371,96 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.outcome = f"connect failed: {failure.getErrorMessage()}"
         self._send_reply(code)
         self._close()
+
+    # ------------------------------------------------------------------
+    # BIND
+
+    def _local_host(self) -> str:
+        """The address the client reached us on, IPv4-mapped made plain."""
+        return normalize_ip(self.transport.getHost().host)
+
+    def _bind(self, request: Request) -> None:
+        self.state = State.BINDING
+        self.setTimeout(None)
+        address = request.address
+        if address.type is AddressType.DOMAIN:
+            self._wait()
+            d = self.factory.connector.resolve(address.host)
+            self._connecting = d
+            d.addCallbacks(self._bind_listen, self._bind_failed)
+            d.addBoth(self._unwait)
+        else:
+            self._bind_listen(None if address.is_unspecified else [address.host])
+
+    def _bind_listen(self, allowed: Optional[List[str]]) -> None:
+        self._connecting = None
+        if self.state is not State.BINDING:
+            return
+        waiter = BindWaiter(self.factory.reactor, allowed, self.factory.bind_timeout)
+        try:
+            first = waiter.listen(self._local_host())
+        except Exception as e:  # noqa: BLE001 - CannotListenError and kin
+            self.outcome = f"bind failed: {e}"
+            self._send_reply(ReplyCode.GENERAL_FAILURE)
+            self._close()
+            return
+        self._binding = waiter
+        self.bound = first
+        self._send_reply(ReplyCode.SUCCEEDED, first)
+        waiter.accepted.addCallbacks(self._bind_accepted, self._bind_failed)
+
+    def _bind_accepted(self, peer: OutboundProtocol) -> None:
+        self._binding = None
+        self._outbound = peer
+        remote = address_of(peer.transport.getPeer())
+        self.peer = remote
+        self._send_reply(ReplyCode.SUCCEEDED, remote)
+        self._wait()
+        self._start_relay(peer)
+
+    def _bind_failed(self, failure: Failure) -> None:
+        self._binding = None
+        self._connecting = None
+        if failure.check(defer.CancelledError) or self.state is State.CLOSING:
+            return
+        self.outcome = f"bind failed: {failure.getErrorMessage()}"
+        self._send_reply(reply_for_failure(failure))
+        self._close()
+
+    # ------------------------------------------------------------------
+    # UDP ASSOCIATE
+
+    def _associate(self, request: Request) -> None:
+        client = self.transport.getPeer()
+        association = UDPAssociation(
+            self.factory.reactor,
+            getattr(client, "host", ""),
+            request.address,
+            self.factory.connector.resolve,
+            allow_unknown_sources=self.factory.udp_allow_unknown_sources,
+            on_activity=self._udp_activity,
+        )
+        try:
+            bound = association.listen(self._local_host())
+        except Exception as e:  # noqa: BLE001 - CannotListenError and kin
+            self.outcome = f"udp associate failed: {e}"
+            self._send_reply(ReplyCode.GENERAL_FAILURE)
+            self._close()
+            return
+        self.udp = association
+        self.bound = bound
+        self.state = State.ASSOCIATED
+        self.outcome = "associated"
+        self.setTimeout(None)
+        self._send_reply(ReplyCode.SUCCEEDED, bound)
+        self._buffer.clear()
+        if self.factory.idle_timeout:
+            self._idle_call = self.callLater(
+                self.factory.idle_timeout, self._idle_check
+            )
+
+    def _udp_activity(self) -> None:
+        self.counters.active = True
 
     # ------------------------------------------------------------------
     # Relay
@@ -437,6 +558,10 @@ class SOCKS5ServerFactory(Factory):
         byte either way; ``None`` (the default) never does.
     :param splice: move bytes with ``os.splice`` (Linux, plain TCP on both
         ends), falling back to the ordinary relay elsewhere.
+    :param bind_timeout: seconds a BIND waits for its peer (answer 0x06).
+    :param udp_allow_unknown_sources: relay UDP answers from addresses the
+        client never sent to (some NAT traversal needs it); off by default.
+    :param commands: the commands served; others get 0x07.
     """
 
     log = Logger()
@@ -452,6 +577,13 @@ class SOCKS5ServerFactory(Factory):
         connect_timeout: float = 10.0,
         idle_timeout: Optional[float] = None,
         splice: bool = False,
+        bind_timeout: float = 120.0,
+        udp_allow_unknown_sources: bool = False,
+        commands: Sequence[Command] = (
+            Command.CONNECT,
+            Command.BIND,
+            Command.UDP_ASSOCIATE,
+        ),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -468,6 +600,9 @@ class SOCKS5ServerFactory(Factory):
         self.idle_timeout = idle_timeout
         #: Relay with os.splice() when both ends are plain TCP sockets.
         self.splice = splice
+        self.bind_timeout = bind_timeout
+        self.udp_allow_unknown_sources = udp_allow_unknown_sources
+        self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
 
     @property
@@ -510,6 +645,8 @@ class SOCKS5ServerFactory(Factory):
             reply=int(protocol.reply) if protocol.reply is not None else None,
             reply_text=protocol.reply.phrase if protocol.reply is not None else "-",
             bound=str(protocol.bound) if protocol.bound else None,
+            peer=str(protocol.peer) if protocol.peer else None,
+            udp=protocol.udp.counters.as_dict() if protocol.udp else None,
             outcome=protocol.outcome,
             bytes_up=protocol.counters.bytes_up,
             bytes_down=protocol.counters.bytes_down,

@@ -121,11 +121,6 @@ async def test_connect_timeout_answers_ttl_expired(make_proxy: Any) -> None:
             b"\x05\x01\x00\x05\x01\x01\x01\x7f\x00\x00\x01\x00\x50",
             b"\x05\x00" + failure(ReplyCode.GENERAL_FAILURE),
         ),
-        (
-            b"\x05\x01\x00"
-            + Request(Command.BIND, Address.from_host("127.0.0.1", 1)).to_bytes(),
-            b"\x05\x00" + failure(ReplyCode.COMMAND_NOT_SUPPORTED),
-        ),
     ],
     ids=[
         "no-method",
@@ -135,7 +130,6 @@ async def test_connect_timeout_answers_ttl_expired(make_proxy: Any) -> None:
         "atyp",
         "empty-name",
         "rsv",
-        "bind",
     ],
 )
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,302 @@
+"""
+UDP ASSOCIATE (RFC 1928 section 7): one relay per TCP control connection.
+
+The client side is a DatagramProtocol bound on the control connection's
+local address; only the client's IP (and its declared port, if it named
+one) may use it.  Each datagram's header is parsed by the codec; FRAG != 0
+is dropped (no reassembly: almost no client fragments, and reassembly buffers
+are an easy memory attack).  Destinations are reached from one outbound
+socket per address family; answers come back only from destinations the
+client has sent to (unless ``allow_unknown_sources``), wrapped in a header
+naming their source.  Everything lives exactly as long as the control
+connection.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .bind import normalize_ip
+from .codec import (
+    MAX_UDP_PAYLOAD,
+    Address,
+    AddressType,
+    ProtocolError,
+    UDPDatagram,
+    parse_udp_datagram,
+)
+
+#: Read buffer for datagrams: larger than any UDP payload, so none is cut.
+MAX_PACKET_SIZE = 65535
+#: Destinations remembered per association (for answers), oldest forgotten.
+MAX_PEERS = 4096
+#: Names cached per association, and datagrams held while a name resolves.
+MAX_NAMES = 256
+MAX_PENDING_PER_NAME = 16
+
+DROP_REASONS = (
+    "foreign_source",
+    "malformed",
+    "fragmented",
+    "unresolvable",
+    "pending_overflow",
+    "unknown_source",
+    "oversize",
+    "send_error",
+    "denied",
+)
+
+Sendable = Tuple[str, int]
+
+
+class UDPCounters:
+    """Per-association counters, reported in the connection's log event."""
+
+    def __init__(self) -> None:
+        self.datagrams_up = 0
+        self.datagrams_down = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.drops: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "datagrams_up": self.datagrams_up,
+            "datagrams_down": self.datagrams_down,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "drops": {k: v for k, v in self.drops.items() if v},
+        }
+
+
+class _ClientSide(DatagramProtocol):
+    def __init__(self, association: UDPAssociation) -> None:
+        self.association = association
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.association.from_client(datagram, addr)
+
+
+class _TargetSide(DatagramProtocol):
+    def __init__(self, association: UDPAssociation) -> None:
+        self.association = association
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.association.from_target(datagram, addr)
+
+
+class UDPAssociation:
+    """
+    The relay of one UDP ASSOCIATE.
+
+    :param client_ip: the TCP control connection's peer IP.
+    :param declared: the DST.ADDR/DST.PORT of the request: the address the
+        client says it will send from (zeros when it does not know).
+    :param resolve: resolves a name to IP strings without blocking.
+    :param check_destination: a policy hook; returns False to drop a datagram.
+    :param on_activity: called on each relayed datagram (idle timeout).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        client_ip: str,
+        declared: Address,
+        resolve: Callable[[str], defer.Deferred[List[str]]],
+        *,
+        allow_unknown_sources: bool = False,
+        check_destination: Optional[Callable[[Address, str], bool]] = None,
+        on_activity: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.client_ip = normalize_ip(client_ip)
+        self.client_port: Optional[int] = None
+        if declared.type is not AddressType.DOMAIN and declared.port:
+            self.client_port = declared.port
+        self.declared = declared
+        self.resolve = resolve
+        self.allow_unknown_sources = allow_unknown_sources
+        self.check_destination = check_destination
+        self.on_activity = on_activity
+        self.counters = UDPCounters()
+        self.client_port_listener: Any = None
+        self._client_addr: Optional[Sendable] = None
+        self._outbound: Dict[int, Any] = {}
+        self._peers: collections.OrderedDict[Sendable, None] = collections.OrderedDict()
+        self._names: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._pending: Dict[str, Deque[Tuple[bytes, int]]] = {}
+        self._lookups: List[defer.Deferred[List[str]]] = []
+        self.closed = False
+
+    # ------------------------------------------------------------------
+
+    def listen(self, host: str) -> Address:
+        """Bind the client-side socket on ``host``; the reply's BND address."""
+        self.client_port_listener = self.reactor.listenUDP(
+            0, _ClientSide(self), interface=host, maxPacketSize=MAX_PACKET_SIZE
+        )
+        bound = self.client_port_listener.getHost()
+        return Address.from_host(bound.host, bound.port)
+
+    def close(self) -> None:
+        """End the association: ports, look-ups and queues all go."""
+        if self.closed:
+            return
+        self.closed = True
+        ports = [self.client_port_listener, *self._outbound.values()]
+        self.client_port_listener = None
+        self._outbound.clear()
+        for port in ports:
+            if port is not None:
+                port.stopListening()
+        lookups, self._lookups = self._lookups, []
+        for d in lookups:
+            d.cancel()
+        self._pending.clear()
+        self._names.clear()
+        self._peers.clear()
+
+    # ------------------------------------------------------------------
+    # Client → destination
+
+    def from_client(self, datagram: bytes, addr: Any) -> None:
+        host, port = normalize_ip(addr[0]), addr[1]
+        if host != self.client_ip or (
+            self.client_port is not None and port != self.client_port
+        ):
+            self.counters.drops["foreign_source"] += 1
+            return
+        if self.client_port is None:
+            # The first datagram pins the client's port: no other process on
+            # the client's host can use the association afterwards.
+            self.client_port = port
+        self._client_addr = (addr[0], port)
+        try:
+            message = parse_udp_datagram(datagram)
+        except (ProtocolError, ValueError):
+            self.counters.drops["malformed"] += 1
+            return
+        if message.fragment != 0:
+            self.counters.drops["fragmented"] += 1
+            return
+        destination = message.address
+        if destination.type is AddressType.DOMAIN:
+            self._send_to_name(destination.host, destination.port, message.data)
+        else:
+            self._send(destination, destination.host, message.data)
+
+    def _send_to_name(self, name: str, port: int, data: bytes) -> None:
+        key = name.lower().rstrip(".")
+        ip = self._names.get(key)
+        if ip is not None:
+            self._names.move_to_end(key)
+            self._send(Address(AddressType.DOMAIN, name, port), ip, data)
+            return
+        queue = self._pending.get(key)
+        if queue is not None:
+            if len(queue) >= MAX_PENDING_PER_NAME:
+                self.counters.drops["pending_overflow"] += 1
+            else:
+                queue.append((data, port))
+            return
+        if len(self._pending) >= MAX_NAMES:
+            self.counters.drops["pending_overflow"] += 1
+            return
+        self._pending[key] = collections.deque([(data, port)])
+        d = self.resolve(name)
+        self._lookups.append(d)
+        d.addCallbacks(
+            self._resolved,
+            self._unresolved,
+            callbackArgs=(name, key),
+            errbackArgs=(key,),
+        )
+        d.addBoth(self._lookup_done, d)
+
+    def _lookup_done(self, result: Any, d: defer.Deferred[List[str]]) -> Any:
+        if d in self._lookups:
+            self._lookups.remove(d)
+        return None
+
+    def _resolved(self, addresses: List[str], name: str, key: str) -> None:
+        if self.closed:
+            return
+        ip = addresses[0]
+        self._names[key] = ip
+        while len(self._names) > MAX_NAMES:
+            self._names.popitem(last=False)
+        for data, port in self._pending.pop(key, ()):
+            self._send(Address(AddressType.DOMAIN, name, port), ip, data)
+
+    def _unresolved(self, failure: Failure, key: str) -> None:
+        dropped = len(self._pending.pop(key, ()))
+        self.counters.drops["unresolvable"] += dropped
+
+    def _send(self, destination: Address, ip: str, data: bytes) -> None:
+        ip = normalize_ip(ip)
+        if self.check_destination is not None and not self.check_destination(
+            destination, ip
+        ):
+            self.counters.drops["denied"] += 1
+            return
+        if len(data) > MAX_UDP_PAYLOAD:
+            self.counters.drops["oversize"] += 1
+            return
+        family = 6 if ":" in ip else 4
+        try:
+            port = self._outbound_port(family)
+            port.write(data, (ip, destination.port))
+        except Exception:  # noqa: BLE001 - EMSGSIZE, ENOBUFS, EACCES...: a drop
+            self.counters.drops["send_error"] += 1
+            return
+        self.counters.datagrams_up += 1
+        self.counters.bytes_up += len(data)
+        self._peers[(ip, destination.port)] = None
+        self._peers.move_to_end((ip, destination.port))
+        while len(self._peers) > MAX_PEERS:
+            self._peers.popitem(last=False)
+        if self.on_activity is not None:
+            self.on_activity()
+
+    def _outbound_port(self, family: int) -> Any:
+        port = self._outbound.get(family)
+        if port is None:
+            interface = "::" if family == 6 else "0.0.0.0"
+            port = self.reactor.listenUDP(
+                0, _TargetSide(self), interface=interface, maxPacketSize=MAX_PACKET_SIZE
+            )
+            self._outbound[family] = port
+        return port
+
+    # ------------------------------------------------------------------
+    # Destination → client
+
+    def from_target(self, datagram: bytes, addr: Any) -> None:
+        host, port = normalize_ip(addr[0]), addr[1]
+        if not self.allow_unknown_sources and (host, port) not in self._peers:
+            self.counters.drops["unknown_source"] += 1
+            return
+        client = self._client_addr
+        if client is None or self.client_port_listener is None:
+            self.counters.drops["unknown_source"] += 1
+            return
+        packet = UDPDatagram(Address.from_host(host, port), datagram).to_bytes()
+        try:
+            self.client_port_listener.write(packet, client)
+        except Exception:  # noqa: BLE001 - EMSGSIZE when header + data > 64 KiB
+            self.counters.drops[
+                "oversize" if len(packet) > MAX_UDP_PAYLOAD else "send_error"
+            ] += 1
+            return
+        self.counters.datagrams_down += 1
+        self.counters.bytes_down += len(datagram)
+        if self.on_activity is not None:
+            self.on_activity()
