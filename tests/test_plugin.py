@@ -51,6 +51,17 @@ def test_defaults() -> None:
     assert isinstance(auth, NoAuthAuthenticator)
 
 
+def test_commands_and_bind_options() -> None:
+    from twisted_socks5.codec import Command
+
+    assert parse()["commands"] == [Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE]
+    assert parse("--commands", "connect")["commands"] == [Command.CONNECT]
+    assert parse("--bind-timeout", "30")["bind-timeout"] == 30.0
+    assert parse("--udp-allow-unknown-sources")["udp-allow-unknown-sources"]
+    with pytest.raises(usage.UsageError):
+        parse("--commands", "connect,teleport")
+
+
 def test_listen_is_repeatable_and_validated() -> None:
     options = parse("--listen", "tcp:1081", "--listen", "unix:/tmp/s5.sock")
     assert options["listen"] == ["tcp:1081", "unix:/tmp/s5.sock"]

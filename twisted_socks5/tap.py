@@ -22,6 +22,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from .auth import NoAuthAuthenticator, ProxyRealm, UsernamePasswordAuthenticator
+from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .server import SOCKS5ServerFactory
 
@@ -41,6 +42,21 @@ def _timeout_or_off(value: str) -> Optional[float]:
     if value.lower() in ("0", "off", "none"):
         return None
     return _positive(value)
+
+
+_COMMANDS = {
+    "connect": Command.CONNECT,
+    "bind": Command.BIND,
+    "udp": Command.UDP_ASSOCIATE,
+}
+
+
+def _commands(value: str) -> List[Command]:
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _COMMANDS]
+    if unknown or not names:
+        raise ValueError(f"unknown command(s) {unknown}; use connect, bind, udp")
+    return [_COMMANDS[n] for n in names]
 
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
@@ -122,6 +138,30 @@ class Options(usage.Options, AuthOptionMixin):
             "(default: never).",
             _timeout_or_off,
         ],
+        [
+            "bind-timeout",
+            None,
+            120.0,
+            "Seconds a BIND waits for its peer to connect; expiry answers 0x06.",
+            _positive,
+        ],
+        [
+            "commands",
+            None,
+            "connect,bind,udp",
+            "The commands served, comma-separated, from connect, bind and udp; "
+            "the others are answered 0x07.",
+            _commands,
+        ],
+    ]
+
+    optFlags = [
+        [
+            "udp-allow-unknown-sources",
+            None,
+            "Relay UDP datagrams to a client from addresses it never sent to "
+            "(needed by some NAT traversal); by default they are dropped.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -168,6 +208,8 @@ class Options(usage.Options, AuthOptionMixin):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        if isinstance(self["commands"], str):
+            self["commands"] = _commands(self["commands"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
 
@@ -268,5 +310,8 @@ def makeService(options: Options) -> service.IService:
         handshake_timeout=options["handshake-timeout"],
         connect_timeout=options["connect-timeout"],
         idle_timeout=options["idle-timeout"],
+        bind_timeout=options["bind-timeout"],
+        udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
+        commands=options["commands"],
     )
     return SOCKS5Service(factory, options["listen"])

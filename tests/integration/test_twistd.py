@@ -75,6 +75,9 @@ async def test_help_lists_every_option() -> None:
         b"--handshake-timeout",
         b"--idle-timeout",
         b"--method",
+        b"--bind-timeout",
+        b"--commands",
+        b"--udp-allow-unknown-sources",
     ):
         assert option in out
 
