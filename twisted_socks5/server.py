@@ -46,6 +46,7 @@ from .codec import (
 )
 from .connect import DirectConnector, IOutboundConnector, reply_for_failure
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
+from .limits import ConnectionLimits
 from .relay import OutboundProtocol, RelayCounters
 from .udp import UDPAssociation
 
@@ -112,6 +113,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.peer: Optional[Address] = None
         self.counters = RelayCounters()
         # Facts for the connection's log event.
+        self.client_ip = ""
         self.started = 0.0
         self.client: Optional[Address] = None
         self.method: Optional[int] = None
@@ -562,6 +564,8 @@ class SOCKS5ServerFactory(Factory):
     :param udp_allow_unknown_sources: relay UDP answers from addresses the
         client never sent to (some NAT traversal needs it); off by default.
     :param commands: the commands served; others get 0x07.
+    :param limits: connection limits and failed-login throttling; default
+        :class:`~twisted_socks5.limits.ConnectionLimits` with its defaults.
     """
 
     log = Logger()
@@ -584,6 +588,7 @@ class SOCKS5ServerFactory(Factory):
             Command.BIND,
             Command.UDP_ASSOCIATE,
         ),
+        limits: Optional[ConnectionLimits] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -604,14 +609,57 @@ class SOCKS5ServerFactory(Factory):
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
+        self.limits = limits or ConnectionLimits(reactor.seconds)
+        self.draining = False
+        self._drained: List[defer.Deferred[None]] = []
 
     @property
     def methods(self) -> list[int]:
         """METHOD codes offered, in order of preference."""
         return [int(a.method) for a in self.authenticators]
 
-    def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
-        return SOCKS5ServerProtocol(self)
+    def buildProtocol(self, addr: Any) -> Optional[SOCKS5ServerProtocol]:  # type: ignore[override]
+        ip = normalize_ip(getattr(addr, "host", "") or "")
+        why = self.limits.refusal(ip)
+        if why is None and self.draining:
+            why = "server is shutting down"
+        if why is not None:
+            # Returning None makes Twisted close the connection at once.
+            self.log.info(
+                "refused {client}: {reason}",
+                event="socks5.refused",
+                client=ip,
+                reason=why,
+            )
+            return None
+        protocol = SOCKS5ServerProtocol(self)
+        protocol.client_ip = ip
+        return protocol
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Stop taking clients and wait for the open ones to finish, aborting
+        those still open after ``timeout`` seconds (a graceful stop).
+        """
+        self.draining = True
+        done: defer.Deferred[None] = defer.Deferred()
+        if not self.active:
+            done.callback(None)
+            return done
+        self._drained.append(done)
+
+        def expire() -> None:
+            for protocol in list(self.active):
+                protocol.outcome = "aborted at shutdown"
+                protocol.transport.abortConnection()
+
+        call = self.reactor.callLater(timeout, expire)
+
+        def cancel_timer(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        return done.addCallback(cancel_timer)
 
     def select_authenticator(self, offered: Sequence[int]) -> Optional[IAuthenticator]:
         """The first of our methods, in our order, that the client offers."""
@@ -624,14 +672,21 @@ class SOCKS5ServerFactory(Factory):
 
     def connection_opened(self, protocol: SOCKS5ServerProtocol) -> None:
         self.active.add(protocol)
+        self.limits.opened(protocol.client_ip)
 
     def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
-        pass
+        self.limits.auth_failed(protocol.client_ip)
 
     def connection_closed(
         self, protocol: SOCKS5ServerProtocol, reason: Failure
     ) -> None:
-        self.active.discard(protocol)
+        if protocol in self.active:
+            self.active.discard(protocol)
+            self.limits.closed(protocol.client_ip)
+        if self.draining and not self.active:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
         request = protocol.request
         self.log.info(
             "{client} {user} {command} {target} -> {reply_text}: {outcome}; "

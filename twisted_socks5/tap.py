@@ -17,6 +17,7 @@ from twisted.cred.checkers import (
 from twisted.cred.credentials import IAnonymous, IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.cred.strcred import AuthOptionMixin
+from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -24,6 +25,7 @@ from twisted.python import usage
 from .auth import NoAuthAuthenticator, ProxyRealm, UsernamePasswordAuthenticator
 from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
+from .limits import ConnectionLimits
 from .server import SOCKS5ServerFactory
 
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
@@ -43,6 +45,15 @@ def _timeout_or_off(value: str) -> Optional[float]:
         return None
     return _positive(value)
 
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
 
 _COMMANDS = {
     "connect": Command.CONNECT,
@@ -143,6 +154,45 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             120.0,
             "Seconds a BIND waits for its peer to connect; expiry answers 0x06.",
+            _positive,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Client connections open at once, all clients together; over it a "
+            "new client is closed at once (default: from the file-descriptor "
+            "limit, half of RLIMIT_NOFILE; 0: no limit).",
+            _count,
+        ],
+        [
+            "max-connections-per-client",
+            None,
+            0,
+            "Connections open at once from one client IP (default 0: no limit).",
+            _count,
+        ],
+        [
+            "auth-failures",
+            None,
+            5,
+            "Failed logins from one IP, within --auth-failure-window, after which "
+            "that IP is refused at connect until they age out (0: never).",
+            _count,
+        ],
+        [
+            "auth-failure-window",
+            None,
+            60.0,
+            "Seconds a failed login counts for --auth-failures.",
+            _positive,
+        ],
+        [
+            "drain-timeout",
+            None,
+            10.0,
+            "On stop: seconds open tunnels may take to finish before they are "
+            "cut (new clients are refused meanwhile).",
             _positive,
         ],
         [
@@ -255,9 +305,15 @@ class SOCKS5Service(service.MultiService):
     (the real port when ``tcp:0`` was asked for) and what it offers.
     """
 
-    def __init__(self, factory: SOCKS5ServerFactory, listen: List[str]) -> None:
+    def __init__(
+        self,
+        factory: SOCKS5ServerFactory,
+        listen: List[str],
+        drain_timeout: float = 10.0,
+    ) -> None:
         super().__init__()
         self.factory = factory
+        self.drain_timeout = drain_timeout
         self.ports: List[Any] = []
         from twisted.internet.endpoints import serverFromString
 
@@ -271,9 +327,18 @@ class SOCKS5Service(service.MultiService):
     def startService(self) -> None:
         super().startService()
         waiting = [child._waitingForPort for child in self]
-        from twisted.internet.defer import gatherResults
-
         gatherResults(waiting, consumeErrors=True).addCallback(self._listening)
+
+    def stopService(self) -> Any:
+        """Stop listening, then let open tunnels drain (twistd waits for it)."""
+        stopped = super().stopService()
+        log.info(
+            "stopping: {count} connection(s) open, waiting up to {timeout} s",
+            count=len(self.factory.active),
+            timeout=self.drain_timeout,
+        )
+        drained = self.factory.drain(self.drain_timeout)
+        return gatherResults([stopped, drained], consumeErrors=True)
 
     def _listening(self, ports: List[Any]) -> None:
         self.ports = ports
@@ -313,5 +378,12 @@ def makeService(options: Options) -> service.IService:
         bind_timeout=options["bind-timeout"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
         commands=options["commands"],
+        limits=ConnectionLimits(
+            reactor.seconds,
+            max_connections=options["max-connections"],
+            max_per_client=options["max-connections-per-client"],
+            auth_failures=options["auth-failures"],
+            auth_window=options["auth-failure-window"],
+        ),
     )
-    return SOCKS5Service(factory, options["listen"])
+    return SOCKS5Service(factory, options["listen"], options["drain-timeout"])

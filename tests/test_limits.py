@@ -1,0 +1,108 @@
+"""Connection limits, failed-login throttling and graceful drain, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+
+from helpers import SERVER, HalfCloseTransport, Harness
+from twisted_socks5.auth import UsernamePasswordAuthenticator
+from twisted_socks5.codec import UserPassRequest
+from twisted_socks5.limits import ConnectionLimits, default_max_connections
+
+
+def connect(h: Harness, ip: str = "127.0.0.1", port: int = 40000) -> Any:
+    """Accept a client from ``ip``; None when the factory refused it."""
+    addr = IPv4Address("TCP", ip, port)
+    protocol = h.factory.buildProtocol(addr)
+    if protocol is None:
+        return None
+    protocol.makeConnection(HalfCloseTransport(SERVER, addr))
+    return protocol
+
+
+def limited(**kw: Any) -> Harness:
+    h = Harness()
+    h.factory.limits = ConnectionLimits(h.reactor.seconds, **kw)
+    return h
+
+
+def test_default_limit_follows_the_descriptor_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert 1 <= default_max_connections() <= max(1, soft // 2)
+
+
+def test_global_limit_refuses_new_clients_only() -> None:
+    h = limited(max_connections=2)  # fresh limits: the harness client is not counted
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    try:
+        first = connect(h, "127.0.0.2")
+        second = connect(h, "127.0.0.3")
+        assert connect(h, "127.0.0.4") is None
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not first.transport.disconnecting and not second.transport.disconnecting
+    (event,) = [e for e in observer if e.get("event") == "socks5.refused"]
+    assert event["client"] == "127.0.0.4"
+    first.connectionLost(None)
+    assert connect(h, "127.0.0.4") is not None
+
+
+def test_per_client_limit() -> None:
+    h = limited(max_connections=0, max_per_client=2)
+    assert connect(h, "127.0.0.9") is not None
+    assert connect(h, "127.0.0.9") is not None
+    assert connect(h, "127.0.0.9") is None
+    assert connect(h, "127.0.0.8") is not None
+
+
+def test_ipv4_mapped_clients_count_as_ipv4() -> None:
+    h = limited(max_connections=0, max_per_client=1)
+    assert connect(h, "127.0.0.9") is not None
+    addr = IPv4Address("TCP", "::ffff:127.0.0.9", 1)
+    assert h.factory.buildProtocol(addr) is None
+
+
+def _fail_login(h: Harness, ip: str) -> None:
+    protocol = connect(h, ip)
+    protocol.dataReceived(b"\x05\x01\x02" + UserPassRequest(b"u", b"bad").to_bytes())
+    protocol.connectionLost(None)
+
+
+def test_failed_logins_throttle_that_address_for_a_while() -> None:
+    h = limited(max_connections=0, auth_failures=3, auth_window=60)
+    checker = InMemoryUsernamePasswordDatabaseDontUse()
+    checker.users = {b"u": b"good"}
+    h.factory.authenticators = [UsernamePasswordAuthenticator.from_checkers(checker)]
+    for _ in range(3):
+        _fail_login(h, "127.0.0.66")
+    assert connect(h, "127.0.0.66") is None
+    assert connect(h, "127.0.0.67") is not None  # others are not affected
+    h.reactor.advance(61)
+    assert connect(h, "127.0.0.66") is not None
+
+
+def test_drain_waits_for_open_tunnels_then_cuts_them() -> None:
+    h = Harness()
+    d = h.factory.drain(10)
+    assert not d.called
+    assert connect(h, "127.0.0.5") is None  # no new clients while draining
+    h.reactor.advance(10)
+    assert h.transport.aborted
+    h.lose()
+    assert d.called
+
+
+def test_drain_finishes_as_soon_as_the_last_tunnel_closes() -> None:
+    h = Harness()
+    d = h.factory.drain(10)
+    h.lose()
+    assert d.called
+    assert h.reactor.getDelayedCalls() == []

@@ -1,0 +1,109 @@
+"""
+Connection limits and failed-authentication throttling, per server.
+
+Checked before a protocol is even built, so a client over a limit costs one
+accept and one close.  Existing tunnels are never touched by a limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import resource
+from typing import Callable, Dict, Optional
+
+#: File descriptors kept free for listening sockets, logs, DNS, UDP...
+_FD_RESERVE = 64
+#: Clients whose failures are remembered; the oldest are forgotten first.
+MAX_TRACKED_CLIENTS = 65536
+
+
+def default_max_connections() -> int:
+    """
+    The most client connections this process can carry: a tunnel uses two
+    file descriptors (client and destination), so half of what is left of
+    ``RLIMIT_NOFILE`` after a reserve.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        soft = 1 << 20
+    return max(1, (soft - _FD_RESERVE) // 2)
+
+
+class ConnectionLimits:
+    """
+    :param max_connections: client connections open at once, all clients
+        together (``None``: derived from ``RLIMIT_NOFILE``; ``0``: no limit).
+    :param max_per_client: connections open at once from one client IP
+        (``None`` or ``0``: no limit).
+    :param auth_failures: failed authentications from one IP within
+        ``auth_window`` seconds after which that IP is refused at connect
+        until its failures age out (``0``: never throttle).
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        max_connections: Optional[int] = None,
+        max_per_client: Optional[int] = None,
+        auth_failures: int = 5,
+        auth_window: float = 60.0,
+    ) -> None:
+        self.clock = clock
+        if max_connections is None:
+            max_connections = default_max_connections()
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client or 0
+        self.auth_failures = auth_failures
+        self.auth_window = auth_window
+        self.total = 0
+        self.per_client: Dict[str, int] = {}
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = (
+            collections.OrderedDict()
+        )
+
+    def refusal(self, ip: str) -> Optional[str]:
+        """Why a new connection from ``ip`` must be refused, or ``None``."""
+        if self.max_connections and self.total >= self.max_connections:
+            return f"server full ({self.max_connections} connections)"
+        if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
+            return f"too many connections from {ip} ({self.max_per_client})"
+        if self.auth_failures and self._recent_failures(ip) >= self.auth_failures:
+            return f"throttled after {self.auth_failures} failed logins"
+        return None
+
+    def opened(self, ip: str) -> None:
+        self.total += 1
+        self.per_client[ip] = self.per_client.get(ip, 0) + 1
+
+    def closed(self, ip: str) -> None:
+        self.total -= 1
+        left = self.per_client.get(ip, 1) - 1
+        if left <= 0:
+            self.per_client.pop(ip, None)
+        else:
+            self.per_client[ip] = left
+
+    def auth_failed(self, ip: str) -> None:
+        if not self.auth_failures:
+            return
+        times = self._failures.get(ip)
+        if times is None:
+            times = collections.deque(maxlen=self.auth_failures)
+            self._failures[ip] = times
+            while len(self._failures) > MAX_TRACKED_CLIENTS:
+                self._failures.popitem(last=False)
+        else:
+            self._failures.move_to_end(ip)
+        times.append(self.clock())
+
+    def _recent_failures(self, ip: str) -> int:
+        times = self._failures.get(ip)
+        if not times:
+            return 0
+        horizon = self.clock() - self.auth_window
+        while times and times[0] < horizon:
+            times.popleft()
+        if not times:
+            del self._failures[ip]
+            return 0
+        return len(times)
