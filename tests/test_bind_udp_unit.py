@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers import FakeUDPPort, HalfCloseTransport, Harness
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import DNSLookupError
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 
-from helpers import FakeUDPPort, HalfCloseTransport, Harness
 from twisted_socks5.codec import (
     MAX_UDP_PAYLOAD,
     Address,
@@ -148,7 +148,10 @@ CLIENT_UDP = ("127.0.0.1", 6000)
 TARGET = Address(AddressType.IPV4, "127.0.0.20", 53)
 
 
-def associate(declared: Address = Address.from_host("0.0.0.0", 0), **kw: Any) -> Any:
+ANYWHERE = Address.from_host("0.0.0.0", 0)
+
+
+def associate(declared: Address = ANYWHERE, **kw: Any) -> Any:
     h = Harness(**kw)
     h.send(GREET + Request(Command.UDP_ASSOCIATE, declared).to_bytes())
     client_port = h.reactor.udp_ports[0]

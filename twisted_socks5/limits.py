@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import resource
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 #: File descriptors kept free for listening sockets, logs, DNS, UDP...
 _FD_RESERVE = 64
@@ -61,14 +61,17 @@ class ConnectionLimits:
             collections.OrderedDict()
         )
 
-    def refusal(self, ip: str) -> Optional[str]:
-        """Why a new connection from ``ip`` must be refused, or ``None``."""
+    def refusal(self, ip: str) -> Optional[Tuple[str, str]]:
+        """
+        Why a new connection from ``ip`` must be refused, as a short kind
+        (for metrics) and a sentence (for the log), or ``None``.
+        """
         if self.max_connections and self.total >= self.max_connections:
-            return f"server full ({self.max_connections} connections)"
+            return "server_full", f"server full ({self.max_connections} connections)"
         if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
-            return f"too many connections from {ip} ({self.max_per_client})"
+            return "client_limit", f"{self.max_per_client} connections already"
         if self.auth_failures and self._recent_failures(ip) >= self.auth_failures:
-            return f"throttled after {self.auth_failures} failed logins"
+            return "throttled", f"throttled after {self.auth_failures} failed logins"
         return None
 
     def opened(self, ip: str) -> None:

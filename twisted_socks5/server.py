@@ -47,6 +47,7 @@ from .codec import (
 from .connect import DirectConnector, IOutboundConnector, reply_for_failure
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
+from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters
 from .udp import UDPAssociation
 
@@ -507,7 +508,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     # Helpers
 
     def _send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
+        first = self.reply is None
         self.reply = code
+        if first and self.factory.metrics is not None:
+            self.factory.metrics.replied(self)
         if address is None:
             self.transport.write(Reply(code).to_bytes())
         else:
@@ -612,6 +616,8 @@ class SOCKS5ServerFactory(Factory):
         self.limits = limits or ConnectionLimits(reactor.seconds)
         self.draining = False
         self._drained: List[defer.Deferred[None]] = []
+        #: Prometheus metrics, once :meth:`enable_metrics` was called.
+        self.metrics: Optional[Metrics] = None
 
     @property
     def methods(self) -> list[int]:
@@ -620,17 +626,21 @@ class SOCKS5ServerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Optional[SOCKS5ServerProtocol]:  # type: ignore[override]
         ip = normalize_ip(getattr(addr, "host", "") or "")
-        why = self.limits.refusal(ip)
-        if why is None and self.draining:
-            why = "server is shutting down"
-        if why is not None:
+        refusal = self.limits.refusal(ip)
+        if refusal is None and self.draining:
+            refusal = ("draining", "server is shutting down")
+        if refusal is not None:
             # Returning None makes Twisted close the connection at once.
+            kind, why = refusal
             self.log.info(
                 "refused {client}: {reason}",
                 event="socks5.refused",
                 client=ip,
+                kind=kind,
                 reason=why,
             )
+            if self.metrics is not None:
+                self.metrics.refused_connection(kind)
             return None
         protocol = SOCKS5ServerProtocol(self)
         protocol.client_ip = ip
@@ -676,6 +686,13 @@ class SOCKS5ServerFactory(Factory):
 
     def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
         self.limits.auth_failed(protocol.client_ip)
+        if self.metrics is not None:
+            self.metrics.auth_failed()
+
+    def enable_metrics(self, registry: Any = None) -> Metrics:
+        """Start counting for Prometheus (needs ``prometheus_client``)."""
+        self.metrics = Metrics(self, registry)
+        return self.metrics
 
     def connection_closed(
         self, protocol: SOCKS5ServerProtocol, reason: Failure
@@ -683,6 +700,8 @@ class SOCKS5ServerFactory(Factory):
         if protocol in self.active:
             self.active.discard(protocol)
             self.limits.closed(protocol.client_ip)
+        if self.metrics is not None:
+            self.metrics.closed(protocol)
         if self.draining and not self.active:
             drained, self._drained = self._drained, []
             for d in drained:

@@ -18,6 +18,7 @@ from twisted.cred.credentials import IAnonymous, IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.cred.strcred import AuthOptionMixin
 from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -196,6 +197,14 @@ class Options(usage.Options, AuthOptionMixin):
             _positive,
         ],
         [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+            "tcp:9180:interface=127.0.0.1 (needs prometheus_client: "
+            "pip install 'twisted-socks5[metrics]').",
+        ],
+        [
             "commands",
             None,
             "connect,bind,udp",
@@ -228,7 +237,6 @@ class Options(usage.Options, AuthOptionMixin):
         """
         description = escape_ipv6_interface(endpoint)
         from twisted.internet import reactor
-        from twisted.internet.endpoints import serverFromString
 
         try:
             serverFromString(reactor, description)
@@ -315,18 +323,18 @@ class SOCKS5Service(service.MultiService):
         self.factory = factory
         self.drain_timeout = drain_timeout
         self.ports: List[Any] = []
-        from twisted.internet.endpoints import serverFromString
-
+        self._listeners: List[StreamServerEndpointService] = []
         for description in listen:
             endpoint = serverFromString(factory.reactor, description)
             child = StreamServerEndpointService(endpoint, factory)
             # Fail at start-up (twistd exits non-zero) when a port is taken.
             child._raiseSynchronously = True
             child.setServiceParent(self)
+            self._listeners.append(child)
 
     def startService(self) -> None:
         super().startService()
-        waiting = [child._waitingForPort for child in self]
+        waiting: List[Any] = [child._waitingForPort for child in self._listeners]
         gatherResults(waiting, consumeErrors=True).addCallback(self._listening)
 
     def stopService(self) -> Any:
@@ -386,4 +394,13 @@ def makeService(options: Options) -> service.IService:
             auth_window=options["auth-failure-window"],
         ),
     )
-    return SOCKS5Service(factory, options["listen"], options["drain-timeout"])
+    top = SOCKS5Service(factory, options["listen"], options["drain-timeout"])
+    if options["metrics"]:
+        from .metrics import metrics_site
+
+        site = metrics_site(factory.enable_metrics())
+        endpoint = serverFromString(reactor, escape_ipv6_interface(options["metrics"]))
+        metrics_service = StreamServerEndpointService(endpoint, site)
+        metrics_service._raiseSynchronously = True
+        metrics_service.setServiceParent(top)
+    return top

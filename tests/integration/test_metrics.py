@@ -1,0 +1,111 @@
+"""The Prometheus endpoint, scraped over HTTP while traffic flows."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import pytest_twisted
+from conftest import Echo, closed_port, listen
+from test_errors import RawClient, connect_request, exchange
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+pytest.importorskip("prometheus_client")
+
+from twisted_socks5.metrics import metrics_site  # noqa: E402
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample ``name{labels}`` in a Prometheus text page."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        match = re.match(r"([a-zA-Z0-9_:]+)(\{[^}]*\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    raise KeyError(f"{name}{labels}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_scrape_counts_traffic_outcomes_and_latency(
+    make_proxy: Any, tcp_target: Any
+) -> None:
+    factory, port = make_proxy()
+    metrics = factory.enable_metrics()
+    site_port = listen(metrics_site(metrics))
+    try:
+
+        async def scrape() -> str:
+            raw = await exchange(
+                site_port.getHost().port, b"GET /metrics HTTP/1.0\r\n\r\n"
+            )
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200")
+            return body.decode()
+
+        # One refused CONNECT, one tunnel still open with traffic.
+        await exchange(
+            port, b"\x05\x01\x00" + connect_request("127.0.0.1", closed_port())
+        )
+        echo = tcp_target(Echo)
+        client = RawClient(
+            b"\x05\x01\x00" + connect_request("127.0.0.1", echo) + b"x" * 100
+        )
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        while len(b"".join(client.received)) < 12 + 100:
+            await _turn()
+
+        text = await scrape()
+        assert (
+            value(
+                text,
+                "socks5_connections_total",
+                command="connect",
+                reply="connection refused",
+            )
+            == 1
+        )
+        assert value(text, "socks5_active_connections", state="relaying") == 1
+        assert value(text, "socks5_relayed_bytes_total", direction="up") == 100
+        assert value(text, "socks5_relayed_bytes_total", direction="down") == 100
+        assert value(text, "socks5_handshake_seconds_count", command="connect") == 2
+
+        client.transport.loseConnection()
+        await client.done
+        while factory.active:
+            await _turn()
+        text = await scrape()
+        assert (
+            value(
+                text, "socks5_connections_total", command="connect", reply="succeeded"
+            )
+            == 1
+        )
+        assert value(text, "socks5_relayed_bytes_total", direction="up") == 100
+    finally:
+        await site_port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_failures_are_counted(make_proxy: Any) -> None:
+    from test_clients import userpass
+
+    factory, port = make_proxy(authenticators=[userpass(a="b")])
+    metrics = factory.enable_metrics()
+    await exchange(port, b"\x05\x01\x02\x01\x01a\x01x")
+    while factory.active:
+        await _turn()
+    assert metrics.auth_failures._value.get() == 1
+
+
+def _turn() -> Any:
+    from twisted.internet import defer
+
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d

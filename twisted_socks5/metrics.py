@@ -1,0 +1,215 @@
+"""
+Prometheus metrics (optional: ``pip install 'twisted-socks5[metrics]'``).
+
+Nothing is counted per chunk: byte and datagram totals are the sum of the
+finished connections (added once, at close) and of the open ones (read at
+scrape time), so the relay's hot path pays nothing for metrics.  The scrape
+runs on the reactor thread, where the connection set is safe to read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Iterator
+
+from twisted.web import resource, server
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import SOCKS5ServerFactory, SOCKS5ServerProtocol
+
+#: Handshake latency buckets, seconds: loopback to slow upstream DNS.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "metrics need prometheus_client: pip install 'twisted-socks5[metrics]'"
+        ) from None
+    return prometheus_client
+
+
+class Metrics:
+    """The server's metrics, registered in their own registry."""
+
+    def __init__(self, factory: SOCKS5ServerFactory, registry: Any = None) -> None:
+        prom = _prometheus()
+        self.factory = factory
+        self.registry = registry or prom.CollectorRegistry()
+        self.connections = prom.Counter(
+            "socks5_connections",
+            "Finished client connections, by command and reply.",
+            ["command", "reply"],
+            registry=self.registry,
+        )
+        self.refused = prom.Counter(
+            "socks5_refused_connections",
+            "Clients closed at accept by a limit or the access rules.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.auth_failures = prom.Counter(
+            "socks5_auth_failures",
+            "Failed authentications.",
+            registry=self.registry,
+        )
+        self.handshake = prom.Histogram(
+            "socks5_handshake_seconds",
+            "Time from accept to the request's (first) reply.",
+            ["command"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._closed_bytes = {"up": 0, "down": 0}
+        self._closed_udp: Dict[str, int] = {"up": 0, "down": 0}
+        self._closed_udp_bytes = {"up": 0, "down": 0}
+        self._closed_drops: Dict[str, int] = {}
+        self.registry.register(_LiveCollector(self))
+
+    # Hooks called by the factory and protocol.
+
+    def replied(self, protocol: SOCKS5ServerProtocol) -> None:
+        request = protocol.request
+        command = request.command.phrase if request else "none"
+        elapsed = self.factory.reactor.seconds() - protocol.started
+        self.handshake.labels(command).observe(max(0.0, elapsed))
+
+    def closed(self, protocol: SOCKS5ServerProtocol) -> None:
+        request = protocol.request
+        command = request.command.phrase if request else "none"
+        reply = protocol.reply.phrase if protocol.reply is not None else "none"
+        self.connections.labels(command, reply).inc()
+        self._closed_bytes["up"] += protocol.counters.bytes_up
+        self._closed_bytes["down"] += protocol.counters.bytes_down
+        udp = protocol.udp
+        if udp is not None:
+            c = udp.counters
+            self._closed_udp["up"] += c.datagrams_up
+            self._closed_udp["down"] += c.datagrams_down
+            self._closed_udp_bytes["up"] += c.bytes_up
+            self._closed_udp_bytes["down"] += c.bytes_down
+            for reason, count in c.drops.items():
+                self._closed_drops[reason] = self._closed_drops.get(reason, 0) + count
+
+    def refused_connection(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
+    def auth_failed(self) -> None:
+        self.auth_failures.inc()
+
+    def render(self) -> bytes:
+        return bytes(_prometheus().generate_latest(self.registry))
+
+
+class _LiveCollector:
+    """Totals that include the connections still open."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = self.metrics
+        active = list(m.factory.active)
+        tunnels = GaugeMetricFamily(
+            "socks5_active_connections",
+            "Client connections open now, by state.",
+            labels=["state"],
+        )
+        states: Dict[str, int] = {}
+        for p in active:
+            states[p.state.value] = states.get(p.state.value, 0) + 1
+        for state, count in sorted(states.items()):
+            tunnels.add_metric([state], count)
+        yield tunnels
+
+        relayed = CounterMetricFamily(
+            "socks5_relayed_bytes",
+            "Bytes relayed over TCP, up (client to destination) and down.",
+            labels=["direction"],
+        )
+        up = m._closed_bytes["up"] + sum(p.counters.bytes_up for p in active)
+        down = m._closed_bytes["down"] + sum(p.counters.bytes_down for p in active)
+        relayed.add_metric(["up"], up)
+        relayed.add_metric(["down"], down)
+        yield relayed
+
+        udps = [p.udp.counters for p in active if p.udp is not None]
+        datagrams = CounterMetricFamily(
+            "socks5_udp_datagrams",
+            "UDP datagrams relayed, up and down.",
+            labels=["direction"],
+        )
+        datagrams.add_metric(
+            ["up"], m._closed_udp["up"] + sum(c.datagrams_up for c in udps)
+        )
+        datagrams.add_metric(
+            ["down"], m._closed_udp["down"] + sum(c.datagrams_down for c in udps)
+        )
+        yield datagrams
+        udp_bytes = CounterMetricFamily(
+            "socks5_udp_bytes",
+            "UDP payload bytes relayed, up and down.",
+            labels=["direction"],
+        )
+        udp_bytes.add_metric(
+            ["up"], m._closed_udp_bytes["up"] + sum(c.bytes_up for c in udps)
+        )
+        udp_bytes.add_metric(
+            ["down"], m._closed_udp_bytes["down"] + sum(c.bytes_down for c in udps)
+        )
+        yield udp_bytes
+        drops = CounterMetricFamily(
+            "socks5_udp_dropped_datagrams",
+            "UDP datagrams dropped, by reason.",
+            labels=["reason"],
+        )
+        totals = dict(m._closed_drops)
+        for c in udps:
+            for reason, count in c.drops.items():
+                totals[reason] = totals.get(reason, 0) + count
+        for reason, count in sorted(totals.items()):
+            drops.add_metric([reason], count)
+        yield drops
+
+
+class MetricsResource(resource.Resource):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.metrics.render()
+
+
+def metrics_site(metrics: Metrics) -> server.Site:
+    """A site serving ``/metrics`` (and the same at ``/``)."""
+    root = resource.Resource()
+    page = MetricsResource(metrics)
+    root.putChild(b"metrics", page)
+    root.putChild(b"", page)
+    site = server.Site(root)
+    site.noisy = False
+    return site
