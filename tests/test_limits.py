@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from helpers import SERVER, HalfCloseTransport, Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 
-from helpers import SERVER, HalfCloseTransport, Harness
 from twisted_socks5.auth import UsernamePasswordAuthenticator
 from twisted_socks5.codec import UserPassRequest
 from twisted_socks5.limits import ConnectionLimits, default_max_connections
