@@ -207,8 +207,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 outbound.transport.loseConnection()
             else:
                 outbound.transport.abortConnection()
-            if self.outcome == "relaying":
-                self.outcome = "closed"
+        if self.outcome == "relaying":
+            self.outcome = "closed"
         self.factory.connection_closed(self, reason)
 
     def timeoutConnection(self) -> None:

@@ -28,6 +28,7 @@ from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import ConnectionLimits
 from .server import SOCKS5ServerFactory
+from .workers import worker_count
 
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
 
@@ -205,6 +206,14 @@ class Options(usage.Options, AuthOptionMixin):
             "pip install 'twisted-socks5[metrics]').",
         ],
         [
+            "workers",
+            None,
+            1,
+            "Reactor processes serving the same ports (tcp: endpoints only); "
+            "'auto' starts one per CPU.  Dead workers are restarted.",
+            worker_count,
+        ],
+        [
             "commands",
             None,
             "connect,bind,udp",
@@ -265,7 +274,26 @@ class Options(usage.Options, AuthOptionMixin):
             sys.stdout.write(f"  {factory.name:<12} {factory.description}\n")
         raise SystemExit(0)
 
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        # Kept for --workers, whose processes get the same options again.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
+        if self["workers"] > 1:
+            from twisted.internet import reactor
+
+            from .workers import tcp_listener
+
+            for description in self["listen"] or [DEFAULT_LISTEN]:
+                try:
+                    tcp_listener(reactor, description)
+                except ValueError as e:
+                    raise usage.UsageError(str(e)) from None
+            if self["metrics"]:
+                raise usage.UsageError(
+                    "--metrics is per process: it cannot be combined with --workers"
+                )
         if isinstance(self["commands"], str):
             self["commands"] = _commands(self["commands"])
         if not self["listen"]:
@@ -373,11 +401,10 @@ def _describe(address: Any) -> str:
     return str(address)
 
 
-def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
-
+def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
+    """The server factory the options describe."""
     authenticators = build_authenticators(options)
-    factory = SOCKS5ServerFactory(
+    return SOCKS5ServerFactory(
         authenticators,
         reactor=reactor,
         handshake_timeout=options["handshake-timeout"],
@@ -394,6 +421,36 @@ def makeService(options: Options) -> service.IService:
             auth_window=options["auth-failure-window"],
         ),
     )
+
+
+def _without_workers(argv: List[str]) -> List[str]:
+    """The options again, less --workers, for the worker processes."""
+    out: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    if options["workers"] > 1:
+        from .workers import WorkerSupervisor
+
+        return WorkerSupervisor(
+            reactor,
+            options["workers"],
+            options["listen"],
+            _without_workers(options.argv),
+            options["drain-timeout"],
+        )
+    factory = build_factory(options, reactor)
     top = SOCKS5Service(factory, options["listen"], options["drain-timeout"])
     if options["metrics"]:
         from .metrics import metrics_site

@@ -31,20 +31,25 @@ class Twistd(protocol.ProcessProtocol):
         self.output: List[bytes] = []
         self.listening: defer.Deferred[int] = defer.Deferred()
         self.ended: defer.Deferred[Any] = defer.Deferred()
-        self.waiting: List[tuple[bytes, defer.Deferred[None]]] = []
+        self.waiting: List[tuple[bytes, int, defer.Deferred[None]]] = []
 
     def wait_for(self, text: bytes) -> defer.Deferred[None]:
         """Fires once ``text`` has appeared in the output."""
+        return self.wait_for_count(text, 1)
+
+    def wait_for_count(self, text: bytes, count: int) -> defer.Deferred[None]:
+        """Fires once ``text`` has appeared ``count`` times in the output."""
         d: defer.Deferred[None] = defer.Deferred()
-        self.waiting.append((text, d))
+        self.waiting.append((text, count, d))
         self._check()
         return d
 
     def _check(self) -> None:
         output = b"".join(self.output)
-        for text, d in list(self.waiting):
-            if text in output:
-                self.waiting.remove((text, d))
+        for entry in list(self.waiting):
+            text, count, d = entry
+            if output.count(text) >= count:
+                self.waiting.remove(entry)
                 d.callback(None)
 
     def outReceived(self, data: bytes) -> None:
@@ -59,7 +64,12 @@ class Twistd(protocol.ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         if not self.listening.called:
             self.listening.errback(RuntimeError(b"".join(self.output).decode()))
-        self.ended.callback(reason.value.exitCode)
+        # twistd re-raises the signal that stopped it, so a clean SIGTERM
+        # stop ends "by signal 15": report that as the exit status.
+        code = reason.value.exitCode
+        if code is None and getattr(reason.value, "signal", None) == signal.SIGTERM:
+            code = 0
+        self.ended.callback(code)
 
 
 @pytest_twisted.ensureDeferred
