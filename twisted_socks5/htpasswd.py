@@ -90,16 +90,20 @@ class HtpasswdChecker:
             return reactor
         return self._reactor
 
-    def _load(self) -> None:
+    def reload(self) -> None:
+        """Re-read the file now (SIGHUP), changed or not."""
+        self._load(force=True)
+
+    def _load(self, force: bool = False) -> None:
         """(Re)read the file if it changed; a broken file keeps the old users."""
         try:
             mtime = os.stat(self.path).st_mtime
-            if mtime == self._mtime:
+            if mtime == self._mtime and not force:
                 return
             with open(self.path, "rb") as f:
                 users, skipped = parse_htpasswd(f.read())
         except OSError as e:
-            if self._mtime is None:
+            if self._mtime is None or force:
                 raise
             self.log.warn("cannot re-read {path}: {error}", path=self.path, error=e)
             return

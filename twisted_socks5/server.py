@@ -689,6 +689,31 @@ class SOCKS5ServerFactory(Factory):
         if self.metrics is not None:
             self.metrics.auth_failed()
 
+    def reloadables(self) -> List[Any]:
+        """Everything with a ``reload()``: access rules, credential files."""
+        found: List[Any] = []
+        for authenticator in self.authenticators:
+            portal = getattr(authenticator, "portal", None)
+            for checker in getattr(portal, "checkers", {}).values():
+                if hasattr(checker, "reload") and checker not in found:
+                    found.append(checker)
+        return found
+
+    def reload(self) -> None:
+        """
+        Re-read configuration files (SIGHUP) without touching open tunnels;
+        a file that fails to load keeps its old contents, and the log says why.
+        """
+        for item in self.reloadables():
+            try:
+                item.reload()
+            except Exception:  # noqa: BLE001 - keep serving with the old one
+                self.log.failure(
+                    "reload of {item!r} failed; keeping it as it was", item=item
+                )
+            else:
+                self.log.info("reloaded {item!r}", item=item, event="socks5.reloaded")
+
     def enable_metrics(self, registry: Any = None) -> Metrics:
         """Start counting for Prometheus (needs ``prometheus_client``)."""
         self.metrics = Metrics(self, registry)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import sys
 from typing import Any, List, Optional
@@ -362,6 +363,7 @@ class SOCKS5Service(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        install_reload_signal(self.factory)
         waiting: List[Any] = [child._waitingForPort for child in self._listeners]
         gatherResults(waiting, consumeErrors=True).addCallback(self._listening)
 
@@ -388,6 +390,19 @@ class SOCKS5Service(service.MultiService):
             methods=methods,
             event="socks5.listening",
         )
+
+
+def install_reload_signal(factory: SOCKS5ServerFactory) -> None:
+    """SIGHUP reloads rules and credential files (it would otherwise kill us)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        factory.reactor.callFromThread(factory.reload)
+
+    if hasattr(signal, "SIGHUP"):
+        # ValueError: not the main thread (embedded, tests).
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGHUP, handler)
 
 
 def _describe(address: Any) -> str:

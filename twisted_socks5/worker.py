@@ -26,7 +26,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
     from twisted.python import usage
 
-    from .tap import Options, build_factory
+    from .tap import Options, build_factory, install_reload_signal
 
     options = Options()
     try:
@@ -41,6 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     globalLogBeginner.beginLoggingTo([observer])
     factory = build_factory(options, reactor)
+    install_reload_signal(factory)
     ports = []
     for spec in args.fd:
         fd_text, _, family_text = spec.partition(":")

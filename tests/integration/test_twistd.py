@@ -135,3 +135,61 @@ async def test_twistd_socks5_serves_curl_with_a_password(
     assert b"methods offered: 0x02 (userpass)" in log
     assert b"alice connect 127.0.0.1:" in log
     assert b"s3cret" not in log
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_credentials_and_keeps_running(
+    http_target: Any, tmp_path: Any
+) -> None:
+    import bcrypt
+
+    users = tmp_path / "users.htpasswd"
+    users.write_bytes(b"old:" + bcrypt.hashpw(b"pw1", bcrypt.gensalt(4)) + b"\n")
+    process = Twistd()
+    args = [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "socks5",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--auth",
+        f"htpasswd:{users}",
+    ]
+    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(tmp_path))
+    url = f"http://127.0.0.1:{http_target['127.0.0.1']}/"
+
+    async def fetch(credentials: str) -> int:
+        _, _, code = await utils.getProcessOutputAndValue(
+            CURL,
+            [
+                "-sS",
+                "--max-time",
+                "20",
+                "--socks5",
+                f"127.0.0.1:{port}",
+                "-U",
+                credentials,
+                url,
+            ],
+            env=_env(),
+        )
+        return int(code)
+
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+        assert await fetch("old:pw1") == 0
+        users.write_bytes(b"new:" + bcrypt.hashpw(b"pw2", bcrypt.gensalt(4)) + b"\n")
+        process.transport.signalProcess(signal.SIGHUP)
+        await process.wait_for(b"reloaded").addTimeout(30, reactor)
+        assert await fetch("new:pw2") == 0
+        assert await fetch("old:pw1") == 97
+        users.unlink()  # a broken configuration keeps the old one
+        process.transport.signalProcess(signal.SIGHUP)
+        await process.wait_for(b"keeping it as it was").addTimeout(30, reactor)
+        assert await fetch("new:pw2") == 0
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        code = await process.ended
+        assert code == 0, b"".join(process.output).decode()
