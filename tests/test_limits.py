@@ -19,9 +19,11 @@ def connect(h: Harness, ip: str = "127.0.0.1", port: int = 40000) -> Any:
     """Accept a client from ``ip``; None when the factory refused it."""
     addr = IPv4Address("TCP", ip, port)
     protocol = h.factory.buildProtocol(addr)
-    if protocol is None:
+    transport = HalfCloseTransport(SERVER, addr)
+    protocol.makeConnection(transport)
+    if protocol.refused:
+        assert transport.aborted
         return None
-    protocol.makeConnection(HalfCloseTransport(SERVER, addr))
     return protocol
 
 
@@ -66,8 +68,7 @@ def test_per_client_limit() -> None:
 def test_ipv4_mapped_clients_count_as_ipv4() -> None:
     h = limited(max_connections=0, max_per_client=1)
     assert connect(h, "127.0.0.9") is not None
-    addr = IPv4Address("TCP", "::ffff:127.0.0.9", 1)
-    assert h.factory.buildProtocol(addr) is None
+    assert connect(h, "::ffff:127.0.0.9") is None
 
 
 def _fail_login(h: Harness, ip: str) -> None:

@@ -63,8 +63,10 @@ def test_commands_and_bind_options() -> None:
 
 
 def test_listen_is_repeatable_and_validated() -> None:
-    options = parse("--listen", "tcp:1081", "--listen", "unix:/tmp/s5.sock")
-    assert options["listen"] == ["tcp:1081", "unix:/tmp/s5.sock"]
+    options = parse(
+        "--listen", "tcp:1081:interface=127.0.0.1", "--listen", "unix:/tmp/s5.sock"
+    )
+    assert options["listen"] == ["tcp:1081:interface=127.0.0.1", "unix:/tmp/s5.sock"]
     with pytest.raises(usage.UsageError):
         parse("--listen", "nosuchendpoint:1")
 
@@ -81,7 +83,7 @@ def test_listen_is_repeatable_and_validated() -> None:
 )
 def test_ipv6_interface_needs_no_escaping(given: str, expected: str) -> None:
     assert escape_ipv6_interface(given) == expected
-    assert parse("--listen", given)["listen"] == [expected]
+    assert parse("--listen", given, "--allow-open-relay")["listen"] == [expected]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
@@ -176,3 +178,49 @@ def test_make_service_logs_real_addresses() -> None:
     finally:
         globalLogPublisher.removeObserver(observer)
         service.stopService()
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "tcp:1080",
+        "tcp:1080:interface=0.0.0.0",
+        "tcp:1080:interface=::",
+        "tcp:1080:interface=192.0.2.1",
+        "haproxy:tcp:1080:interface=127.0.0.1",
+    ],
+)
+def test_no_open_relay_by_accident(listen: str) -> None:
+    with pytest.raises(usage.UsageError, match="open proxy"):
+        parse("--listen", listen)
+    # Each way out works:
+    parse("--listen", listen, "--allow-open-relay")
+    parse("--listen", listen, "--auth", "memory:a:b")
+
+
+@pytest.mark.parametrize(
+    "listen", ["tcp:1080:interface=127.0.0.1", "tcp:1080:interface=::1", "unix:/tmp/x"]
+)
+def test_loopback_and_unix_listeners_need_no_password(listen: str) -> None:
+    parse("--listen", listen)
+
+
+def test_anonymous_with_password_is_still_open(tmp_path: Any) -> None:
+    with pytest.raises(usage.UsageError, match="open proxy"):
+        parse("--listen", "tcp:1080", "--auth", "memory:a:b", "--auth", "anonymous")
+
+
+def test_client_allow_list_closes_the_relay(tmp_path: Any) -> None:
+    rules = tmp_path / "rules"
+    rules.write_text("allow from 192.0.2.0/24\ndefault deny\n")
+    parse("--listen", "tcp:1080", "--rules", str(rules))
+    rules.write_text("deny to 10.0.0.0/8\ndefault allow\n")  # not an allow-list
+    with pytest.raises(usage.UsageError, match="open proxy"):
+        parse("--listen", "tcp:1080", "--rules", str(rules))
+
+
+def test_bad_rules_file_is_a_usage_error(tmp_path: Any) -> None:
+    rules = tmp_path / "rules"
+    rules.write_text("allow frm 10.0.0.0/8\n")
+    with pytest.raises(usage.UsageError, match="rules:1"):
+        parse("--rules", str(rules))

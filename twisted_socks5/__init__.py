@@ -4,6 +4,12 @@ twisted-socks5: a SOCKS5 (RFC 1928, RFC 1929) proxy server built on Twisted.
 
 from ._version import __version__
 from .auth import NoAuthAuthenticator, ProxyRealm, UsernamePasswordAuthenticator
+from .client import (
+    REPLY_ERRORS,
+    SOCKS5ClientEndpoint,
+    SOCKS5Error,
+    SOCKS5ReplyError,
+)
 from .codec import Address, AddressType, Command, ReplyCode
 from .connect import DirectConnector, IOutboundConnector
 from .interfaces import (
@@ -13,10 +19,19 @@ from .interfaces import (
     IAuthenticatorFactory,
     IAuthNegotiation,
 )
+from .rules import AllowAll, IPolicy, RulesError, RuleSet
 from .server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 
 __all__ = [
+    "REPLY_ERRORS",
     "Address",
+    "AllowAll",
+    "IPolicy",
+    "RuleSet",
+    "RulesError",
+    "SOCKS5ClientEndpoint",
+    "SOCKS5Error",
+    "SOCKS5ReplyError",
     "AddressType",
     "AuthResult",
     "AuthStep",

@@ -52,11 +52,16 @@ class BindWaiter(Factory):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, allowed: Optional[Collection[str]], timeout: float
+        self,
+        reactor: Any,
+        allowed: Optional[Collection[str]],
+        timeout: float,
+        check_peer: Optional[Callable[[str], bool]] = None,
     ) -> None:
         self.reactor = reactor
         self.allowed = None if allowed is None else {normalize_ip(a) for a in allowed}
         self.timeout = timeout
+        self.check_peer = check_peer
         self.refused = 0
         self.port: Any = None
         self.accepted: defer.Deferred[OutboundProtocol] = defer.Deferred()
@@ -74,7 +79,9 @@ class BindWaiter(Factory):
         if self._done:
             return None
         host = normalize_ip(getattr(addr, "host", ""))
-        if self.allowed is not None and host not in self.allowed:
+        if (self.allowed is not None and host not in self.allowed) or (
+            self.check_peer is not None and not self.check_peer(host)
+        ):
             # Returning None makes Twisted close the connection at once.
             self.refused += 1
             self.log.info(

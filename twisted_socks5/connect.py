@@ -6,7 +6,7 @@ connection into a SOCKS reply code.
 from __future__ import annotations
 
 import errno
-from typing import Any, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -43,8 +43,18 @@ _ERRNO_REPLIES = {
     errno.EPERM: ReplyCode.CONNECTION_NOT_ALLOWED,
 }
 
+
+class PolicyDenied(Exception):
+    """Every address the destination resolved to is denied by the rules."""
+
+    def __init__(self, rule: str) -> None:
+        super().__init__(f"denied by {rule}")
+        self.rule = rule
+
+
 #: Exception classes, most specific first.
 _CLASS_REPLIES: Tuple[Tuple[type, ReplyCode], ...] = (
+    (PolicyDenied, ReplyCode.CONNECTION_NOT_ALLOWED),
     (error.ConnectionRefusedError, ReplyCode.CONNECTION_REFUSED),
     (error.DNSLookupError, ReplyCode.HOST_UNREACHABLE),
     (error.NoRouteError, ReplyCode.NETWORK_UNREACHABLE),
@@ -59,20 +69,18 @@ def reply_for_failure(failure: Failure) -> ReplyCode:
     """
     Map a failed outbound connection to the RFC 1928 reply code.
 
-    ========================================  =====
-    failure                                   REP
-    ========================================  =====
-    connection refused (``ECONNREFUSED``)      0x05
-    name does not resolve (``DNSLookupError``) 0x04
-    host unreachable (``EHOSTUNREACH``)        0x04
-    network unreachable (``ENETUNREACH``)      0x03
-    connect timeout (ours or the kernel's)     0x06
-    not permitted locally (``EACCES``)         0x02
-    anything else                              0x01
-    ========================================  =====
+    The ``errno`` of the failure decides first, then its class:
 
-    A timeout answers 0x06 "TTL expired", as Tor does: it tells the client the
-    attempt ran out of time, which 0x04 would hide.
+    - ``ECONNREFUSED``, ``ConnectionRefusedError``: 0x05 connection refused;
+    - ``DNSLookupError`` (the name does not resolve), ``EHOSTUNREACH``,
+      ``EHOSTDOWN``, ``EADDRNOTAVAIL``: 0x04 host unreachable;
+    - ``ENETUNREACH``, ``ENETDOWN``, ``NoRouteError``: 0x03 network unreachable;
+    - a connect timeout, ours or the kernel's (``ETIMEDOUT``): 0x06 TTL
+      expired, as Tor does: it tells the client the attempt ran out of time,
+      which 0x04 would hide;
+    - ``EACCES``, ``EPERM`` (a local firewall), :class:`PolicyDenied` (the
+      access rules denied every address of the name): 0x02 not allowed;
+    - anything else: 0x01 general failure.
     """
     value = failure.value
     number = getattr(value, "osError", None)
@@ -92,9 +100,16 @@ class IOutboundConnector(Interface):
     timeout = Attribute("Seconds allowed for the whole connect, resolution included.")
 
     def connect(
-        address: Address, factory: IProtocolFactory
+        address: Address,
+        factory: IProtocolFactory,
+        check: Optional[Callable[[str], Optional[str]]] = None,
     ) -> defer.Deferred[IProtocol]:
-        """Connect to ``address``; fire with the connected protocol."""
+        """
+        Connect to ``address``; fire with the connected protocol.  ``check``
+        is called with each IP a name resolves to and returns ``None`` to
+        allow it or the denying rule; when all are denied, fail with
+        :class:`PolicyDenied`.
+        """
 
     def resolve(name: str) -> defer.Deferred[List[str]]:
         """Resolve a name to IP address strings (for BIND and UDP)."""
@@ -124,6 +139,64 @@ class _Collector:
             self._d.callback(self._addresses)
         else:
             self._d.errback(error.DNSLookupError(f"no address for {self._name}"))
+
+
+@implementer(IHostnameResolver)
+class _FilteringResolver:
+    """
+    Passes on only the addresses the access rules allow, so a name cannot
+    smuggle a connection into a denied network (the rules see every address
+    the name resolves to, and HostnameEndpoint only ever gets allowed ones).
+    """
+
+    def __init__(
+        self,
+        resolver: IHostnameResolver,
+        check: Callable[[str], Optional[str]],
+        denials: List[str],
+    ) -> None:
+        self._resolver = resolver
+        self._check = check
+        self._denials = denials
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        receiver = _FilteringReceiver(resolutionReceiver, self._check, self._denials)
+        return self._resolver.resolveHostName(
+            receiver, hostName, portNumber, addressTypes, transportSemantics
+        )
+
+
+@implementer(IResolutionReceiver)
+class _FilteringReceiver:
+    def __init__(
+        self,
+        receiver: IResolutionReceiver,
+        check: Callable[[str], Optional[str]],
+        denials: List[str],
+    ) -> None:
+        self._receiver = receiver
+        self._check = check
+        self._denials = denials
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address: Any) -> None:
+        rule = self._check(getattr(address, "host", ""))
+        if rule is None:
+            self._receiver.addressResolved(address)
+        else:
+            self._denials.append(rule)
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
 
 
 @implementer(IReactorPluggableNameResolver, IReactorTCP, IReactorTime)
@@ -170,7 +243,12 @@ class DirectConnector:
             reactor if resolver is None else _ResolvingReactor(reactor, resolver)
         )
 
-    def _endpoint(self, address: Address) -> Any:
+    def _endpoint(
+        self,
+        address: Address,
+        check: Optional[Callable[[str], Optional[str]]] = None,
+        denials: Optional[List[str]] = None,
+    ) -> Any:
         timeout = max(1, int(self.timeout + 1))
         if address.type is AddressType.IPV4:
             return TCP4ClientEndpoint(
@@ -180,8 +258,15 @@ class DirectConnector:
             return TCP6ClientEndpoint(
                 self.reactor, address.host, address.port, timeout, self.bind_address
             )
+        name_reactor = self._name_reactor
+        if check is not None:
+            base = IReactorPluggableNameResolver(name_reactor).nameResolver
+            resolver = _FilteringResolver(
+                base, check, denials if denials is not None else []
+            )
+            name_reactor = _ResolvingReactor(self.reactor, resolver)
         return HostnameEndpoint(
-            self._name_reactor,
+            name_reactor,
             address.host.encode("idna") if not address.host.isascii() else address.host,
             address.port,
             timeout=timeout,
@@ -199,13 +284,24 @@ class DirectConnector:
         return _with_timeout(d, self.timeout, self.reactor)
 
     def connect(
-        self, address: Address, factory: IProtocolFactory
+        self,
+        address: Address,
+        factory: IProtocolFactory,
+        check: Optional[Callable[[str], Optional[str]]] = None,
     ) -> defer.Deferred[IProtocol]:
+        denials: List[str] = []
         try:
-            endpoint = self._endpoint(address)
+            endpoint = self._endpoint(address, check, denials)
         except (UnicodeError, ValueError) as e:
             return defer.fail(error.DNSLookupError(str(e)))
         d: defer.Deferred[IProtocol] = defer.maybeDeferred(endpoint.connect, factory)
+
+        def denied(failure: Failure) -> Failure:
+            if denials and failure.check(error.DNSLookupError):
+                return Failure(PolicyDenied(denials[0]))
+            return failure
+
+        d.addErrback(denied)
         return _with_timeout(d, self.timeout, self.reactor)
 
 

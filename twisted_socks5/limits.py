@@ -19,14 +19,15 @@ MAX_TRACKED_CLIENTS = 65536
 
 def default_max_connections() -> int:
     """
-    The most client connections this process can carry: a tunnel uses two
-    file descriptors (client and destination), so half of what is left of
-    ``RLIMIT_NOFILE`` after a reserve.
+    The most client connections this process can carry: a CONNECT tunnel
+    uses two file descriptors, a waiting BIND three and a UDP association up
+    to four, so a third of what is left of ``RLIMIT_NOFILE`` after a reserve.
+    Raise the descriptor limit (``LimitNOFILE=`` in systemd) to raise this.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft <= 0:
         soft = 1 << 20
-    return max(1, (soft - _FD_RESERVE) // 2)
+    return max(1, (soft - _FD_RESERVE) // 3)
 
 
 class ConnectionLimits:

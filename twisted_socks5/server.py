@@ -16,6 +16,7 @@ pipeline its greeting, credentials, request and first payload in one segment.
 from __future__ import annotations
 
 import enum
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.internet import defer
@@ -32,6 +33,7 @@ from .bind import BindWaiter, normalize_ip
 from .codec import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
+    NULL_ADDRESS,
     Address,
     AddressType,
     Command,
@@ -49,6 +51,7 @@ from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters
+from .rules import AllowAll, IPolicy
 from .udp import UDPAssociation
 
 #: Most bytes buffered before the relay starts: pipelined payload that came
@@ -115,6 +118,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.counters = RelayCounters()
         # Facts for the connection's log event.
         self.client_ip = ""
+        #: Closed at once by a limit or the rules (logged by the factory).
+        self.refused = False
         self.started = 0.0
         self.client: Optional[Address] = None
         self.method: Optional[int] = None
@@ -123,6 +128,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.reply: Optional[ReplyCode] = None
         self.bound: Optional[Address] = None
         self.outcome = "closed during handshake"
+        #: The access rule that denied this connection, if one did.
+        self.rule: Optional[str] = None
         self._handlers: Dict[State, Callable[[], bool]] = {
             State.GREETING: self._on_greeting,
             State.AUTHENTICATING: self._on_auth_data,
@@ -138,7 +145,16 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.started = self.factory.reactor.seconds()
-        self.client = address_of(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        # Checked here, not in buildProtocol: behind the haproxy: endpoint only
+        # the transport knows the real client (from the PROXY header).
+        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        if not self.factory.admit(self.client_ip):
+            self.refused = True
+            self.state = State.CLOSING
+            self.transport.abortConnection()
+            return
+        self.client = address_of(peer)
         self.factory.connection_opened(self)
         self.setTimeout(self.factory.handshake_timeout)
 
@@ -183,6 +199,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.state = State.CLOSING
+        if self.refused:
+            return
         self.setTimeout(None)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
@@ -307,6 +325,21 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         request, used = parsed
         del self._buffer[:used]
         self.request = request
+        policy = self.factory.policy
+        if policy is not None:
+            # A UDP ASSOCIATE names the client's own source, not a destination:
+            # its destinations are checked datagram by datagram.
+            destination = (
+                NULL_ADDRESS
+                if request.command is Command.UDP_ASSOCIATE
+                else request.address
+            )
+            decision = policy.check_request(
+                self.policy_ip, self.user, request.command, destination
+            )
+            if not decision.allowed:
+                self._deny(decision.rule)
+                return False
         if request.command not in self.factory.commands:
             self.outcome = f"{request.command.phrase} not enabled"
             self._send_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
@@ -324,8 +357,24 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _connect(self, request: Request) -> None:
         self.state = State.CONNECTING
+        # The client has done its part; the connect timeout bounds the rest,
+        # and its expiry is answered (0x06) rather than cut short.
+        self.setTimeout(None)
+        check = None
+        address = request.address
+        if self.factory.policy is not None:
+            if address.type is not AddressType.DOMAIN:
+                rule = self._resolved_denial(address, address.host)
+                if rule is not None:
+                    self._deny(rule)
+                    return
+            else:
+                check = partial(self._resolved_denial, address)
         self._wait()
-        d = self.factory.connector.connect(request.address, _OUTBOUND_FACTORY)
+        if check is None:
+            d = self.factory.connector.connect(address, _OUTBOUND_FACTORY)
+        else:
+            d = self.factory.connector.connect(address, _OUTBOUND_FACTORY, check)
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
@@ -376,6 +425,42 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._close()
 
     # ------------------------------------------------------------------
+    # Access rules
+
+    @property
+    def policy_ip(self) -> str:
+        """The client IP the rules see (UNIX-socket clients are local)."""
+        return self.client_ip or "127.0.0.1"
+
+    def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
+        """None when the rules allow using ``ip`` for this request, else the rule."""
+        policy = self.factory.policy
+        request = self.request
+        if policy is None or request is None:
+            return None
+        decision = policy.check_resolved(
+            self.policy_ip, self.user, request.command, destination, ip
+        )
+        return None if decision.allowed else decision.rule
+
+    def _udp_allowed(self, destination: Address, ip: str) -> bool:
+        policy = self.factory.policy
+        if policy is None:
+            return True
+        decision = policy.check_request(
+            self.policy_ip, self.user, Command.UDP_ASSOCIATE, destination
+        )
+        if not decision.allowed:
+            return False
+        return self._resolved_denial(destination, ip) is None
+
+    def _deny(self, rule: str) -> None:
+        self.rule = rule
+        self.outcome = f"denied by {rule}"
+        self._send_reply(ReplyCode.CONNECTION_NOT_ALLOWED)
+        self._close()
+
+    # ------------------------------------------------------------------
     # BIND
 
     def _local_host(self) -> str:
@@ -399,7 +484,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._connecting = None
         if self.state is not State.BINDING:
             return
-        waiter = BindWaiter(self.factory.reactor, allowed, self.factory.bind_timeout)
+        check_peer = None
+        if self.factory.policy is not None and self.request is not None:
+            check_peer = partial(self._bind_peer_allowed, self.request.address)
+        waiter = BindWaiter(
+            self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
+        )
         try:
             first = waiter.listen(self._local_host())
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
@@ -411,6 +501,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.bound = first
         self._send_reply(ReplyCode.SUCCEEDED, first)
         waiter.accepted.addCallbacks(self._bind_accepted, self._bind_failed)
+
+    def _bind_peer_allowed(self, destination: Address, ip: str) -> bool:
+        rule = self._resolved_denial(destination, ip)
+        if rule is not None:
+            self.log.info("BIND peer {peer} denied by {rule}", peer=ip, rule=rule)
+        return rule is None
 
     def _bind_accepted(self, peer: OutboundProtocol) -> None:
         self._binding = None
@@ -441,6 +537,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             request.address,
             self.factory.connector.resolve,
             allow_unknown_sources=self.factory.udp_allow_unknown_sources,
+            check_destination=(
+                self._udp_allowed if self.factory.policy is not None else None
+            ),
             on_activity=self._udp_activity,
         )
         try:
@@ -570,6 +669,8 @@ class SOCKS5ServerFactory(Factory):
     :param commands: the commands served; others get 0x07.
     :param limits: connection limits and failed-login throttling; default
         :class:`~twisted_socks5.limits.ConnectionLimits` with its defaults.
+    :param policy: access rules (:class:`~twisted_socks5.rules.IPolicy`),
+        e.g. a :class:`~twisted_socks5.rules.RuleSet`; default: allow all.
     """
 
     log = Logger()
@@ -593,6 +694,7 @@ class SOCKS5ServerFactory(Factory):
             Command.UDP_ASSOCIATE,
         ),
         limits: Optional[ConnectionLimits] = None,
+        policy: Optional[IPolicy] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -614,6 +716,10 @@ class SOCKS5ServerFactory(Factory):
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
         self.limits = limits or ConnectionLimits(reactor.seconds)
+        #: The access rules; ``None`` allows everything (and costs nothing).
+        self.policy: Optional[IPolicy] = (
+            None if policy is None or isinstance(policy, AllowAll) else policy
+        )
         self.draining = False
         self._drained: List[defer.Deferred[None]] = []
         #: Prometheus metrics, once :meth:`enable_metrics` was called.
@@ -624,11 +730,21 @@ class SOCKS5ServerFactory(Factory):
         """METHOD codes offered, in order of preference."""
         return [int(a.method) for a in self.authenticators]
 
-    def buildProtocol(self, addr: Any) -> Optional[SOCKS5ServerProtocol]:  # type: ignore[override]
-        ip = normalize_ip(getattr(addr, "host", "") or "")
+    def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
+        return SOCKS5ServerProtocol(self)
+
+    def admit(self, ip: str) -> bool:
+        """
+        Whether a new client from ``ip`` may go on: the connection limits,
+        shutdown, and the rules' client check.  A refusal is logged here.
+        """
         refusal = self.limits.refusal(ip)
         if refusal is None and self.draining:
             refusal = ("draining", "server is shutting down")
+        if refusal is None and self.policy is not None:
+            decision = self.policy.check_client(ip or "127.0.0.1")
+            if not decision.allowed:
+                refusal = ("rules", f"denied by {decision.rule}")
         if refusal is not None:
             # Returning None makes Twisted close the connection at once.
             kind, why = refusal
@@ -641,10 +757,8 @@ class SOCKS5ServerFactory(Factory):
             )
             if self.metrics is not None:
                 self.metrics.refused_connection(kind)
-            return None
-        protocol = SOCKS5ServerProtocol(self)
-        protocol.client_ip = ip
-        return protocol
+            return False
+        return True
 
     def drain(self, timeout: float) -> defer.Deferred[None]:
         """
@@ -690,9 +804,16 @@ class SOCKS5ServerFactory(Factory):
             self.metrics.auth_failed()
 
     def reloadables(self) -> List[Any]:
-        """Everything with a ``reload()``: access rules, credential files."""
+        """
+        Everything with a ``reload()``: the access rules, authenticators
+        (plugins included) and the credential checkers behind them.
+        """
         found: List[Any] = []
+        if self.policy is not None and hasattr(self.policy, "reload"):
+            found.append(self.policy)
         for authenticator in self.authenticators:
+            if hasattr(authenticator, "reload"):
+                found.append(authenticator)
             portal = getattr(authenticator, "portal", None)
             for checker in getattr(portal, "checkers", {}).values():
                 if hasattr(checker, "reload") and checker not in found:
@@ -747,6 +868,7 @@ class SOCKS5ServerFactory(Factory):
             peer=str(protocol.peer) if protocol.peer else None,
             udp=protocol.udp.counters.as_dict() if protocol.udp else None,
             outcome=protocol.outcome,
+            rule=protocol.rule,
             bytes_up=protocol.counters.bytes_up,
             bytes_down=protocol.counters.bytes_down,
             duration=self.reactor.seconds() - protocol.started,

@@ -23,11 +23,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from zope.interface import classImplements
 
 from .auth import NoAuthAuthenticator, ProxyRealm, UsernamePasswordAuthenticator
-from .codec import Command
+from .codec import Address, Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import ConnectionLimits
+from .rules import IPolicy, RulesError, RuleSet
 from .server import SOCKS5ServerFactory
 from .workers import worker_count
 
@@ -126,6 +128,8 @@ class Options(usage.Options, AuthOptionMixin):
         "--auth anonymous is given too."
     )
     supportedInterfaces = (IUsernamePassword, IAnonymous)
+    #: The --rules file, once parsed.
+    policy: Any = None
 
     optParameters = [
         [
@@ -199,6 +203,13 @@ class Options(usage.Options, AuthOptionMixin):
             _positive,
         ],
         [
+            "rules",
+            None,
+            None,
+            "Access rules file (first match wins; see the docs for the format). "
+            "Re-read on SIGHUP; a broken file keeps the rules in force.",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -226,6 +237,12 @@ class Options(usage.Options, AuthOptionMixin):
 
     optFlags = [
         [
+            "allow-open-relay",
+            None,
+            "Start even when listening beyond loopback with neither a password "
+            "nor a client allow-list in --rules (an open proxy for anyone).",
+        ],
+        [
             "udp-allow-unknown-sources",
             None,
             "Relay UDP datagrams to a client from addresses it never sent to "
@@ -250,9 +267,27 @@ class Options(usage.Options, AuthOptionMixin):
 
         try:
             serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"--listen {endpoint!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any parser error is a usage error
+            raise usage.UsageError(f"--listen {endpoint!r}: {e!r}") from None
         self["listen"].append(description)
+
+    def _refuse_open_relay(self) -> None:
+        """Never become an open proxy by accident."""
+        exposed = [d for d in self["listen"] if _exposed(d)]
+        if not exposed:
+            return
+        anonymous = any(a.method == 0 for a in build_authenticators(self))
+        if not anonymous:
+            return
+        if self.policy is not None and _has_client_allow_list(self.policy):
+            return
+        raise usage.UsageError(
+            f"refusing to start an open proxy: {', '.join(exposed)} can be reached "
+            "from other hosts, and anyone may use it without a password.  Require "
+            "one (--auth ...), or allow only your clients (--rules FILE with "
+            "'allow from YOUR/NET' and 'default deny'), or listen on loopback; "
+            "--allow-open-relay starts it anyway."
+        )
 
     def opt_method(self, spec: str) -> None:
         """
@@ -295,10 +330,17 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(
                     "--metrics is per process: it cannot be combined with --workers"
                 )
+        if self["rules"]:
+            try:
+                self.policy = RulesFile(self["rules"])
+            except RulesError as e:
+                raise usage.UsageError(f"--rules: {e}") from None
         if isinstance(self["commands"], str):
             self["commands"] = _commands(self["commands"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if not self["allow-open-relay"]:
+            self._refuse_open_relay()
 
 
 def _bytes_memory_checkers(checkers: List[Any]) -> None:
@@ -354,7 +396,9 @@ class SOCKS5Service(service.MultiService):
         self.ports: List[Any] = []
         self._listeners: List[StreamServerEndpointService] = []
         for description in listen:
-            endpoint = serverFromString(factory.reactor, description)
+            endpoint = serverFromString(
+                factory.reactor, escape_ipv6_interface(description)
+            )
             child = StreamServerEndpointService(endpoint, factory)
             # Fail at start-up (twistd exits non-zero) when a port is taken.
             child._raiseSynchronously = True
@@ -416,6 +460,38 @@ def _describe(address: Any) -> str:
     return str(address)
 
 
+class RulesFile:
+    """
+    An access-rules file as an :class:`~twisted_socks5.rules.IPolicy` that
+    :meth:`reload` re-reads; a file that fails to parse keeps the old rules.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rules = RuleSet.from_file(path)
+
+    def reload(self) -> None:
+        self.rules = RuleSet.from_file(self.path)  # raises: old rules stay
+
+    def check_client(self, client: Any) -> Any:
+        return self.rules.check_client(client)
+
+    def check_request(self, *args: Any) -> Any:
+        return self.rules.check_request(*args)
+
+    def check_resolved(self, *args: Any) -> Any:
+        return self.rules.check_resolved(*args)
+
+    def describe(self) -> str:
+        return self.rules.describe()
+
+    def __repr__(self) -> str:
+        return f"<rules {self.path}>"
+
+
+classImplements(RulesFile, IPolicy)
+
+
 def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
     """The server factory the options describe."""
     authenticators = build_authenticators(options)
@@ -428,6 +504,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         bind_timeout=options["bind-timeout"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
         commands=options["commands"],
+        policy=options.policy,
         limits=ConnectionLimits(
             reactor.seconds,
             max_connections=options["max-connections"],
@@ -436,6 +513,35 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             auth_window=options["auth-failure-window"],
         ),
     )
+
+
+def _exposed(description: str) -> bool:
+    """Whether a --listen endpoint may be reached from beyond this host."""
+    from twisted.internet import reactor
+
+    endpoint = serverFromString(reactor, description)
+    if type(endpoint).__name__ == "UNIXServerEndpoint":
+        return False
+    interface = getattr(endpoint, "_interface", None)
+    if interface is None:  # systemd, haproxy, ...: cannot tell, assume so
+        return True
+    try:
+        return not ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
+    except ValueError:  # "" (all interfaces) or a name
+        return True
+
+
+def _has_client_allow_list(policy: Any) -> bool:
+    """True when the rules refuse an arbitrary outside client."""
+    probe = ("198.51.100.77", "2001:db8::77")  # documentation addresses
+    anywhere = Address.from_host("203.0.113.7", 443)
+    for client in probe:
+        if (
+            policy.check_client(client).allowed
+            and policy.check_request(client, None, Command.CONNECT, anywhere).allowed
+        ):
+            return False
+    return True
 
 
 def _without_workers(argv: List[str]) -> List[str]:

@@ -1,0 +1,560 @@
+"""
+The documentation's code and claims, checked: the examples in docs/examples
+run as the pages say, and the tables that name code or tests still match it.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import importlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import pytest
+from twisted.cred.credentials import UsernamePassword as TextCredentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.cred.strcred import findCheckerFactories
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.interface import InterfaceClass
+from zope.interface.verify import verifyObject
+
+import twisted.plugins
+from twisted_socks5.auth import (
+    IProxyUser,
+    NoAuthAuthenticator,
+    ProxyRealm,
+    UsernamePassword,
+    UsernamePasswordAuthenticator,
+)
+from twisted_socks5.codec import (
+    Address,
+    AddressType,
+    Command,
+    Reply,
+    ReplyCode,
+    Request,
+    UserPassRequest,
+)
+from twisted_socks5.connect import IOutboundConnector, reply_for_failure
+from twisted_socks5.interfaces import (
+    IAuthenticator,
+    IAuthenticatorFactory,
+    IAuthNegotiation,
+)
+from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
+from twisted_socks5.tap import Options, SOCKS5Service, build_authenticators
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+EXAMPLES = DOCS / "examples"
+
+CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
+SERVER = IPv4Address("TCP", "127.0.0.1", 1080)
+TARGET = Address(AddressType.DOMAIN, "example.test", 443)
+CONNECT = Request(Command.CONNECT, TARGET).to_bytes()
+TOKEN = b"pT0k3n-for-alice-0123456789abcdefghijklmnopqrstuvw"
+
+
+def example(name: str) -> Any:
+    """Import a module of docs/examples, as a user with it on sys.path would."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+tokens_example = example("socks5_tokens")
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    digest = tokens_example.digest(TOKEN).hex()
+    path.write_text(f"# issued 2024-05-01\nalice {digest}\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------
+# An in-memory server: StringTransport in, recorded connects out
+
+
+@implementer(IOutboundConnector)
+class RecordingConnector:
+    """Records CONNECTs and leaves them pending (the tests stop at the reply)."""
+
+    timeout = 10.0
+
+    def __init__(self) -> None:
+        self.calls: List[Address] = []
+
+    def connect(
+        self, address: Address, factory: IProtocolFactory, check: Any = None
+    ) -> Any:
+        self.calls.append(address)
+        return defer.Deferred()
+
+    def resolve(self, name: str) -> Any:
+        return defer.Deferred()
+
+
+class Served:
+    """A SOCKS5ServerFactory with one client connected over a StringTransport."""
+
+    def __init__(self, authenticators: List[Any], **kwargs: Any) -> None:
+        kwargs.setdefault("connector", RecordingConnector())
+        self.reactor = MemoryReactorClock()
+        self.factory = SOCKS5ServerFactory(
+            authenticators, reactor=self.reactor, **kwargs
+        )
+        protocol = self.factory.buildProtocol(CLIENT)
+        assert isinstance(protocol, SOCKS5ServerProtocol)
+        self.protocol = protocol
+        self.transport = StringTransport(hostAddress=SERVER, peerAddress=CLIENT)
+        self.protocol.makeConnection(self.transport)
+
+    @property
+    def connector(self) -> Any:
+        return self.factory.connector
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def take(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return bytes(value)
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.transport.disconnecting or self.transport.disconnected)
+
+
+def token_message(token: bytes) -> bytes:
+    return bytes((1, len(token))) + token
+
+
+def token_server(token_file: Path, **kwargs: Any) -> Served:
+    tokens = tokens_example.TokenFile(str(token_file))
+    return Served([tokens_example.TokenAuthenticator(tokens)], **kwargs)
+
+
+# --------------------------------------------------------------------------
+# METHOD 0x80 (docs/examples/socks5_tokens.py), through the server
+
+
+def test_token_authenticator_provides_the_interfaces(token_file: Path) -> None:
+    tokens = tokens_example.TokenFile(str(token_file))
+    authenticator = tokens_example.TokenAuthenticator(tokens)
+    assert verifyObject(IAuthenticator, authenticator)
+    assert verifyObject(IAuthNegotiation, authenticator.negotiate(CLIENT))
+    assert verifyObject(
+        IAuthenticatorFactory, tokens_example.TokenAuthenticatorFactory()
+    )
+
+
+def test_token_method_lets_the_token_holder_in(token_file: Path) -> None:
+    s = token_server(token_file)
+    s.send(b"\x05\x02\x02\x80")  # the client offers 0x02 and 0x80
+    assert s.take() == b"\x05\x80"
+    s.send(token_message(TOKEN) + CONNECT)
+    assert s.take() == b"\x01\x00"
+    assert s.connector.calls == [TARGET]
+    assert s.protocol.user == "alice"
+    assert not s.closing
+
+
+def test_token_method_wrong_token_gets_status_1_and_a_close(token_file: Path) -> None:
+    s = token_server(token_file)
+    s.send(b"\x05\x01\x80" + token_message(b"not-a-token") + CONNECT)
+    assert s.take() == b"\x05\x80\x01\x01"
+    assert s.closing
+    assert s.connector.calls == []  # the pipelined request is never honoured
+    assert s.protocol.outcome == "authentication failed"
+
+
+def test_token_failures_feed_the_login_throttle(token_file: Path) -> None:
+    s = token_server(token_file)
+    s.factory.limits.auth_failures = 1
+    s.send(b"\x05\x01\x80" + token_message(b"guess"))
+    assert s.factory.limits.refusal("127.0.0.1") is not None
+
+
+def test_token_method_byte_by_byte(token_file: Path) -> None:
+    s = token_server(token_file)
+    for byte in b"\x05\x01\x80" + token_message(TOKEN) + CONNECT:
+        s.send(bytes((byte,)))
+    assert s.take() == b"\x05\x80\x01\x00"
+    assert s.connector.calls == [TARGET]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"\x02\x05token", b"\x01\x00", b"\x01\xff" + b"x" * 255 + b"\x00"],
+    ids=["bad-version", "empty-token", "unknown-255-byte-token"],
+)
+def test_token_method_bad_messages(token_file: Path, message: bytes) -> None:
+    s = token_server(token_file)
+    s.send(b"\x05\x01\x80")
+    s.take()
+    s.send(message)
+    if message.startswith(b"\x01\xff"):
+        assert s.take() == b"\x01\x01"  # well-formed, unknown: a status
+    else:
+        assert s.take() == b""  # unreadable: no status, just a close
+    assert s.closing
+
+
+def test_token_method_not_offered_without_a_common_method(token_file: Path) -> None:
+    s = token_server(token_file)
+    s.send(b"\x05\x01\x02")
+    assert s.take() == b"\x05\xff"
+    assert s.closing
+
+
+def test_token_file_is_reread_and_a_broken_file_keeps_the_old_tokens(
+    token_file: Path,
+) -> None:
+    tokens = tokens_example.TokenFile(str(token_file))
+    assert tokens.owner(TOKEN) == "alice"
+    new = b"a-new-token-for-bob-0123456789"
+    token_file.write_text(f"bob {tokens_example.digest(new).hex()}\n")
+    os.utime(token_file, (1, 1))  # a new mtime, whatever the clock's resolution
+    assert tokens.owner(new) == "bob"
+    assert tokens.owner(TOKEN) is None
+    token_file.write_text("this line is broken\n")
+    os.utime(token_file, (2, 2))
+    assert tokens.owner(new) == "bob"
+
+
+def test_token_file_must_be_valid_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("alice 1234\n")
+    with pytest.raises(ValueError, match="line 1"):
+        tokens_example.TokenFile(str(path))
+    with pytest.raises(OSError):
+        tokens_example.TokenFile(str(tmp_path / "missing"))
+
+
+def test_new_token_line_admits_the_token(tmp_path: Path) -> None:
+    token, line = tokens_example.new_token("carol")
+    path = tmp_path / "tokens"
+    path.write_text(line + "\n")
+    tokens = tokens_example.TokenFile(str(path))
+    assert tokens.owner(token.encode("ascii")) == "carol"
+
+
+# --------------------------------------------------------------------------
+# The twisted.cred checker, through a Portal and through RFC 1929
+
+
+def login(portal: Portal, credentials: Any) -> Any:
+    results: List[Any] = []
+    portal.login(credentials, None, IProxyUser).addBoth(results.append)
+    (result,) = results
+    return result
+
+
+def test_checker_through_a_portal(token_file: Path) -> None:
+    checker = tokens_example.TokenChecker(tokens_example.TokenFile(str(token_file)))
+    portal = Portal(ProxyRealm(), [checker])
+    interface, avatar, logout = login(portal, UsernamePassword(b"alice", TOKEN))
+    assert (interface, avatar) == (IProxyUser, "alice")
+    # twisted.cred's own credentials carry text: accepted too.
+    _, avatar, _ = login(portal, TextCredentials("alice", TOKEN.decode()))
+    assert avatar == "alice"
+    for credentials in (
+        UsernamePassword(b"bob", TOKEN),  # someone else's token
+        UsernamePassword(b"alice", b"wrong"),
+    ):
+        failure = login(portal, credentials)
+        assert isinstance(failure, Failure)
+        assert failure.check(UnauthorizedLogin)
+
+
+def test_checker_behind_rfc1929(token_file: Path) -> None:
+    checker = tokens_example.TokenChecker(tokens_example.TokenFile(str(token_file)))
+    s = Served([UsernamePasswordAuthenticator.from_checkers(checker)])
+    s.send(b"\x05\x01\x02" + UserPassRequest(b"alice", TOKEN).to_bytes() + CONNECT)
+    assert s.take() == b"\x05\x02\x01\x00"
+    assert s.protocol.user == "alice"
+    assert s.connector.calls == [TARGET]
+
+
+def test_sighup_reload_reaches_the_checker(token_file: Path) -> None:
+    tokens = tokens_example.TokenFile(str(token_file))
+    checker = tokens_example.TokenChecker(tokens)
+    factory = SOCKS5ServerFactory(
+        [UsernamePasswordAuthenticator.from_checkers(checker)],
+        reactor=MemoryReactorClock(),
+    )
+    assert checker in factory.reloadables()
+    new = b"a-token-issued-after-start-0123456789"
+    stat = token_file.stat()
+    token_file.write_text(f"alice {tokens_example.digest(new).hex()}\n")
+    os.utime(token_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    factory.reload()  # what SIGHUP does
+    assert tokens.owner(new) == "alice"
+    assert tokens.owner(TOKEN) is None
+
+
+def test_checker_factory_rejects_a_missing_argument() -> None:
+    with pytest.raises(ValueError):
+        tokens_example.TokenCheckerFactory().generateChecker("")
+    with pytest.raises(ValueError):
+        tokens_example.TokenAuthenticatorFactory().build("", None)
+
+
+# --------------------------------------------------------------------------
+# Both found by `twistd socks5` as plugins
+
+
+@pytest.fixture
+def example_plugins(tmp_path: Path, monkeypatch: Any) -> None:
+    """docs/examples/twisted/plugins on the plugin path (its cache in tmp)."""
+    plugins = tmp_path / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "twisted" / "plugins" / "socks5_tokens_plugin.py", plugins)
+    monkeypatch.setattr(
+        twisted.plugins, "__path__", [*twisted.plugins.__path__, str(plugins)]
+    )
+
+
+def test_plugins_are_found_by_name(example_plugins: None) -> None:
+    methods = {f.name: f for f in getPlugins(IAuthenticatorFactory)}
+    assert "token" in methods
+    assert verifyObject(IAuthenticatorFactory, methods["token"])
+    assert "tokens" in {f.authType for f in findCheckerFactories()}
+
+
+def test_twistd_socks5_options_build_both(
+    example_plugins: None, token_file: Path
+) -> None:
+    options = Options()
+    options.parseOptions(
+        ["--method", f"token:{token_file}", "--auth", f"tokens:{token_file}"]
+    )
+    authenticators = build_authenticators(options)
+    assert [a.method for a in authenticators] == [0x80, 0x02]
+    s = Served(authenticators)
+    s.send(b"\x05\x02\x02\x80")
+    assert s.take() == b"\x05\x80"  # plugin methods come first
+
+
+# --------------------------------------------------------------------------
+# Embedding (docs/examples/socks5_embedding.py, socks5_connectors.py, proxy.tac)
+
+
+def test_make_proxy_service_listens_on_each_endpoint() -> None:
+    embedding = example("socks5_embedding")
+    reactor = MemoryReactorClock()
+    service = embedding.make_proxy_service(
+        reactor, ["tcp:1080:interface=127.0.0.1", "tcp:1080:interface=::1"]
+    )
+    assert isinstance(service, SOCKS5Service)
+    service.startService()
+    try:
+        assert [(p[0], p[3]) for p in reactor.tcpServers] == [
+            (1080, "127.0.0.1"),
+            (1080, "::1"),
+        ]
+        assert reactor.tcpServers[0][1] is service.factory
+        assert [a.name for a in service.factory.authenticators] == ["none"]
+        assert service.factory.limits.max_per_client == 64
+    finally:
+        service.stopService()
+
+
+def test_make_factory_with_checkers_asks_for_a_password(token_file: Path) -> None:
+    embedding = example("socks5_embedding")
+    checker = tokens_example.TokenChecker(tokens_example.TokenFile(str(token_file)))
+    factory = embedding.make_factory(MemoryReactorClock(), [checker])
+    assert factory.methods == [0x02]
+
+
+def test_services_by_hand_drain_on_stop() -> None:
+    embedding = example("socks5_embedding")
+    reactor = MemoryReactorClock()
+    factory = embedding.make_factory(reactor)
+    top = embedding.make_services_by_hand(reactor, ["tcp:1081"], factory)
+    top.startService()
+    assert reactor.tcpServers[0][0] == 1081
+    client = factory.buildProtocol(CLIENT)
+    client.makeConnection(StringTransport(hostAddress=SERVER, peerAddress=CLIENT))
+    stopped: List[Any] = []
+    top.stopService().addBoth(stopped.append)
+    assert stopped == []  # a tunnel is open: the stop waits
+    late = factory.buildProtocol(CLIENT)  # and nobody new gets in
+    late_transport = StringTransport(hostAddress=SERVER, peerAddress=CLIENT)
+    late.makeConnection(late_transport)
+    assert late.refused and late_transport.disconnected
+    reactor.advance(10)  # the drain timeout cuts what is left
+    client.connectionLost(Failure(Exception("aborted")))
+    assert len(stopped) == 1
+
+
+@pytest.mark.parametrize(
+    ("port", "reply"), [(443, None), (25, ReplyCode.CONNECTION_NOT_ALLOWED)]
+)
+def test_port_allow_list_connector(port: int, reply: Optional[ReplyCode]) -> None:
+    connectors = example("socks5_connectors")
+    inner = RecordingConnector()
+    connector = connectors.PortAllowListConnector(inner, [80, 443])
+    assert verifyObject(IOutboundConnector, connector)
+    s = Served([NoAuthAuthenticator()], connector=connector)
+    target = Address(AddressType.DOMAIN, "example.test", port)
+    s.send(b"\x05\x01\x00" + Request(Command.CONNECT, target).to_bytes())
+    if reply is None:
+        assert s.take() == b"\x05\x00"  # pending: the inner connector has it
+        assert inner.calls == [target]
+    else:
+        assert s.take() == b"\x05\x00" + Reply(reply).to_bytes()
+        assert inner.calls == []
+        assert s.closing
+
+
+def test_proxy_tac_builds_its_application(tmp_path: Path, monkeypatch: Any) -> None:
+    from twisted.application.service import IServiceCollection
+
+    example("socks5_embedding")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "users.txt").write_text("alice:secret\n")
+    namespace: dict[str, Any] = {"__file__": str(EXAMPLES / "proxy.tac")}
+    code = compile((EXAMPLES / "proxy.tac").read_text(), "proxy.tac", "exec")
+    exec(code, namespace)  # noqa: S102 - what twistd -y does with a .tac
+    (service,) = list(IServiceCollection(namespace["application"]))
+    assert isinstance(service, SOCKS5Service)
+    assert [a.method for a in service.factory.authenticators] == [0x02]
+    assert service.factory.connector.ports == {80, 443}
+
+
+# --------------------------------------------------------------------------
+# Tables in the docs that name code and tests
+
+
+def _ext() -> Any:
+    if str(DOCS / "_ext") not in sys.path:
+        sys.path.insert(0, str(DOCS / "_ext"))
+    return importlib.import_module("socks5_options")
+
+
+def test_options_page_renders_every_option() -> None:
+    lines = _ext().render_options(Options, "twistd socks5")
+    rendered = {
+        m.group(1)
+        for line in lines
+        for m in [re.match(r"\.\. option:: (?:-\w(?: <[^>]+>)?, )?--([\w-]+)", line)]
+        if m
+    }
+    expected = {spec.rstrip("=") for spec in Options().longOpt}
+    assert rendered == expected
+    assert {"listen", "auth", "method", "commands"} <= rendered
+
+
+def _rst_files() -> List[Path]:
+    return sorted(DOCS.rglob("*.rst"))
+
+
+def test_test_names_in_the_docs_exist() -> None:
+    """Every ``tests/...py::test_name`` the pages cite is a real test."""
+    cited: List[Tuple[Path, str, str]] = []
+    for page in _rst_files():
+        for path, name in re.findall(
+            r"(tests/[\w/]+\.py)::(\w+)", page.read_text(encoding="utf-8")
+        ):
+            cited.append((page, path, name))
+    assert len(cited) > 20
+    missing = [
+        f"{page.name}: {path}::{name}"
+        for page, path, name in cited
+        if not (ROOT / path).exists()
+        or not re.search(
+            rf"^(async )?def {name}\(", (ROOT / path).read_text(), re.MULTILINE
+        )
+    ]
+    assert missing == []
+
+
+def _failure_for(raised_as: str) -> Failure:
+    from twisted.internet import error
+
+    raised_as = raised_as.replace("``", "")
+    if raised_as.startswith("errno "):
+        number = getattr(errno, raised_as.split()[1])
+        return Failure(error.getConnectError((number, os.strerror(number))))
+    dotted = raised_as.split()[-1]
+    module, _, name = dotted.rpartition(".")
+    return Failure(getattr(importlib.import_module(module), name)())
+
+
+def test_reply_code_table_matches_reply_for_failure() -> None:
+    with open(DOCS / "reply-codes-connect.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) > 10
+    for row in rows:
+        code = int(row["REP"].strip("`"), 16)
+        failure = _failure_for(row["How it reaches the server"])
+        assert reply_for_failure(failure) == code, row
+
+
+API_MODULES = [
+    "codec",
+    "interfaces",
+    "auth",
+    "server",
+    "connect",
+    "limits",
+    "metrics",
+    "htpasswd",
+    "bind",
+    "udp",
+]
+
+
+@pytest.mark.parametrize("name", API_MODULES)
+def test_api_page_documents_the_module_and_its_interfaces(name: str) -> None:
+    """
+    Sphinx 9's automodule skips zope interfaces, so each page names them with
+    ``autointerface``: a new interface must be added to its page.
+    """
+    page = (DOCS / "api" / f"{name}.rst").read_text(encoding="utf-8")
+    module_name = f"twisted_socks5.{name}"
+    assert f".. automodule:: {module_name}" in page
+    module = importlib.import_module(module_name)
+    interfaces = [
+        attribute
+        for attribute, value in vars(module).items()
+        if isinstance(value, InterfaceClass) and value.__module__ == module_name
+    ]
+    for interface in interfaces:
+        assert f".. autointerface:: {module_name}.{interface}" in page
+
+
+def test_udp_drop_reasons_table_lists_every_reason() -> None:
+    from twisted_socks5.udp import DROP_REASONS
+
+    page = (DOCS / "bind-udp.rst").read_text(encoding="utf-8")
+    table = page[page.index("Drop reasons") :]
+    documented = re.findall(r"^   \* - ``(\w+)``$", table, re.MULTILINE)
+    assert sorted(documented) == sorted(DROP_REASONS)
+
+
+def test_metrics_table_lists_every_metric() -> None:
+    pytest.importorskip("prometheus_client")
+    page = (DOCS / "deployment.rst").read_text(encoding="utf-8")
+    table = page[page.index("   * - metric") : page.index("Nothing is counted")]
+    documented = set(re.findall(r"``(socks5_\w+?)(?:_total)?(?:\{[^}]*\})?``", table))
+    factory = SOCKS5ServerFactory(reactor=MemoryReactorClock())
+    metrics = factory.enable_metrics()
+    families = {family.name for family in metrics.registry.collect()}
+    assert documented == families

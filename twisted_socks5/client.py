@@ -1,0 +1,901 @@
+"""
+A SOCKS5 client endpoint: reach a host through a SOCKS5 proxy (RFC 1928),
+with no authentication or username/password (RFC 1929)::
+
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted_socks5.client import SOCKS5ClientEndpoint
+
+    proxy = TCP4ClientEndpoint(reactor, "127.0.0.1", 1080)
+    endpoint = SOCKS5ClientEndpoint(proxy, "example.com", 80, timeout=30)
+    protocol = await endpoint.connect(factory)
+
+The proxy is reached through any ``IStreamClientEndpoint`` (TCP, TLS, a UNIX
+socket, another ``SOCKS5ClientEndpoint`` for a chain).  Host names are sent to
+the proxy as DOMAINNAME, so the proxy resolves them and nothing leaks to the
+local DNS, unless a ``resolver`` is given.
+
+One connection walks this machine (``_State``)::
+
+    METHOD --(05 00)--> REPLY --(REP 00)--> CONNECTED
+    METHOD --(05 02)--> AUTH --(01 00)--> REPLY
+    any state before CONNECTED --(error, EOF, cancel, timeout)--> FAILED
+
+Every message goes through :mod:`twisted_socks5.codec`.  Once connected, the
+application protocol gets a :class:`SOCKS5Transport`: the proxy connection
+itself (writes, producers and half-close pass straight through), plus the
+reply's BND address as ``transport.bound``.  Bytes that arrived with the
+reply are delivered to the application right after ``connect()`` fires.
+
+A server's failure reply raises the :class:`SOCKS5ReplyError` subclass for its
+REP code (``ConnectionRefused`` for 0x05, ...; see :data:`REPLY_ERRORS`);
+every error the handshake can end with is a :class:`SOCKS5Error`, which is a
+``twisted.internet.error.ConnectError``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
+
+from twisted.internet import defer
+from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionDone,
+    DNSLookupError,
+    NoProtocol,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IHostnameResolver,
+    IHostResolution,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IResolutionReceiver,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
+
+from .codec import (
+    SOCKS_VERSION,
+    Address,
+    AddressType,
+    Buffer,
+    Command,
+    Greeting,
+    Method,
+    ProtocolError,
+    Reply,
+    ReplyCode,
+    Request,
+    UserPassRequest,
+    parse_method_selection,
+    parse_reply,
+    parse_userpass_status,
+)
+
+__all__ = [
+    "REPLY_ERRORS",
+    "AddressTypeNotSupported",
+    "AuthenticationFailed",
+    "CommandNotSupported",
+    "ConnectionNotAllowed",
+    "ConnectionRefused",
+    "GeneralServerFailure",
+    "HandshakeTimeout",
+    "HostUnreachable",
+    "MalformedReply",
+    "NetworkUnreachable",
+    "NoAcceptableMethods",
+    "ProxyConnectionLost",
+    "SOCKS5ClientEndpoint",
+    "SOCKS5ClientProtocol",
+    "SOCKS5Error",
+    "SOCKS5ReplyError",
+    "SOCKS5Transport",
+    "TTLExpired",
+    "endpoint_from_description",
+    "reply_error",
+]
+
+T = TypeVar("T")
+
+#: The port a ``proxy_host=`` description uses when it names no port (IANA).
+DEFAULT_PROXY_PORT = 1080
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+class SOCKS5Error(ConnectError):
+    """
+    The SOCKS5 handshake failed.  A ``ConnectError``, so code that handles
+    failed connections in general handles these too.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(string=message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SOCKS5ReplyError(SOCKS5Error):
+    """
+    The server answered the request with a failure REP code.  Known codes
+    raise the subclass for that code; unknown ones (Tor's 0xF0-0xF7, say)
+    raise this class with ``code`` set.
+    """
+
+    code: int
+
+    def __init__(self, code: Optional[int] = None) -> None:
+        if code is None:
+            code = getattr(type(self), "code", None)
+            if code is None:
+                raise TypeError("SOCKS5ReplyError needs a reply code")
+        self.code = code
+        try:
+            phrase = ReplyCode(code).phrase
+        except ValueError:
+            phrase = "unknown reply code"
+        super().__init__(f"SOCKS5 server replied 0x{code:02x}: {phrase}")
+
+
+class GeneralServerFailure(SOCKS5ReplyError):
+    code = ReplyCode.GENERAL_FAILURE
+
+
+class ConnectionNotAllowed(SOCKS5ReplyError):
+    code = ReplyCode.CONNECTION_NOT_ALLOWED
+
+
+class NetworkUnreachable(SOCKS5ReplyError):
+    code = ReplyCode.NETWORK_UNREACHABLE
+
+
+class HostUnreachable(SOCKS5ReplyError):
+    code = ReplyCode.HOST_UNREACHABLE
+
+
+class ConnectionRefused(SOCKS5ReplyError):
+    """The target refused the proxy's connection (not the proxy refusing ours)."""
+
+    code = ReplyCode.CONNECTION_REFUSED
+
+
+class TTLExpired(SOCKS5ReplyError):
+    code = ReplyCode.TTL_EXPIRED
+
+
+class CommandNotSupported(SOCKS5ReplyError):
+    code = ReplyCode.COMMAND_NOT_SUPPORTED
+
+
+class AddressTypeNotSupported(SOCKS5ReplyError):
+    code = ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
+
+
+#: REP code -> the exception class raised for it.
+REPLY_ERRORS: Mapping[int, Type[SOCKS5ReplyError]] = {
+    cls.code: cls
+    for cls in (
+        GeneralServerFailure,
+        ConnectionNotAllowed,
+        NetworkUnreachable,
+        HostUnreachable,
+        ConnectionRefused,
+        TTLExpired,
+        CommandNotSupported,
+        AddressTypeNotSupported,
+    )
+}
+
+
+def reply_error(code: int) -> SOCKS5ReplyError:
+    """The exception for a failure REP code, known or not."""
+    cls = REPLY_ERRORS.get(code)
+    return cls() if cls is not None else SOCKS5ReplyError(code)
+
+
+class NoAcceptableMethods(SOCKS5Error):
+    """The server accepts none of the offered methods (it answered ``05 FF``)."""
+
+    def __init__(self, offered: Sequence[int]) -> None:
+        self.offered = tuple(offered)
+        names = ", ".join(f"0x{m:02x}" for m in self.offered)
+        super().__init__(f"SOCKS5 server accepts none of the methods offered ({names})")
+
+
+class AuthenticationFailed(SOCKS5Error):
+    """The server rejected the username and password (RFC 1929 status != 0)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"SOCKS5 authentication failed (status 0x{status:02x})")
+
+
+class MalformedReply(SOCKS5Error):
+    """The server sent something RFC 1928/1929 does not allow."""
+
+
+class ProxyConnectionLost(SOCKS5Error):
+    """The proxy connection ended before the handshake completed."""
+
+    def __init__(self, reason: Failure) -> None:
+        self.reason = reason
+        super().__init__(
+            "SOCKS5 proxy connection lost during the handshake: "
+            + reason.getErrorMessage()
+        )
+
+
+class HandshakeTimeout(SOCKS5Error):
+    """No successful reply within the endpoint's timeout."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(f"SOCKS5 connection not established within {timeout:g} s")
+
+
+# --------------------------------------------------------------------------
+# The application's transport
+
+
+def _address_of(target: Address) -> IAddress:
+    """The Twisted address for a SOCKS target (what ``getPeer()`` returns)."""
+    if target.type is AddressType.IPV4:
+        return IPv4Address("TCP", target.host, target.port)
+    if target.type is AddressType.IPV6:
+        return IPv6Address("TCP", target.host, target.port)
+    return HostnameAddress(target.host.encode("utf-8"), target.port)
+
+
+class SOCKS5Transport:
+    """
+    The transport an application protocol gets: the proxy connection, with
+    everything passed through to it, except that ``getPeer()`` answers the
+    target (as PySocks' ``getpeername()`` does) since that is the peer the
+    application talks to.  ``getHost()`` stays the local end of the socket.
+
+    :ivar target: the address requested, as sent to the proxy.
+    :ivar bound: BND.ADDR/BND.PORT of the reply: the address the proxy
+        connects to the target from.
+    :ivar proxy_transport: the transport of the connection to the proxy.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        target: Address,
+        bound: Address,
+        on_resume: Callable[[], None],
+    ) -> None:
+        self.proxy_transport = transport
+        self.target = target
+        self.bound = bound
+        #: True while the application has paused reading.
+        self.paused = False
+        #: True once the application closed: like a socket, it reads no more.
+        self.closing = False
+        self._on_resume = on_resume
+        # Hot path: no __getattr__ per write.
+        self.write = transport.write
+        self.writeSequence = transport.writeSequence
+        # Whatever the real transport provides (ITCPTransport, ISSLTransport...),
+        # so interface checks on this wrapper answer as they would on it.
+        directlyProvides(self, providedBy(transport))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "proxy_transport":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.proxy_transport, name)
+
+    def getPeer(self) -> IAddress:
+        return _address_of(self.target)
+
+    def loseConnection(self) -> None:
+        self.closing = True
+        self.proxy_transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.closing = True
+        self.proxy_transport.abortConnection()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.proxy_transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.proxy_transport.resumeProducing()
+        # Bytes that came with the reply were held while paused.
+        self._on_resume()
+
+    def __repr__(self) -> str:
+        return f"<SOCKS5Transport to {self.target} via {self.proxy_transport!r}>"
+
+
+# --------------------------------------------------------------------------
+# The handshake protocol
+
+
+class _State(enum.Enum):
+    METHOD = "waiting for the method selection"
+    AUTH = "waiting for the authentication status"
+    REPLY = "waiting for the reply"
+    CONNECTED = "connected"
+    FAILED = "failed"
+
+
+def _parse(parser: Callable[[Buffer], Optional[Tuple[T, int]]], buf: Buffer) -> Any:
+    """Run a codec parser; a protocol error is the server's fault here."""
+    try:
+        return parser(buf)
+    except ProtocolError as e:
+        raise MalformedReply(f"malformed SOCKS5 server message: {e}") from None
+
+
+@implementer(IHalfCloseableProtocol)
+class SOCKS5ClientProtocol(Protocol):
+    """
+    Runs the handshake on the proxy connection, then relays between it and
+    the application protocol.  Built by :class:`SOCKS5ClientEndpoint`.
+
+    It always provides ``IHalfCloseableProtocol``: the proxy endpoint's own
+    wrapper (``_WrappingProtocol`` for TCP) decides once, when it is built,
+    whether to pass half-close on, long before the application protocol
+    exists.  So EOF is handled here: during the handshake it fails it; once
+    connected it reaches an application that can half-close, and closes the
+    connection for one that cannot (what Twisted does without a proxy).
+    """
+
+    transport: Any
+
+    def __init__(self, factory: _HandshakeFactory) -> None:
+        self.factory = factory
+        self.state = _State.METHOD
+        self.app: Optional[IProtocol] = None
+        self.tunnel: Optional[SOCKS5Transport] = None
+        self._buffer = bytearray()
+        self._held: List[bytes] = []
+        self._lost = False
+        self._handlers: Dict[_State, Callable[[], bool]] = {
+            _State.METHOD: self._on_method_selection,
+            _State.AUTH: self._on_auth_status,
+            _State.REPLY: self._on_reply,
+        }
+
+    def logPrefix(self) -> str:
+        if self.app is not None:
+            return f"SOCKS5 {self.app.__class__.__name__}"
+        return "SOCKS5 handshake"
+
+    # ------------------------------------------------------------------
+    # Twisted callbacks
+
+    def connectionMade(self) -> None:
+        if self.factory.abandoned:
+            # Cancelled while the proxy connection was being made.
+            self.state = _State.FAILED
+            self.transport.abortConnection()
+            return
+        self.transport.write(self.factory.greeting)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is _State.CONNECTED:
+            self._deliver(data)
+            return
+        if self.state is _State.FAILED:
+            return
+        self._buffer += data
+        try:
+            while self.state in self._handlers and self._handlers[self.state]():
+                pass
+        except SOCKS5Error as e:
+            self._fail(e)
+
+    def readConnectionLost(self) -> None:
+        """The proxy sent EOF."""
+        if self.state is _State.CONNECTED:
+            self._flush(force=True)
+            half_closeable = IHalfCloseableProtocol(self.app, None)
+            if half_closeable is not None:
+                half_closeable.readConnectionLost()
+            else:
+                self.transport.loseConnection()
+        elif self.state is not _State.FAILED:
+            self._fail(ProxyConnectionLost(Failure(ConnectionDone())))
+
+    def writeConnectionLost(self) -> None:
+        half_closeable = IHalfCloseableProtocol(self.app, None)
+        if half_closeable is not None:
+            half_closeable.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self._lost = True
+        if self.state is _State.CONNECTED:
+            self._flush(force=True)
+            if self.app is not None:
+                self.app.connectionLost(reason)
+            return
+        if self.state is not _State.FAILED:
+            self.state = _State.FAILED
+            self._buffer.clear()
+            self._errback(ProxyConnectionLost(reason))
+
+    # ------------------------------------------------------------------
+    # Handshake steps: each returns True when it consumed a message.
+
+    def _on_method_selection(self) -> bool:
+        parsed = _parse(parse_method_selection, self._buffer)
+        if parsed is None:
+            return False
+        selection, used = parsed
+        del self._buffer[:used]
+        method = selection.method
+        if method == Method.NO_ACCEPTABLE_METHODS:
+            raise NoAcceptableMethods(self.factory.methods)
+        if method not in self.factory.methods:
+            raise MalformedReply(
+                f"SOCKS5 server chose method 0x{method:02x}, which was not offered"
+            )
+        credentials = self.factory.credentials
+        if method == Method.USERNAME_PASSWORD and credentials is not None:
+            self.transport.write(credentials.to_bytes())
+            self.state = _State.AUTH
+        else:
+            self._send_request()
+        return True
+
+    def _on_auth_status(self) -> bool:
+        parsed = _parse(parse_userpass_status, self._buffer)
+        if parsed is None:
+            return False
+        status, used = parsed
+        del self._buffer[:used]
+        if not status.ok:
+            raise AuthenticationFailed(status.status)
+        self._send_request()
+        return True
+
+    def _send_request(self) -> None:
+        self.transport.write(self.factory.request.to_bytes())
+        self.state = _State.REPLY
+
+    def _on_reply(self) -> bool:
+        try:
+            parsed = parse_reply(self._buffer)
+        except ProtocolError as e:
+            buf = self._buffer
+            if (
+                len(buf) > 1
+                and buf[0] == SOCKS_VERSION
+                and buf[1] not in _KNOWN_REPLY_CODES
+            ):
+                # A whole reply with a code the RFC does not define: still
+                # the server saying no, and saying which way.
+                raise reply_error(buf[1]) from None
+            raise MalformedReply(f"malformed SOCKS5 server message: {e}") from None
+        if parsed is None:
+            return False
+        reply, used = parsed
+        del self._buffer[:used]
+        if reply.reply != ReplyCode.SUCCEEDED:
+            raise reply_error(reply.reply)
+        self._connected(reply)
+        return False
+
+    # ------------------------------------------------------------------
+    # Connected
+
+    def _connected(self, reply: Reply) -> None:
+        self.state = _State.CONNECTED
+        early = bytes(self._buffer)
+        self._buffer = bytearray()
+        target = self.factory.request.address
+        try:
+            app = self.factory.app_factory.buildProtocol(_address_of(target))
+            if app is None:
+                raise NoProtocol()
+        except Exception:
+            self._fail(Failure())
+            return
+        self.app = app
+        self.tunnel = SOCKS5Transport(
+            self.transport, target, reply.address, self._flush
+        )
+        try:
+            app.makeConnection(self.tunnel)
+        except Exception:
+            # The application is connected: it hears connectionLost later.
+            self._errback(Failure())
+            self.transport.abortConnection()
+            return
+        self.factory.ready.callback(app)
+        if early and not self._lost:
+            self._deliver(early)
+
+    def _deliver(self, data: bytes) -> None:
+        """Pass bytes to the application, holding them while it paused reading."""
+        tunnel = self.tunnel
+        if tunnel is None or self.app is None or tunnel.closing:
+            return
+        if self._held or tunnel.paused:
+            self._held.append(data)
+            return
+        self.app.dataReceived(data)
+
+    def _flush(self, force: bool = False) -> None:
+        """Deliver held bytes (all of them, paused or not, before an EOF)."""
+        tunnel = self.tunnel
+        if tunnel is None or self.app is None:
+            return
+        while self._held and not tunnel.closing and (force or not tunnel.paused):
+            self.app.dataReceived(self._held.pop(0))
+
+    # ------------------------------------------------------------------
+    # Failure
+
+    def _errback(self, reason: Union[BaseException, Failure]) -> None:
+        if not self.factory.ready.called:
+            self.factory.ready.errback(reason)
+
+    def _fail(self, reason: Union[BaseException, Failure]) -> None:
+        """End the handshake: close (our side has nothing left to say)."""
+        self.state = _State.FAILED
+        self._buffer.clear()
+        self.transport.loseConnection()
+        self._errback(reason)
+
+    def abort(self) -> None:
+        """Cancel the handshake: drop the connection at once."""
+        if self.state is _State.CONNECTED or self.state is _State.FAILED:
+            return
+        self.state = _State.FAILED
+        self._buffer.clear()
+        self.transport.abortConnection()
+
+
+_KNOWN_REPLY_CODES = frozenset(int(code) for code in ReplyCode)
+
+
+class _HandshakeFactory(Factory):
+    """One ``connect()``: builds a single handshake protocol and reports on it."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        request: Request,
+        credentials: Optional[UserPassRequest],
+        app_factory: IProtocolFactory,
+    ) -> None:
+        self.request = request
+        self.credentials = credentials
+        self.app_factory = app_factory
+        self.methods: Tuple[int, ...] = (Method.NO_AUTHENTICATION,)
+        if credentials is not None:
+            # Like curl: offer both, the server picks.
+            self.methods += (Method.USERNAME_PASSWORD,)
+        self.greeting = Greeting(self.methods).to_bytes()
+        #: Fires with the application protocol once connected.
+        self.ready: defer.Deferred[IProtocol] = defer.Deferred(self._cancel_ready)
+        self.instance: Optional[SOCKS5ClientProtocol] = None
+        self.abandoned = False
+
+    def buildProtocol(self, addr: IAddress) -> Optional[SOCKS5ClientProtocol]:  # type: ignore[override]
+        if self.instance is not None or self.abandoned:
+            return None
+        self.instance = SOCKS5ClientProtocol(self)
+        return self.instance
+
+    def _cancel_ready(self, ready: defer.Deferred[IProtocol]) -> None:
+        self.abandon()
+
+    def abandon(self) -> None:
+        """The caller gave up: end the handshake wherever it stands."""
+        self.abandoned = True
+        if self.instance is not None:
+            self.instance.abort()
+
+
+# --------------------------------------------------------------------------
+# Local name resolution (only when asked for)
+
+
+@implementer(IResolutionReceiver)
+class _FirstAddress:
+    """Collects a resolution's addresses and fires with the first one."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.deferred: defer.Deferred[IAddress] = defer.Deferred()
+        self._addresses: List[IAddress] = []
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        pass
+
+    def addressResolved(self, address: IAddress) -> None:
+        self._addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        if self.deferred.called:  # cancelled
+            return
+        if self._addresses:
+            self.deferred.callback(self._addresses[0])
+        else:
+            self.deferred.errback(DNSLookupError(self.name))
+
+
+# --------------------------------------------------------------------------
+# The endpoint
+
+
+def _normalize_host(host: Union[str, bytes]) -> str:
+    """Text host; non-ASCII names IDNA-encoded, as the proxy's resolver needs."""
+    if isinstance(host, bytes):
+        host = host.decode("utf-8")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise ValueError(f"cannot IDNA-encode host name {host!r}: {e}") from None
+    return host
+
+
+def _as_bytes(value: Union[str, bytes]) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+@implementer(IStreamClientEndpoint)
+class SOCKS5ClientEndpoint:
+    """
+    Connect to ``host``:``port`` through the SOCKS5 proxy that
+    ``proxy_endpoint`` reaches.
+
+    :param proxy_endpoint: any ``IStreamClientEndpoint`` to the SOCKS5 server.
+    :param host: an IPv4 or IPv6 literal, or a host name.
+    :param port: the target port.
+    :param username: with ``password``, offer RFC 1929 authentication (str is
+        sent as UTF-8).  The server may still choose no authentication.
+    :param timeout: seconds for the whole ``connect()``, reaching the proxy
+        included; then it fails with :class:`HandshakeTimeout`.  ``None``:
+        no limit beyond the proxy endpoint's own.
+    :param reactor: the clock for ``timeout``; default: the global reactor.
+    :param resolver: resolve host names here with this
+        ``IHostnameResolver`` and send the proxy the first address.  By
+        default (``None``) names go to the proxy, which resolves them.
+
+    ``connect()`` fires with the application protocol once the server replied
+    success; its transport is a :class:`SOCKS5Transport`.  Cancelling the
+    Deferred stops the attempt wherever it is.
+    """
+
+    def __init__(
+        self,
+        proxy_endpoint: IStreamClientEndpoint,
+        host: Union[str, bytes],
+        port: int,
+        *,
+        username: Union[str, bytes, None] = None,
+        password: Union[str, bytes, None] = None,
+        timeout: Optional[float] = None,
+        reactor: Optional[IReactorTime] = None,
+        resolver: Optional[IHostnameResolver] = None,
+    ) -> None:
+        self.proxy_endpoint = proxy_endpoint
+        #: The target as it will be requested (before any local resolution).
+        self.target = Address.from_host(_normalize_host(host), port)
+        if (username is None) != (password is None):
+            raise ValueError("username and password go together")
+        self._credentials: Optional[UserPassRequest] = None
+        if username is not None and password is not None:
+            self._credentials = UserPassRequest(
+                _as_bytes(username), _as_bytes(password)
+            )
+            self._credentials.to_bytes()  # checks the RFC 1929 lengths now
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._reactor = reactor
+        self.resolver = resolver
+
+    @property
+    def username(self) -> Optional[bytes]:
+        return self._credentials.username if self._credentials else None
+
+    def __repr__(self) -> str:
+        user = f" user={self.username!r}" if self._credentials else ""
+        return f"<SOCKS5ClientEndpoint {self.target} via {self.proxy_endpoint!r}{user}>"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        factories: List[_HandshakeFactory] = []
+
+        def through_proxy(target: Address) -> defer.Deferred[IProtocol]:
+            factory = _HandshakeFactory(
+                Request(Command.CONNECT, target), self._credentials, protocolFactory
+            )
+            factories.append(factory)
+
+            def proxy_failed(failure: Failure) -> Failure:
+                factory.abandon()
+                factory.ready.addErrback(lambda _: None)  # moot now
+                return failure
+
+            def handshake(_: object) -> defer.Deferred[IProtocol]:
+                return factory.ready
+
+            d = self.proxy_endpoint.connect(factory)
+            d.addErrback(proxy_failed)
+            return d.addCallback(handshake)
+
+        if self.resolver is not None and self.target.type is AddressType.DOMAIN:
+            inner = self._resolve().addCallback(through_proxy)
+        else:
+            inner = defer.maybeDeferred(through_proxy, self.target)
+
+        cancelled = False
+
+        def cancel(_: defer.Deferred[IProtocol]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            for factory in factories:
+                factory.abandon()
+            inner.cancel()
+
+        done: defer.Deferred[IProtocol] = defer.Deferred(cancel)
+
+        def forward(result: Any) -> None:
+            if cancelled:  # done fails with CancelledError on its own
+                return
+            if isinstance(result, Failure):
+                done.errback(result)
+            else:
+                done.callback(result)
+
+        inner.addBoth(forward)
+        if self.timeout is not None and not done.called:
+            done.addTimeout(self.timeout, self._clock(), self._timed_out)
+        return done
+
+    def _clock(self) -> IReactorTime:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor  # type: ignore[assignment]
+        return self._reactor  # type: ignore[return-value]
+
+    def _timed_out(self, result: Any, timeout: float) -> Any:
+        if isinstance(result, Failure) and result.check(defer.CancelledError):
+            return Failure(HandshakeTimeout(timeout))
+        return result
+
+    def _resolve(self) -> defer.Deferred[Address]:
+        target = self.target
+        receiver = _FirstAddress(target.host)
+        self.resolver.resolveHostName(  # type: ignore[union-attr]
+            receiver, target.host, target.port
+        )
+
+        def to_address(address: IAddress) -> Address:
+            return Address.from_host(address.host, target.port)  # type: ignore[attr-defined]
+
+        return receiver.deferred.addCallback(to_address)
+
+
+# --------------------------------------------------------------------------
+# Endpoint description strings (the ``socks5:`` clientFromString plugin)
+
+_KEYWORDS = frozenset(
+    {
+        "host",
+        "port",
+        "proxy",
+        "proxy_host",
+        "proxy_port",
+        "user",
+        "password",
+        "timeout",
+        "resolve",
+    }
+)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _port(value: str, what: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, not {value!r}") from None
+    if not 0 < port <= 0xFFFF:
+        raise ValueError(f"{what} out of range: {port}")
+    return port
+
+
+def endpoint_from_description(
+    reactor: Any, *args: object, **kwargs: object
+) -> SOCKS5ClientEndpoint:
+    """
+    Build a :class:`SOCKS5ClientEndpoint` from the parts of a ``socks5:``
+    description (see :mod:`twisted.plugins.socks5_endpoints` for the syntax).
+    Raises ``ValueError`` with the reason for any bad description.
+    """
+    unknown = sorted(set(kwargs) - _KEYWORDS)
+    if unknown:
+        raise ValueError(f"socks5: unknown parameter(s): {', '.join(unknown)}")
+    options: Dict[str, str] = {k: _text(v) for k, v in kwargs.items()}
+    positional = [_text(a) for a in args]
+    if len(positional) > 2:
+        raise ValueError("socks5: at most two positional arguments (host and port)")
+    for name, value in zip(("host", "port"), positional):
+        if name in options:
+            raise ValueError(f"socks5: {name} given twice")
+        options[name] = value
+    if not options.get("host"):
+        raise ValueError("socks5: the target host is required")
+    if "port" not in options:
+        raise ValueError("socks5: the target port is required")
+    port = _port(options["port"], "port")
+
+    proxy: IStreamClientEndpoint
+    if "proxy" in options:
+        if "proxy_host" in options or "proxy_port" in options:
+            raise ValueError("socks5: give proxy= or proxy_host=/proxy_port=, not both")
+        from twisted.internet.endpoints import clientFromString
+
+        proxy = clientFromString(reactor, options["proxy"])
+    elif "proxy_host" in options:
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        proxy_port = _port(
+            options.get("proxy_port", str(DEFAULT_PROXY_PORT)), "proxy_port"
+        )
+        proxy = HostnameEndpoint(reactor, options["proxy_host"], proxy_port)
+    else:
+        raise ValueError("socks5: the proxy is required (proxy= or proxy_host=)")
+
+    timeout: Optional[float] = None
+    if "timeout" in options:
+        try:
+            timeout = float(options["timeout"])
+        except ValueError:
+            raise ValueError(
+                f"socks5: timeout must be a number, not {options['timeout']!r}"
+            ) from None
+
+    resolve = options.get("resolve", "remote")
+    if resolve not in ("remote", "local"):
+        raise ValueError("socks5: resolve must be 'remote' or 'local'")
+    resolver = reactor.nameResolver if resolve == "local" else None
+
+    return SOCKS5ClientEndpoint(
+        proxy,
+        options["host"],
+        port,
+        username=options.get("user"),
+        password=options.get("password"),
+        timeout=timeout,
+        reactor=reactor,
+        resolver=resolver,
+    )
