@@ -224,3 +224,9 @@ def test_bad_rules_file_is_a_usage_error(tmp_path: Any) -> None:
     rules.write_text("allow frm 10.0.0.0/8\n")
     with pytest.raises(usage.UsageError, match="rules:1"):
         parse("--rules", str(rules))
+
+
+def test_upstream_option_is_validated() -> None:
+    assert parse("--upstream", "socks5://u:p@127.0.0.1:1081")["upstream"]
+    with pytest.raises(usage.UsageError, match="--upstream"):
+        parse("--upstream", "ftp://127.0.0.1:21")

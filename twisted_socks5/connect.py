@@ -44,6 +44,9 @@ _ERRNO_REPLIES = {
 }
 
 
+_REPLY_CODES = frozenset(int(code) for code in ReplyCode)
+
+
 class PolicyDenied(Exception):
     """Every address the destination resolved to is denied by the rules."""
 
@@ -80,9 +83,19 @@ def reply_for_failure(failure: Failure) -> ReplyCode:
       which 0x04 would hide;
     - ``EACCES``, ``EPERM`` (a local firewall), :class:`PolicyDenied` (the
       access rules denied every address of the name): 0x02 not allowed;
+    - through ``--upstream``: the upstream's own reply code when it sent
+      one, 0x06 when its handshake timed out, else 0x01;
     - anything else: 0x01 general failure.
     """
     value = failure.value
+    from .client import HandshakeTimeout, SOCKS5Error, SOCKS5ReplyError
+
+    if isinstance(value, SOCKS5ReplyError) and value.code in _REPLY_CODES:
+        return ReplyCode(value.code)  # an upstream's answer, passed on
+    if isinstance(value, HandshakeTimeout):
+        return ReplyCode.TTL_EXPIRED
+    if isinstance(value, SOCKS5Error):
+        return ReplyCode.GENERAL_FAILURE
     number = getattr(value, "osError", None)
     if not isinstance(number, int):
         number = getattr(value, "errno", None)

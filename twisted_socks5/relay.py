@@ -17,10 +17,30 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, ITransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    INegotiated,
+    ISSLTransport,
+    ITransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+
+def half_close(transport: Any) -> bool:
+    """
+    Shut down the write side of ``transport`` (our FIN), where that exists.
+
+    TLS has no half-close in Twisted (``TLSMemoryBIOProtocol`` would send a
+    bare TCP FIN, which the peer takes for a truncation attack), so TLS
+    transports answer ``False`` and the caller decides.
+    """
+    tls = INegotiated.providedBy(transport) or ISSLTransport.providedBy(transport)
+    if tls or not hasattr(transport, "loseWriteConnection"):
+        return False
+    transport.loseWriteConnection()
+    return True
 
 
 class RelayCounters:

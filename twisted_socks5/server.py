@@ -50,7 +50,7 @@ from .connect import DirectConnector, IOutboundConnector, reply_for_failure
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .metrics import Metrics
-from .relay import OutboundProtocol, RelayCounters
+from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, IPolicy
 from .udp import UDPAssociation
 
@@ -383,7 +383,11 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if not isinstance(protocol, OutboundProtocol):  # pragma: no cover
             raise TypeError(f"unexpected outbound protocol {protocol!r}")
         self._outbound = protocol
-        self.bound = address_of(protocol.transport.getHost())
+        # Through an upstream, the address that matters is the upstream's.
+        bound = getattr(protocol.transport, "bound", None)
+        self.bound = bound if isinstance(bound, Address) else None
+        if self.bound is None:
+            self.bound = address_of(protocol.transport.getHost())
         self._send_reply(ReplyCode.SUCCEEDED, self.bound)
         self._start_relay(protocol)
 
@@ -569,25 +573,45 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _forward_client_eof(self) -> None:
         self.counters.up_closed = True
-        if self._outbound is not None:
-            self._outbound.transport.loseWriteConnection()
+        if self._outbound is not None and not half_close(self._outbound.transport):
+            # TLS toward the destination (an upstream over TLS) has no
+            # half-close: keep the tunnel open for the answer instead.
+            return
         self._maybe_finished()
 
     def _target_eof(self) -> None:
         self.counters.down_closed = True
-        self.transport.loseWriteConnection()
+        if not half_close(self.transport):
+            # A TLS client cannot be half-closed; all the destination had to
+            # say is queued, so end the tunnel cleanly (close_notify).
+            self.counters.up_closed = True
         self._maybe_finished()
 
     def _maybe_finished(self) -> None:
         if self.counters.up_closed and self.counters.down_closed:
+            self._unlink_producers()
             self.transport.loseConnection()
             if self._outbound is not None:
                 self._outbound.transport.loseConnection()
+
+    def _unlink_producers(self) -> None:
+        """
+        Undo the mutual producer registration before a clean close: a TLS
+        transport waits for its producer to go before sending close_notify,
+        and a closing transport stops its producer, which for a TLS
+        transport means a bare TCP close the peer sees as truncation.
+        """
+        outbound = self._outbound
+        for transport in (self.transport, outbound.transport if outbound else None):
+            if transport is not None and getattr(transport, "producer", None):
+                transport.unregisterProducer()
 
     def _target_lost(self, reason: Failure) -> None:
         """The destination connection is gone: end the client side too."""
         self._outbound = None
         if reason.check(ConnectionDone):
+            if getattr(self.transport, "producer", None):
+                self.transport.unregisterProducer()
             self.transport.loseConnection()
         else:
             self.outcome = f"target connection lost: {reason.getErrorMessage()}"

@@ -210,6 +210,15 @@ class Options(usage.Options, AuthOptionMixin):
             "Re-read on SIGHUP; a broken file keeps the rules in force.",
         ],
         [
+            "upstream",
+            None,
+            None,
+            "Send CONNECT requests through this SOCKS5 server: "
+            "socks5://[USER:PASS@]HOST:PORT, socks5+tls://...[?ca=CA.pem"
+            "&servername=NAME] (certificate and name verified), or a client "
+            "endpoint string.",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -330,6 +339,15 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(
                     "--metrics is per process: it cannot be combined with --workers"
                 )
+        if self["upstream"]:
+            from twisted.internet import reactor
+
+            from .upstream import parse_upstream
+
+            try:
+                parse_upstream(reactor, self["upstream"])
+            except Exception as e:  # noqa: BLE001 - any parse error is a usage error
+                raise usage.UsageError(f"--upstream: {e}") from None
         if self["rules"]:
             try:
                 self.policy = RulesFile(self["rules"])
@@ -492,6 +510,17 @@ class RulesFile:
 classImplements(RulesFile, IPolicy)
 
 
+def _connector(options: Options, reactor: Any) -> Any:
+    if not options["upstream"]:
+        return None
+    from .upstream import UpstreamConnector, parse_upstream
+
+    proxy, username, password = parse_upstream(reactor, options["upstream"])
+    return UpstreamConnector(
+        reactor, proxy, username, password, timeout=options["connect-timeout"]
+    )
+
+
 def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
     """The server factory the options describe."""
     authenticators = build_authenticators(options)
@@ -505,6 +534,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
         commands=options["commands"],
         policy=options.policy,
+        connector=_connector(options, reactor),
         limits=ConnectionLimits(
             reactor.seconds,
             max_connections=options["max-connections"],
