@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple, TypeVar, Union
@@ -118,6 +119,23 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------
 # Addresses
 
+# The C library's inet_pton/inet_ntop: as strict as ``ipaddress`` (no
+# leading zeros, no short forms) and an order of magnitude cheaper, which
+# matters on the per-connection path.
+_AF4, _AF6 = socket.AF_INET, socket.AF_INET6
+_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+def _pton(family: int, text: str) -> bytes:
+    try:
+        return socket.inet_pton(family, text)
+    except (OSError, UnicodeError, ValueError):
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+def _ntop(family: int, packed: bytes) -> str:
+    return socket.inet_ntop(family, packed)
+
 
 @dataclass(frozen=True)
 class Address:
@@ -138,9 +156,9 @@ class Address:
             raise ValueError(f"port out of range: {self.port}")
         # IP hosts are kept in canonical text, so equal addresses compare equal.
         if self.type is AddressType.IPV4:
-            object.__setattr__(self, "host", str(ipaddress.IPv4Address(self.host)))
+            object.__setattr__(self, "host", _ntop(_AF4, _pton(_AF4, self.host)))
         elif self.type is AddressType.IPV6:
-            object.__setattr__(self, "host", str(ipaddress.IPv6Address(self.host)))
+            object.__setattr__(self, "host", _ntop(_AF6, _pton(_AF6, self.host)))
         else:
             size = len(self.host.encode("utf-8"))
             if not 1 <= size <= 255:
@@ -152,15 +170,19 @@ class Address:
         Build an address, choosing IPV4/IPV6 for IP literals and DOMAIN
         otherwise; IPv4-mapped IPv6 addresses become plain IPv4.
         """
+        if ":" not in host:
+            try:
+                packed = _pton(_AF4, host)
+            except ValueError:
+                return cls(AddressType.DOMAIN, host, port)
+            return cls(AddressType.IPV4, _ntop(_AF4, packed), port)
         try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
+            packed = _pton(_AF6, host.split("%", 1)[0])
         except ValueError:
             return cls(AddressType.DOMAIN, host, port)
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped is not None:
-                return cls(AddressType.IPV4, str(ip.ipv4_mapped), port)
-            return cls(AddressType.IPV6, str(ip), port)
-        return cls(AddressType.IPV4, str(ip), port)
+        if packed[:12] == _MAPPED_PREFIX:
+            return cls(AddressType.IPV4, _ntop(_AF4, packed[12:]), port)
+        return cls(AddressType.IPV6, _ntop(_AF6, packed), port)
 
     @property
     def is_unspecified(self) -> bool:
@@ -171,9 +193,9 @@ class Address:
 
     def to_bytes(self) -> bytes:
         if self.type is AddressType.IPV4:
-            raw = ipaddress.IPv4Address(self.host).packed
+            raw = _pton(_AF4, self.host)
         elif self.type is AddressType.IPV6:
-            raw = ipaddress.IPv6Address(self.host).packed
+            raw = _pton(_AF6, self.host)
         else:
             name = self.host.encode("utf-8")
             raw = bytes((len(name),)) + name
@@ -195,13 +217,13 @@ def _parse_address(buf: Buffer, offset: int) -> Parsed[Address]:
         end = start + 4
         if len(buf) < end + 2:
             return None
-        host = str(ipaddress.IPv4Address(bytes(buf[start:end])))
+        host = _ntop(_AF4, bytes(buf[start:end]))
         kind = AddressType.IPV4
     elif atyp == AddressType.IPV6:
         end = start + 16
         if len(buf) < end + 2:
             return None
-        host = str(ipaddress.IPv6Address(bytes(buf[start:end])))
+        host = _ntop(_AF6, bytes(buf[start:end]))
         kind = AddressType.IPV6
     elif atyp == AddressType.DOMAIN:
         if len(buf) < start + 1:

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IResolutionReceiver,
 )
+from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
@@ -286,6 +287,26 @@ class DirectConnector:
             bindAddress=self.bind_address,
         )
 
+    def _connect_tcp(
+        self, address: Address, factory: IProtocolFactory
+    ) -> defer.Deferred[IProtocol]:
+        connector: Any = None
+
+        def cancel(d: defer.Deferred[IProtocol]) -> None:
+            if connector is not None:
+                connector.stopConnecting()
+
+        d: defer.Deferred[IProtocol] = defer.Deferred(cancel)
+        # connectTCP's own timeout fails with TimeoutError: answered 0x06.
+        connector = self.reactor.connectTCP(
+            address.host,
+            address.port,
+            _FastClientFactory(factory, d),
+            timeout=self.timeout,
+            bindAddress=self.bind_address,
+        )
+        return d
+
     def resolve(self, name: str) -> defer.Deferred[List[str]]:
         """
         Resolve ``name`` to IP address strings (IPv6 and IPv4), without
@@ -302,6 +323,10 @@ class DirectConnector:
         factory: IProtocolFactory,
         check: Optional[Callable[[str], Optional[str]]] = None,
     ) -> defer.Deferred[IProtocol]:
+        if address.type is not AddressType.DOMAIN and getattr(
+            factory, "fast_connect", False
+        ):
+            return self._connect_tcp(address, factory)
         denials: List[str] = []
         try:
             endpoint = self._endpoint(address, check, denials)
@@ -316,6 +341,30 @@ class DirectConnector:
 
         d.addErrback(denied)
         return _with_timeout(d, self.timeout, self.reactor)
+
+
+class _FastClientFactory(ClientFactory):
+    """
+    One connectTCP without the endpoint wrappers: the protocol itself fires
+    ``connected`` from ``connectionMade`` (see ``OutboundProtocol``), so no
+    wrapping protocol sits in the relay's per-chunk path.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: IProtocolFactory, d: defer.Deferred[IProtocol]) -> None:
+        self.factory = factory
+        self.d = d
+
+    def buildProtocol(self, addr: Any) -> Optional[IProtocol]:  # type: ignore[override]
+        protocol = self.factory.buildProtocol(addr)
+        if protocol is not None:
+            protocol.connected_deferred = self.d  # type: ignore[attr-defined]
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.d.called:
+            self.d.errback(reason)
 
 
 def _with_timeout(

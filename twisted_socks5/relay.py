@@ -74,8 +74,14 @@ class OutboundProtocol(Protocol):
         self.on_lost: Optional[Callable[[Failure], None]] = None
         self.on_read_closed: Optional[Callable[[], None]] = None
 
+    #: Fired with this protocol once connected, by the fast connect path.
+    connected_deferred: Any = None
+
     def connectionMade(self) -> None:
         self.transport.pauseProducing()
+        d, self.connected_deferred = self.connected_deferred, None
+        if d is not None and not d.called:
+            d.callback(self)
 
     def start_relay(
         self,

@@ -62,6 +62,8 @@ MAX_EARLY_DATA = 256 * 1024
 class _OutboundFactory(Factory):
     noisy = False
     protocol = OutboundProtocol
+    #: Its protocols announce their own connection (``connected_deferred``).
+    fast_connect = True
 
 
 _OUTBOUND_FACTORY = _OutboundFactory()
