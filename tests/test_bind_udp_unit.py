@@ -71,6 +71,18 @@ def test_bind_two_replies_then_relay() -> None:
     assert h.protocol.peer == Address.from_host("127.0.0.9", 2000)
 
 
+def test_bind_asks_for_the_port_named_with_an_unspecified_address() -> None:
+    """Dante's socksify sends 0.0.0.0:PORT with the port its program bound."""
+    h = Harness()
+    h.send(bind_request(Address.from_host("0.0.0.0", 40404)))
+    port, _, _, _ = h.reactor.tcpServers[-1]
+    assert port == 40404
+    h = Harness()
+    h.send(bind_request(Address.from_host("127.0.0.9", 40404)))  # a peer's port
+    port, _, _, _ = h.reactor.tcpServers[-1]
+    assert port == 0
+
+
 def test_bind_refuses_the_wrong_peer_and_keeps_waiting() -> None:
     h = Harness()
     h.send(bind_request())

@@ -68,9 +68,18 @@ class BindWaiter(Factory):
         self._timer: Any = None
         self._done = False
 
-    def listen(self, host: str) -> Address:
-        """Start listening on ``host`` (any free port); the first reply's address."""
-        self.port = self.reactor.listenTCP(0, self, interface=host)
+    def listen(self, host: str, port: int = 0) -> Address:
+        """
+        Start listening on ``host``; the first reply's address.  ``port`` is
+        tried first when given (Dante's client asks for the port its program
+        bound, and gives up if it gets another), then any free port.
+        """
+        try:
+            self.port = self.reactor.listenTCP(port, self, interface=host)
+        except error.CannotListenError:
+            if not port:
+                raise
+            self.port = self.reactor.listenTCP(0, self, interface=host)
         self._timer = self.reactor.callLater(self.timeout, self._expire)
         bound = self.port.getHost()
         return Address.from_host(bound.host, bound.port)

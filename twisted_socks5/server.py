@@ -496,8 +496,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         waiter = BindWaiter(
             self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
         )
+        requested = self.request.address if self.request is not None else None
+        wanted = 0
+        if requested is not None and requested.is_unspecified:
+            wanted = requested.port
         try:
-            first = waiter.listen(self._local_host())
+            first = waiter.listen(self._local_host(), wanted)
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
             self.outcome = f"bind failed: {e}"
             self._send_reply(ReplyCode.GENERAL_FAILURE)

@@ -338,3 +338,26 @@ async def test_pysocks_udp_client(make_proxy: Any, udp_ports: Any) -> None:
     data, source = await threads.deferToThread(_pysocks_udp, port, echo)
     assert data == b"pysocks datagram"
     assert source == ("127.0.0.1", echo)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bind_gets_the_requested_port_or_another(make_proxy: Any) -> None:
+    from conftest import closed_port
+
+    _, port = make_proxy()
+    wanted = closed_port()
+    client = await control(
+        port, "127.0.0.1", Request(Command.BIND, Address.from_host("0.0.0.0", wanted))
+    )
+    first = await client.reply(1)
+    assert first.address.port == wanted
+    # The same port again is taken now: the proxy falls back to a free one.
+    other = await control(
+        port, "127.0.0.1", Request(Command.BIND, Address.from_host("0.0.0.0", wanted))
+    )
+    second = await other.reply(1)
+    assert second.reply is ReplyCode.SUCCEEDED and second.address.port != wanted
+    client.transport.loseConnection()
+    other.transport.loseConnection()
+    await client.closed
+    await other.closed
