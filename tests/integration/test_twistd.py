@@ -193,3 +193,55 @@ async def test_sighup_reloads_credentials_and_keeps_running(
         process.transport.signalProcess(signal.SIGTERM)
         code = await process.ended
         assert code == 0, b"".join(process.output).decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest_twisted.ensureDeferred
+async def test_twistd_pidfile_logfile_and_privilege_drop() -> None:
+    """Ports are bound as root, then twistd's --uid/--gid drop privileges."""
+    import pathlib
+    import shutil
+    import tempfile
+
+    # pytest's tmp_path is private to root; nobody must be able to enter here.
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="socks5-uid-"))
+    workdir.chmod(0o755)
+    pidfile = workdir / "socks5.pid"
+    logfile = workdir / "socks5.log"
+    process = Twistd()
+    process.listening.addErrback(lambda _: None)  # it logs to the file instead
+    args = [
+        TWISTD,
+        "-n",
+        f"--pidfile={pidfile}",
+        f"--logfile={logfile}",
+        "--uid=65534",
+        "--gid=65534",
+        "socks5",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+    ]
+    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(workdir))
+    try:
+        for _ in range(2000):  # the log goes to the file: poll it, bounded
+            if logfile.exists() and b"listening on" in logfile.read_bytes():
+                break
+            await _turn()
+        assert b"listening on 127.0.0.1:" in logfile.read_bytes()
+        pid = int(pidfile.read_text())
+        assert pid == process.transport.pid
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == ["65534"] * 4
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        assert await process.ended == 0
+    # (The pidfile stays: the unprivileged process may not delete a file that
+    # root created in root's directory; give it a directory of its own.)
+    shutil.rmtree(workdir)
+
+
+def _turn() -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0.005, d.callback, None)
+    return d
