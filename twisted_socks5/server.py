@@ -691,8 +691,9 @@ class SOCKS5ServerFactory(Factory):
         resolution included.
     :param idle_timeout: close a tunnel after this many seconds without a
         byte either way; ``None`` (the default) never does.
-    :param splice: move bytes with ``os.splice`` (Linux, plain TCP on both
-        ends), falling back to the ordinary relay elsewhere.
+    :param splice: move bytes with ``os.splice`` through kernel pipes when
+        both ends are plain TCP sockets on Linux (on by default); the
+        ordinary relay serves everything else, or everything when ``False``.
     :param bind_timeout: seconds a BIND waits for its peer (answer 0x06).
     :param udp_allow_unknown_sources: relay UDP answers from addresses the
         client never sent to (some NAT traversal needs it); off by default.
@@ -715,7 +716,7 @@ class SOCKS5ServerFactory(Factory):
         handshake_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         idle_timeout: Optional[float] = None,
-        splice: bool = False,
+        splice: bool = True,
         bind_timeout: float = 120.0,
         udp_allow_unknown_sources: bool = False,
         commands: Sequence[Command] = (

@@ -106,10 +106,7 @@ def plain_tcp(transport: Any) -> bool:
         return False
     if transport.producer is not None:
         return False
-    try:
-        handle = transport.getHandle()
-    except AttributeError:
-        return False
+    handle = transport.getHandle()
     # tcp.Connection is also the base of UNIX sockets: TCP only.
     return (
         isinstance(handle, socket.socket)
@@ -122,14 +119,14 @@ def _make_pipe() -> tuple[int, int, int]:
     """A non-blocking pipe enlarged if the kernel allows: (read, write, size)."""
     read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     size = _DEFAULT_PIPE_SIZE
-    try:
-        if _F_SETPIPE_SZ is not None:
+    if _F_SETPIPE_SZ is not None:
+        # Refused (EPERM over pipe-max-size or the per-user pipe quota):
+        # a smaller pipe only means more splice() calls.
+        with contextlib.suppress(OSError):
             fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
-        if _F_GETPIPE_SZ is not None:
+    if _F_GETPIPE_SZ is not None:
+        with contextlib.suppress(OSError):
             size = fcntl.fcntl(write_fd, _F_GETPIPE_SZ)
-    except OSError:
-        # Refused (EPERM over a quota, EBUSY): the default size still works.
-        pass
     return read_fd, write_fd, size
 
 

@@ -246,6 +246,12 @@ class Options(usage.Options, AuthOptionMixin):
 
     optFlags = [
         [
+            "no-splice",
+            None,
+            "Relay through user space only (no os.splice zero-copy path, which "
+            "is otherwise used for plain TCP tunnels on Linux).",
+        ],
+        [
             "allow-open-relay",
             None,
             "Start even when listening beyond loopback with neither a password "
@@ -531,6 +537,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         connect_timeout=options["connect-timeout"],
         idle_timeout=options["idle-timeout"],
         bind_timeout=options["bind-timeout"],
+        splice=not options["no-splice"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
         commands=options["commands"],
         policy=options.policy,
