@@ -107,3 +107,18 @@ def test_drain_finishes_as_soon_as_the_last_tunnel_closes() -> None:
     h.lose()
     assert d.called
     assert h.reactor.getDelayedCalls() == []
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    import resource
+
+    from twisted_socks5.limits import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        now = raise_fd_limit()
+        assert now == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert now == min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -17,23 +17,43 @@ _FD_RESERVE = 64
 MAX_TRACKED_CLIENTS = 65536
 
 
-def default_max_connections() -> int:
+def raise_fd_limit(ceiling: int = 1 << 20) -> int:
+    """
+    Raise the soft ``RLIMIT_NOFILE`` to the hard limit (as Go's runtime and
+    most servers do): the soft default of 1024 is meant for programs that
+    use select(), not for a proxy holding thousands of sockets.  Returns
+    the soft limit in force afterwards.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # pragma: no cover - not allowed here
+            pass
+    return soft
+
+
+def default_max_connections(fds_per_connection: int = 3) -> int:
     """
     The most client connections this process can carry: a CONNECT tunnel
-    uses two file descriptors, a waiting BIND three and a UDP association up
-    to four, so a third of what is left of ``RLIMIT_NOFILE`` after a reserve.
-    Raise the descriptor limit (``LimitNOFILE=`` in systemd) to raise this.
+    uses two file descriptors (six with the splice relay's two pipes), a
+    waiting BIND three and a UDP association up to four; so what is left of
+    ``RLIMIT_NOFILE`` after a reserve, divided by the worst case.  Raise the
+    descriptor limit (``LimitNOFILE=`` in systemd) to raise this.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft <= 0:
         soft = 1 << 20
-    return max(1, (soft - _FD_RESERVE) // 3)
+    return max(1, (soft - _FD_RESERVE) // fds_per_connection)
 
 
 class ConnectionLimits:
     """
     :param max_connections: client connections open at once, all clients
-        together (``None``: derived from ``RLIMIT_NOFILE``; ``0``: no limit).
+        together (``None``: derived from ``RLIMIT_NOFILE`` and
+        ``fds_per_connection``; ``0``: no limit).
     :param max_per_client: connections open at once from one client IP
         (``None`` or ``0``: no limit).
     :param auth_failures: failed authentications from one IP within
@@ -48,10 +68,11 @@ class ConnectionLimits:
         max_per_client: Optional[int] = None,
         auth_failures: int = 5,
         auth_window: float = 60.0,
+        fds_per_connection: int = 3,
     ) -> None:
         self.clock = clock
         if max_connections is None:
-            max_connections = default_max_connections()
+            max_connections = default_max_connections(fds_per_connection)
         self.max_connections = max_connections
         self.max_per_client = max_per_client or 0
         self.auth_failures = auth_failures

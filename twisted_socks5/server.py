@@ -746,7 +746,9 @@ class SOCKS5ServerFactory(Factory):
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
-        self.limits = limits or ConnectionLimits(reactor.seconds)
+        self.limits = limits or ConnectionLimits(
+            reactor.seconds, fds_per_connection=6 if splice else 3
+        )
         #: The access rules; ``None`` allows everything (and costs nothing).
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy

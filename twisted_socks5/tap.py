@@ -548,6 +548,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             max_per_client=options["max-connections-per-client"],
             auth_failures=options["auth-failures"],
             auth_window=options["auth-failure-window"],
+            fds_per_connection=3 if options["no-splice"] else 6,
         ),
     )
 
@@ -597,6 +598,10 @@ def _without_workers(argv: List[str]) -> List[str]:
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
+
+    from .limits import raise_fd_limit
+
+    raise_fd_limit()
 
     if options["workers"] > 1:
         from .workers import WorkerSupervisor

@@ -40,6 +40,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         lambda event: f"[{event.get('log_namespace', '-')}] {formatEvent(event)}\n",
     )
     globalLogBeginner.beginLoggingTo([observer])
+    from .limits import raise_fd_limit
+
+    raise_fd_limit()
     factory = build_factory(options, reactor)
     install_reload_signal(factory)
     ports = []
