@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import pytest
+import pytest_twisted
 from twisted.cred.credentials import UsernamePassword as TextCredentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -26,6 +27,8 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.interface import InterfaceClass
 from zope.interface.verify import verifyObject
@@ -558,3 +561,230 @@ def test_metrics_table_lists_every_metric() -> None:
     metrics = factory.enable_metrics()
     families = {family.name for family in metrics.registry.collect()}
     assert documented == families
+
+
+# --------------------------------------------------------------------------
+# The pages of the features that landed after the first docs: access rules
+# (docs/examples/socks5.rules), the client endpoint (socks5_client.py), and
+# the API pages and README that name them.
+
+
+NEW_API_MODULES = ["rules", "client", "upstream", "workers"]
+
+
+@pytest.mark.parametrize("name", NEW_API_MODULES)
+def test_new_api_pages_document_the_module_and_its_interfaces(name: str) -> None:
+    test_api_page_documents_the_module_and_its_interfaces(name)
+    index = (DOCS / "api" / "index.rst").read_text(encoding="utf-8")
+    assert re.search(rf"^   {name}$", index, re.MULTILINE)
+
+
+def test_conf_py_lists_every_api_page() -> None:
+    """conf.py's API_MODULES (names cross-referenced) and docs/api agree."""
+    text = (DOCS / "conf.py").read_text(encoding="utf-8")
+    listed = text[
+        text.index("API_MODULES = [") : text.index("]", text.index("API_MODULES = ["))
+    ]
+    modules = set(re.findall(r'"(\w+)"', listed))
+    pages = {p.stem for p in (DOCS / "api").glob("*.rst")} - {"index"}
+    assert modules == pages
+
+
+def _ssrf_rules() -> Any:
+    from twisted_socks5.rules import RuleSet
+
+    return RuleSet.from_file(EXAMPLES / "socks5.rules")
+
+
+def _decide(rules: Any, command: Command, host: str, port: int, ip: str) -> bool:
+    """
+    The whole answer for one request, as the server asks it: as sent, then
+    (unless refused already) for the address it would use.
+    """
+    destination = Address.from_host(host, port)
+    if not rules.check_request("198.51.100.1", "alice", command, destination).allowed:
+        return False
+    return bool(
+        rules.check_resolved("198.51.100.1", "alice", command, destination, ip).allowed
+    )
+
+
+def test_ssrf_starter_rules_parse_without_warnings() -> None:
+    rules = _ssrf_rules()
+    assert rules.warnings == []
+    assert rules.default_line is not None and not rules.default_allow
+
+
+@pytest.mark.parametrize(
+    ("host", "ip"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+        ("::1", "::1"),
+        ("10.1.2.3", "10.1.2.3"),
+        ("169.254.169.254", "169.254.169.254"),
+        ("localhost", "127.0.0.1"),
+        ("localhost", "::1"),
+        ("metadata.google.internal", "169.254.169.254"),
+        ("innocent.example", "192.168.1.1"),
+        ("innocent.example", "fd00::1"),
+        ("innocent.example", "::ffff:10.0.0.1"),
+        ("2002:7f00::1", "2002:7f00::1"),
+    ],
+)
+def test_ssrf_starter_rules_keep_internal_addresses_out(host: str, ip: str) -> None:
+    assert not _decide(_ssrf_rules(), Command.CONNECT, host, 443, ip)
+
+
+def test_ssrf_starter_rules_let_the_web_through_and_nothing_else() -> None:
+    rules = _ssrf_rules()
+    for port in (80, 443):
+        assert _decide(rules, Command.CONNECT, "example.com", port, "93.184.215.14")
+        assert _decide(rules, Command.CONNECT, "2001:db8::5", port, "2001:db8::5")
+    assert not _decide(rules, Command.CONNECT, "example.com", 22, "93.184.215.14")
+    assert not _decide(rules, Command.BIND, "0.0.0.0", 0, "93.184.215.14")
+    assert not _decide(rules, Command.UDP_ASSOCIATE, "9.9.9.9", 53, "9.9.9.9")
+
+
+def test_ssrf_starter_rules_in_the_server() -> None:
+    s = Served([NoAuthAuthenticator()], policy=_ssrf_rules())
+    s.send(
+        b"\x05\x01\x00"
+        + Request(Command.CONNECT, Address.from_host("127.0.0.1", 80)).to_bytes()
+    )
+    assert s.take() == b"\x05\x00" + Reply(ReplyCode.CONNECTION_NOT_ALLOWED).to_bytes()
+    assert s.closing
+    assert s.protocol.rule is not None and "127.0.0.0/8" in s.protocol.rule
+
+
+@pytest.mark.parametrize(
+    ("extra", "starts"),
+    [
+        ("", False),  # anyone could use it for the web: an open proxy
+        ("allow from 192.0.2.0/24 command connect port 80, 443\n", True),
+    ],
+)
+def test_ssrf_starter_rules_and_the_open_relay_check(
+    tmp_path: Path, extra: str, starts: bool
+) -> None:
+    """The page says: on a public address, add ``from`` or use --auth."""
+    from twisted.python import usage
+
+    text = (EXAMPLES / "socks5.rules").read_text(encoding="utf-8")
+    if extra:
+        text = text.replace("allow command connect port 80, 443\n", extra)
+        assert extra in text
+    path = tmp_path / "rules"
+    path.write_text(text, encoding="utf-8")
+    argv = ["--listen", "tcp:1080:interface=0.0.0.0", "--rules", str(path)]
+    if starts:
+        Options().parseOptions(argv)
+    else:
+        with pytest.raises(usage.UsageError, match="open proxy"):
+            Options().parseOptions(argv)
+        Options().parseOptions([*argv, "--auth", "memory:alice:pw"])
+
+
+def _literal_block_after(text: str, marker: str) -> List[str]:
+    """
+    The lines of the first literal block (``::`` or ``.. code-block::``) after
+    ``marker``, without their common indentation.
+    """
+    lines = text[text.index(marker) :].splitlines()
+    opener = next(
+        i
+        for i, line in enumerate(lines)
+        if line.rstrip().endswith("::") or line.lstrip().startswith(".. code-block::")
+    )
+    block: List[str] = []
+    for line in lines[opener + 1 :]:
+        if line.strip() and not line.startswith(" "):
+            break
+        block.append(line.rstrip())
+    body = [line for line in block if line]
+    indent = min(len(line) - len(line.lstrip()) for line in body)
+    return [line[indent:] for line in body]
+
+
+def test_access_rules_page_has_the_grammar_of_the_code() -> None:
+    import twisted_socks5.rules
+
+    code = _literal_block_after(twisted_socks5.rules.__doc__ or "", "Grammar (")
+    page = (DOCS / "access-rules.rst").read_text(encoding="utf-8")
+    documented = _literal_block_after(page, "The grammar (ABNF-like):")
+    assert len(code) > 10
+    assert documented == code
+
+
+def test_client_example_endpoints(monkeypatch: Any) -> None:
+    from twisted.web.client import URI
+    from twisted.web.iweb import IAgentEndpointFactory
+
+    from twisted_socks5.client import SOCKS5ClientEndpoint
+
+    client_example = example("socks5_client")
+    proxy = object()
+    factory = client_example.ThroughSOCKS5(
+        MemoryReactorClock(), proxy, username="alice", password="pw", timeout=5
+    )
+    assert verifyObject(IAgentEndpointFactory, factory)
+    plain = factory.endpointForURI(URI.fromBytes(b"http://example.test:8080/x"))
+    assert isinstance(plain, SOCKS5ClientEndpoint)
+    assert plain.proxy_endpoint is proxy
+    assert plain.target == Address(AddressType.DOMAIN, "example.test", 8080)
+    assert plain.username == b"alice" and plain.timeout == 5
+    tls = factory.endpointForURI(URI.fromBytes(b"https://example.test/"))
+    inner = tls._wrappedEndpoint  # wrapClientTLS's wrapper
+    assert isinstance(inner, SOCKS5ClientEndpoint)
+    assert inner.target == Address(AddressType.DOMAIN, "example.test", 443)
+
+
+class _Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"hello through socks\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_example_fetches_through_our_server() -> None:
+    """agent_through() against a real server and web site on loopback."""
+    from twisted.internet import reactor
+
+    client_example = example("socks5_client")
+    web = reactor.listenTCP(0, Site(_Hello()), interface="127.0.0.1")
+    proxy = reactor.listenTCP(
+        0, SOCKS5ServerFactory(reactor=reactor), interface="127.0.0.1"
+    )
+    try:
+        url = f"http://localhost:{web.getHost().port}/hello"
+        fetched = client_example.fetch(
+            reactor, url, f"tcp:127.0.0.1:{proxy.getHost().port}"
+        )
+        body = await defer.ensureDeferred(fetched).addTimeout(30, reactor)
+    finally:
+        await web.stopListening()
+        await proxy.stopListening()
+    assert body == b"hello through socks\n"
+
+
+def test_readme_lists_every_option() -> None:
+    """The README's option table names each option of ``twistd socks5 --help``."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| option |") : readme.index("twistd's own options")]
+    listed = set(re.findall(r"`--([a-z][a-z0-9-]*)", table))
+    expected = {spec.rstrip("=") for spec in Options().longOpt}
+    assert listed == expected
+
+
+def test_readme_commands_are_the_documented_ones() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert (
+        "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/twistd -n socks5"
+        in readme
+    )
+    assert (
+        "python3 -m venv .venv && .venv/bin/pip install tox && .venv/bin/tox" in readme
+    )
+    assert "RFC 1928 in full" not in readme
+    assert "GSSAPI" in readme

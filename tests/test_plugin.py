@@ -214,9 +214,14 @@ def test_client_allow_list_closes_the_relay(tmp_path: Any) -> None:
     rules = tmp_path / "rules"
     rules.write_text("allow from 192.0.2.0/24\ndefault deny\n")
     parse("--listen", "tcp:1080", "--rules", str(rules))
-    rules.write_text("deny to 10.0.0.0/8\ndefault allow\n")  # not an allow-list
-    with pytest.raises(usage.UsageError, match="open proxy"):
-        parse("--listen", "tcp:1080", "--rules", str(rules))
+    for not_a_client_list in (
+        "deny to 10.0.0.0/8\ndefault allow\n",
+        "allow port 80\ndefault deny\n",  # an open relay for the web
+        "allow to *.com\ndefault deny\n",
+    ):
+        rules.write_text(not_a_client_list)
+        with pytest.raises(usage.UsageError, match="open proxy"):
+            parse("--listen", "tcp:1080", "--rules", str(rules))
 
 
 def test_bad_rules_file_is_a_usage_error(tmp_path: Any) -> None:

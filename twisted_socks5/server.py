@@ -46,7 +46,12 @@ from .codec import (
     parse_greeting,
     parse_request,
 )
-from .connect import DirectConnector, IOutboundConnector, reply_for_failure
+from .connect import (
+    DirectConnector,
+    IOutboundConnector,
+    PolicyDenied,
+    reply_for_failure,
+)
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .metrics import Metrics
@@ -122,6 +127,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.client_ip = ""
         #: Closed at once by a limit or the rules (logged by the factory).
         self.refused = False
+        self._admitted = True
         self.started = 0.0
         self.client: Optional[Address] = None
         self.method: Optional[int] = None
@@ -147,18 +153,29 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.started = self.factory.reactor.seconds()
+        self.setTimeout(self.factory.handshake_timeout)
+        if getattr(self.transport, "_proxyInfo", False) is None:
+            # Behind the haproxy: endpoint the wrapper connects us before the
+            # PROXY header arrives; the real client is known with the first
+            # bytes it passes on, so the checks wait for them.
+            self._admitted = False
+            return
+        self._admit()
+
+    def _admit(self) -> bool:
+        """The limits and the rules' client check; False if refused."""
+        self._admitted = True
         peer = self.transport.getPeer()
-        # Checked here, not in buildProtocol: behind the haproxy: endpoint only
-        # the transport knows the real client (from the PROXY header).
         self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
         if not self.factory.admit(self.client_ip):
             self.refused = True
             self.state = State.CLOSING
+            self.setTimeout(None)
             self.transport.abortConnection()
-            return
+            return False
         self.client = address_of(peer)
         self.factory.connection_opened(self)
-        self.setTimeout(self.factory.handshake_timeout)
+        return True
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.RELAYING:
@@ -168,6 +185,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self._outbound.transport.write(data)  # type: ignore[union-attr]
             return
         if self.state is State.CLOSING:
+            return
+        if not self._admitted and not self._admit():
             return
         if self.state is State.ASSOCIATED:
             # RFC 1928 gives the control connection nothing more to carry.
@@ -201,7 +220,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.state = State.CLOSING
-        if self.refused:
+        if self.refused or not self._admitted:
+            self.setTimeout(None)
             return
         self.setTimeout(None)
         if self._idle_call is not None and self._idle_call.active():
@@ -327,6 +347,11 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         request, used = parsed
         del self._buffer[:used]
         self.request = request
+        if request.command not in self.factory.commands:
+            self.outcome = f"{request.command.phrase} not enabled"
+            self._send_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
+            self._close()
+            return False
         policy = self.factory.policy
         if policy is not None:
             # A UDP ASSOCIATE names the client's own source, not a destination:
@@ -342,11 +367,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             if not decision.allowed:
                 self._deny(decision.rule)
                 return False
-        if request.command not in self.factory.commands:
-            self.outcome = f"{request.command.phrase} not enabled"
-            self._send_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
-            self._close()
-        elif request.command is Command.CONNECT:
+        if request.command is Command.CONNECT:
             self._connect(request)
         elif request.command is Command.BIND:
             self._bind(request)
@@ -426,6 +447,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if failure.check(defer.CancelledError) and self.transport.disconnected:
             return
         code = reply_for_failure(failure)
+        if failure.check(PolicyDenied):
+            self.rule = failure.value.rule  # type: ignore[union-attr]
         self.outcome = f"connect failed: {failure.getErrorMessage()}"
         self._send_reply(code)
         self._close()

@@ -34,9 +34,10 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .client import SOCKS5ClientEndpoint
+from .client import SOCKS5ClientEndpoint, SOCKS5Error
 from .codec import Address, AddressType
 from .connect import DirectConnector, IOutboundConnector, PolicyDenied
 
@@ -127,4 +128,20 @@ class UpstreamConnector:
             timeout=self.timeout,
             reactor=self.reactor,
         )
-        return endpoint.connect(factory)
+        d = endpoint.connect(factory)
+        d.addErrback(_upstream_failure)
+        return d
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream server itself could not be reached (answered 0x01)."""
+
+
+def _upstream_failure(failure: Failure) -> Failure:
+    """
+    Errors reaching the upstream are not the destination's: a refused or
+    unreachable upstream must not look like a refused destination (0x05).
+    """
+    if failure.check(SOCKS5Error, defer.CancelledError):
+        return failure
+    return Failure(UpstreamUnavailable(f"upstream: {failure.getErrorMessage()}"))

@@ -62,14 +62,18 @@ async def test_denied_destination_gets_0x02_and_the_rule_is_logged(
 
 @pytest_twisted.ensureDeferred
 async def test_a_name_cannot_smuggle_a_denied_address(
-    make_proxy: Any, tcp_target: Any, resolver: Any
+    make_proxy: Any, tcp_target: Any, resolver: Any, events: Any
 ) -> None:
-    rules = RuleSet.parse("deny to 127.0.0.0/8, ::1/128\ndefault allow\n")
-    _, port = make_proxy(policy=rules)
+    rules = RuleSet.parse("deny to 127.0.0.0/8, ::1/128\ndefault allow\n", "r")
+    factory, port = make_proxy(policy=rules)
     target = tcp_target(Echo)
     request = connect_request("innocent.test", target, AddressType.DOMAIN)
     assert await exchange(port, b"\x05\x01\x00" + request) == DENIED
     assert resolver.asked == ["innocent.test"]  # it was resolved, then judged
+    while factory.active:
+        await _turn()
+    (event,) = [e for e in events if e.get("event") == "socks5.connection"]
+    assert event["rule"] == "r:1: deny to 127.0.0.0/8, ::1/128"
 
 
 @pytest_twisted.ensureDeferred
@@ -170,3 +174,38 @@ async def test_reload_swaps_rules_and_a_broken_file_keeps_them(
     path.write_text("this is not a rule\n")
     factory.reload()  # logged, and the old rules stay
     assert await exchange(port, request) == DENIED
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_haproxy_the_rules_see_the_real_client(events: Any) -> None:
+    """The PROXY header's source, not HAProxy's address, is the client."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from twisted_socks5.server import SOCKS5ServerFactory
+
+    rules = RuleSet.parse("deny from 198.51.100.0/24\ndefault allow\n")
+    factory = SOCKS5ServerFactory(reactor=reactor, policy=rules)
+    endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+    port = await endpoint.listen(factory)
+    try:
+        number = port.getHost().port
+        header = b"PROXY TCP4 198.51.100.9 127.0.0.1 5555 1080\r\n"
+        assert await exchange(number, header + b"\x05\x01\x00") == b""
+        header = b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 1080\r\n"
+        out = await exchange(
+            number,
+            header
+            + b"\x05\x01\x00"
+            + b"\x05\x09\x00\x01"
+            + b"\x7f\x00\x00\x01\x00\x50",
+        )
+        assert out.startswith(b"\x05\x00")
+        while factory.active:
+            await _turn()
+        refused = [e for e in events if e.get("event") == "socks5.refused"]
+        assert [e["client"] for e in refused] == ["198.51.100.9"]
+        (event,) = [e for e in events if e.get("event") == "socks5.connection"]
+        assert event["client"] == "192.0.2.9:5555"
+    finally:
+        await port.stopListening()

@@ -168,3 +168,16 @@ async def test_wrong_upstream_password(tls_upstream: Any, tcp_target: Any) -> No
 def test_bad_upstream_specs(spec: str) -> None:
     with pytest.raises((ValueError, TypeError, KeyError)):
         parse_upstream(reactor, spec)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_upstream_is_not_a_refused_destination(
+    tcp_target: Any,
+) -> None:
+    factory, port = front(f"socks5://127.0.0.1:{closed_port()}")
+    try:
+        request = b"\x05\x01\x00" + connect_request("127.0.0.1", tcp_target(HashSink))
+        out = await exchange(port.getHost().port, request)
+        assert out == b"\x05\x00" + failure(ReplyCode.GENERAL_FAILURE)
+    finally:
+        await port.stopListening()
