@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """
 Benchmark twisted-socks5 against a direct connection (and microsocks / danted
-when they are installed): single-stream download and upload throughput, and
-connection churn (connect, SOCKS handshake, 64-byte echo, close).
+when they are installed), everything the performance issue asks for in one
+run: single-stream download and upload, 8-stream download, connection churn
+with its latency, 64-byte round trips over one tunnel (proxy on its own core,
+and everything on one core), UDP ASSOCIATE echo, RSS per idle tunnel with
+5,000 open, and churn with --workers 2 against one worker.
 
-    python bench/bench.py                 # about 1 minute
-    python bench/bench.py --quick         # about 25 seconds
+    python bench/bench.py                 # about 4 minutes
+    python bench/bench.py --quick         # under 1 minute
     python bench/bench.py --json out.json
 
-Everything listens on and connects to 127.0.0.1 only.  The load generator and
-the test servers are one C program (bench/loadgen.c), built at run time into
-bench/_build/.  See bench/README.md for what the figures mean.
+Everything listens on and connects to 127.0.0.0/8 only.  The load generator
+and the test servers are one C program (bench/loadgen.c), built at run time
+into bench/_build/.  See bench/README.md for what the figures mean.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
+import resource
+import select
 import shlex
 import shutil
 import signal
@@ -31,8 +37,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -42,7 +49,8 @@ LOADGEN = BUILD / "loadgen"
 HOST = "127.0.0.1"  # loopback only, always
 
 PROXY_NAME = "twisted-socks5"
-METRICS = ("download", "upload", "churn")
+WORKERS_NAME = f"{PROXY_NAME} --workers 2"
+SERVER_PORTS = {"source", "sink", "echo", "pecho", "udp"}
 
 
 # --------------------------------------------------------------------- helpers
@@ -58,10 +66,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def accepting(port: int) -> bool:
+def socks_ready(port: int) -> bool:
+    """Whether a SOCKS5 server answers a no-auth greeting on the port."""
     try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
+        with socket.create_connection((HOST, port), timeout=0.5) as s:
+            s.sendall(b"\x05\x01\x00")
+            return s.recv(2) == b"\x05\x00"
     except OSError:
         return False
 
@@ -72,22 +82,67 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def pin_prefixes(no_pin: bool) -> tuple[List[str], List[str], str]:
-    """taskset prefixes for (load generator + servers, proxy) and a description."""
+def raise_nofile(needed: int) -> str:
+    """
+    Raise RLIMIT_NOFILE (inherited by every child) to at least ``needed``
+    when allowed: a spliced tunnel can hold 6 descriptors in the proxy (two
+    sockets, two pipes), so 5,000 may need 30,000.  Raising the hard limit
+    needs CAP_SYS_RESOURCE; without it the soft limit goes up to the hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(needed, soft)
+    with contextlib.suppress(OSError, ValueError):
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+        want = min(want, nr_open)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))  # root only
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    note = f"{soft}"
+    if soft < needed:
+        note += f" (hard limit; {needed} wanted for the idle tunnels at worst)"
+    return note
+
+
+@dataclass
+class Pinning:
+    """Where things run: taskset prefixes and CPU sets for each placement."""
+
+    load: List[str] = field(default_factory=list)  # taskset prefix, load side
+    proxy: List[str] = field(default_factory=list)  # taskset prefix, proxies
+    load_cpus: Optional[set] = None
+    proxy_cpus: Optional[set] = None
+    all_cpus: set = field(default_factory=set)
+    description: str = "off"
+
+    @property
+    def on(self) -> bool:
+        return bool(self.proxy)
+
+
+def make_pinning(no_pin: bool) -> Pinning:
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = Pinning(all_cpus=set(cpus))
     taskset = shutil.which("taskset")
     if no_pin:
-        return [], [], "off (--no-pin)"
-    if taskset is None:
-        return [], [], "off (no taskset)"
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return [], [], "off (one CPU)"
-    load, proxy = str(cpus[0]), str(cpus[1])
-    return (
-        [taskset, "-c", load],
-        [taskset, "-c", proxy],
-        f"load generator and servers on CPU {load}, proxies on CPU {proxy}",
-    )
+        pin.description = "off (--no-pin)"
+    elif taskset is None:
+        pin.description = "off (no taskset)"
+    elif len(cpus) < 2:
+        pin.description = "off (one CPU)"
+    else:
+        load, proxy = cpus[0], cpus[1]
+        pin.load, pin.proxy = [taskset, "-c", str(load)], [taskset, "-c", str(proxy)]
+        pin.load_cpus, pin.proxy_cpus = {load}, {proxy}
+        pin.description = (
+            f"load generator and servers on CPU {load}, proxies on CPU {proxy} "
+            f"(same-core rows: all on CPU {proxy}; unpinned rows: anywhere, "
+            f"{len(cpus)} CPUs)"
+        )
+    return pin
 
 
 def build_loadgen() -> Path:
@@ -98,7 +153,7 @@ def build_loadgen() -> Path:
     if cc is None:
         raise SystemExit("bench: no C compiler (cc or gcc) on PATH")
     tmp = BUILD / f"loadgen.{os.getpid()}.tmp"
-    cmd = [cc, "-O2", "-Wall", "-o", str(tmp), str(LOADGEN_SRC)]
+    cmd = [cc, "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(LOADGEN_SRC)]
     log(f"building {LOADGEN.relative_to(ROOT)}: {' '.join(cmd)}")
     subprocess.run(cmd, check=True)
     tmp.replace(LOADGEN)
@@ -131,6 +186,23 @@ def find_twistd(explicit: Optional[str]) -> List[str]:
     )
 
 
+def splice_flags(twistd: List[str]) -> List[str]:
+    """The relay-path flags ``twistd socks5 --help`` offers, of --splice/--no-splice."""
+    try:
+        out = subprocess.run(
+            [*twistd, "socks5", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=proxy_env(),
+            cwd=ROOT,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = set(re.findall(r"(--(?:no-)?splice)\b", out))
+    return [flag for flag in ("--splice", "--no-splice") if flag in found]
+
+
 def proc_status(pid: int) -> Dict[str, int]:
     """VmRSS and VmHWM of a process, in kB."""
     out = {}
@@ -140,6 +212,14 @@ def proc_status(pid: int) -> Dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0])
     return out
+
+
+def pss_kb(pid: int) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -155,7 +235,7 @@ def _stat(pid: int) -> Optional[List[str]]:
 
 
 def process_tree(pid: int) -> List[int]:
-    """pid and its live descendants (danted forks workers)."""
+    """pid and its live descendants (danted and --workers fork)."""
     children: Dict[int, List[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -185,14 +265,66 @@ def cpu_seconds(pid: int) -> Optional[float]:
     return total
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds all CPUs have been busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def memory(pid: int) -> Dict[str, int]:
-    """VmRSS/VmHWM of the process, and the RSS summed over its tree, in kB."""
+    """VmRSS/VmHWM of the process, and RSS and PSS summed over its tree, in kB."""
     out = proc_status(pid)
     tree = process_tree(pid)
     if out and len(tree) > 1:
         out["tree_processes"] = len(tree)
         out["tree_VmRSS"] = sum(proc_status(p).get("VmRSS", 0) for p in tree)
+        out["tree_Pss"] = sum(pss_kb(p) for p in tree)
     return out
+
+
+def footprint_kb(pid: int) -> Tuple[int, str]:
+    """
+    The proxy's memory for the idle-tunnel figure: VmRSS of a single process;
+    for a process tree (danted), PSS summed, so shared pages count once.
+    """
+    tree = process_tree(pid)
+    if len(tree) == 1:
+        return proc_status(pid).get("VmRSS", 0), "VmRSS"
+    return sum(pss_kb(p) for p in tree), f"PSS of {len(tree)} processes"
+
+
+def set_affinity(pid: int, cpus: Optional[set]) -> None:
+    """Move every thread of a process tree to ``cpus`` (None: leave it)."""
+    if not cpus:
+        return
+    for p in process_tree(pid):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
+
+
+def fd_count(pid: int) -> int:
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{p}/fd"))
+    return total
 
 
 # ------------------------------------------------------------------- processes
@@ -205,7 +337,7 @@ class Proc:
         self.name = name
         self.cmd = cmd
         self.env = env
-        self.log_path = BUILD / f"{name}.log"
+        self.log_path = BUILD / f"{name.replace(' ', '_')}.log"
         self.proc: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
 
@@ -233,20 +365,27 @@ class Proc:
             return ""
         return "\n".join(text[-lines:])
 
-    def wait_accepting(self, port: int, tries: int = 100, delay: float = 0.1) -> None:
+    def wait_ready(self, port: int, tries: int = 150, delay: float = 0.1) -> None:
+        """Until the SOCKS greeting is answered ``streak`` times in a row."""
         assert self.proc is not None
+        streak = 0
         for _ in range(tries):
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"{self.name} exited with {self.proc.returncode} before "
                     f"accepting on {HOST}:{port}:\n{self.log_tail()}"
                 )
-            if accepting(port):
-                self.port = port
-                return
+            if socks_ready(port):
+                streak += 1
+                # --workers: every worker's socket must answer, not only one.
+                if streak >= 8:
+                    self.port = port
+                    return
+                continue
+            streak = 0
             time.sleep(delay)
         raise RuntimeError(
-            f"{self.name} not accepting on {HOST}:{port} after {tries} tries:\n"
+            f"{self.name} not answering on {HOST}:{port} after {tries} tries:\n"
             f"{self.log_tail()}"
         )
 
@@ -270,8 +409,8 @@ class Proc:
         return proc.returncode
 
 
-def start_servers(load_pin: List[str]) -> tuple[Proc, Dict[str, int]]:
-    servers = Proc("servers", [*load_pin, str(LOADGEN), "serve"])
+def start_servers(pin: Pinning) -> Tuple[Proc, Dict[str, int]]:
+    servers = Proc("servers", [*pin.load, str(LOADGEN), "serve"])
     # stdin stays open: the servers exit when it closes (if this script dies).
     servers.start(stdout=subprocess.PIPE, stdin=subprocess.PIPE)
     assert servers.proc is not None and servers.proc.stdout is not None
@@ -280,7 +419,7 @@ def start_servers(load_pin: List[str]) -> tuple[Proc, Dict[str, int]]:
     for item in line.split():
         key, _, value = item.partition("=")
         ports[key] = int(value)
-    if set(ports) != {"source", "sink", "echo"}:
+    if set(ports) != SERVER_PORTS:
         servers.stop()
         raise RuntimeError(f"loadgen serve said {line!r}:\n{servers.log_tail()}")
     return servers, ports
@@ -296,15 +435,37 @@ def proxy_env() -> Dict[str, str]:
     return env
 
 
-def start_proxy(name: str, make_cmd: Any, pin: List[str], env=None) -> Proc:
+CommandFactory = Callable[[int], List[str]]
+
+
+@dataclass
+class Target:
+    """A way to reach the servers: directly, or through a proxy."""
+
+    name: str
+    make_cmd: Optional[CommandFactory] = None  # None: direct
+    env: Optional[Dict[str, str]] = None
+    pinned: bool = True  # started on the proxy CPU
+    udp: bool = False  # measured for UDP ASSOCIATE
+    ours: bool = False  # a twisted-socks5 target: its failures fail the run
+    splice: Optional[bool] = None  # relay path, for twisted-socks5
+    idle_cmd: Optional[CommandFactory] = None  # for the fresh idle-tunnel proxies
+    proc: Optional[Proc] = None
+
+
+def start_proxy(target: Target, pin: Pinning, idle: bool = False) -> Proc:
     """Start a proxy on a free port; a lost race for the port is retried."""
+    make = (target.idle_cmd if idle else None) or target.make_cmd
+    assert make is not None
     last: Optional[Exception] = None
+    prefix = pin.proxy if target.pinned else []
     for _ in range(3):
         port = free_port()
-        proxy = Proc(name, [*pin, *make_cmd(port)], env)
+        name = f"{target.name} idle" if idle else target.name
+        proxy = Proc(name, [*prefix, *make(port)], target.env)
         proxy.start(stdin=subprocess.DEVNULL)
         try:
-            proxy.wait_accepting(port)
+            proxy.wait_ready(port)
             return proxy
         except RuntimeError as e:
             last = e
@@ -312,56 +473,169 @@ def start_proxy(name: str, make_cmd: Any, pin: List[str], env=None) -> Proc:
     raise RuntimeError(str(last))
 
 
-def danted_cmd(port: int) -> List[str]:
-    conf = BUILD / "danted.conf"
-    privileged = (
-        "user.privileged: root\nuser.unprivileged: nobody\n"
-        if os.geteuid() == 0
-        else ""
-    )
-    conf.write_text(
-        f"logoutput: stderr\n"
-        f"internal: {HOST} port = {port}\n"
-        f"external: {HOST}\n"
-        f"clientmethod: none\n"
-        f"socksmethod: none\n"
-        f"{privileged}"
-        f"client pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: error\n}}\n"
-        f"socks pass {{\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n"
-        f"  command: connect\n  log: error\n}}\n"
-    )
-    return [str(shutil.which("danted")), "-f", str(conf)]
+def danted_cmd(conf_name: str) -> CommandFactory:
+    def make(port: int) -> List[str]:
+        conf = BUILD / conf_name
+        privileged = (
+            "user.privileged: root\nuser.unprivileged: nobody\n"
+            if os.geteuid() == 0
+            else ""
+        )
+        conf.write_text(
+            f"logoutput: stderr\n"
+            f"internal: {HOST} port = {port}\n"
+            f"external: {HOST}\n"
+            f"clientmethod: none\n"
+            f"socksmethod: none\n"
+            f"{privileged}"
+            f"client pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: error\n}}\n"
+            f"socks pass {{\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n"
+            f"  command: connect udpassociate udpreply\n  log: error\n}}\n"
+        )
+        return [str(shutil.which("danted")), "-f", str(conf)]
+
+    return make
 
 
 def microsocks_cmd(port: int) -> List[str]:
     return [str(shutil.which("microsocks")), "-i", HOST, "-p", str(port)]
 
 
-# --------------------------------------------------------------------- running
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class Measure:
+    """One loadgen mode, run for each of its targets, ``--repeat`` times."""
+
+    key: str
+    mode: str
+    server: str  # which test server (SERVER_PORTS)
+    rows: List[Tuple[str, str]]  # (row label, field of the loadgen JSON)
+    placement: str = "split"  # split, same (one core) or unpinned
+    kind: str = "tcp"  # which targets: tcp, udp, workers
+    args: List[str] = field(default_factory=list)
+
+
+def measures(args: argparse.Namespace) -> List[Measure]:
+    conc = ["-c", str(args.concurrency)]
+    nbytes = ["-b", str(args.bytes)] if args.bytes else []
+    all_measures = [
+        Measure("download", "download", "source", [("download MB/s", "mbps")]),
+        Measure("upload", "upload", "sink", [("upload MB/s", "mbps")], args=nbytes),
+        Measure(
+            "streams",
+            "download",
+            "source",
+            [(f"download {args.streams} streams MB/s", "mbps")],
+            args=["-n", str(args.streams), *nbytes],
+        ),
+        Measure(
+            "churn",
+            "churn",
+            "echo",
+            [
+                ("churn conn/s", "cps"),
+                ("churn p50 ms", "p50_ms"),
+                ("churn p99 ms", "p99_ms"),
+            ],
+            args=conc,
+        ),
+        Measure(
+            "rtt",
+            "rtt",
+            "pecho",
+            [("RTT p50 µs", "p50_us"), ("RTT p99 µs", "p99_us")],
+            args=["-s", "64"],
+        ),
+        Measure(
+            "rtt_same",
+            "rtt",
+            "pecho",
+            [("RTT same core p50 µs", "p50_us"), ("RTT same core p99 µs", "p99_us")],
+            placement="same",
+            args=["-s", "64"],
+        ),
+        Measure(
+            "udp",
+            "udp",
+            "udp",
+            [("UDP datagrams/s", "dgps"), ("UDP loss %", "loss_pct")],
+            kind="udp",
+            args=["-s", "64", "-w", str(args.udp_window)],
+        ),
+        Measure(
+            "workers",
+            "churn",
+            "echo",
+            [("churn unpinned conn/s", "cps")],
+            placement="unpinned",
+            kind="workers",
+            args=conc,
+        ),
+    ]
+    return [m for m in all_measures if m.key in args.only]
+
+
+IDLE_ROW = "idle KiB/tunnel"
 
 
 class Runner:
-    def __init__(self, args: argparse.Namespace, load_pin: List[str]):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        pin: Pinning,
+        servers: Proc,
+        ports: Dict[str, int],
+    ):
         self.args = args
-        self.load_pin = load_pin
+        self.pin = pin
+        self.servers = servers
+        self.ports = ports
+
+    def _placement(self, measure: Measure, target: Target) -> List[str]:
+        """Move things for the measurement; the load generator's prefix."""
+        pin = self.pin
+        if not pin.on:
+            return []
+        if measure.placement == "same":
+            set_affinity(self.servers.pid, pin.proxy_cpus)
+            return pin.proxy
+        if measure.placement == "unpinned":
+            set_affinity(self.servers.pid, pin.all_cpus)
+            if target.proc is not None and target.pinned:
+                set_affinity(target.proc.pid, pin.all_cpus)
+            return []
+        return pin.load
+
+    def _restore(self, measure: Measure, target: Target) -> None:
+        if not self.pin.on or measure.placement == "split":
+            return
+        set_affinity(self.servers.pid, self.pin.load_cpus)
+        if target.proc is not None and target.pinned:
+            set_affinity(target.proc.pid, self.pin.proxy_cpus)
 
     def loadgen(
-        self,
-        metric: str,
-        port: int,
-        proxy: Optional[Proc],
-        seconds: float,
+        self, measure: Measure, target: Target, seconds: float
     ) -> Dict[str, Any]:
-        cmd = [*self.load_pin, str(LOADGEN), "-t", str(seconds)]
-        cmd += ["-T", str(self.args.timeout)]
+        prefix = self._placement(measure, target)
+        try:
+            return self._run(measure, target, seconds, prefix)
+        finally:
+            self._restore(measure, target)
+
+    def _run(
+        self, measure: Measure, target: Target, seconds: float, prefix: List[str]
+    ) -> Dict[str, Any]:
+        cmd = [*prefix, str(LOADGEN), "-t", f"{seconds:g}"]
+        cmd += ["-T", f"{self.args.timeout:g}"]
+        proxy = target.proc
         if proxy is not None:
             cmd += ["-p", str(proxy.port)]
-        if metric == "churn":
-            cmd += ["-c", str(self.args.concurrency)]
-        elif self.args.bytes:
-            cmd += ["-b", str(self.args.bytes)]
-        cmd += [metric, str(port)]
+        cmd += [*measure.args, measure.mode, str(self.ports[measure.server])]
         cpu0 = cpu_seconds(proxy.pid) if proxy else None
+        serv0, gen0 = cpu_seconds(self.servers.pid), children_cpu()
+        busy0, self0 = machine_busy(), own_cpu()
         t0 = time.monotonic()
         limit = seconds + 3 * self.args.timeout + 30
         try:
@@ -370,6 +644,8 @@ class Runner:
             return {"ok": False, "error": f"loadgen still running after {limit:g} s"}
         wall = time.monotonic() - t0
         cpu1 = cpu_seconds(proxy.pid) if proxy else None
+        serv1, gen1 = cpu_seconds(self.servers.pid), children_cpu()
+        busy1, self1 = machine_busy(), own_cpu()
         try:
             result: Dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -379,60 +655,197 @@ class Runner:
             }
         if done.stderr.strip():
             result.setdefault("stderr", done.stderr.strip())
+        result["wall"] = wall
         if cpu0 is not None and cpu1 is not None and wall > 0:
             result["proxy_cpu"] = (cpu1 - cpu0) / wall
+        if serv0 is not None and serv1 is not None and wall > 0:
+            result["load_cpu"] = ((serv1 - serv0) + (gen1 - gen0)) / wall
+            # Everything else the machine did meanwhile: other processes.
+            ours = (serv1 - serv0) + (gen1 - gen0) + (self1 - self0)
+            if cpu0 is not None and cpu1 is not None:
+                ours += cpu1 - cpu0
+            result["others_cpu"] = max(0.0, (busy1 - busy0 - ours) / wall)
         return result
 
 
-def value_of(metric: str, result: Dict[str, Any]) -> Dict[str, float]:
-    if metric == "churn":
-        return {
-            "churn conn/s": result["cps"],
-            "churn p50 ms": result["p50_ms"],
-            "churn p99 ms": result["p99_ms"],
-        }
-    return {f"{metric} MB/s": result["mbps"]}
+def read_json_line(
+    proc: subprocess.Popen, deadline: float
+) -> Tuple[Optional[dict], bytes]:
+    """
+    One JSON line from a child's stdout, waiting at most until ``deadline``;
+    and what was read after it.
+    """
+    assert proc.stdout is not None
+    buf = b""
+    fd = proc.stdout.fileno()
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        if b"\n" in buf:
+            line, _, rest = buf.partition(b"\n")
+            try:
+                return json.loads(line), rest
+            except ValueError:
+                return {"ok": False, "error": f"loadgen said {line!r}"}, rest
+    return None, buf
 
 
-ROWS = (
-    "download MB/s",
-    "upload MB/s",
-    "churn conn/s",
-    "churn p50 ms",
-    "churn p99 ms",
-)
+def idle_once(
+    target: Target, pin: Pinning, args: argparse.Namespace, port: int
+) -> Dict[str, Any]:
+    """
+    A fresh proxy: warm it up with 100 tunnels, take its memory, open
+    ``--tunnels`` tunnels (each checked with a 1-byte echo), take its memory
+    again, then end them.  Returns the figures (KiB per tunnel).
+    """
+    result: Dict[str, Any] = {"ok": False}
+    proxy = start_proxy(target, pin, idle=True)
+    gen: Optional[subprocess.Popen] = None
+    base = [*pin.load, str(LOADGEN), "-T", f"{args.timeout:g}", "-p", str(proxy.port)]
+    try:
+        warm = subprocess.run(
+            [*base, "-t", "1", "-n", "100", "idle", str(port)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=3 * args.timeout + 30,
+        )
+        if warm.returncode != 0:
+            result["error"] = f"warm-up: {warm.stdout.strip().splitlines()[-1:]}"
+            return result
+        time.sleep(0.3)
+        before, kind = footprint_kb(proxy.pid)
+        fds_before = fd_count(proxy.pid)
+        t0 = time.monotonic()
+        # The tunnels are held until stdin closes (at most 120 s).
+        gen = subprocess.Popen(
+            [*base, "-t", "120", "-n", str(args.tunnels), "idle", str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
+        deadline = t0 + 3 * args.timeout + args.tunnels / 50 + 30
+        opened, early = read_json_line(gen, deadline)
+        if opened is None:
+            result["error"] = "the load generator did not report its open tunnels"
+            return result
+        time.sleep(0.5)  # let the proxy finish with the last ones
+        after, kind = footprint_kb(proxy.pid)
+        fds_after = fd_count(proxy.pid)
+        count = int(opened.get("opened", 0))
+        result.update(
+            {
+                "before_kb": before,
+                "after_kb": after,
+                "measured": kind,
+                "tunnels": count,
+                "open_seconds": opened.get("seconds"),
+                "open_p50_ms": opened.get("open_p50_ms"),
+                "open_p99_ms": opened.get("open_p99_ms"),
+                "sources": opened.get("sources"),
+                "proxy_fds_per_tunnel": (fds_after - fds_before) / count
+                if count
+                else None,
+                "kib_per_tunnel": (after - before) / count if count else None,
+            }
+        )
+        try:  # closes stdin: the generator ends the tunnels and reports
+            rest, _ = gen.communicate(timeout=3 * args.timeout + 30)
+        except subprocess.TimeoutExpired:
+            gen.kill()
+            gen.communicate()
+            result["error"] = "the load generator did not end its tunnels"
+            return result
+        text = early + (rest or b"")
+        lines = text.decode(errors="replace").strip().splitlines()
+        end = json.loads(lines[-1]) if lines else {}
+        result["end"] = end
+        result["ok"] = bool(end.get("ok")) and count == args.tunnels
+        if not result["ok"]:
+            error = end.get("error") or opened.get("error") or "failed"
+            partial = result["kib_per_tunnel"]
+            result["error"] = (
+                f"{count} of {args.tunnels} tunnels opened"
+                + (f" ({partial:.1f} KiB each)" if partial is not None else "")
+                + f": {error}"
+            )
+        return result
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        result["error"] = str(e)
+        return result
+    finally:
+        if gen is not None and gen.poll() is None:
+            gen.kill()
+            gen.wait()
+        if proxy.proc is not None and proxy.proc.poll() is not None:
+            result["ok"] = False
+            result["error"] = f"proxy died (exit {proxy.proc.returncode})"
+        proxy.stop()  # first: its log is complete only once it has exited
+        problems = log_problems(proxy)
+        if problems:
+            result["ok"] = False
+            result["error"] = f"traceback in {proxy.log_path}:\n{problems[0]}"
+        elif not result["ok"]:
+            text = log_text(proxy)
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            full = re.search(r"server full \(\d+ connections\)", text)
+            if full:
+                result["error"] = str(result.get("error")) + (
+                    f"; the proxy said {full.group(0)!r} (its connection limit, "
+                    f"from RLIMIT_NOFILE {soft} unless --max-connections)"
+                )
+            elif "EMFILE" in text:
+                result["error"] = str(result.get("error")) + (
+                    f"; the proxy ran out of file descriptors (EMFILE, "
+                    f"RLIMIT_NOFILE {soft})"
+                )
+
+
+# --------------------------------------------------------------------- summary
 
 
 def fmt(value: Optional[float]) -> str:
     if value is None:
         return "-"
-    if value >= 100:
+    if abs(value) >= 100:
         return f"{value:.0f}"
-    if value >= 10:
+    if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
 
 
-def summarize(runs: List[Dict[str, Any]], targets: List[str]) -> Dict[str, Any]:
-    """Median over the repetitions of each row, per target."""
+def summarize(
+    runs: List[Dict[str, Any]], plan: List[Tuple[str, str, List[str]]]
+) -> Dict[str, Any]:
+    """Median over the repetitions of each row, per target; ratio to direct."""
     summary: Dict[str, Any] = {}
-    for row in ROWS:
-        metric = row.split()[0]
+    for row, fieldname, targets in plan:
         summary[row] = {}
         for target in targets:
-            mine = [r for r in runs if r["metric"] == metric and r["target"] == target]
+            mine = [r for r in runs if row in r["rows"] and r["target"] == target]
             good = [r for r in mine if r["result"].get("ok")]
-            values = [value_of(metric, r["result"])[row] for r in good]
-            cpu = [r["result"]["proxy_cpu"] for r in good if "proxy_cpu" in r["result"]]
+            counted = [r for r in good if r["result"].get(fieldname) is not None]
+            values = [float(r["result"][fieldname]) for r in counted]
+            noisy = [r["result"].get("others_cpu", 0) > NOISY for r in counted]
+            cells = {
+                key: [r["result"][key] for r in good if key in r["result"]]
+                for key in ("proxy_cpu", "load_cpu")
+            }
             summary[row][target] = {
                 "median": statistics.median(values) if values else None,
                 "runs": values,
+                "noisy": noisy,
                 "ok_runs": len(good),
                 "total_runs": len(mine),
-                "proxy_cpu": statistics.median(cpu) if cpu else None,
+                **{k: statistics.median(v) if v else None for k, v in cells.items()},
             }
-    for row in ROWS:
-        direct = summary[row]["direct"]["median"]
+        direct = summary[row].get("direct", {}).get("median")
         for target in targets:
             cell = summary[row][target]
             cell["ratio"] = (
@@ -443,27 +856,74 @@ def summarize(runs: List[Dict[str, Any]], targets: List[str]) -> Dict[str, Any]:
     return summary
 
 
-def print_table(summary: Dict[str, Any], targets: List[str]) -> None:
-    width = max(len(t) for t in targets)
+def goals(summary: Dict[str, Any], splice_target: Optional[str]) -> None:
+    """The issue's targets, checked where they apply (cell["goal"])."""
+
+    def check(row: str, target: str, text: str, ok: Optional[bool]) -> None:
+        cell = summary.get(row, {}).get(target)
+        if cell is None:
+            return
+        verdict = "-" if ok is None else ("ok" if ok else "MISS")
+        cell["goal"] = f"{text} {verdict}"
+        cell["goal_met"] = ok
+
+    for row in summary:
+        for target, cell in summary[row].items():
+            ours = target.startswith(PROXY_NAME) and target != WORKERS_NAME
+            ratio, median = cell["ratio"], cell["median"]
+            if row in ("download MB/s", "upload MB/s"):
+                if splice_target is None and target == PROXY_NAME:
+                    check(row, target, "≥0.85× (splice)", None)
+                elif target == splice_target:
+                    check(row, target, "≥0.85×", ratio and ratio >= 0.85)
+            elif row == "churn conn/s" and ours:
+                check(row, target, "≥0.35×", None if ratio is None else ratio >= 0.35)
+            elif row == "RTT same core p50 µs" and ours:
+                check(row, target, "≤50 µs", None if median is None else median <= 50)
+            elif row == IDLE_ROW and ours:
+                check(row, target, "≤10 KiB", None if median is None else median <= 10)
+            elif row == "UDP datagrams/s" and ours:
+                dante = summary[row].get("danted", {}).get("median")
+                check(
+                    row,
+                    target,
+                    "≥danted",
+                    None if dante is None or median is None else median >= dante,
+                )
+            elif row == "churn unpinned conn/s" and target == WORKERS_NAME:
+                one = summary[row].get(PROXY_NAME, {}).get("median")
+                if one and median is not None:
+                    cell["goal"] = f"×{median / one:.2f} vs 1"
+
+
+def print_table(summary: Dict[str, Any], plan: List[Tuple[str, str, List[str]]]):
+    names = [t for _, _, targets in plan for t in targets]
+    width = max(len(t) for t in names)
+    label = max(len(row) for row, _, _ in plan)
     header = (
-        f"{'metric':<14}  {'target':<{width}}  {'median':>8}  {'ratio':>6}  "
-        f"{'proxy CPU':>9}  runs"
+        f"{'metric':<{label}}  {'target':<{width}}  {'median':>8}  {'ratio':>6}  "
+        f"{'proxy CPU':>9}  {'load CPU':>8}  {'goal':<13}  runs"
     )
     print(header)
     print("-" * len(header))
-    for row in ROWS:
+    for row, _, targets in plan:
         for i, target in enumerate(targets):
             cell = summary[row][target]
             ratio = "-" if cell["ratio"] is None else f"{cell['ratio']:.2f}"
             if target == "direct":
                 ratio = "1.00" if cell["median"] is not None else "-"
             cpu = "" if cell["proxy_cpu"] is None else f"{100 * cell['proxy_cpu']:.0f}%"
-            runs = " ".join(fmt(v) for v in cell["runs"])
+            load = "" if cell["load_cpu"] is None else f"{100 * cell['load_cpu']:.0f}%"
+            runs = " ".join(
+                fmt(v) + ("*" if noisy else "")
+                for v, noisy in zip(cell["runs"], cell["noisy"])
+            )
             if cell["ok_runs"] < cell["total_runs"]:
                 runs += f"  ({cell['total_runs'] - cell['ok_runs']} FAILED)"
             print(
-                f"{row if i == 0 else '':<14}  {target:<{width}}  "
-                f"{fmt(cell['median']):>8}  {ratio:>6}  {cpu:>9}  {runs}"
+                f"{row if i == 0 else '':<{label}}  {target:<{width}}  "
+                f"{fmt(cell['median']):>8}  {ratio:>6}  {cpu:>9}  {load:>8}  "
+                f"{cell.get('goal', ''):<13}  {runs}".rstrip()
             )
     print()
 
@@ -471,7 +931,7 @@ def print_table(summary: Dict[str, Any], targets: List[str]) -> None:
 def git_describe() -> str:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -482,32 +942,51 @@ def git_describe() -> str:
         return "?"
 
 
+def log_text(proxy: Proc) -> str:
+    try:
+        return proxy.log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def log_problems(proxy: Proc) -> List[str]:
     """Tracebacks and unhandled errors in a proxy's log."""
-    problems = []
-    try:
-        lines = proxy.log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return problems
+    problems: List[str] = []
+    lines = log_text(proxy).splitlines()
     for i, line in enumerate(lines):
         if "Traceback" in line or "Unhandled" in line or "CRITICAL" in line:
             problems.append("\n".join(lines[i : i + 12]))
     return problems
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
 # ------------------------------------------------------------------------ main
 
-#: Seconds per measurement, and seconds for all measurements together, by
-#: default and with --quick: with extra proxies, runs get shorter.
-DEFAULT_RUN = {False: 3.0, True: 1.0}
-DEFAULT_BUDGET = {False: 100.0, True: 22.0}
+#: Seconds per timed measurement at most, and seconds for all the timed runs
+#: together (warm-up included), by default and with --quick.
+DEFAULT_RUN = {False: 3.0, True: 0.3}
+DEFAULT_BUDGET = {False: 150.0, True: 28.0}
+#: Seconds each loadgen run costs beyond its duration (start, /proc readings).
+RUN_OVERHEAD = 0.1
+WARMUP = 0.2
+#: A run during which other processes used more than this share of a CPU.
+NOISY = 0.25
+MEASURE_KEYS = ("download", "upload", "streams", "churn", "rtt", "rtt_same", "udp")
+ALL_KEYS = (*MEASURE_KEYS, "workers", "idle")
 
 
-def default_duration(args: argparse.Namespace, n_targets: int) -> float:
-    runs = args.repeat * len(METRICS) * n_targets
-    budget = DEFAULT_BUDGET[args.quick] - 0.25 * len(METRICS) * n_targets  # warm-up
-    seconds = min(DEFAULT_RUN[args.quick], budget / runs)
-    return max(0.3, int(seconds * 10) / 10)
+def default_duration(args: argparse.Namespace, runs: int, warmups: int) -> float:
+    budget = DEFAULT_BUDGET[args.quick] - warmups * (WARMUP + RUN_OVERHEAD)
+    seconds = budget / max(1, runs) - RUN_OVERHEAD
+    seconds = min(DEFAULT_RUN[args.quick], seconds)
+    return max(0.2, int(seconds * 20) / 20)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -515,19 +994,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--quick", action="store_true", help="short runs (under 30 s in all)"
+        "--quick",
+        action="store_true",
+        help="short runs, one idle-tunnel round, twisted-socks5 only for it "
+        "(under 1 minute)",
     )
     p.add_argument(
         "--duration",
         type=float,
-        help="seconds per measurement (default 3, or 1 with --quick; shorter when "
-        "microsocks/danted are measured too, to keep the total time)",
+        help="seconds per timed measurement (default: what fits the time budget, "
+        "at most 3, or 0.3 with --quick)",
     )
     p.add_argument(
         "--repeat", type=int, default=3, help="repetitions per measurement (median)"
     )
     p.add_argument(
         "--concurrency", type=int, default=50, help="churn: connections at once"
+    )
+    p.add_argument(
+        "--streams", type=int, default=8, help="streams of the multi-stream download"
+    )
+    p.add_argument(
+        "--tunnels", type=int, default=5000, help="idle tunnels for the RSS figure"
+    )
+    p.add_argument(
+        "--udp-window", type=int, default=32, help="UDP datagrams in flight at most"
     )
     p.add_argument(
         "--bytes",
@@ -538,12 +1029,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--timeout", type=float, default=10.0, help="per-operation timeout, seconds"
     )
+    p.add_argument(
+        "--only",
+        metavar="LIST",
+        default=",".join(ALL_KEYS),
+        help=f"comma-separated measurements to run, of: {', '.join(ALL_KEYS)}",
+    )
     p.add_argument("--json", metavar="FILE", help="write all figures to FILE as JSON")
     p.add_argument(
         "--proxy-cmd",
         metavar="CMD",
         help="command that runs the proxy under test; {port} is replaced by the "
-        "port to listen on (127.0.0.1 only). Default: twistd -n --pidfile= socks5 "
+        "port to listen on (127.0.0.1 only); '--workers 2' is appended for the "
+        "workers row. Default: twistd -n --pidfile= socks5 "
         "--listen tcp:{port}:interface=127.0.0.1",
     )
     p.add_argument("--twistd", metavar="PATH", help="the twistd executable to use")
@@ -556,11 +1054,91 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.duration is not None and args.duration <= 0:
         p.error("--duration must be positive")
-    if args.repeat < 1 or args.repeat < 1 or args.concurrency < 1:
-        p.error("--repeat and --concurrency must be positive")
+    if min(args.repeat, args.concurrency, args.streams, args.tunnels) < 1:
+        p.error("--repeat, --concurrency, --streams and --tunnels must be positive")
+    if args.udp_window < 1:
+        p.error("--udp-window must be positive")
     if args.proxy_cmd and "{port}" not in args.proxy_cmd:
         p.error("--proxy-cmd must contain {port}")
+    only = [k.strip() for k in args.only.split(",") if k.strip()]
+    unknown = [k for k in only if k not in ALL_KEYS]
+    if unknown or not only:
+        p.error(f"--only: unknown {unknown}; use {', '.join(ALL_KEYS)}")
+    args.only = only
     return args
+
+
+def build_targets(
+    args: argparse.Namespace, pin: Pinning
+) -> Tuple[List[Target], str, Optional[str]]:
+    """
+    The targets: direct, twisted-socks5 (and its other relay path when twistd
+    has a splice flag), --workers 2, microsocks and danted when installed.
+    Returns them, a description of the relay paths, and the splice target.
+    """
+    env = proxy_env()
+    if args.proxy_cmd:
+        template = args.proxy_cmd
+
+        def base(port: int) -> List[str]:
+            return shlex.split(template.replace("{port}", str(port)))
+
+        flags: List[str] = []
+    else:
+        twistd = find_twistd(args.twistd)
+
+        def base(port: int) -> List[str]:
+            return [
+                *twistd,
+                "-n",
+                "--pidfile=",
+                "socks5",
+                "--listen",
+                f"tcp:{port}:interface={HOST}",
+            ]
+
+        flags = splice_flags(twistd)
+
+    def with_flags(*extra: str) -> CommandFactory:
+        return lambda port: [*base(port), *extra]
+
+    targets = [Target("direct")]
+    splice_target: Optional[str] = None
+    if flags == ["--no-splice"]:  # splice by default
+        paths = "splice by default; --no-splice also measured"
+        main = Target(PROXY_NAME, with_flags(), env, udp=True, ours=True, splice=True)
+        other = Target(f"{PROXY_NAME} --no-splice", with_flags("--no-splice"), env)
+        other.ours, other.splice = True, False
+        splice_target = PROXY_NAME
+        targets += [main, other]
+    elif flags:  # --splice exists: copy by default, or both flags given
+        paths = f"twistd has {' and '.join(flags)}; both measured"
+        main_flags = ("--no-splice",) if "--no-splice" in flags else ()
+        main = Target(PROXY_NAME, with_flags(*main_flags), env, udp=True, ours=True)
+        main.splice = False
+        other = Target(f"{PROXY_NAME} --splice", with_flags("--splice"), env)
+        other.ours, other.splice = True, True
+        splice_target = other.name
+        targets += [main, other]
+    else:
+        paths = (
+            "one relay path (custom --proxy-cmd)"
+            if args.proxy_cmd
+            else "no --splice/--no-splice in 'twistd socks5 --help': one path"
+        )
+        targets.append(Target(PROXY_NAME, with_flags(), env, udp=True, ours=True))
+    if "workers" in args.only:
+        w2 = Target(WORKERS_NAME, with_flags("--workers", "2"), env, pinned=False)
+        w2.ours = True
+        targets.append(w2)
+    if not args.no_others:
+        if shutil.which("microsocks"):
+            targets.append(Target("microsocks", microsocks_cmd))
+        if shutil.which("danted"):
+            dante = Target("danted", danted_cmd("danted.conf"), udp=True)
+            dante.idle_cmd = danted_cmd("danted-idle.conf")
+            targets.append(dante)
+    return targets, paths, splice_target
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -572,163 +1150,223 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-
+    command_line = shlex.join([sys.executable, *sys.argv]) if argv is None else ""
+    # 5,000 spliced tunnels: 2 sockets and 4 pipe ends each, in the proxy.
+    nofile = raise_nofile(6 * args.tunnels + 1024)
     build_loadgen()
-    load_pin, proxy_pin, pinning = pin_prefixes(args.no_pin)
-
-    if args.proxy_cmd:
-        template = args.proxy_cmd
-
-        def proxy_cmd(port: int) -> List[str]:
-            return shlex.split(template.replace("{port}", str(port)))
-
-    else:
-        twistd = find_twistd(args.twistd)
-
-        def proxy_cmd(port: int) -> List[str]:
-            return [
-                *twistd,
-                "-n",
-                "--pidfile=",
-                "socks5",
-                "--listen",
-                f"tcp:{port}:interface={HOST}",
-            ]
-
-    others = []
-    if not args.no_others:
-        if shutil.which("microsocks"):
-            others.append(("microsocks", microsocks_cmd))
-        if shutil.which("danted"):
-            others.append(("danted", danted_cmd))
+    pin = make_pinning(args.no_pin)
 
     started: List[Proc] = []
-    proxies: Dict[str, Proc] = {}
     report: Dict[str, Any] = {}
     t_start = time.monotonic()
     try:
-        servers, ports = start_servers(load_pin)
+        targets, paths, splice_target = build_targets(args, pin)
+        servers, ports = start_servers(pin)
         started.append(servers)
-        proxy = start_proxy(PROXY_NAME, proxy_cmd, proxy_pin, proxy_env())
-        started.append(proxy)
-        proxies[PROXY_NAME] = proxy
-        for name, make in others:
-            try:
-                other = start_proxy(name, make, proxy_pin)
-            except (RuntimeError, OSError) as e:
-                log(f"skipping {name}: {e}")
+        for target in targets:
+            if target.make_cmd is None:
                 continue
-            started.append(other)
-            proxies[name] = other
-        targets = ["direct", *proxies]
+            try:
+                target.proc = start_proxy(target, pin)
+            except (RuntimeError, OSError) as e:
+                if target.ours:
+                    raise
+                log(f"skipping {target.name}: {e}")
+                continue
+            started.append(target.proc)
+        targets = [t for t in targets if t.make_cmd is None or t.proc is not None]
+        by_name = {t.name: t for t in targets}
+        proxies = {t.name: t.proc for t in targets if t.proc is not None}
+
+        def targets_for(kind: str) -> List[str]:
+            if kind == "workers":
+                wanted = ["direct", PROXY_NAME, WORKERS_NAME]
+                return [n for n in wanted if n in by_name]
+            names = [t.name for t in targets if t.name != WORKERS_NAME]
+            if kind == "udp":
+                names = [n for n in names if n == "direct" or by_name[n].udp]
+            return names
+
+        plan_measures = measures(args)
+        idle_targets = [
+            t.name
+            for t in targets
+            if t.proc is not None
+            and t.name != WORKERS_NAME
+            and (t.ours or not args.quick)
+        ]
+        plan: List[Tuple[str, str, List[str]]] = []
+        for m in plan_measures:
+            for row, fieldname in m.rows:
+                plan.append((row, fieldname, targets_for(m.kind)))
+        if "idle" in args.only:
+            plan.append((IDLE_ROW, "kib_per_tunnel", ["direct", *idle_targets]))
+
+        n_runs = args.repeat * sum(len(targets_for(m.kind)) for m in plan_measures)
+        warm = {(m.mode, t) for m in plan_measures for t in targets_for(m.kind)}
         if args.duration is None:
-            args.duration = default_duration(args, len(targets))
+            args.duration = default_duration(args, n_runs, len(warm))
+        idle_reps = 1 if args.quick else args.repeat
         rss_start = {name: memory(p.pid) for name, p in proxies.items()}
 
-        print(f"twisted-socks5 benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
-        print(f"  proxy command : {shlex.join(proxy.cmd)}")
-        pids = ", ".join(f"{n} pid {p.pid}" for n, p in proxies.items())
-        print(f"  proxies       : {pids}")
-        print(f"  pinning       : {pinning}")
-        print(
-            f"  runs          : {args.repeat} x {args.duration:g} s per metric and "
-            f"target, churn concurrency {args.concurrency}"
-        )
-        print(f"  tree          : {ROOT} ({git_describe()})")
         load = os.getloadavg()
+        main_proc = proxies[PROXY_NAME]
+        print(f"twisted-socks5 benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}")
+        print(f"  command       : {command_line or '(called from Python)'}")
+        print(f"  git revision  : {git_describe()} ({ROOT})")
+        print(f"  proxy command : {shlex.join(main_proc.cmd)}")
+        print(f"  relay paths   : {paths}")
+        pids = ", ".join(f"{n} {p.pid}" for n, p in proxies.items())
+        print(f"  proxy pids    : {pids}")
+        print(f"  machine       : {os.cpu_count()} CPUs, {cpu_model()}")
+        print(f"  pinning       : {pin.description}")
+        print(
+            f"  runs          : median of {args.repeat} x {args.duration:g} s per "
+            f"metric and target; churn {args.concurrency} at once; "
+            f"{args.streams} streams; RTT and UDP 64 B, UDP {args.udp_window} in flight"
+        )
+        print(
+            f"  idle tunnels  : {args.tunnels} per fresh proxy, {idle_reps} round(s); "
+            f"RLIMIT_NOFILE {nofile}"
+        )
         print(f"  load average  : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         if load[0] > 0.5:
             print("  (other processes are busy: expect noisy figures)")
         print(flush=True)
 
-        runner = Runner(args, load_pin)
-        port_of = {"download": ports["source"], "upload": ports["sink"]}
-        port_of["churn"] = ports["echo"]
-
+        runner = Runner(args, pin, servers, ports)
         log("warming up")
-        for target in targets:
-            for metric in METRICS:
-                runner.loadgen(
-                    metric,
-                    port_of[metric],
-                    proxies.get(target),
-                    min(0.25, args.duration),
-                )
+        warmed = set()
+        for m in plan_measures:
+            for name in targets_for(m.kind):
+                if (m.mode, name) not in warmed:
+                    warmed.add((m.mode, name))
+                    runner.loadgen(m, by_name[name], min(WARMUP, args.duration / 2))
 
         runs: List[Dict[str, Any]] = []
-        total = args.repeat * len(METRICS) * len(targets)
+        total = n_runs
         for rep in range(args.repeat):
-            for metric in METRICS:
-                for target in targets:
-                    result = runner.loadgen(
-                        metric, port_of[metric], proxies.get(target), args.duration
-                    )
+            for m in plan_measures:
+                for name in targets_for(m.kind):
+                    result = runner.loadgen(m, by_name[name], args.duration)
                     runs.append(
                         {
                             "rep": rep,
-                            "metric": metric,
-                            "target": target,
+                            "measure": m.key,
+                            "rows": [row for row, _ in m.rows],
+                            "target": name,
                             "result": result,
                         }
                     )
                     status = (
                         "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
                     )
-                    shown = (
-                        ", ".join(
-                            f"{k} {fmt(v)}" for k, v in value_of(metric, result).items()
-                        )
-                        if "mbps" in result or "cps" in result
-                        else ""
+                    shown = ", ".join(
+                        f"{row} {fmt(result.get(f))}"
+                        for row, f in m.rows
+                        if result.get(f) is not None
                     )
                     step = f"[{len(runs)}/{total}]"
-                    log(f"  {step:>7} {metric:<8} {target:<14} {shown} {status}")
+                    log(f"  {step:>9} {m.key:<8} {name:<26} {shown} {status}")
+
+        if "idle" in args.only:
+            for rep in range(idle_reps):
+                for name in idle_targets:
+                    log(f"  idle {rep + 1}/{idle_reps} {name}: {args.tunnels} tunnels")
+                    result = idle_once(by_name[name], pin, args, ports["echo"])
+                    runs.append(
+                        {
+                            "rep": rep,
+                            "measure": "idle",
+                            "rows": [IDLE_ROW],
+                            "target": name,
+                            "result": result,
+                        }
+                    )
+                    status = (
+                        "ok" if result.get("ok") else f"FAILED: {result.get('error')}"
+                    )
+                    log(
+                        f"    {fmt(result.get('kib_per_tunnel'))} KiB/tunnel, "
+                        f"opened in {fmt(result.get('open_seconds'))} s {status}"
+                    )
 
         rss_end = {name: memory(p.pid) for name, p in proxies.items()}
-        summary = summarize(runs, targets)
-        print_table(summary, targets)
-        for name in proxies:
+        summary = summarize(runs, plan)
+        goals(summary, splice_target)
+        print_table(summary, plan)
+        others = sorted(
+            r["result"]["others_cpu"] for r in runs if "others_cpu" in r["result"]
+        )
+        if others:
+            noisy = sum(1 for x in others if x > NOISY)
+            print(
+                f"other processes during the timed runs: median "
+                f"{100 * statistics.median(others):.0f}%, max {100 * others[-1]:.0f}% "
+                f"of one CPU (of {100 * len(pin.all_cpus)}%); "
+                f"{noisy} of {len(others)} runs above {100 * NOISY:.0f}%"
+                + (
+                    " (marked *): figures are noisy, rerun on a quiet machine"
+                    if noisy
+                    else ""
+                )
+            )
+
+        for name, proc in proxies.items():
             start, end = rss_start[name], rss_end[name]
-            code = proxies[name].proc.poll() if proxies[name].proc else None
+            code = proc.proc.poll() if proc.proc else None
             if not end or code is not None:
                 print(f"{name}: DIED during the runs (exit status {code}), no RSS")
                 continue
-            pid = proxies[name].pid
-            print(
-                f"{name} RSS (pid {pid}): {end.get('VmRSS', 0) / 1024:.1f} MiB "
+            line = (
+                f"{name} RSS (pid {proc.pid}): {end.get('VmRSS', 0) / 1024:.1f} MiB "
                 f"after the runs (at start {start.get('VmRSS', 0) / 1024:.1f} MiB, "
                 f"peak {end.get('VmHWM', 0) / 1024:.1f} MiB)"
             )
-            if "tree_VmRSS" in end:
-                print(
-                    f"  (with its {end['tree_processes'] - 1} child process(es): "
-                    f"{end['tree_VmRSS'] / 1024:.1f} MiB RSS summed)"
+            if "tree_Pss" in end:
+                line += (
+                    f"; with its {end['tree_processes'] - 1} child process(es): "
+                    f"{end['tree_Pss'] / 1024:.1f} MiB PSS"
                 )
+            print(line)
+        idle_runs = [r for r in runs if r["measure"] == "idle"]
+        for name in idle_targets:
+            mine = [
+                r["result"]
+                for r in idle_runs
+                if r["target"] == name and r["result"].get("ok")
+            ]
+            if mine:
+                fds = statistics.median(
+                    r["proxy_fds_per_tunnel"] for r in mine if r["proxy_fds_per_tunnel"]
+                )
+                opened = statistics.median(r["open_seconds"] for r in mine)
+                print(
+                    f"{name} idle: {mine[0]['measured']}, {fds:.1f} descriptors per "
+                    f"tunnel, {args.tunnels} opened in {opened:.1f} s"
+                )
+
         failures = [r for r in runs if not r["result"].get("ok")]
-        churn_errors = sum(
-            r["result"].get("errors", 0) for r in runs if r["metric"] == "churn"
-        )
-        # The exit status is about the proxy under test (and the baseline).
-        ours = ("direct", PROXY_NAME)
+        ours = {"direct", *(t.name for t in targets if t.ours)}
         our_failures = [r for r in failures if r["target"] in ours]
         if failures:
             print(f"\n{len(failures)} run(s) FAILED:")
             for r in failures:
                 print(
-                    f"  {r['metric']} via {r['target']} (rep {r['rep'] + 1}): "
+                    f"  {r['measure']} via {r['target']} (rep {r['rep'] + 1}): "
                     f"{r['result'].get('error')}"
                 )
-        if churn_errors:
-            by_target = {
-                t: sum(
-                    r["result"].get("errors", 0)
-                    for r in runs
-                    if r["metric"] == "churn" and r["target"] == t
+        churn_errors: Dict[str, int] = {}
+        for r in runs:
+            if r["result"].get("errors") and r["measure"] in ("churn", "workers"):
+                churn_errors[r["target"]] = (
+                    churn_errors.get(r["target"], 0) + r["result"]["errors"]
                 )
-                for t in targets
-            }
-            shown = ", ".join(f"{t} {n}" for t, n in by_target.items() if n)
+        if churn_errors:
+            shown = ", ".join(f"{t} {n}" for t, n in churn_errors.items())
             print(f"churn: failed connections: {shown}")
+        for proc in proxies.values():
+            proc.stop()  # their logs are complete only once they have exited
         problems = {name: log_problems(p) for name, p in proxies.items()}
         for name, found in problems.items():
             if found:
@@ -737,28 +1375,47 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"{proxies[name].log_path}; first:\n{found[0]}"
                 )
         elapsed = time.monotonic() - t_start
-        print(f"\ntotal time {elapsed:.0f} s; logs in {BUILD}")
+        load_end = os.getloadavg()
+        print(
+            f"\ntotal time {elapsed:.0f} s; load average at the end "
+            f"{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; logs in {BUILD}"
+        )
 
         report = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": command_line,
             "config": {
                 "duration": args.duration,
                 "repeat": args.repeat,
                 "concurrency": args.concurrency,
+                "streams": args.streams,
+                "tunnels": args.tunnels,
+                "idle_repeat": idle_reps,
+                "udp_window": args.udp_window,
                 "bytes": args.bytes,
-                "proxy_cmd": proxy.cmd,
-                "pinning": pinning,
+                "proxy_cmd": main_proc.cmd,
+                "relay_paths": paths,
+                "pinning": pin.description,
+                "rlimit_nofile": nofile,
             },
             "environment": {
                 "python": sys.version.split()[0],
                 "platform": platform.platform(),
                 "cpus": os.cpu_count(),
+                "cpu_model": cpu_model(),
                 "tree": str(ROOT),
                 "git": git_describe(),
                 "loadavg_start": load,
-                "loadavg_end": os.getloadavg(),
+                "loadavg_end": load_end,
             },
-            "targets": targets,
+            "targets": {
+                t.name: {
+                    "cmd": t.proc.cmd if t.proc else None,
+                    "pid": t.proc.pid if t.proc else None,
+                    "splice": t.splice,
+                }
+                for t in targets
+            },
             "summary": summary,
             "rss_kb": {"start": rss_start, "end": rss_end},
             "runs": runs,
@@ -768,7 +1425,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
             print(f"JSON written to {args.json}")
-        return 1 if our_failures or problems.get(PROXY_NAME) else 0
+        our_problems = any(problems.get(n) for n in ours)
+        return 1 if our_failures or our_problems else 0
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -778,7 +1436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for proc in reversed(started):
             code = proc.stop()
-            if proc.name == PROXY_NAME and code not in (
+            if proc.name.startswith(PROXY_NAME) and code not in (
                 0,
                 None,
                 -signal.SIGTERM,

@@ -551,3 +551,23 @@ def test_failed_login_is_logged_without_the_password(events: Any) -> None:
     assert event["user"] == "alice"
     for e in events:
         assert "wrong" not in repr(e)
+
+
+def test_stall_timeout_reclaims_a_tunnel_stuck_behind_a_non_reader() -> None:
+    h = Harness(stall_timeout=60)
+    outbound, out = relaying(h)
+    h.send(b"data the target does not read")
+    # Simulate Twisted's write buffer holding what the target will not take.
+    out.dataBuffer, out.offset, out._tempDataLen = b"x" * 1000, 0, 0
+    h.reactor.pump([1] * 59)
+    assert not h.closing
+    h.reactor.pump([1] * 62)
+    assert h.transport.aborted
+    assert h.protocol.outcome.startswith("stalled")
+
+
+def test_stall_timeout_leaves_a_quiet_tunnel_alone() -> None:
+    h = Harness(stall_timeout=60)
+    relaying(h)
+    h.reactor.pump([1] * 600)
+    assert not h.closing

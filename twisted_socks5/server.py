@@ -74,6 +74,17 @@ class _OutboundFactory(Factory):
 _OUTBOUND_FACTORY = _OutboundFactory()
 
 
+def _write_buffered(transport: Any) -> int:
+    """Bytes in a Twisted socket transport's write buffer (0 if unknown)."""
+    try:
+        waiting: int = (
+            len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+        )
+    except (AttributeError, TypeError):
+        return 0
+    return waiting
+
+
 class State(enum.Enum):
     GREETING = "greeting"
     AUTHENTICATING = "authenticating"
@@ -115,6 +126,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
         self._idle_call: Any = None
+        self._watch_period = 0.0
+        self._silent_since = 0.0
         #: The zero-copy relay, when one took over (see splice.py).
         self._splice: Any = None
         self._binding: Optional[BindWaiter] = None
@@ -421,10 +434,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         early = bytes(self._buffer)
         self._buffer = bytearray()
-        if self.factory.idle_timeout:
-            self._idle_call = self.callLater(
-                self.factory.idle_timeout, self._idle_check
-            )
+        self._watch_activity()
         if self.factory.splice:
             from .splice import start_splice_relay
 
@@ -589,10 +599,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._send_reply(ReplyCode.SUCCEEDED, bound)
         self._buffer.clear()
-        if self.factory.idle_timeout:
-            self._idle_call = self.callLater(
-                self.factory.idle_timeout, self._idle_check
-            )
+        self._watch_activity()
 
     def _udp_activity(self) -> None:
         self.counters.active = True
@@ -646,15 +653,50 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.outcome = f"target connection lost: {reason.getErrorMessage()}"
             self.transport.abortConnection()
 
-    def _idle_check(self) -> None:
-        timeout = self.factory.idle_timeout
-        if self.counters.active and timeout:
-            self.counters.active = False
-            self._idle_call = self.callLater(timeout, self._idle_check)
+    def _watch_activity(self) -> None:
+        """
+        One timer per tunnel, every ``min(idle_timeout, stall_timeout)``
+        seconds, checks whether a byte moved (a flag the relay sets): nothing
+        runs per chunk.
+        """
+        periods = [
+            t for t in (self.factory.idle_timeout, self.factory.stall_timeout) if t
+        ]
+        if not periods:
             return
-        self._idle_call = None
-        self.outcome = "idle timeout"
-        self.transport.abortConnection()
+        self._watch_period = min(periods)
+        self._silent_since = self.factory.reactor.seconds()
+        self._idle_call = self.callLater(self._watch_period, self._idle_check)
+
+    def _idle_check(self) -> None:
+        now = self.factory.reactor.seconds()
+        if self.counters.active:
+            self.counters.active = False
+            self._silent_since = now
+        silent = now - self._silent_since
+        idle, stall = self.factory.idle_timeout, self.factory.stall_timeout
+        if idle and silent >= idle:
+            self._idle_call = None
+            self.outcome = "idle timeout"
+            self.transport.abortConnection()
+            return
+        if stall and silent >= stall and self._stalled():
+            # Flow control stopped reading one side while the other does not
+            # read: nothing watches the paused socket any more, so a peer
+            # that went away would never be noticed.  Reclaim the tunnel.
+            self._idle_call = None
+            self.outcome = "stalled: no progress with data waiting"
+            self.transport.abortConnection()
+            return
+        self._idle_call = self.callLater(self._watch_period, self._idle_check)
+
+    def _stalled(self) -> bool:
+        """Bytes are waiting for a peer that does not take them."""
+        if self._splice is not None:
+            return bool(getattr(self._splice, "buffered", 0))
+        outbound = self._outbound
+        transports = [self.transport, outbound.transport if outbound else None]
+        return any(_write_buffered(t) for t in transports if t is not None)
 
     # ------------------------------------------------------------------
     # Helpers
@@ -714,6 +756,11 @@ class SOCKS5ServerFactory(Factory):
         resolution included.
     :param idle_timeout: close a tunnel after this many seconds without a
         byte either way; ``None`` (the default) never does.
+    :param stall_timeout: close a tunnel that moved nothing for this many
+        seconds while bytes wait for a peer that does not read (flow control
+        then stops watching the other peer, whose departure would go
+        unnoticed); ``None`` never does.  Unlike ``idle_timeout``, a quiet
+        tunnel with nothing waiting is left alone.
     :param splice: move bytes with ``os.splice`` through kernel pipes when
         both ends are plain TCP sockets on Linux (on by default); the
         ordinary relay serves everything else, or everything when ``False``.
@@ -740,6 +787,7 @@ class SOCKS5ServerFactory(Factory):
         connect_timeout: float = 10.0,
         idle_timeout: Optional[float] = None,
         splice: bool = True,
+        stall_timeout: Optional[float] = 300.0,
         bind_timeout: float = 120.0,
         udp_allow_unknown_sources: bool = False,
         commands: Sequence[Command] = (
@@ -763,6 +811,7 @@ class SOCKS5ServerFactory(Factory):
         self.connector = connector or DirectConnector(reactor, connect_timeout)
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.stall_timeout = stall_timeout
         #: Relay with os.splice() when both ends are plain TCP sockets.
         self.splice = splice
         self.bind_timeout = bind_timeout

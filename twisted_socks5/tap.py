@@ -157,6 +157,15 @@ class Options(usage.Options, AuthOptionMixin):
             _timeout_or_off,
         ],
         [
+            "stall-timeout",
+            None,
+            300.0,
+            "Close a tunnel that moved nothing for this many seconds while data "
+            "waits for a peer that does not read (such a peer may be gone "
+            "unnoticed); 0 or 'off' never does.",
+            _timeout_or_off,
+        ],
+        [
             "bind-timeout",
             None,
             120.0,
@@ -543,6 +552,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         handshake_timeout=options["handshake-timeout"],
         connect_timeout=options["connect-timeout"],
         idle_timeout=options["idle-timeout"],
+        stall_timeout=options["stall-timeout"],
         bind_timeout=options["bind-timeout"],
         splice=not options["no-splice"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),

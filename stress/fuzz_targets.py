@@ -1,0 +1,740 @@
+"""
+Fuzz targets: every parser of ``twisted_socks5.codec``, and the whole
+server protocol fed arbitrary byte streams split arbitrarily.
+
+Each target is a plain function that takes one input and raises
+``AssertionError`` when an invariant breaks; :func:`hypothesis_test` wraps
+one in ``@given`` for pytest (``tests/test_fuzz.py``, a bounded number of
+examples) and :func:`fuzz_for` runs one for a time budget (``stress/run.py
+--fuzz-seconds``).  :data:`COUNTS` counts the inputs each target has tried.
+
+Server invariants, checked after every chunk and at the end:
+
+- no exception escapes the protocol, and nothing is logged as an error;
+- the transport is either closed (or closing) or open with at most
+  ``MAX_EARLY_DATA`` bytes buffered;
+- what the server wrote is exactly what a reference model, built on the
+  codec, says it must have written for the input so far (method selection,
+  RFC 1929 status, the reply and its code), so it is always a valid prefix
+  of the protocol;
+- a connect (CONNECT), a listen (BIND) or a UDP port (UDP ASSOCIATE) is
+  attempted only once a complete, valid, authenticated request of that
+  command has arrived, for exactly its address, and then always;
+- the same stream unsplit gives the same bytes and the same attempts;
+- a handshake never outlives the handshake timeout, and once the
+  connection is lost no timer, port, connect or outbound socket is left.
+"""
+
+# The invariants are asserts: AssertionError is how a target reports a bug
+# (to Hypothesis and to pytest).  Not to be run with python -O.
+# ruff: noqa: S101
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_socks5 import codec
+from twisted_socks5.auth import NoAuthAuthenticator, UsernamePasswordAuthenticator
+from twisted_socks5.codec import (
+    MAX_GREETING_SIZE,
+    MAX_REQUEST_SIZE,
+    MAX_USERPASS_SIZE,
+    Address,
+    Command,
+    ProtocolError,
+    Reply,
+    ReplyCode,
+    Request,
+)
+from twisted_socks5.connect import IOutboundConnector
+from twisted_socks5.server import MAX_EARLY_DATA, SOCKS5ServerFactory, State
+
+#: Inputs tried, by target.
+COUNTS: Dict[str, int] = {}
+
+CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
+SERVER = IPv4Address("TCP", "127.0.0.1", 1080)
+OUTBOUND = IPv4Address("TCP", "127.0.0.1", 50000)
+USERS = {b"alice": b"s3cret"}
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def _count(name: str) -> None:
+    COUNTS[name] = COUNTS.get(name, 0) + 1
+
+
+# --------------------------------------------------------------------------
+# Codec targets
+
+#: Each parser and the most bytes it may ever need to decide.
+PARSERS: Dict[str, Tuple[Callable[[Any], Any], int]] = {
+    "greeting": (codec.parse_greeting, MAX_GREETING_SIZE),
+    "method_selection": (codec.parse_method_selection, 2),
+    "userpass_request": (codec.parse_userpass_request, MAX_USERPASS_SIZE),
+    "userpass_status": (codec.parse_userpass_status, 2),
+    "request": (codec.parse_request, MAX_REQUEST_SIZE),
+    "reply": (codec.parse_reply, MAX_REQUEST_SIZE),
+}
+
+
+def _outcome(parser: Callable[[Any], Any], buf: Any) -> Any:
+    """The parser's answer; ProtocolError becomes ("error", reply)."""
+    try:
+        result = parser(buf)
+    except ProtocolError as e:
+        assert e.reply is None or type(e.reply) is ReplyCode, e.reply
+        return ("error", e.reply)
+    # Anything else escaping (IndexError, struct.error, ValueError...) is a
+    # bug: the caller would crash on malformed input.
+    assert result is None or (type(result) is tuple and len(result) == 2), result
+    return result
+
+
+def check_parser(name: str, buf: bytes) -> None:
+    """One input for one stream parser."""
+    _count(f"codec.{name}")
+    parser, most = PARSERS[name]
+    outcome = _outcome(parser, buf)
+    assert _outcome(parser, bytearray(buf)) == outcome
+    assert _outcome(parser, memoryview(buf)) == outcome
+    if outcome is None:
+        assert len(buf) < most, f"needs more than {most} bytes"
+        return
+    if outcome[0] == "error":
+        return
+    message, consumed = outcome
+    assert type(consumed) is int and 0 < consumed <= min(len(buf), most)
+    # The message serializes back to what it was parsed from (a reply's
+    # RSV byte is not checked), and parses again the same.
+    wire = message.to_bytes()
+    if name == "reply":
+        assert wire[:2] + wire[3:] == buf[:2] + buf[3:consumed]
+    else:
+        assert wire == buf[:consumed]
+    assert parser(wire) == (message, len(wire))
+    # Every shorter prefix needs more bytes or fails; none yields another message.
+    for size in range(consumed):
+        early = _outcome(parser, buf[:size])
+        assert early is None or early[0] == "error", (size, early)
+
+
+def check_udp_datagram(buf: bytes) -> None:
+    """One input for the UDP datagram parser (a whole datagram, never partial)."""
+    _count("codec.udp_datagram")
+    try:
+        datagram = codec.parse_udp_datagram(buf)
+    except ProtocolError as e:
+        assert e.reply is None or type(e.reply) is ReplyCode
+        return
+    assert type(datagram) is codec.UDPDatagram
+    assert datagram.to_bytes() == buf
+    assert len(datagram.data) <= len(buf)
+
+
+def check_address(host: str, port: int) -> None:
+    """
+    Address.from_host takes any host text: an IP literal, or a name of 1 to
+    255 UTF-8 bytes (anything else is a ValueError, and only that).
+    """
+    _count("codec.address")
+    try:
+        address = Address.from_host(host, port)
+    except ValueError:
+        assert not 1 <= len(host.encode("utf-8")) <= 255, host
+        return
+    wire = address.to_bytes() if address.type is not codec.AddressType.DOMAIN else b""
+    if wire:
+        parsed = codec.parse_request(b"\x05\x01\x00" + wire)
+        assert parsed is not None and parsed[0].address == address
+
+
+# --------------------------------------------------------------------------
+# Server target: doubles
+
+
+class _Transport(StringTransport):
+    """A StringTransport that also counts half-closes and aborts."""
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class _Port:
+    """A listening port (TCP for BIND, UDP for ASSOCIATE) that knows if it stopped."""
+
+    def __init__(self, kind: str, host: str) -> None:
+        self.host = IPv4Address(kind, host or "127.0.0.1", 30000)
+        self.listening = True
+
+    def getHost(self) -> Any:
+        return self.host
+
+    def stopListening(self) -> Any:
+        self.listening = False
+        return defer.succeed(None)
+
+    def write(self, data: bytes, addr: Any) -> None:
+        pass
+
+
+class _Reactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: List[_Port] = []
+        self.udpServers: List[Any] = []
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> Any:  # type: ignore[override]
+        self.tcpServers.append((port, factory, backlog, interface))
+        fake = _Port("TCP", interface)
+        self.ports.append(fake)
+        return fake
+
+    def listenUDP(
+        self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
+    ) -> Any:  # type: ignore[override]
+        self.udpServers.append((port, protocol, interface, maxPacketSize))
+        fake = _Port("UDP", interface)
+        protocol.transport = fake
+        self.ports.append(fake)
+        return fake
+
+
+@implementer(IOutboundConnector)
+class _Connector:
+    timeout = 10.0
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[Address, Any, defer.Deferred[Any]]] = []
+        self.lookups: List[Tuple[str, defer.Deferred[Any]]] = []
+        self.cancelled = 0
+
+    def _cancel(self, d: defer.Deferred[Any]) -> None:
+        self.cancelled += 1
+
+    def connect(self, address: Address, factory: Any, check: Any = None) -> Any:
+        d: defer.Deferred[Any] = defer.Deferred(self._cancel)
+        self.calls.append((address, factory, d))
+        return d
+
+    def resolve(self, name: str) -> Any:
+        d: defer.Deferred[Any] = defer.Deferred(self._cancel)
+        self.lookups.append((name, d))
+        return d
+
+
+# --------------------------------------------------------------------------
+# Server target: the reference model
+
+
+@dataclass
+class Expected:
+    """What the server must have done for the bytes received so far."""
+
+    output: bytes = b""
+    #: "open" (waiting for more), "closed" (it must be closing) or a command.
+    status: str = "open"
+    request: Optional[Request] = None
+
+
+def model(buf: bytes, methods: List[int]) -> Expected:
+    """The server's required behaviour for ``buf``, from the codec alone."""
+    out = Expected()
+    try:
+        parsed = codec.parse_greeting(buf[:MAX_GREETING_SIZE])
+    except ProtocolError:
+        out.status = "closed"
+        return out
+    if parsed is None:
+        return out
+    greeting, used = parsed
+    rest = buf[used:]
+    method = next((m for m in methods if m in greeting.methods), None)
+    if method is None:
+        out.output = b"\x05\xff"
+        out.status = "closed"
+        return out
+    out.output = bytes((5, method))
+    if method == codec.Method.USERNAME_PASSWORD:
+        try:
+            auth = codec.parse_userpass_request(rest[:MAX_USERPASS_SIZE])
+        except ProtocolError:
+            out.status = "closed"
+            return out
+        if auth is None:
+            return out
+        credentials, used = auth
+        rest = rest[used:]
+        if USERS.get(credentials.username) != credentials.password:
+            out.output += b"\x01\x01"
+            out.status = "closed"
+            return out
+        out.output += b"\x01\x00"
+    try:
+        request = codec.parse_request(rest[:MAX_REQUEST_SIZE])
+    except ProtocolError as e:
+        if e.reply is not None:
+            out.output += Reply(e.reply).to_bytes()
+        out.status = "closed"
+        return out
+    if request is None:
+        return out
+    out.request = request[0]
+    out.status = request[0].command.phrase
+    return out
+
+
+# --------------------------------------------------------------------------
+# Server target: one run
+
+
+@dataclass
+class ServerInput:
+    """A byte stream, where it is cut, and how the outbound connect ends."""
+
+    stream: bytes
+    cuts: List[int] = field(default_factory=list)
+    #: "pending", "succeed", "refused", "dns" or "timeout".
+    connect: str = "pending"
+    #: The connect ends after this many chunks (clamped to the last).
+    at: int = 0
+    #: What the destination sends once connected.
+    down: bytes = b""
+
+
+_FAILURES = {
+    "refused": (error.ConnectionRefusedError(), ReplyCode.CONNECTION_REFUSED),
+    "dns": (error.DNSLookupError("no such name"), ReplyCode.HOST_UNREACHABLE),
+    "timeout": (error.TimeoutError(), ReplyCode.TTL_EXPIRED),
+}
+
+
+class _Run:
+    """One server protocol on a StringTransport, and what it did."""
+
+    def __init__(self, userpass: bool) -> None:
+        self.reactor = _Reactor()
+        self.connector = _Connector()
+        authenticators: List[Any] = [NoAuthAuthenticator()]
+        if userpass:
+            checker = InMemoryUsernamePasswordDatabaseDontUse()
+            checker.users = dict(USERS)
+            authenticators = [
+                UsernamePasswordAuthenticator.from_checkers(checker),
+                NoAuthAuthenticator(),
+            ]
+        self.factory = SOCKS5ServerFactory(
+            authenticators,
+            reactor=self.reactor,
+            connector=self.connector,
+            handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
+        self.methods = self.factory.methods
+        self.protocol = self.factory.buildProtocol(CLIENT)
+        self.transport = _Transport(SERVER, CLIENT)
+        self.outbound: Optional[_Transport] = None
+        self.received = b""
+        self.resolved: Optional[str] = None
+        self.protocol.makeConnection(self.transport)
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.transport.disconnecting or self.transport.disconnected)
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += chunk
+        self.protocol.dataReceived(chunk)
+
+    def resolve(self, how: str, down: bytes) -> None:
+        """End the pending connect, if there is one, as ``how`` says."""
+        if how == "pending" or not self.connector.calls:
+            return
+        _, factory, d = self.connector.calls[0]
+        if d.called:
+            return
+        self.resolved = how
+        if how == "succeed":
+            protocol = factory.buildProtocol(OUTBOUND)
+            self.outbound = _Transport(OUTBOUND, OUTBOUND)
+            protocol.makeConnection(self.outbound)
+            d.callback(protocol)
+            if down and not self.closing:
+                protocol.dataReceived(down)
+        else:
+            d.errback(Failure(_FAILURES[how][0]))
+
+    def check(self, whole: bool = False) -> None:
+        """The invariants that hold after every chunk."""
+        expected = model(self.received, self.methods)
+        written = self.transport.value()
+        protocol = self.protocol
+        assert self.closing or len(protocol._buffer) <= MAX_EARLY_DATA
+        attempts = (
+            len(self.connector.calls)
+            + len(self.reactor.ports)
+            + len(self.connector.lookups)
+        )
+        request = expected.request
+        if request is None:
+            assert attempts == 0, "an attempt before a complete, valid request"
+            assert written == expected.output, (written, expected.output)
+            if expected.status == "closed":
+                assert self.closing, "a protocol error left the connection open"
+            return
+        assert attempts == 1, f"{attempts} attempts for one request"
+        assert written.startswith(expected.output), (written, expected.output)
+        reply = written[len(expected.output) :]
+        if request.command is Command.CONNECT:
+            assert self.connector.calls[0][0] == request.address
+            self._check_connect_reply(reply)
+        elif request.command is Command.BIND:
+            if self.connector.lookups:
+                assert self.connector.lookups[0][0] == request.address.host
+                assert reply == b""
+            else:
+                assert self.reactor.tcpServers, "BIND without a listening port"
+                self._check_success(reply, Command.BIND)
+        else:
+            assert self.reactor.udpServers, "UDP ASSOCIATE without a UDP port"
+            self._check_success(reply, Command.UDP_ASSOCIATE)
+
+    def _check_connect_reply(self, reply: bytes) -> None:
+        if self.resolved is None:
+            assert reply == b"", "a reply before the connect ended"
+            return
+        if self.resolved == "succeed":
+            self._check_success(reply, Command.CONNECT)
+            return
+        assert reply == Reply(_FAILURES[self.resolved][1]).to_bytes(), reply
+        assert self.closing
+
+    def _check_success(self, reply: bytes, command: Command) -> None:
+        parsed = codec.parse_reply(reply)
+        assert parsed is not None, f"incomplete reply {reply!r}"
+        message, used = parsed
+        assert message.reply is ReplyCode.SUCCEEDED, message
+        rest = reply[used:]
+        if command is Command.CONNECT:
+            assert rest in (b"", self._down), "relayed bytes differ"
+        else:
+            assert rest == b"", rest
+
+    _down = b""
+
+    def finish(self, data: ServerInput) -> None:
+        """Time passes, then the client goes: nothing may be left behind."""
+        state_before = self.protocol.state
+        self.reactor.advance(HANDSHAKE_TIMEOUT + 0.5)
+        if state_before in (State.GREETING, State.AUTHENTICATING, State.REQUEST):
+            assert self.closing, f"handshake in {state_before} outlived its timeout"
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))
+        assert not self.factory.active, "factory.active not empty"
+        pending = [c for c in self.reactor.getDelayedCalls() if c.active()]
+        assert not pending, f"timers left: {pending}"
+        assert all(not p.listening for p in self.reactor.ports), "a port left open"
+        for _, _, d in self.connector.calls:
+            assert d.called, "a connect left running"
+        for _, d in self.connector.lookups:
+            assert d.called, "a lookup left running"
+        if self.outbound is not None:
+            assert self.outbound.disconnecting or self.outbound.disconnected
+
+
+class _ErrorLog:
+    """Collects events logged as failures or errors while a target runs."""
+
+    def __init__(self) -> None:
+        self.events: List[Dict[str, Any]] = []
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        level = getattr(event.get("log_level"), "name", "")
+        if event.get("log_failure") is not None or level in ("error", "critical"):
+            self.events.append(event)
+
+    def __enter__(self) -> _ErrorLog:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        globalLogPublisher.removeObserver(self)
+
+
+def _chunks(stream: bytes, cuts: List[int]) -> List[bytes]:
+    points = sorted({c for c in cuts if 0 < c < len(stream)})
+    bounds = [0, *points, len(stream)]
+    return [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _drive(data: ServerInput, userpass: bool, chunks: List[bytes]) -> _Run:
+    run = _Run(userpass)
+    run._down = data.down
+    at = min(data.at, max(0, len(chunks) - 1))
+    for index, chunk in enumerate(chunks):
+        if chunk:
+            run.feed(chunk)
+        if index == at:
+            run.resolve(data.connect, data.down)
+        run.check()
+    return run
+
+
+def check_server(data: ServerInput, userpass: bool = False) -> None:
+    """One input for the whole server protocol."""
+    _count("server.userpass" if userpass else "server.noauth")
+    with _ErrorLog() as errors:
+        chunks = _chunks(data.stream, data.cuts) or [b""]
+        run = _drive(data, userpass, chunks)
+        if data.connect == "pending":
+            # Split or whole, the same bytes and the same attempts.
+            whole = _drive(data, userpass, [data.stream])
+            assert whole.transport.value() == run.transport.value()
+            assert [c[0] for c in whole.connector.calls] == [
+                c[0] for c in run.connector.calls
+            ]
+            whole.finish(data)
+        run.finish(data)
+    assert not errors.events, [e.get("log_format") for e in errors.events]
+
+
+# --------------------------------------------------------------------------
+# Strategies
+
+
+def _frame(prefix: bytes, body: bytes) -> bytes:
+    return prefix + bytes((len(body) & 0xFF,)) + body
+
+
+names = st.sampled_from(
+    [b"localhost", b"x.test", b"\xff\xfe", b"a\x00b", b""]
+) | st.binary(max_size=12)
+addresses = st.one_of(
+    st.binary(min_size=4, max_size=4).map(lambda b: b"\x01" + b),
+    st.binary(min_size=16, max_size=16).map(lambda b: b"\x04" + b),
+    names.map(lambda n: _frame(b"\x03", n)),
+    st.tuples(st.integers(0, 255), st.binary(max_size=20)).map(
+        lambda t: bytes((t[0],)) + t[1]
+    ),
+)
+requests = st.tuples(
+    st.sampled_from([1, 2, 3]) | st.integers(0, 255),
+    st.just(0) | st.integers(0, 255),
+    addresses,
+    st.binary(min_size=2, max_size=2),
+).map(lambda t: bytes((5, t[0], t[1])) + t[2] + t[3])
+greetings = st.one_of(
+    st.sampled_from([[0], [2], [0, 2], [2, 0], [1], []]),
+    st.lists(st.integers(0, 255), max_size=8),
+).map(lambda m: bytes((5, len(m), *m)))
+credentials = st.tuples(
+    st.sampled_from([b"alice", b"bob", b""]) | st.binary(max_size=6),
+    st.sampled_from([b"s3cret", b"wrong", b""]) | st.binary(max_size=6),
+).map(lambda t: b"\x01" + _frame(b"", t[0]) + _frame(b"", t[1]))
+
+
+def _mutate(t: Tuple[bytes, int, int]) -> bytes:
+    piece, where, value = t
+    if not piece:
+        return piece
+    i = where % len(piece)
+    return piece[:i] + bytes((value,)) + piece[i + 1 :]
+
+
+valid_pieces = st.one_of(greetings, credentials, requests)
+pieces = st.one_of(
+    valid_pieces,
+    st.tuples(valid_pieces, st.integers(0, 300), st.integers(0, 255)).map(_mutate),
+    st.binary(max_size=40),
+)
+#: Mostly well-formed sequences (greeting, maybe credentials, request,
+#: payload), each piece possibly mutated; sometimes anything at all.
+streams = st.one_of(
+    st.tuples(
+        greetings, credentials | st.just(b""), requests, st.binary(max_size=30)
+    ).map(b"".join),
+    st.lists(pieces, max_size=6).map(b"".join),
+    st.binary(max_size=300),
+)
+
+
+@st.composite
+def server_inputs(draw: Any) -> ServerInput:
+    stream = draw(streams)
+    cuts = draw(st.lists(st.integers(0, max(0, len(stream))), max_size=10))
+    return ServerInput(
+        stream=stream,
+        cuts=cuts,
+        connect=draw(
+            st.sampled_from(["pending", "succeed", "refused", "dns", "timeout"])
+        ),
+        at=draw(st.integers(0, 10)),
+        down=draw(st.sampled_from([b"", b"hello from the destination"])),
+    )
+
+
+fuzz_bytes = st.one_of(
+    st.binary(max_size=600),
+    st.tuples(
+        st.sampled_from(
+            [b"\x05", b"\x05\x01", b"\x05\x01\x00", b"\x01", b"\x00\x00\x00"]
+        ),
+        st.binary(max_size=300),
+    ).map(b"".join),
+    requests,
+    greetings,
+    credentials,
+)
+
+# --------------------------------------------------------------------------
+# Targets
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    strategy: Any
+    check: Callable[..., None]
+
+
+def _parser_target(name: str) -> Target:
+    return Target(f"codec.{name}", fuzz_bytes, lambda buf: check_parser(name, buf))
+
+
+TARGETS: Dict[str, Target] = {
+    t.name: t
+    for t in [
+        *(_parser_target(name) for name in PARSERS),
+        Target("codec.udp_datagram", fuzz_bytes, check_udp_datagram),
+        Target(
+            "codec.address",
+            st.tuples(st.text(max_size=40), st.integers(0, 0xFFFF)),
+            lambda t: check_address(*t),
+        ),
+        Target("server.noauth", server_inputs(), check_server),
+        Target(
+            "server.userpass",
+            server_inputs(),
+            lambda data: check_server(data, userpass=True),
+        ),
+    ]
+}
+
+
+def hypothesis_test(
+    name: str, max_examples: int, phases: Optional[List[Phase]] = None
+) -> Callable[[], None]:
+    """A zero-argument ``@given`` test running one target."""
+    target = TARGETS[name]
+
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=phases or [Phase.explicit, Phase.generate, Phase.shrink],
+    )
+    @given(target.strategy)
+    def test(value: Any) -> None:
+        target.check(value)
+
+    test.__name__ = test.__qualname__ = "fuzz_" + name.replace(".", "_")
+    return test
+
+
+def fuzz_for(name: str, seconds: float) -> Dict[str, Any]:
+    """
+    Run one target for about ``seconds``, in batches of fresh random
+    examples sized from the rate so far; the inputs tried, and the first
+    failure (as Hypothesis reports it after shrinking) as text.
+    """
+    before = COUNTS.get(name, 0)
+    start = time.monotonic()
+    deadline = start + seconds
+    failure: Optional[str] = None
+    batch = 20
+    while failure is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        done = COUNTS.get(name, 0) - before
+        if done:
+            rate = done / max(time.monotonic() - start, 1e-3)
+            batch = int(min(5000, max(10, rate * left)))
+        test = hypothesis_test(name, batch, [Phase.generate, Phase.shrink])
+        try:
+            test()
+        except Exception as e:  # noqa: BLE001 - the failure is the result
+            notes = "\n".join(getattr(e, "__notes__", []))
+            failure = f"{type(e).__name__}: {e}\n{notes}"[:4000]
+    return {
+        "inputs": COUNTS.get(name, 0) - before,
+        "seconds": round(time.monotonic() - start, 2),
+        "failure": failure,
+    }
+
+
+def _instrument(atheris: Any) -> None:
+    """Coverage for the package's own functions only (instrument_all is slow)."""
+    import inspect
+    import sys
+
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("twisted_socks5"):
+            continue
+        for obj in list(vars(module).values()):
+            if getattr(obj, "__module__", None) != module.__name__:
+                continue
+            functions = [obj] if inspect.isfunction(obj) else []
+            if inspect.isclass(obj):
+                functions = [f for f in vars(obj).values() if inspect.isfunction(f)]
+            for function in functions:
+                atheris.instrument_func(function)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """
+    ``python stress/fuzz_targets.py TARGET [libFuzzer options]``: one target
+    under atheris (coverage-guided, when it is installed), through
+    Hypothesis's ``fuzz_one_input``; e.g. ``-max_total_time=600``.
+    libFuzzer prints the inputs tried ("Done N runs").  ``--list`` names
+    the targets.
+    """
+    import sys
+
+    args = list(sys.argv if argv is None else argv)
+    if len(args) < 2 or args[1] not in TARGETS:
+        print("targets:", ", ".join(TARGETS))
+        raise SystemExit(0 if "--list" in args else 2)
+    name = args.pop(1)
+    try:
+        import atheris  # type: ignore[import-not-found]
+    except ImportError:
+        raise SystemExit("atheris is not installed: pip install atheris") from None
+    test: Any = hypothesis_test(name, 1)
+    _instrument(atheris)
+    atheris.Setup(args, test.hypothesis.fuzz_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
