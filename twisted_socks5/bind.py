@@ -10,7 +10,7 @@ on timeout, or when the client leaves first.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Optional
+from typing import Any, Callable, Collection, Dict, Optional
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
@@ -19,13 +19,24 @@ from twisted.logger import Logger
 from .codec import Address
 from .relay import OutboundProtocol
 
+_NORMALIZED: Dict[str, str] = {}
+
 
 def normalize_ip(host: str) -> str:
-    """``::ffff:a.b.c.d`` becomes ``a.b.c.d``; other addresses are canonical."""
-    try:
-        return Address.from_host(host, 0).host
-    except ValueError:
-        return host
+    """
+    ``::ffff:a.b.c.d`` becomes ``a.b.c.d``; other addresses are canonical.
+    Cached: it runs for every UDP datagram and every connection.
+    """
+    normal = _NORMALIZED.get(host)
+    if normal is None:
+        try:
+            normal = Address.from_host(host, 0).host
+        except ValueError:
+            normal = host
+        if len(_NORMALIZED) >= 4096:
+            _NORMALIZED.clear()
+        _NORMALIZED[host] = normal
+    return normal
 
 
 class _BoundPeer(OutboundProtocol):

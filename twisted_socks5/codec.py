@@ -249,7 +249,20 @@ def _parse_address(buf: Buffer, offset: int) -> Parsed[Address]:
             f"unknown address type 0x{atyp:02x}", ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
         )
     (port,) = struct.unpack_from("!H", buf, end)
-    return Address(kind, host, port), end + 2 - offset
+    return _parsed_address(kind, host, port), end + 2 - offset
+
+
+def _parsed_address(kind: AddressType, host: str, port: int) -> Address:
+    """
+    An Address from parsed wire bytes, without ``__post_init__``'s checks:
+    inet_ntop output is canonical and the domain was checked above.  Every
+    request and UDP datagram passes here.
+    """
+    address = object.__new__(Address)
+    object.__setattr__(address, "type", kind)
+    object.__setattr__(address, "host", host)
+    object.__setattr__(address, "port", port)
+    return address
 
 
 def _check_version(buf: Buffer, expected: int, what: str) -> None:

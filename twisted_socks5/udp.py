@@ -28,7 +28,6 @@ from .codec import (
     Address,
     AddressType,
     ProtocolError,
-    UDPDatagram,
     parse_udp_datagram,
 )
 
@@ -134,6 +133,7 @@ class UDPAssociation:
         self._names: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._pending: Dict[str, Deque[Tuple[bytes, int]]] = {}
         self._lookups: List[defer.Deferred[List[str]]] = []
+        self._headers: Dict[Tuple[str, int], bytes] = {}
         self.closed = False
 
     # ------------------------------------------------------------------
@@ -163,6 +163,7 @@ class UDPAssociation:
         self._pending.clear()
         self._names.clear()
         self._peers.clear()
+        self._headers.clear()
 
     # ------------------------------------------------------------------
     # Client → destination
@@ -288,7 +289,14 @@ class UDPAssociation:
         if client is None or self.client_port_listener is None:
             self.counters.drops["unknown_source"] += 1
             return
-        packet = UDPDatagram(Address.from_host(host, port), datagram).to_bytes()
+        header = self._headers.get((host, port))
+        if header is None:
+            # The header naming a source is the same for all its datagrams.
+            header = b"\x00\x00\x00" + Address.from_host(host, port).to_bytes()
+            if len(self._headers) >= MAX_PEERS:
+                self._headers.clear()
+            self._headers[(host, port)] = header
+        packet = header + datagram
         try:
             self.client_port_listener.write(packet, client)
         except Exception:  # noqa: BLE001 - EMSGSIZE when header + data > 64 KiB
