@@ -153,7 +153,7 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             None,
             "Close a tunnel after this many seconds without traffic either way "
-            "(default: never).",
+            "(default: never)",
             _timeout_or_off,
         ],
         [
@@ -180,7 +180,7 @@ class Options(usage.Options, AuthOptionMixin):
             "new client is closed at once (default: the descriptor limit, "
             "raised to its hard maximum at start, less a reserve, divided by "
             "the descriptors one tunnel may use: 6 with splice, 3 without; "
-            "0: no limit).",
+            "0: no limit)",
             _count,
         ],
         [
@@ -282,12 +282,6 @@ class Options(usage.Options, AuthOptionMixin):
         self["methods"] = []
 
     def opt_listen(self, endpoint: str) -> None:
-        """
-        Listen on this Twisted server endpoint string; may be repeated.
-        Examples: tcp:1080:interface=::  ssl:1080:privateKey=key.pem:certKey=cert.pem
-        unix:/run/socks5.sock  systemd:domain=INET6:index=0
-        (default: tcp:1080:interface=127.0.0.1).
-        """
         description = escape_ipv6_interface(endpoint)
         from twisted.internet import reactor
 
@@ -296,6 +290,15 @@ class Options(usage.Options, AuthOptionMixin):
         except Exception as e:  # noqa: BLE001 - any parser error is a usage error
             raise usage.UsageError(f"--listen {endpoint!r}: {e!r}") from None
         self["listen"].append(description)
+
+    # One line each: usage.Options prints docstrings' indentation as is.
+    opt_listen.__doc__ = (
+        "Listen on this Twisted server endpoint string; may be repeated.  "
+        "Examples: tcp:1080:interface=:: "
+        "ssl:1080:privateKey=key.pem:certKey=cert.pem unix:/run/socks5.sock "
+        "systemd:domain=INET6:index=0 haproxy:tcp:1080 "
+        "(default: tcp:1080:interface=127.0.0.1)."
+    )
 
     def _refuse_open_relay(self) -> None:
         """Never become an open proxy by accident."""
@@ -316,11 +319,6 @@ class Options(usage.Options, AuthOptionMixin):
         )
 
     def opt_method(self, spec: str) -> None:
-        """
-        Offer an authentication method provided by an IAuthenticatorFactory
-        plugin, as NAME or NAME:ARGUMENT; may be repeated, in order of
-        preference (offered before the built-in ones).
-        """
         name, _, argument = spec.partition(":")
         try:
             factory = find_authenticator_factory(name)
@@ -329,6 +327,12 @@ class Options(usage.Options, AuthOptionMixin):
                 f"unknown authentication method plugin {name!r} (see --help-methods)"
             ) from None
         self["methods"].append((factory, argument))
+
+    opt_method.__doc__ = (
+        "Offer an authentication method provided by an IAuthenticatorFactory "
+        "plugin, as NAME or NAME:ARGUMENT; may be repeated, in order of "
+        "preference (offered before the built-in ones)."
+    )
 
     def opt_help_methods(self) -> None:
         """List the authentication method plugins that --method can use."""
