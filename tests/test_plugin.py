@@ -232,6 +232,33 @@ def test_bad_rules_file_is_a_usage_error(tmp_path: Any) -> None:
 
 
 def test_upstream_option_is_validated() -> None:
-    assert parse("--upstream", "socks5://u:p@127.0.0.1:1081")["upstream"]
+    url = "socks5://u:p@127.0.0.1:1081"
+    assert parse("--upstream", url)["upstreams"] == {None: url}
     with pytest.raises(usage.UsageError, match="--upstream"):
         parse("--upstream", "ftp://127.0.0.1:21")
+
+
+def test_named_upstreams_are_routes_for_the_rules(tmp_path: Any) -> None:
+    rules = tmp_path / "rules"
+    rules.write_text("allow to .onion via tor\nallow via direct\n")
+    options = parse(
+        "--upstream",
+        "tor=socks5://127.0.0.1:9050",
+        "--upstream",
+        "tcp:host=127.0.0.1:port=1081",
+        "--rules",
+        str(rules),
+    )
+    assert options["upstreams"] == {
+        "tor": "socks5://127.0.0.1:9050",
+        None: "tcp:host=127.0.0.1:port=1081",
+    }
+    from twisted.internet import reactor
+
+    from twisted_socks5.tap import build_factory
+
+    factory = build_factory(options, reactor)
+    assert set(factory.routes) == {"tor", "direct"}
+    rules.write_text("allow via nowhere\n")
+    with pytest.raises(usage.UsageError, match="via nowhere"):
+        parse("--rules", str(rules))

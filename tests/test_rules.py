@@ -944,3 +944,29 @@ def test_allow_list_never_lets_an_outside_address_out(
             CLIENT, None, command, at("a.example", 53), spelling
         )
         assert by_name.allowed is inside
+
+
+def test_via_routes_allowed_requests() -> None:
+    from twisted_socks5.codec import Address, Command
+
+    rules = RuleSet.parse(
+        "allow to .onion via tor\nallow to 10.0.0.0/8 via direct\nallow\n"
+    )
+    assert rules.routes == frozenset({"tor", "direct"})
+    onion = Address.from_host("abc.onion", 80)
+    assert rules.check_request("192.0.2.1", None, Command.CONNECT, onion).via == "tor"
+    ip = Address.from_host("10.1.2.3", 80)
+    assert rules.check_resolved(
+        "192.0.2.1", None, Command.CONNECT, ip, "10.1.2.3"
+    ).via == ("direct")
+    other = Address.from_host("192.0.2.9", 80)
+    assert rules.check_request("192.0.2.1", None, Command.CONNECT, other).via is None
+    assert RuleSet.parse(rules.render()) == rules
+
+
+@pytest.mark.parametrize(
+    "line", ["deny via tor", "allow via", "allow via a,b", "allow via bad/name"]
+)
+def test_bad_via(line: str) -> None:
+    with pytest.raises(RulesError):
+        RuleSet.parse(line + "\n")

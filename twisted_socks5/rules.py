@@ -49,6 +49,7 @@ the commas)::
                 / "port"    ports *( "," ports )
                 / "command" command *( "," command )
                 / "user"    user *( "," user )
+                / "via"     route              ; allow rules only
     cidr        = ip-address [ "/" prefix-length ]  ; host bits must be zero
     target      = cidr / host-pattern
     host-pattern = name                ; exactly this name
@@ -59,6 +60,7 @@ the commas)::
     user        = user-name            ; exactly this authenticated user
                 / "*"                  ; any authenticated user
                 / "-"                  ; an anonymous client (no authentication)
+    route       = "direct" / upstream-name     ; see --upstream NAME=URL
 
 A rule matches when **all** its conditions match; a rule without conditions
 matches everything.  Within one condition, **any** item may match.
@@ -84,6 +86,13 @@ matches everything.  Within one condition, **any** item may match.
 ``user``
     The name the client authenticated as.  Names may not contain spaces,
     commas or ``#``.
+``via``
+    Not a condition but a route, on ``allow`` rules: a CONNECT this rule
+    allows leaves through the upstream server named ``NAME`` (``twistd socks5
+    --upstream NAME=URL``), or straight to the destination with ``direct``.
+    The rule that finally allows the request decides, after name resolution
+    when it needs the addresses.  Requests allowed by a rule without ``via``
+    take the default route.
 
 IPv4-mapped IPv6 addresses (``::ffff:10.0.0.1``) are IPv4 addresses
 everywhere: clients, destinations, resolved addresses and networks written in
@@ -127,6 +136,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
@@ -162,6 +172,9 @@ class Decision:
     allowed: bool
     rule: str
     final: bool = True
+    #: The upstream a ``via NAME`` rule routes an allowed request through
+    #: (``"direct"`` for none), or ``None`` for the server's default route.
+    via: Optional[str] = None
 
     def __str__(self) -> str:
         if not self.final:
@@ -435,6 +448,7 @@ class Rule:
     ports: Optional[Tuple[Tuple[int, int], ...]] = None
     commands: Optional[FrozenSet[Command]] = None
     users: Optional[Tuple[str, ...]] = None
+    via: Optional[str] = None
     source: str = field(default="<code>", compare=False)
     line: Optional[int] = field(default=None, compare=False)
 
@@ -460,6 +474,13 @@ class Rule:
         for group in (self.clients, self.ports, self.commands, self.users):
             if group is not None and not group:
                 raise ValueError("a condition needs at least one value")
+        if self.via is not None:
+            if not self.allow:
+                raise ValueError("'via' routes allowed requests: not on 'deny'")
+            if not _ROUTE_NAME.fullmatch(self.via):
+                raise ValueError(
+                    f"bad route name {self.via!r} (letters, digits, '-', '_')"
+                )
         setattr_(self, "_clients", _masks(self.clients or ()))
         setattr_(self, "_networks", _masks(self.networks))
         exact = set()
@@ -477,7 +498,9 @@ class Rule:
         setattr_(self, "_names", frozenset(self.users or ()))
         where = self.source if self.line is None else f"{self.source}:{self.line}"
         setattr_(self, "_description", f"{where}: {self}")
-        setattr_(self, "_decision", Decision(self.allow, self._description))
+        setattr_(
+            self, "_decision", Decision(self.allow, self._description, True, self.via)
+        )
         setattr_(
             self, "_pending", Decision(True, f"depends on {self._description}", False)
         )
@@ -519,6 +542,8 @@ class Rule:
             parts.append("command " + ", ".join(names))
         if self.users is not None:
             parts.append("user " + ", ".join(self.users))
+        if self.via is not None:
+            parts.append("via " + self.via)
         return " ".join(parts)
 
     def match_host(self, name: str) -> bool:
@@ -611,10 +636,10 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
     while index < len(tokens):
         keyword = tokens[index].lower()
         index += 1
-        if keyword not in ("from", "to", "port", "command", "user"):
+        if keyword not in ("from", "to", "port", "command", "user", "via"):
             raise ValueError(
                 f"unknown condition {tokens[index - 1]!r} (expected from, to, "
-                "port, command or user; separate list items with commas)"
+                "port, command, user or via; separate list items with commas)"
             )
         if keyword in values:
             raise ValueError(
@@ -658,6 +683,11 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
                 f"unknown command {e.args[0]!r} (expected connect, bind or udp)"
             ) from None
     users = tuple(values["user"]) if "user" in values else None
+    via = None
+    if "via" in values:
+        if len(values["via"]) != 1:
+            raise ValueError("'via' names one route")
+        via = values["via"][0]
     return Rule(
         allow=tokens[0].lower() == "allow",
         clients=clients,
@@ -666,6 +696,7 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
         ports=ports,
         commands=commands,
         users=users,
+        via=via,
         source=source,
         line=number,
     )
@@ -673,6 +704,8 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
 
 # --------------------------------------------------------------------------
 # The rule set
+
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @implementer(IPolicy)
@@ -785,6 +818,11 @@ class RuleSet:
                 )
                 break
         return found
+
+    @property
+    def routes(self) -> FrozenSet[str]:
+        """The route names ``via`` uses (checked against ``--upstream``)."""
+        return frozenset(r.via for r in self.rules if r.via is not None)
 
     def describe(self) -> str:
         """A summary for the start-up log."""

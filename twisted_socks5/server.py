@@ -56,8 +56,10 @@ from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
-from .rules import AllowAll, IPolicy
+from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
+
+_ALLOWED = Decision(True, "no access rules")
 
 #: Most bytes buffered before the relay starts: pipelined payload that came
 #: with the request.  More means a client that is not speaking SOCKS.
@@ -126,6 +128,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
         self._idle_call: Any = None
+        #: The rules' answer to the request (its route, when final).
+        self._decision: Any = None
         self._watch_period = 0.0
         self._silent_since = 0.0
         #: The zero-copy relay, when one took over (see splice.py).
@@ -377,6 +381,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             decision = policy.check_request(
                 self.policy_ip, self.user, request.command, destination
             )
+            self._decision = decision
             if not decision.allowed:
                 self._deny(decision.rule)
                 return False
@@ -398,21 +403,54 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         check = None
         address = request.address
-        if self.factory.policy is not None:
+        route = None
+        policy = self.factory.policy
+        if policy is not None:
             if address.type is not AddressType.DOMAIN:
-                rule = self._resolved_denial(address, address.host)
-                if rule is not None:
-                    self._deny(rule)
+                decision = self._resolved_decision(address, address.host)
+                if not decision.allowed:
+                    self._deny(decision.rule)
                     return
+                route = decision.via
+            elif self._decision is not None and self._decision.final:
+                route = self._decision.via
+                check = partial(self._resolved_denial, address)
+            elif self.factory.routes:
+                # Which rule allows the name, and so its route, depends on
+                # the addresses: resolve here first.
+                self._wait()
+                resolving = self.factory.connector.resolve(address.host)
+                self._connecting = resolving
+                resolving.addCallback(self._route_resolved, address)
+                resolving.addCallbacks(self._connected, self._connect_failed)
+                return
             else:
                 check = partial(self._resolved_denial, address)
+        connector = self.factory.connector_for(route)
         self._wait()
         if check is None:
-            d = self.factory.connector.connect(address, _OUTBOUND_FACTORY)
+            d = connector.connect(address, _OUTBOUND_FACTORY)
         else:
-            d = self.factory.connector.connect(address, _OUTBOUND_FACTORY, check)
+            d = connector.connect(address, _OUTBOUND_FACTORY, check)
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _route_resolved(
+        self, addresses: List[str], address: Address
+    ) -> defer.Deferred[IProtocol]:
+        """Connect to the first allowed address, by the route its rule names."""
+        denials = []
+        for ip in addresses:
+            decision = self._resolved_decision(address, ip)
+            if decision.allowed:
+                target = Address.from_host(ip, address.port)
+                d = self.factory.connector_for(decision.via).connect(
+                    target, _OUTBOUND_FACTORY
+                )
+                self._connecting = d
+                return d
+            denials.append(decision.rule)
+        return defer.fail(PolicyDenied(denials[0] if denials else "no address"))
 
     def _connected(self, protocol: IProtocol) -> None:
         self._connecting = None
@@ -471,16 +509,20 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """The client IP the rules see (UNIX-socket clients are local)."""
         return self.client_ip or "127.0.0.1"
 
-    def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
-        """None when the rules allow using ``ip`` for this request, else the rule."""
+    def _resolved_decision(self, destination: Address, ip: str) -> Any:
+        """The rules' final word on using ``ip`` for this request."""
         policy = self.factory.policy
         request = self.request
         if policy is None or request is None:
-            return None
-        decision = policy.check_resolved(
+            return _ALLOWED
+        return policy.check_resolved(
             self.policy_ip, self.user, request.command, destination, ip
         )
-        return None if decision.allowed else decision.rule
+
+    def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
+        """None when the rules allow using ``ip`` for this request, else the rule."""
+        decision = self._resolved_decision(destination, ip)
+        return None if decision.allowed else str(decision.rule)
 
     def _udp_allowed(self, destination: Address, ip: str) -> bool:
         policy = self.factory.policy
@@ -772,6 +814,8 @@ class SOCKS5ServerFactory(Factory):
         :class:`~twisted_socks5.limits.ConnectionLimits` with its defaults.
     :param policy: access rules (:class:`~twisted_socks5.rules.IPolicy`),
         e.g. a :class:`~twisted_socks5.rules.RuleSet`; default: allow all.
+    :param routes: connectors by name, for the rules' ``via NAME``
+        (``direct`` is built in), e.g. ``{"tor": UpstreamConnector(...)}``.
     """
 
     log = Logger()
@@ -797,6 +841,7 @@ class SOCKS5ServerFactory(Factory):
         ),
         limits: Optional[ConnectionLimits] = None,
         policy: Optional[IPolicy] = None,
+        routes: Optional[Dict[str, IOutboundConnector]] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -809,6 +854,9 @@ class SOCKS5ServerFactory(Factory):
             raise ValueError("at least one authentication method is needed")
         self.authenticators = list(authenticators)
         self.connector = connector or DirectConnector(reactor, connect_timeout)
+        #: Named routes for rules' ``via NAME``; ``direct`` is always there.
+        self.routes: Dict[str, IOutboundConnector] = dict(routes or {})
+        self.routes.setdefault("direct", DirectConnector(reactor, connect_timeout))
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.stall_timeout = stall_timeout
@@ -889,6 +937,12 @@ class SOCKS5ServerFactory(Factory):
                 call.cancel()
 
         return done.addCallback(cancel_timer)
+
+    def connector_for(self, route: Optional[str]) -> IOutboundConnector:
+        """The connector of a rule's ``via`` route (``None``: the default)."""
+        if route is None:
+            return self.connector
+        return self.routes[route]
 
     def select_authenticator(self, offered: Sequence[int]) -> Optional[IAuthenticator]:
         """The first of our methods, in our order, that the client offers."""

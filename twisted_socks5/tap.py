@@ -221,15 +221,6 @@ class Options(usage.Options, AuthOptionMixin):
             "Re-read on SIGHUP; a broken file keeps the rules in force.",
         ],
         [
-            "upstream",
-            None,
-            None,
-            "Send CONNECT requests through this SOCKS5 server: "
-            "socks5://[USER:PASS@]HOST:PORT, socks5+tls://...[?ca=CA.pem"
-            "&servername=NAME] (certificate and name verified), or a client "
-            "endpoint string.",
-        ],
-        [
             "metrics",
             None,
             None,
@@ -280,6 +271,33 @@ class Options(usage.Options, AuthOptionMixin):
         super().__init__()
         self["listen"] = []
         self["methods"] = []
+        #: Upstream servers by route name; ``None`` is the default route.
+        self["upstreams"] = {}
+
+    def opt_upstream(self, spec: str) -> None:
+        from twisted.internet import reactor
+
+        from .upstream import parse_upstream
+
+        name: Optional[str] = None
+        head, sep, rest = spec.partition("=")
+        if sep and head and "://" not in head and ":" not in head:
+            name, spec = head, rest
+        if name in self["upstreams"]:
+            raise usage.UsageError(f"--upstream {name or '(default)'} given twice")
+        try:
+            parse_upstream(reactor, spec)
+        except Exception as e:  # noqa: BLE001 - any parse error is a usage error
+            raise usage.UsageError(f"--upstream: {e}") from None
+        self["upstreams"][name] = spec
+
+    opt_upstream.__doc__ = (
+        "Send CONNECT requests through this SOCKS5 server: "
+        "socks5://[USER:PASS@]HOST:PORT, socks5+tls://...[?ca=CA.pem"
+        "&servername=NAME] (certificate and name verified), or a client "
+        "endpoint string.  As NAME=URL (repeatable) it is a route that access "
+        "rules choose with 'via NAME'; without NAME, the default route."
+    )
 
     def opt_listen(self, endpoint: str) -> None:
         description = escape_ipv6_interface(endpoint)
@@ -360,20 +378,17 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(
                     "--metrics is per process: it cannot be combined with --workers"
                 )
-        if self["upstream"]:
-            from twisted.internet import reactor
-
-            from .upstream import parse_upstream
-
-            try:
-                parse_upstream(reactor, self["upstream"])
-            except Exception as e:  # noqa: BLE001 - any parse error is a usage error
-                raise usage.UsageError(f"--upstream: {e}") from None
         if self["rules"]:
             try:
                 self.policy = RulesFile(self["rules"])
             except RulesError as e:
                 raise usage.UsageError(f"--rules: {e}") from None
+            named = {name for name in self["upstreams"] if name is not None}
+            unknown = sorted(self.policy.rules.routes - named - {"direct"})
+            if unknown:
+                raise usage.UsageError(
+                    f"--rules: 'via {unknown[0]}' names no --upstream {unknown[0]}=URL"
+                )
         if isinstance(self["commands"], str):
             self["commands"] = _commands(self["commands"])
         if not self["listen"]:
@@ -536,15 +551,26 @@ class RulesFile:
 classImplements(RulesFile, IPolicy)
 
 
-def _connector(options: Options, reactor: Any) -> Any:
-    if not options["upstream"]:
-        return None
+def _upstream(options: Options, reactor: Any, spec: str) -> Any:
     from .upstream import UpstreamConnector, parse_upstream
 
-    proxy, username, password = parse_upstream(reactor, options["upstream"])
+    proxy, username, password = parse_upstream(reactor, spec)
     return UpstreamConnector(
         reactor, proxy, username, password, timeout=options["connect-timeout"]
     )
+
+
+def _connector(options: Options, reactor: Any) -> Any:
+    spec = options["upstreams"].get(None)
+    return None if spec is None else _upstream(options, reactor, spec)
+
+
+def _routes(options: Options, reactor: Any) -> Any:
+    return {
+        name: _upstream(options, reactor, spec)
+        for name, spec in options["upstreams"].items()
+        if name is not None
+    }
 
 
 def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
@@ -563,6 +589,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         commands=options["commands"],
         policy=options.policy,
         connector=_connector(options, reactor),
+        routes=_routes(options, reactor),
         limits=ConnectionLimits(
             reactor.seconds,
             max_connections=options["max-connections"],

@@ -181,3 +181,70 @@ async def test_unreachable_upstream_is_not_a_refused_destination(
         assert out == b"\x05\x00" + failure(ReplyCode.GENERAL_FAILURE)
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rules_route_requests_through_named_upstreams(
+    tcp_target: Any, resolver: Any
+) -> None:
+    """'via up' sends what a rule allows through the upstream; others go direct."""
+    from conftest import Echo, LoopbackResolver
+
+    from twisted_socks5.connect import DirectConnector
+    from twisted_socks5.rules import RuleSet
+
+    upstream = SOCKS5ServerFactory(reactor=reactor)
+    up_port = listen(upstream)
+    proxy, user, password = parse_upstream(
+        reactor, f"socks5://127.0.0.1:{up_port.getHost().port}"
+    )
+    rules = RuleSet.parse("allow to 127.0.0.2/32, .routed.test via up\ndefault allow\n")
+    local = DirectConnector(reactor, 10, resolver=LoopbackResolver(v6=False))
+    factory = SOCKS5ServerFactory(
+        reactor=reactor,
+        policy=rules,
+        connector=local,
+        routes={"up": UpstreamConnector(reactor, proxy, timeout=10, local=local)},
+    )
+    port = listen(factory)
+    target = tcp_target(Echo, "127.0.0.1")
+    seen: list[str] = []
+    original = upstream.connection_closed
+
+    def record(protocol: Any, reason: Any) -> None:
+        seen.append(str(protocol.request.address) if protocol.request else "-")
+        original(protocol, reason)
+
+    upstream.connection_closed = record  # type: ignore[method-assign]
+    try:
+        from test_errors import RawClient
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        from twisted_socks5.codec import AddressType
+
+        async def tunnel(host: str, atyp: AddressType) -> bytes:
+            client = RawClient(
+                b"\x05\x01\x00" + connect_request(host, target, atyp) + b"hi"
+            )
+            await connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
+            )
+            from test_bind_udp import _turn
+
+            while not b"".join(client.received).endswith(b"hi"):
+                await _turn()
+            client.transport.loseConnection()
+            await client.done
+            while factory.active or upstream.active:
+                await _turn()
+            return b"".join(client.received)
+
+        # 127.0.0.1 is allowed by "default allow": direct, the upstream sees nothing.
+        assert (await tunnel("127.0.0.1", AddressType.IPV4))[:2] == b"\x05\x00"
+        assert seen == []
+        # A name matching ".routed.test" goes through the upstream, by IP.
+        assert (await tunnel("x.routed.test", AddressType.DOMAIN))[:2] == b"\x05\x00"
+        assert seen == [f"127.0.0.1:{target}"]
+    finally:
+        await port.stopListening()
+        await up_port.stopListening()
