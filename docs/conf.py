@@ -60,6 +60,7 @@ API_MODULES = [
     "upstream",
     "workers",
     "tap",
+    "testing",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.

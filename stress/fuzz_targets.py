@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -59,6 +59,7 @@ from twisted_socks5.codec import (
 )
 from twisted_socks5.connect import IOutboundConnector
 from twisted_socks5.server import MAX_EARLY_DATA, SOCKS5ServerFactory, State
+from twisted_socks5.testing import HalfCloseTransport
 
 #: Inputs tried, by target.
 COUNTS: Dict[str, int] = {}
@@ -161,22 +162,6 @@ def check_address(host: str, port: int) -> None:
 
 # --------------------------------------------------------------------------
 # Server target: doubles
-
-
-class _Transport(StringTransport):
-    """A StringTransport that also counts half-closes and aborts."""
-
-    def __init__(self, *a: Any) -> None:
-        super().__init__(*a)
-        self.write_closed = False
-        self.aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
 
 
 class _Port:
@@ -352,8 +337,8 @@ class _Run:
         )
         self.methods = self.factory.methods
         self.protocol = self.factory.buildProtocol(CLIENT)
-        self.transport = _Transport(SERVER, CLIENT)
-        self.outbound: Optional[_Transport] = None
+        self.transport = HalfCloseTransport(SERVER, CLIENT)
+        self.outbound: Optional[HalfCloseTransport] = None
         self.received = b""
         self.resolved: Optional[str] = None
         self.protocol.makeConnection(self.transport)
@@ -376,7 +361,7 @@ class _Run:
         self.resolved = how
         if how == "succeed":
             protocol = factory.buildProtocol(OUTBOUND)
-            self.outbound = _Transport(OUTBOUND, OUTBOUND)
+            self.outbound = HalfCloseTransport(OUTBOUND, OUTBOUND)
             protocol.makeConnection(self.outbound)
             d.callback(protocol)
             if down and not self.closing:

@@ -24,69 +24,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the working tree's twisted_socks5
 
 from twisted.internet import reactor, stdio  # noqa: E402
-from twisted.internet.address import IPv4Address  # noqa: E402
-from twisted.internet.interfaces import (  # noqa: E402
-    IHostnameResolver,
-    IHostResolution,
-    IResolutionReceiver,
-)
 from twisted.logger import globalLogBeginner  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402
-from zope.interface import implementer  # noqa: E402
 
 from twisted_socks5.connect import DirectConnector  # noqa: E402
 from twisted_socks5.limits import ConnectionLimits  # noqa: E402
 from twisted_socks5.server import SOCKS5ServerFactory  # noqa: E402
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class LoopbackOnlyResolver:
-    """
-    ``localhost`` and ``*.test`` resolve to 127.0.0.1; every other name
-    fails at once, as a name with no address does.  Nothing is ever asked
-    of a DNS server (installed as the reactor's resolver too).
-    """
-
-    def __init__(self) -> None:
-        self.asked = 0
-        self.failed = 0
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Optional[Sequence[Any]] = None,
-        transportSemantics: str = "TCP",
-    ) -> IResolutionReceiver:
-        self.asked += 1
-        resolutionReceiver.resolutionBegan(_Resolution(hostName))
-        name = hostName.lower().rstrip(".")
-        if name == "localhost" or name.endswith(".test"):
-            if addressTypes is None or IPv4Address in addressTypes:
-                resolutionReceiver.addressResolved(
-                    IPv4Address("TCP", "127.0.0.1", portNumber)
-                )
-        else:
-            self.failed += 1
-        resolutionReceiver.resolutionComplete()
-        return resolutionReceiver
+from twisted_socks5.testing import LoopbackResolver  # noqa: E402
 
 
 class Observer:
@@ -156,7 +107,7 @@ class Control(LineReceiver):
         self,
         factory: SOCKS5ServerFactory,
         observer: Observer,
-        resolver: LoopbackOnlyResolver,
+        resolver: LoopbackResolver,
     ) -> None:
         self.factory = factory
         self.observer = observer
@@ -182,7 +133,7 @@ class Control(LineReceiver):
             "replies": dict(self.observer.replies),
             "errors": self.observer.errors,
             "error_texts": self.observer.error_texts,
-            "resolver_asked": self.resolver.asked,
+            "resolver_asked": len(self.resolver.asked),
             "resolver_failed": self.resolver.failed,
             "objects": objects,
         }
@@ -205,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     observer = Observer()
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    resolver = LoopbackOnlyResolver()
+    # IPv4 only: the stress targets listen on 127.0.0.1.
+    resolver = LoopbackResolver(v6=False)
     reactor.installNameResolver(resolver)  # type: ignore[attr-defined]
     factory = SOCKS5ServerFactory(
         reactor=reactor,

@@ -7,33 +7,18 @@ from typing import Any, List, Optional, Tuple
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from twisted_socks5.codec import Address
 from twisted_socks5.connect import IOutboundConnector
 from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
+from twisted_socks5.testing import HalfCloseTransport
 
 CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
 SERVER = IPv4Address("TCP", "127.0.0.1", 1080)
 OUTBOUND_LOCAL = IPv4Address("TCP", "127.0.0.1", 50000)
 TARGET = IPv4Address("TCP", "127.0.0.1", 8080)
-
-
-class HalfCloseTransport(StringTransport):
-    """A StringTransport that records half-closes, which StringTransport lacks."""
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
-        self.write_closed = False
-        self.aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
 
 
 @implementer(IOutboundConnector)

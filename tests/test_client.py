@@ -40,7 +40,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -69,6 +69,7 @@ from twisted_socks5.client import (
 )
 from twisted_socks5.codec import Address, AddressType, ReplyCode
 from twisted_socks5.server import SOCKS5ServerFactory
+from twisted_socks5.testing import HalfCloseTransport
 
 LOCAL = IPv4Address("TCP", "127.0.0.1", 40000)
 PROXY = IPv4Address("TCP", "127.0.0.1", 1080)
@@ -83,20 +84,11 @@ REQUEST_WEB_TEST_80 = b"\x05\x01\x00\x03\x08web.test\x00\x50"
 # Doubles
 
 
-class ProxyTransport(StringTransport):
-    """A StringTransport that also records half-close and abort."""
+class ProxyTransport(HalfCloseTransport):
+    """The connection to the proxy, in memory."""
 
     def __init__(self) -> None:
         super().__init__(hostAddress=LOCAL, peerAddress=PROXY)
-        self.write_closed = False
-        self.aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
 
     def take(self) -> bytes:
         value = self.value()

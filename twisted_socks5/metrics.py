@@ -9,7 +9,7 @@ runs on the reactor thread, where the connection set is safe to read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterator
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List
 
 from twisted.web import resource, server
 
@@ -140,42 +140,31 @@ class _LiveCollector:
             tunnels.add_metric([state], count)
         yield tunnels
 
-        relayed = CounterMetricFamily(
+        udps = [p.udp.counters for p in active if p.udp is not None]
+        yield _both_ways(
             "socks5_relayed_bytes",
             "Bytes relayed over TCP, up (client to destination) and down.",
-            labels=["direction"],
+            m._closed_bytes,
+            [p.counters for p in active],
+            "bytes_up",
+            "bytes_down",
         )
-        up = m._closed_bytes["up"] + sum(p.counters.bytes_up for p in active)
-        down = m._closed_bytes["down"] + sum(p.counters.bytes_down for p in active)
-        relayed.add_metric(["up"], up)
-        relayed.add_metric(["down"], down)
-        yield relayed
-
-        udps = [p.udp.counters for p in active if p.udp is not None]
-        datagrams = CounterMetricFamily(
+        yield _both_ways(
             "socks5_udp_datagrams",
             "UDP datagrams relayed, up and down.",
-            labels=["direction"],
+            m._closed_udp,
+            udps,
+            "datagrams_up",
+            "datagrams_down",
         )
-        datagrams.add_metric(
-            ["up"], m._closed_udp["up"] + sum(c.datagrams_up for c in udps)
-        )
-        datagrams.add_metric(
-            ["down"], m._closed_udp["down"] + sum(c.datagrams_down for c in udps)
-        )
-        yield datagrams
-        udp_bytes = CounterMetricFamily(
+        yield _both_ways(
             "socks5_udp_bytes",
             "UDP payload bytes relayed, up and down.",
-            labels=["direction"],
+            m._closed_udp_bytes,
+            udps,
+            "bytes_up",
+            "bytes_down",
         )
-        udp_bytes.add_metric(
-            ["up"], m._closed_udp_bytes["up"] + sum(c.bytes_up for c in udps)
-        )
-        udp_bytes.add_metric(
-            ["down"], m._closed_udp_bytes["down"] + sum(c.bytes_down for c in udps)
-        )
-        yield udp_bytes
         drops = CounterMetricFamily(
             "socks5_udp_dropped_datagrams",
             "UDP datagrams dropped, by reason.",
@@ -188,6 +177,24 @@ class _LiveCollector:
         for reason, count in sorted(totals.items()):
             drops.add_metric([reason], count)
         yield drops
+
+
+def _both_ways(
+    name: str,
+    documentation: str,
+    closed: Dict[str, int],
+    live: List[Any],
+    up: str,
+    down: str,
+) -> Any:
+    """A counter by direction: finished connections plus the open ones."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, documentation, labels=["direction"])
+    for direction, attribute in (("up", up), ("down", down)):
+        total = closed[direction] + sum(getattr(c, attribute) for c in live)
+        family.add_metric([direction], total)
+    return family
 
 
 class MetricsResource(resource.Resource):

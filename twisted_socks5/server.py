@@ -76,6 +76,11 @@ class _OutboundFactory(Factory):
 _OUTBOUND_FACTORY = _OutboundFactory()
 
 
+def _unregister_producer(transport: Any) -> None:
+    if getattr(transport, "producer", None):
+        transport.unregisterProducer()
+
+
 def _write_buffered(transport: Any) -> int:
     """Bytes in a Twisted socket transport's write buffer (0 if unknown)."""
     try:
@@ -237,10 +242,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.state = State.CLOSING
-        if self.refused or not self._admitted:
-            self.setTimeout(None)
-            return
         self.setTimeout(None)
+        if self.refused or not self._admitted:
+            return
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
@@ -365,9 +369,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         del self._buffer[:used]
         self.request = request
         if request.command not in self.factory.commands:
-            self.outcome = f"{request.command.phrase} not enabled"
-            self._send_reply(ReplyCode.COMMAND_NOT_SUPPORTED)
-            self._close()
+            self._fail(
+                ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.phrase} not enabled"
+            )
             return False
         policy = self.factory.policy
         if policy is not None:
@@ -497,9 +501,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         code = reply_for_failure(failure)
         if failure.check(PolicyDenied):
             self.rule = failure.value.rule  # type: ignore[union-attr]
-        self.outcome = f"connect failed: {failure.getErrorMessage()}"
-        self._send_reply(code)
-        self._close()
+        self._fail(code, f"connect failed: {failure.getErrorMessage()}")
 
     # ------------------------------------------------------------------
     # Access rules
@@ -537,9 +539,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _deny(self, rule: str) -> None:
         self.rule = rule
-        self.outcome = f"denied by {rule}"
-        self._send_reply(ReplyCode.CONNECTION_NOT_ALLOWED)
-        self._close()
+        self._fail(ReplyCode.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
 
     # ------------------------------------------------------------------
     # BIND
@@ -571,16 +571,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         waiter = BindWaiter(
             self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
         )
-        requested = self.request.address if self.request is not None else None
-        wanted = 0
-        if requested is not None and requested.is_unspecified:
-            wanted = requested.port
+        requested = self.request.address  # type: ignore[union-attr]
+        wanted = requested.port if requested.is_unspecified else 0
         try:
             first = waiter.listen(self._local_host(), wanted)
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
-            self.outcome = f"bind failed: {e}"
-            self._send_reply(ReplyCode.GENERAL_FAILURE)
-            self._close()
+            self._fail(ReplyCode.GENERAL_FAILURE, f"bind failed: {e}")
             return
         self._binding = waiter
         self.bound = first
@@ -607,9 +603,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._connecting = None
         if failure.check(defer.CancelledError) or self.state is State.CLOSING:
             return
-        self.outcome = f"bind failed: {failure.getErrorMessage()}"
-        self._send_reply(reply_for_failure(failure))
-        self._close()
+        self._fail(
+            reply_for_failure(failure), f"bind failed: {failure.getErrorMessage()}"
+        )
 
     # ------------------------------------------------------------------
     # UDP ASSOCIATE
@@ -630,9 +626,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         try:
             bound = association.listen(self._local_host())
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
-            self.outcome = f"udp associate failed: {e}"
-            self._send_reply(ReplyCode.GENERAL_FAILURE)
-            self._close()
+            self._fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
             return
         self.udp = association
         self.bound = bound
@@ -679,17 +673,15 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         and a closing transport stops its producer, which for a TLS
         transport means a bare TCP close the peer sees as truncation.
         """
-        outbound = self._outbound
-        for transport in (self.transport, outbound.transport if outbound else None):
-            if transport is not None and getattr(transport, "producer", None):
-                transport.unregisterProducer()
+        _unregister_producer(self.transport)
+        if self._outbound is not None:
+            _unregister_producer(self._outbound.transport)
 
     def _target_lost(self, reason: Failure) -> None:
         """The destination connection is gone: end the client side too."""
         self._outbound = None
         if reason.check(ConnectionDone):
-            if getattr(self.transport, "producer", None):
-                self.transport.unregisterProducer()
+            _unregister_producer(self.transport)
             self.transport.loseConnection()
         else:
             self.outcome = f"target connection lost: {reason.getErrorMessage()}"
@@ -748,10 +740,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.reply = code
         if first and self.factory.metrics is not None:
             self.factory.metrics.replied(self)
-        if address is None:
-            self.transport.write(Reply(code).to_bytes())
-        else:
-            self.transport.write(Reply(code, address).to_bytes())
+        self.transport.write(Reply(code, address or NULL_ADDRESS).to_bytes())
+
+    def _fail(self, code: ReplyCode, outcome: str) -> None:
+        """Answer the request with a failure code, then close (RFC 1928 s. 6)."""
+        self.outcome = outcome
+        self._send_reply(code)
+        self._close()
 
     def _wait(self) -> None:
         """Stop reading the client while something asynchronous runs."""

@@ -179,7 +179,7 @@ class UDPAssociation:
             # The first datagram pins the client's port: no other process on
             # the client's host can use the association afterwards.
             self.client_port = port
-        self._client_addr = (addr[0], port)
+        self._client_addr = addr
         try:
             message = parse_udp_datagram(datagram)
         except (ProtocolError, ValueError):
@@ -260,10 +260,14 @@ class UDPAssociation:
             return
         self.counters.datagrams_up += 1
         self.counters.bytes_up += len(data)
-        self._peers[(ip, destination.port)] = None
-        self._peers.move_to_end((ip, destination.port))
-        while len(self._peers) > MAX_PEERS:
-            self._peers.popitem(last=False)
+        peer = (ip, destination.port)
+        peers = self._peers
+        if peer in peers:
+            peers.move_to_end(peer)
+        else:
+            peers[peer] = None
+            if len(peers) > MAX_PEERS:
+                peers.popitem(last=False)
         if self.on_activity is not None:
             self.on_activity()
 

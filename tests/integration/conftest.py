@@ -11,23 +11,20 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
-    IHostnameResolver,
-    IHostResolution,
-    IResolutionReceiver,
 )
 from twisted.web import resource, server
 from zope.interface import implementer
 
 from twisted_socks5.connect import DirectConnector
 from twisted_socks5.server import SOCKS5ServerFactory
+from twisted_socks5.testing import LoopbackResolver as _LoopbackResolver
 
 
 def _has_ipv6() -> bool:
@@ -44,46 +41,29 @@ needs_ipv6 = pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback here")
 LOOPBACKS = ["127.0.0.1", pytest.param("::1", marks=needs_ipv6)]
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class LoopbackResolver:
-    """Resolves only loopback names; every other name is a lookup failure."""
+class LoopbackResolver(_LoopbackResolver):
+    """The shared loopback resolver, without IPv6 where ::1 is missing."""
 
     def __init__(self, v4: bool = True, v6: bool = True) -> None:
-        self.v4 = v4
-        self.v6 = v6 and HAS_IPV6
-        self.asked: List[str] = []
+        super().__init__(v4, v6 and HAS_IPV6)
 
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Optional[Sequence[Any]] = None,
-        transportSemantics: str = "TCP",
-    ) -> IResolutionReceiver:
-        self.asked.append(hostName)
-        resolutionReceiver.resolutionBegan(_Resolution(hostName))
-        name = hostName.lower().rstrip(".")
-        if name == "localhost" or name.endswith(".test"):
-            if self.v4 and (addressTypes is None or IPv4Address in addressTypes):
-                resolutionReceiver.addressResolved(
-                    IPv4Address("TCP", "127.0.0.1", portNumber)
-                )
-            if self.v6 and (addressTypes is None or IPv6Address in addressTypes):
-                resolutionReceiver.addressResolved(
-                    IPv6Address("TCP", "::1", portNumber)
-                )
-        resolutionReceiver.resolutionComplete()
-        return resolutionReceiver
+
+def all_closed(factory: SOCKS5ServerFactory, timeout: float = 60) -> Any:
+    """A Deferred that fires once the factory has no connection left."""
+    d: defer.Deferred[None] = defer.Deferred()
+    original = factory.connection_closed
+
+    def closed(protocol: Any, reason: Any) -> None:
+        original(protocol, reason)
+        if not factory.active and not d.called:
+            factory.connection_closed = original  # type: ignore[method-assign]
+            d.callback(None)
+
+    if not factory.active:
+        d.callback(None)
+    else:
+        factory.connection_closed = closed  # type: ignore[method-assign]
+    return d.addTimeout(timeout, reactor)
 
 
 def listen(factory: Any, host: str = "127.0.0.1") -> Any:
@@ -236,10 +216,19 @@ class Echo(protocol.Protocol):
 def tcp_target() -> Iterator[Any]:
     """Start a target protocol factory on a loopback address."""
     ports: List[Any] = []
+    accepted: List[Any] = []
 
     def make(protocol_class: type, host: str = "127.0.0.1") -> int:
         factory = protocol.Factory.forProtocol(protocol_class)
         factory.noisy = False
+        build = factory.buildProtocol
+
+        def remember(addr: Any) -> Any:
+            built = build(addr)
+            accepted.append(built)
+            return built
+
+        factory.buildProtocol = remember  # type: ignore[method-assign]
         port = listen(factory, host)
         ports.append(port)
         return int(port.getHost().port)
@@ -247,6 +236,11 @@ def tcp_target() -> Iterator[Any]:
     yield make
     for port in ports:
         pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+    # Targets that never read would otherwise keep their sockets (and the
+    # megabytes queued in them) until the test process ends.
+    for target in accepted:
+        if target.transport is not None and target.transport.connected:
+            target.transport.abortConnection()
 
 
 def closed_port(host: str = "127.0.0.1") -> int:

@@ -11,7 +11,8 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, utils
+from twisted.internet import defer, inotify, protocol, reactor, utils
+from twisted.python.filepath import FilePath
 
 CURL = shutil.which("curl")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -61,6 +62,23 @@ class Twistd(protocol.ProcessProtocol):
 
     errReceived = outReceived
 
+    @classmethod
+    def start(cls, cwd: Any, *socks5: str, twistd: Any = ("--pidfile=",)) -> Twistd:
+        """Run ``twistd -n TWISTD... socks5 --listen tcp:0 SOCKS5...`` in ``cwd``."""
+        process = cls()
+        args = [
+            TWISTD,
+            "-n",
+            *twistd,
+            "socks5",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        ]
+        reactor.spawnProcess(
+            process, TWISTD, [*args, *socks5], env=_env(), path=str(cwd)
+        )
+        return process
+
     def processEnded(self, reason: Any) -> None:
         if not self.listening.called:
             self.listening.errback(RuntimeError(b"".join(self.output).decode()))
@@ -97,18 +115,7 @@ async def test_help_lists_every_option() -> None:
 async def test_twistd_socks5_serves_curl_with_a_password(
     http_target: Any, tmp_path: Any
 ) -> None:
-    process = Twistd()
-    args = [
-        TWISTD,
-        "-n",
-        "--pidfile=",
-        "socks5",
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-        "--auth",
-        "memory:alice:s3cret",
-    ]
-    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(tmp_path))
+    process = Twistd.start(tmp_path, "--auth", "memory:alice:s3cret")
     try:
         port = await process.listening.addTimeout(30, reactor)
         out, err, code = await utils.getProcessOutputAndValue(
@@ -146,18 +153,7 @@ async def test_sighup_reloads_credentials_and_keeps_running(
 
     users = tmp_path / "users.htpasswd"
     users.write_bytes(b"old:" + bcrypt.hashpw(b"pw1", bcrypt.gensalt(4)) + b"\n")
-    process = Twistd()
-    args = [
-        TWISTD,
-        "-n",
-        "--pidfile=",
-        "socks5",
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-        "--auth",
-        f"htpasswd:{users}",
-    ]
-    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(tmp_path))
+    process = Twistd.start(tmp_path, "--auth", f"htpasswd:{users}")
     url = f"http://127.0.0.1:{http_target['127.0.0.1']}/"
 
     async def fetch(credentials: str) -> int:
@@ -208,25 +204,36 @@ async def test_twistd_pidfile_logfile_and_privilege_drop() -> None:
     workdir.chmod(0o755)
     pidfile = workdir / "socks5.pid"
     logfile = workdir / "socks5.log"
-    process = Twistd()
+    # The log goes to the file: watch it (inotify), no polling.
+    written: defer.Deferred[None] = defer.Deferred()
+    notifier = inotify.INotify()
+    notifier.startReading()
+
+    def changed(_: Any, path: Any, mask: int) -> None:
+        if (
+            not written.called
+            and logfile.exists()
+            and b"listening on" in logfile.read_bytes()
+        ):
+            written.callback(None)
+
+    notifier.watch(
+        FilePath(str(workdir)),
+        mask=inotify.IN_MODIFY | inotify.IN_CREATE,
+        callbacks=[changed],
+    )
+    process = Twistd.start(
+        workdir,
+        twistd=(
+            f"--pidfile={pidfile}",
+            f"--logfile={logfile}",
+            "--uid=65534",
+            "--gid=65534",
+        ),
+    )
     process.listening.addErrback(lambda _: None)  # it logs to the file instead
-    args = [
-        TWISTD,
-        "-n",
-        f"--pidfile={pidfile}",
-        f"--logfile={logfile}",
-        "--uid=65534",
-        "--gid=65534",
-        "socks5",
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-    ]
-    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(workdir))
     try:
-        for _ in range(2000):  # the log goes to the file: poll it, bounded
-            if logfile.exists() and b"listening on" in logfile.read_bytes():
-                break
-            await _turn()
+        await written.addTimeout(30, reactor)
         assert b"listening on 127.0.0.1:" in logfile.read_bytes()
         pid = int(pidfile.read_text())
         assert pid == process.transport.pid
@@ -236,12 +243,8 @@ async def test_twistd_pidfile_logfile_and_privilege_drop() -> None:
     finally:
         process.transport.signalProcess(signal.SIGTERM)
         assert await process.ended == 0
+        notifier.stopReading()
+        notifier.loseConnection()
     # (The pidfile stays: the unprivileged process may not delete a file that
     # root created in root's directory; give it a directory of its own.)
     shutil.rmtree(workdir)
-
-
-def _turn() -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0.005, d.callback, None)
-    return d

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from test_clients import CURL, curl
-from test_twistd import TWISTD, Twistd, _env
+from test_twistd import TWISTD, Twistd
 from twisted.internet import reactor
 
 pytestmark = [
@@ -39,18 +39,7 @@ def _alive(pid: int) -> bool:
 async def test_workers_share_the_port_restart_and_stop(
     http_target: Any, tmp_path: Any
 ) -> None:
-    process = Twistd()
-    args = [
-        TWISTD,
-        "-n",
-        "--pidfile=",
-        "socks5",
-        "--workers",
-        "2",
-        "--listen",
-        "tcp:0:interface=127.0.0.1",
-    ]
-    reactor.spawnProcess(process, TWISTD, args, env=_env(), path=str(tmp_path))
+    process = Twistd.start(tmp_path, "--workers", "2")
     url = f"http://127.0.0.1:{http_target['127.0.0.1']}/"
     try:
         port = await process.listening.addTimeout(30, reactor)
