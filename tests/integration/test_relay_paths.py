@@ -7,6 +7,7 @@ path it asked for is the one that moved the bytes.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import socket
@@ -386,6 +387,7 @@ async def test_stalled_target_stops_the_upload_without_buffering_it(
         assert relay.target.writing and not relay.client.reading
     assert peak[0] <= BOUND, f"proxy buffered {peak[0]} bytes"
     assert peak[1] <= PIPE_SIZE
+    _collect_garbage_while_paused(proxy)
 
     (sink,) = StallingSink.instances
     sink.transport.resumeProducing()
@@ -441,6 +443,7 @@ async def test_stalled_client_stops_the_download_without_buffering_it(
         assert relay.client.writing and not relay.target.reading
     assert peak[0] <= BOUND, f"proxy buffered {peak[0]} bytes"
     assert peak[1] <= PIPE_SIZE
+    _collect_garbage_while_paused(proxy)
 
     client.transport.resumeProducing()
     await client.eof.addTimeout(120, reactor)  # the Source closed after TOTAL
@@ -451,6 +454,22 @@ async def test_stalled_client_stops_the_download_without_buffering_it(
     proxy.assert_path()
     client.transport.loseConnection()
     await client.lost
+
+
+def _collect_garbage_while_paused(proxy: Proxy) -> None:
+    """
+    A paused Twisted transport is in no reactor map: if nothing else refers
+    to it, the cyclic GC collects it and its socket's finaliser closes the
+    descriptor, which the peer sees as a clean FIN.  (An unreferenced test
+    target did exactly that once and looked like a relay bug.)  The proxy's
+    stalled tunnel must hold its own sockets.
+    """
+    (server,) = proxy.factory.active
+    fds = fd_count()
+    gc.collect()
+    assert fd_count() == fds, "a collected transport closed its socket"
+    assert server.transport.connected and server._outbound is not None
+    assert server._outbound.transport.connected
 
 
 async def _wait_until_still(state: Callable[[], Any], on_progress: Any) -> None:
