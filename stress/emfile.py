@@ -218,8 +218,9 @@ async def default_cap_probe(
     target = (netload.HOST, servers.ports["echo"])
     server = Twistd(workdir, f"cap-{relay}")
     pattern = netload.Pattern()
-    # limits.default_max_connections(): 6 descriptors a tunnel with splice.
-    cap = (nofile - 64) // (6 if relay == "splice" else 3)
+    # limits.default_max_connections(): 3 descriptors a connection (a busy
+    # tunnel's splice pipes only use descriptors no connection needs).
+    cap = (nofile - 64) // 3
     out: Dict[str, Any] = {"nofile": nofile, "relay": relay, "default_cap": cap}
     tunnels: List[Tunnel] = []
     outcomes: List[str] = []

@@ -788,3 +788,22 @@ def test_readme_commands_are_the_documented_ones() -> None:
     )
     assert "RFC 1928 in full" not in readme
     assert "GSSAPI" in readme
+
+
+def test_embedding_page_lists_every_factory_argument_with_its_default() -> None:
+    """docs/embedding.rst's signature block: every argument, the real default."""
+    import inspect
+
+    text = (DOCS / "embedding.rst").read_text()
+    start = text.index("   SOCKS5ServerFactory(\n")
+    block = text[start : text.index("\n   )\n", start)]
+    documented = dict(re.findall(r"^       (\w+)=(.*?),?\s*(?:#.*)?$", block, re.M))
+    parameters = inspect.signature(SOCKS5ServerFactory).parameters
+    assert set(documented) == set(parameters)
+    for name, parameter in parameters.items():
+        default = parameter.default
+        if name == "commands":
+            default = "(Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE)"
+        assert documented[name] == (
+            str(default) if isinstance(default, str) else repr(default)
+        ), name

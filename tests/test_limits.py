@@ -122,3 +122,29 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
         assert now == min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_splice_pipes_only_take_descriptors_no_connection_needs() -> None:
+    # 64 descriptors: 10 connections at 3 each leave 34, room for 8 pipe pairs.
+    limits = ConnectionLimits(lambda: 0.0, max_connections=0)
+    limits.fd_budget = 64
+    for i in range(10):
+        limits.opened(f"10.0.0.{i}")
+    spliced = 0
+    while limits.may_splice():
+        limits.splice_started()
+        spliced += 1
+    assert spliced == 8
+    assert limits._fds_in_use() == 10 * 3 + 8 * 4 == 62
+    # A new client would need 3 more: refused rather than left to EMFILE.
+    kind, why = limits.refusal("10.0.0.99")  # type: ignore[misc]
+    assert kind == "server_full" and "descriptors" in why
+    limits.splice_ended()
+    assert limits.refusal("10.0.0.99") is None
+    limits.opened("10.0.0.99")  # 33 connection descriptors + 28 in pipes
+    assert not limits.may_splice()
+
+
+def test_default_cap_no_longer_reserves_pipes_for_idle_tunnels() -> None:
+    limits = ConnectionLimits(lambda: 0.0)
+    assert limits.max_connections == limits.fd_budget // 3

@@ -35,25 +35,39 @@ def raise_fd_limit(ceiling: int = 1 << 20) -> int:
     return soft
 
 
-def default_max_connections(fds_per_connection: int = 3) -> int:
-    """
-    The most client connections this process can carry: a CONNECT tunnel
-    uses two file descriptors (six with the splice relay's two pipes), a
-    waiting BIND three and a UDP association up to four; so what is left of
-    ``RLIMIT_NOFILE`` after a reserve, divided by the worst case.  Raise the
-    descriptor limit (``LimitNOFILE=`` in systemd) to raise this.
-    """
+#: Descriptors the splice relay's two pipes add to a tunnel.
+PIPE_FDS = 4
+
+
+def descriptor_budget() -> int:
+    """``RLIMIT_NOFILE`` less a reserve: what connections and pipes may use."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft <= 0:
         soft = 1 << 20
-    return max(1, (soft - _FD_RESERVE) // fds_per_connection)
+    return max(1, soft - _FD_RESERVE)
+
+
+def default_max_connections(fds_per_connection: int = 3) -> int:
+    """
+    The most client connections this process can carry: a CONNECT tunnel
+    uses two file descriptors, a waiting BIND three and a UDP association
+    up to four; so what is left of ``RLIMIT_NOFILE`` after a reserve,
+    divided by three.  The splice relay's pipes (four more for a busy
+    tunnel) are not counted here: they are only taken from descriptors no
+    connection uses (:meth:`ConnectionLimits.may_splice`), and a new client
+    is refused rather than left without one.  Raise the descriptor limit
+    (``LimitNOFILE=`` in systemd) to raise this.
+    """
+    return max(1, descriptor_budget() // fds_per_connection)
 
 
 class ConnectionLimits:
     """
     :param max_connections: client connections open at once, all clients
         together (``None``: derived from ``RLIMIT_NOFILE`` and
-        ``fds_per_connection``; ``0``: no limit).
+        ``fds_per_connection``; ``0``: no limit).  Unless ``0``, a client is
+        also refused when the descriptors in use (connections and splice
+        pipes) leave no room for it.
     :param max_per_client: connections open at once from one client IP
         (``None`` or ``0``: no limit).
     :param auth_failures: failed authentications from one IP within
@@ -74,6 +88,11 @@ class ConnectionLimits:
         if max_connections is None:
             max_connections = default_max_connections(fds_per_connection)
         self.max_connections = max_connections
+        self.fds_per_connection = fds_per_connection
+        #: Descriptors connections and pipes may use together.
+        self.fd_budget = descriptor_budget()
+        #: Tunnels holding splice pipes now.
+        self.spliced = 0
         self.max_per_client = max_per_client or 0
         self.auth_failures = auth_failures
         self.auth_window = auth_window
@@ -90,11 +109,31 @@ class ConnectionLimits:
         """
         if self.max_connections and self.total >= self.max_connections:
             return "server_full", f"server full ({self.max_connections} connections)"
+        if self.max_connections and self._fds_in_use(connections=1) > self.fd_budget:
+            return "server_full", (
+                f"server full (out of descriptors: {self.total} connections, "
+                f"{self.spliced} with splice pipes)"
+            )
         if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
             return "client_limit", f"{self.max_per_client} connections already"
         if self.auth_failures and self._recent_failures(ip) >= self.auth_failures:
             return "throttled", f"throttled after {self.auth_failures} failed logins"
         return None
+
+    def _fds_in_use(self, connections: int = 0, spliced: int = 0) -> int:
+        return (self.total + connections) * self.fds_per_connection + (
+            self.spliced + spliced
+        ) * PIPE_FDS
+
+    def may_splice(self) -> bool:
+        """Whether one more tunnel may take two pipes without starving accept()."""
+        return self._fds_in_use(spliced=1) <= self.fd_budget
+
+    def splice_started(self) -> None:
+        self.spliced += 1
+
+    def splice_ended(self) -> None:
+        self.spliced -= 1
 
     def opened(self, ip: str) -> None:
         self.total += 1

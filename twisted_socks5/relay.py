@@ -46,7 +46,14 @@ def half_close(transport: Any) -> bool:
 class RelayCounters:
     """Bytes and direction state of one tunnel."""
 
-    __slots__ = ("bytes_up", "bytes_down", "up_closed", "down_closed", "active")
+    __slots__ = (
+        "bytes_up",
+        "bytes_down",
+        "up_closed",
+        "down_closed",
+        "active",
+        "splice_at",
+    )
 
     def __init__(self) -> None:
         self.bytes_up = 0
@@ -55,6 +62,13 @@ class RelayCounters:
         self.down_closed = False
         #: Set on every chunk; the idle check clears it.
         self.active = False
+        #: Bytes (both ways) after which the tunnel asks to be handed over
+        #: to the zero-copy relay; infinite when it must not or already did.
+        self.splice_at: float = NEVER
+
+
+#: A byte count no tunnel reaches.
+NEVER = float("inf")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -73,6 +87,8 @@ class OutboundProtocol(Protocol):
         self.counters: Optional[RelayCounters] = None
         self.on_lost: Optional[Callable[[Failure], None]] = None
         self.on_read_closed: Optional[Callable[[], None]] = None
+        #: Called when the counters pass ``splice_at``.
+        self.on_busy: Optional[Callable[[], None]] = None
 
     #: Fired with this protocol once connected, by the fast connect path.
     connected_deferred: Any = None
@@ -89,11 +105,13 @@ class OutboundProtocol(Protocol):
         counters: RelayCounters,
         on_read_closed: Callable[[], None],
         on_lost: Callable[[Failure], None],
+        on_busy: Optional[Callable[[], None]] = None,
     ) -> None:
         self.peer = peer
         self.counters = counters
         self.on_read_closed = on_read_closed
         self.on_lost = on_lost
+        self.on_busy = on_busy
         # Each side throttles the other (portforward.ProxyClient).
         peer.registerProducer(self.transport, True)
         self.transport.registerProducer(peer, True)
@@ -106,6 +124,10 @@ class OutboundProtocol(Protocol):
         counters.bytes_down += len(data)
         counters.active = True
         self.peer.write(data)  # type: ignore[union-attr]
+        if counters.bytes_down + counters.bytes_up >= counters.splice_at:
+            counters.splice_at = NEVER
+            if self.on_busy is not None:
+                self.on_busy()
 
     def readConnectionLost(self) -> None:
         if self.on_read_closed is not None:

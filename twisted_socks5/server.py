@@ -55,7 +55,7 @@ from .connect import (
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .metrics import Metrics
-from .relay import OutboundProtocol, RelayCounters, half_close
+from .relay import NEVER, OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
 
@@ -64,6 +64,9 @@ _ALLOWED = Decision(True, "no access rules")
 #: Most bytes buffered before the relay starts: pipelined payload that came
 #: with the request.  More means a client that is not speaking SOCKS.
 MAX_EARLY_DATA = 256 * 1024
+
+#: Bytes a tunnel moves by copying before the splice relay takes over.
+DEFAULT_SPLICE_AFTER = 64 * 1024
 
 
 class _OutboundFactory(Factory):
@@ -205,6 +208,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             counters.bytes_up += len(data)
             counters.active = True
             self._outbound.transport.write(data)  # type: ignore[union-attr]
+            if counters.bytes_up + counters.bytes_down >= counters.splice_at:
+                counters.splice_at = NEVER
+                self._hand_over_to_splice()
             return
         if self.state is State.CLOSING:
             return
@@ -478,21 +484,70 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._buffer = bytearray()
         self._watch_activity()
         if self.factory.splice:
-            from .splice import start_splice_relay
-
-            self._splice = start_splice_relay(self, peer, early)
-            if self._splice is not None:
-                return
+            if self.factory.splice_after <= 0:
+                self._start_splice(peer, early)
+                if self._splice is not None:
+                    return
+            else:
+                self.counters.splice_at = self.factory.splice_after
         peer.start_relay(
-            self.transport, self.counters, self._target_eof, self._target_lost
+            self.transport,
+            self.counters,
+            self._target_eof,
+            self._target_lost,
+            self._hand_over_to_splice,
         )
+        counters = self.counters
         if early:
-            self.counters.bytes_up += len(early)
+            counters.bytes_up += len(early)
             peer.transport.write(early)
         if self._client_eof:
             self._forward_client_eof()
-        else:
-            self._unwait(None)
+            return
+        self._unwait(None)
+        if counters.bytes_up >= counters.splice_at:
+            counters.splice_at = NEVER
+            self._hand_over_to_splice()
+
+    def _start_splice(
+        self, peer: OutboundProtocol, early: bytes = b"", handover: bool = False
+    ) -> None:
+        """Let the zero-copy relay take over, if the descriptors allow."""
+        limits = self.factory.limits
+        if not limits.may_splice():
+            return
+        from .splice import start_splice_relay
+
+        relay = start_splice_relay(self, peer, early, handover)
+        if relay is not None:
+            limits.splice_started()
+            relay.on_stop = limits.splice_ended
+            self._splice = relay
+
+    def _hand_over_to_splice(self) -> None:
+        """The tunnel moved ``splice_after`` bytes: worth a pair of pipes."""
+        peer = self._outbound
+        if (
+            peer is None
+            or self._splice is not None
+            or self.state is not State.RELAYING
+            or self._client_eof
+            or self.counters.up_closed
+            or self.counters.down_closed
+        ):
+            return
+        self._start_splice(peer, handover=True)
+
+    def _splice_called_off(self) -> None:
+        """The hand-over timed out (see splice.py): back to copying."""
+        self._splice = None
+        peer = self._outbound
+        if peer is None or self.state is not State.RELAYING:
+            return
+        peer.start_relay(
+            self.transport, self.counters, self._target_eof, self._target_lost
+        )
+        self.transport.resumeProducing()
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -801,6 +856,10 @@ class SOCKS5ServerFactory(Factory):
     :param splice: move bytes with ``os.splice`` through kernel pipes when
         both ends are plain TCP sockets on Linux (on by default); the
         ordinary relay serves everything else, or everything when ``False``.
+    :param splice_after: bytes (both ways together) a tunnel moves on the
+        ordinary relay before it is handed to the splice relay (default
+        64 KiB): short tunnels never pay for pipes.  ``0``: splice from the
+        first byte after the reply.
     :param bind_timeout: seconds a BIND waits for its peer (answer 0x06).
     :param udp_allow_unknown_sources: relay UDP answers from addresses the
         client never sent to (some NAT traversal needs it); off by default.
@@ -826,6 +885,7 @@ class SOCKS5ServerFactory(Factory):
         connect_timeout: float = 10.0,
         idle_timeout: Optional[float] = None,
         splice: bool = True,
+        splice_after: int = DEFAULT_SPLICE_AFTER,
         stall_timeout: Optional[float] = 300.0,
         bind_timeout: float = 120.0,
         udp_allow_unknown_sources: bool = False,
@@ -857,13 +917,12 @@ class SOCKS5ServerFactory(Factory):
         self.stall_timeout = stall_timeout
         #: Relay with os.splice() when both ends are plain TCP sockets.
         self.splice = splice
+        self.splice_after = splice_after
         self.bind_timeout = bind_timeout
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
-        self.limits = limits or ConnectionLimits(
-            reactor.seconds, fds_per_connection=6 if splice else 3
-        )
+        self.limits = limits or ConnectionLimits(reactor.seconds)
         #: The access rules; ``None`` allows everything (and costs nothing).
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy

@@ -7,12 +7,22 @@ Python bytes object and back out again.  Here bytes go socket -> kernel pipe ->
 socket and never enter user space; the reactor only tells us when a socket is
 readable or writable.
 
+When it starts: a tunnel begins on the ordinary relay and is handed over
+once it has moved ``splice_after`` bytes (64 KiB by default).  Most tunnels
+are short (a request, an answer): they never pay for two pipes (four
+descriptors, about 100 µs to set up and tear down), and an idle tunnel holds
+two descriptors, not six.  ``splice_after=0`` takes over right after the reply.
+
 How it fits into Twisted, with public APIs only:
 
-1. The SOCKS reply (and any payload pipelined with the request) is still in
-   Twisted's user-space write buffers: a pull producer on each transport is
-   told when that buffer is empty, and only then do we take over, so nothing
-   can overtake the reply.
+1. The SOCKS reply (and any payload pipelined with the request, or what the
+   ordinary relay had queued before a hand-over) is still in Twisted's
+   user-space write buffers: both transports stop reading, a pull producer on
+   each is told when its buffer is empty, and only then do we take over, so
+   nothing is reordered.  A hand-over whose buffers do not drain within
+   :data:`HANDOVER_GRACE` seconds (a peer that does not read) is called off
+   and the ordinary relay goes on: meanwhile nothing was read either way, and
+   a peer that only reads once its own writes complete must not wait on us.
 2. Both transports stop reading and writing (``pauseProducing`` and
    ``stopWriting``): Twisted keeps owning the sockets but no longer touches them.
 3. The reactor maps a file descriptor to ONE selectable, so each socket gets
@@ -71,6 +81,10 @@ PIPE_SIZE = 1 << 20
 #: brings us straight back if there is more to do.
 SPLICES_PER_WAKEUP = 16
 
+#: Seconds a hand-over from the ordinary relay may wait for Twisted's write
+#: buffers to drain before it is called off (see the module docstring).
+HANDOVER_GRACE = 0.5
+
 
 def _no_splice(*args: Any) -> int:
     raise OSError(errno.ENOSYS, "os.splice is not available")
@@ -92,10 +106,12 @@ def splice_available() -> bool:
     )
 
 
-def plain_tcp(transport: Any) -> bool:
+def plain_tcp(transport: Any, producer_allowed: bool = False) -> bool:
     """
     Whether ``transport`` is a connected Twisted TCP socket with no layer on
-    top that needs to see the bytes (TLS, a wrapper, a test double).
+    top that needs to see the bytes (TLS, a wrapper, a test double), and no
+    producer registered on it (unless ``producer_allowed``: the ordinary
+    relay's own, which a hand-over unregisters).
     """
     if not isinstance(transport, tcp.Connection):
         return False
@@ -104,7 +120,7 @@ def plain_tcp(transport: Any) -> bool:
         return False
     if not transport.connected or transport.disconnecting:
         return False
-    if transport.producer is not None:
+    if transport.producer is not None and not producer_allowed:
         return False
     handle = transport.getHandle()
     # tcp.Connection is also the base of UNIX sockets: TCP only.
@@ -130,20 +146,35 @@ def _make_pipe() -> tuple[int, int, int]:
     return read_fd, write_fd, size
 
 
+def can_splice(
+    server: SOCKS5ServerProtocol,
+    outbound: OutboundProtocol,
+    producer_allowed: bool = False,
+) -> bool:
+    """Whether both ends of the tunnel are sockets this module can drive."""
+    if not splice_available():
+        return False
+    client, target = server.transport, outbound.transport
+    if not (
+        plain_tcp(client, producer_allowed) and plain_tcp(target, producer_allowed)
+    ):
+        return False
+    reactor = client.reactor
+    return target.reactor is reactor and IReactorFDSet.providedBy(reactor)
+
+
 def start_splice_relay(
-    server: SOCKS5ServerProtocol, outbound: OutboundProtocol, early: bytes
+    server: SOCKS5ServerProtocol,
+    outbound: OutboundProtocol,
+    early: bytes = b"",
+    handover: bool = False,
 ) -> Optional[SpliceRelay]:
     """
     Take over the tunnel's byte moving, or return ``None`` (having changed
-    nothing) so that the ordinary relay runs.
+    nothing) so that the ordinary relay runs (or goes on, for a ``handover``
+    from a running ordinary relay).
     """
-    if not splice_available():
-        return None
-    client, target = server.transport, outbound.transport
-    if not (plain_tcp(client) and plain_tcp(target)):
-        return None
-    reactor = client.reactor
-    if target.reactor is not reactor or not IReactorFDSet.providedBy(reactor):
+    if not can_splice(server, outbound, producer_allowed=handover):
         return None
     try:
         up_pipe = _make_pipe()
@@ -155,8 +186,11 @@ def start_splice_relay(
         os.close(up_pipe[0])
         os.close(up_pipe[1])
         return None
-    relay = SpliceRelay(reactor, server, outbound, up_pipe, down_pipe)
-    relay.start(early)
+    relay = SpliceRelay(server.transport.reactor, server, outbound, up_pipe, down_pipe)
+    if handover:
+        relay.hand_over()
+    else:
+        relay.start(early)
     return relay
 
 
@@ -307,6 +341,9 @@ class SpliceRelay:
         self.stopped = False
         self._flushing: List[_WhenFlushed] = []
         self._unflushed = 0
+        self._grace: Any = None
+        #: Called once by :meth:`stop` (the server's descriptor accounting).
+        self.on_stop: Optional[Callable[[], None]] = None
 
     @property
     def pipe_fds(self) -> tuple[int, int, int, int]:
@@ -334,10 +371,38 @@ class SpliceRelay:
         for transport in transports:
             self._flushing.append(_WhenFlushed(transport, self._flushed))
 
+    def hand_over(self) -> None:
+        """
+        Take over from the running ordinary relay: stop reading both sides,
+        let Twisted write out what it holds, then splice (see the module
+        docstring for the grace period).
+        """
+        self.outbound.on_lost = self._target_lost
+        self.outbound.on_read_closed = None
+        transports = [self.client.transport, self.target.transport]
+        for transport in transports:
+            transport.unregisterProducer()  # the ordinary relay's cross-links
+            transport.pauseProducing()
+        self._unflushed = len(transports)
+        self._grace = self.reactor.callLater(HANDOVER_GRACE, self._call_off)
+        for transport in transports:
+            self._flushing.append(_WhenFlushed(transport, self._flushed))
+
+    def _call_off(self) -> None:
+        """A buffer did not drain in time: the ordinary relay goes on."""
+        self._grace = None
+        if self.started or self.stopped:
+            return
+        self.stop()
+        self.server._splice_called_off()
+
     def _flushed(self) -> None:
         self._unflushed -= 1
         if self.stopped or self._unflushed:
             return
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
         self._flushing.clear()
         for end in (self.client, self.target):
             transport = end.transport
@@ -444,6 +509,9 @@ class SpliceRelay:
         if self.stopped:
             return
         self.stopped = True
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
         for flushing in self._flushing:
             flushing.cancel()
         self._flushing.clear()
@@ -452,3 +520,6 @@ class SpliceRelay:
         for fd in self.pipe_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        on_stop, self.on_stop = self.on_stop, None
+        if on_stop is not None:
+            on_stop()

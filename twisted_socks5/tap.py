@@ -30,7 +30,7 @@ from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import ConnectionLimits
 from .rules import IPolicy, RulesError, RuleSet
-from .server import SOCKS5ServerFactory
+from .server import DEFAULT_SPLICE_AFTER, SOCKS5ServerFactory
 from .workers import worker_count
 
 DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
@@ -179,8 +179,17 @@ class Options(usage.Options, AuthOptionMixin):
             "Client connections open at once, all clients together; over it a "
             "new client is closed at once (default: the descriptor limit, "
             "raised to its hard maximum at start, less a reserve, divided by "
-            "the descriptors one tunnel may use: 6 with splice, 3 without; "
-            "0: no limit)",
+            "3; busy tunnels' splice pipes only use descriptors left over, and "
+            "new clients are refused before the process runs out; 0: no limit)",
+            _count,
+        ],
+        [
+            "splice-after",
+            None,
+            DEFAULT_SPLICE_AFTER,
+            "Bytes (both ways together) a tunnel relays by copying before the "
+            "zero-copy splice relay takes over; short tunnels never pay for its "
+            "pipes. 0: splice from the first byte.",
             _count,
         ],
         [
@@ -585,6 +594,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         stall_timeout=options["stall-timeout"],
         bind_timeout=options["bind-timeout"],
         splice=not options["no-splice"],
+        splice_after=options["splice-after"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
         commands=options["commands"],
         policy=options.policy,
@@ -596,7 +606,6 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             max_per_client=options["max-connections-per-client"],
             auth_failures=options["auth-failures"],
             auth_window=options["auth-failure-window"],
-            fds_per_connection=3 if options["no-splice"] else 6,
         ),
     )
 

@@ -1,8 +1,10 @@
 """
-The relay's guarantees through both of its paths, on real loopback sockets:
-the ordinary copying relay (``splice=False``) and the zero-copy splice relay
-(``splice=True``, Linux).  Every test runs once per path and checks that the
-path it asked for is the one that moved the bytes.
+The relay's guarantees through each of its paths, on real loopback sockets:
+the ordinary copying relay (``copy``), the zero-copy splice relay from the
+first byte (``splice``, Linux, ``splice_after=0``) and a tunnel that starts
+copying and is handed to the splice relay by its first chunk (``handover``,
+``splice_after=1``: the hand-over happens with bytes in flight).  Every test
+runs once per path and checks that the path it asked for moved the bytes.
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ from twisted_socks5.codec import Address, Command, Request
 from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 from twisted_socks5.splice import PIPE_SIZE, _SocketEnd, splice_available
 
+_needs_splice = pytest.mark.skipif(
+    not splice_available(), reason="os.splice needs Linux"
+)
+#: Factory options per relay path.
 PATHS = [
-    pytest.param(False, id="copy"),
+    pytest.param({"splice": False}, id="copy"),
+    pytest.param({"splice": True, "splice_after": 0}, id="splice", marks=_needs_splice),
     pytest.param(
-        True,
-        id="splice",
-        marks=pytest.mark.skipif(
-            not splice_available(), reason="os.splice needs Linux"
-        ),
+        {"splice": True, "splice_after": 1}, id="handover", marks=_needs_splice
     ),
 ]
 
@@ -53,8 +56,8 @@ GREETING = b"\x05\x01\x00"
 
 
 @pytest.fixture(params=PATHS)
-def splice(request: Any) -> bool:
-    return bool(request.param)
+def path(request: Any) -> Dict[str, Any]:
+    return dict(request.param)
 
 
 class Proxy:
@@ -74,12 +77,17 @@ class Proxy:
         factory.connection_opened = record  # type: ignore[method-assign]
 
     def assert_path(self) -> None:
-        """Every tunnel went through the relay path the factory asked for."""
+        """
+        Every tunnel went through the relay path the factory asked for (a
+        hand-over needs a first chunk before either side's EOF).
+        """
         relayed = [p for p in self.protocols if p.request is not None]
         assert relayed, "no tunnel was relayed"
         for p in relayed:
             took_splice = p._splice is not None
             assert took_splice is self.factory.splice, p.outcome
+        if not self.factory.active:
+            assert self.factory.limits.spliced == 0, "pipes not accounted back"
 
     def request(self, port: int, host: str = "127.0.0.1") -> bytes:
         return (
@@ -96,10 +104,10 @@ def factories() -> List[SOCKS5ServerFactory]:
 
 @pytest.fixture
 def make(
-    make_proxy: Any, splice: bool, factories: List[SOCKS5ServerFactory]
+    make_proxy: Any, path: Dict[str, Any], factories: List[SOCKS5ServerFactory]
 ) -> Callable[..., Proxy]:
     def make(host: str = "127.0.0.1", **kwargs: Any) -> Proxy:
-        factory, port = make_proxy(host, splice=splice, **kwargs)
+        factory, port = make_proxy(host, **path, **kwargs)
         factories.append(factory)
         return Proxy(factory, port, host)
 
