@@ -199,7 +199,7 @@ def splice_flags(twistd: List[str]) -> List[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    found = set(re.findall(r"(--(?:no-)?splice)\b", out))
+    found = set(re.findall(r"(--(?:no-)?splice)(?![\w-])", out))
     return [flag for flag in ("--splice", "--no-splice") if flag in found]
 
 

@@ -126,7 +126,7 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
 
 def test_splice_pipes_only_take_descriptors_no_connection_needs() -> None:
     # 64 descriptors: 10 connections at 3 each leave 34, room for 8 pipe pairs.
-    limits = ConnectionLimits(lambda: 0.0, max_connections=0)
+    limits = ConnectionLimits(lambda: 0.0, max_connections=1000)
     limits.fd_budget = 64
     for i in range(10):
         limits.opened(f"10.0.0.{i}")
@@ -148,3 +148,13 @@ def test_splice_pipes_only_take_descriptors_no_connection_needs() -> None:
 def test_default_cap_no_longer_reserves_pipes_for_idle_tunnels() -> None:
     limits = ConnectionLimits(lambda: 0.0)
     assert limits.max_connections == limits.fd_budget // 3
+
+
+def test_no_limit_means_no_descriptor_check_either() -> None:
+    """``--max-connections 0``: the process meets EMFILE itself (it survives it)."""
+    limits = ConnectionLimits(lambda: 0.0, max_connections=0)
+    limits.fd_budget = 6
+    for i in range(5):
+        limits.opened(f"10.0.0.{i}")
+    assert limits.refusal("10.0.0.9") is None
+    assert not limits.may_splice()  # pipes still never take the last ones

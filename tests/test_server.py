@@ -10,7 +10,7 @@ from helpers import Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -540,6 +540,11 @@ def test_one_log_event_per_connection_with_its_facts(events: Any) -> None:
     assert event["reply"] == 0
     assert (event["bytes_up"], event["bytes_down"]) == (5, 3)
     assert event["duration"] == pytest.approx(2.5)
+    # What a text log (twistd's) shows of it.
+    assert formatEvent(event) == (
+        "127.0.0.1:40000 alice connect 127.0.0.1:8080 -> succeeded: closed; "
+        "up 5 B, down 3 B in 2.500 s"
+    )
 
 
 def test_failed_login_is_logged_without_the_password(events: Any) -> None:

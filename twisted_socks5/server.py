@@ -1066,23 +1066,36 @@ class SOCKS5ServerFactory(Factory):
             for d in drained:
                 d.callback(None)
         request = protocol.request
+        client = str(protocol.client) if protocol.client else None
+        command = request.command.phrase if request else None
+        target = str(request.address) if request else None
+        reply = protocol.reply
+        reply_text = reply.phrase if reply is not None else "-"
+        counters = protocol.counters
+        duration = self.reactor.seconds() - protocol.started
+        # The line for text logs is rendered here, with an f-string: Twisted
+        # would otherwise run its pure-Python formatter over a dozen fields,
+        # a tenth of what a short connection costs.  Every field stays in
+        # the event for structured observers (JSON logs).
         self.log.info(
-            "{client} {user} {command} {target} -> {reply_text}: {outcome}; "
-            "up {bytes_up} B, down {bytes_down} B in {duration:.3f} s",
+            "{summary}",
+            summary=f"{client} {protocol.user} {command} {target} -> "
+            f"{reply_text}: {protocol.outcome}; up {counters.bytes_up} B, "
+            f"down {counters.bytes_down} B in {duration:.3f} s",
             event="socks5.connection",
-            client=str(protocol.client) if protocol.client else None,
+            client=client,
             user=protocol.user,
             method=protocol.method,
-            command=request.command.phrase if request else None,
-            target=str(request.address) if request else None,
-            reply=int(protocol.reply) if protocol.reply is not None else None,
-            reply_text=protocol.reply.phrase if protocol.reply is not None else "-",
+            command=command,
+            target=target,
+            reply=int(reply) if reply is not None else None,
+            reply_text=reply_text,
             bound=str(protocol.bound) if protocol.bound else None,
             peer=str(protocol.peer) if protocol.peer else None,
             udp=protocol.udp.counters.as_dict() if protocol.udp else None,
             outcome=protocol.outcome,
             rule=protocol.rule,
-            bytes_up=protocol.counters.bytes_up,
-            bytes_down=protocol.counters.bytes_down,
-            duration=self.reactor.seconds() - protocol.started,
+            bytes_up=counters.bytes_up,
+            bytes_down=counters.bytes_down,
+            duration=duration,
         )
