@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 import pytest
 from hypothesis import example, given, settings
@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from twisted_socks5.codec import NULL_ADDRESS, Address, AddressType, Command
+from twisted_socks5.connect import PolicyDenied, first_allowed
 from twisted_socks5.rules import (
     AllowAll,
     Decision,
@@ -970,3 +971,25 @@ def test_via_routes_allowed_requests() -> None:
 def test_bad_via(line: str) -> None:
     with pytest.raises(RulesError):
         RuleSet.parse(line + "\n")
+
+
+@given(
+    st.lists(st.sampled_from(["10.0.0.1", "10.0.0.2", "::1", "192.0.2.7"])),
+    st.sets(st.sampled_from(["10.0.0.1", "10.0.0.2", "::1", "192.0.2.7"])),
+)
+def test_first_allowed_address_or_the_first_denial(
+    addresses: List[str], denied: Set[str]
+) -> None:
+    """Shared by the routed connect and the upstream connector."""
+
+    def check(ip: str) -> Optional[str]:
+        return f"deny {ip}" if ip in denied else None
+
+    allowed = [ip for ip in addresses if ip not in denied]
+    if allowed:
+        assert first_allowed(addresses, check) == allowed[0]
+    else:
+        with pytest.raises(PolicyDenied) as caught:
+            first_allowed(addresses, check)
+        first_rule = f"deny {addresses[0]}" if addresses else "no address"
+        assert caught.value.rule == first_rule

@@ -6,7 +6,7 @@ connection into a SOCKS reply code.
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
@@ -54,6 +54,23 @@ class PolicyDenied(Exception):
     def __init__(self, rule: str) -> None:
         super().__init__(f"denied by {rule}")
         self.rule = rule
+
+
+def first_allowed(
+    addresses: Iterable[str], check: Callable[[str], Optional[str]]
+) -> str:
+    """
+    The first of a name's ``addresses`` that ``check`` allows (it returns
+    ``None``, or the rule that denies); :class:`PolicyDenied`, naming the
+    first denying rule, when none is allowed.
+    """
+    denials = []
+    for ip in addresses:
+        rule = check(ip)
+        if rule is None:
+            return ip
+        denials.append(rule)
+    raise PolicyDenied(denials[0] if denials else "no address")
 
 
 #: Exception classes, most specific first.

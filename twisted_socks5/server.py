@@ -50,6 +50,7 @@ from .connect import (
     DirectConnector,
     IOutboundConnector,
     PolicyDenied,
+    first_allowed,
     reply_for_failure,
 )
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
@@ -449,18 +450,18 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self, addresses: List[str], address: Address
     ) -> defer.Deferred[IProtocol]:
         """Connect to the first allowed address, by the route its rule names."""
-        denials = []
-        for ip in addresses:
-            decision = self._resolved_decision(address, ip)
-            if decision.allowed:
-                target = Address.from_host(ip, address.port)
-                d = self.factory.connector_for(decision.via).connect(
-                    target, _OUTBOUND_FACTORY
-                )
-                self._connecting = d
-                return d
-            denials.append(decision.rule)
-        return defer.fail(PolicyDenied(denials[0] if denials else "no address"))
+        decisions = {}
+
+        def check(ip: str) -> Optional[str]:
+            decision = decisions[ip] = self._resolved_decision(address, ip)
+            return None if decision.allowed else decision.rule
+
+        ip = first_allowed(addresses, check)
+        d = self.factory.connector_for(decisions[ip].via).connect(
+            Address.from_host(ip, address.port), _OUTBOUND_FACTORY
+        )
+        self._connecting = d
+        return d
 
     def _connected(self, protocol: IProtocol) -> None:
         self._connecting = None

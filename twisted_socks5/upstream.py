@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from .client import SOCKS5ClientEndpoint, SOCKS5Error
 from .codec import Address, AddressType
-from .connect import DirectConnector, IOutboundConnector, PolicyDenied
+from .connect import DirectConnector, IOutboundConnector, first_allowed
 
 Upstream = Tuple[IStreamClientEndpoint, Optional[str], Optional[str]]
 
@@ -106,13 +106,8 @@ class UpstreamConnector:
             return self._through(address, factory)
 
         def pick(addresses: List[str]) -> defer.Deferred[IProtocol]:
-            denials = []
-            for ip in addresses:
-                rule = check(ip)
-                if rule is None:
-                    return self._through(Address.from_host(ip, address.port), factory)
-                denials.append(rule)
-            return defer.fail(PolicyDenied(denials[0]))
+            ip = first_allowed(addresses, check)
+            return self._through(Address.from_host(ip, address.port), factory)
 
         return self.local.resolve(address.host).addCallback(pick)
 
