@@ -5,7 +5,9 @@ when they are installed), everything the performance issue asks for in one
 run: single-stream download and upload, 8-stream download, connection churn
 with its latency, 64-byte round trips over one tunnel (proxy on its own core,
 and everything on one core), UDP ASSOCIATE echo, RSS per idle tunnel with
-5,000 open, and churn with --workers 2 against one worker.
+5,000 open, and churn with --workers 2 against one worker.  Twisted's own
+port forwarder (twisted.protocols.portforward, bench/forward.py: no SOCKS) is
+measured in the same run for the TCP rows, as a reference for the relay.
 
     python bench/bench.py                 # about 4 minutes
     python bench/bench.py --quick         # under 1 minute
@@ -51,6 +53,12 @@ HOST = "127.0.0.1"  # loopback only, always
 PROXY_NAME = "twisted-socks5"
 WORKERS_NAME = f"{PROXY_NAME} --workers 2"
 SERVER_PORTS = {"source", "sink", "echo", "pecho", "udp"}
+#: Twisted's port forwarder (no SOCKS): its script, the servers it forwards to
+#: (one listening port each), and the measurements it takes part in.
+FORWARD_NAME = "portforward (Twisted, no SOCKS)"
+FORWARD_SCRIPT = BENCH / "forward.py"
+FORWARD_SERVERS = ("source", "sink", "echo", "pecho")
+FORWARD_KEYS = ("download", "upload", "streams", "churn", "rtt", "rtt_same")
 
 
 # --------------------------------------------------------------------- helpers
@@ -451,6 +459,14 @@ class Target:
     splice: Optional[bool] = None  # relay path, for twisted-socks5
     idle_cmd: Optional[CommandFactory] = None  # for the fresh idle-tunnel proxies
     proc: Optional[Proc] = None
+    # A port forwarder (no SOCKS): its command, to which "name=port,..." of the
+    # servers is appended; once started, its listening port for each server.
+    forward: Optional[List[str]] = None
+    forward_ports: Optional[Dict[str, int]] = None
+
+    @property
+    def direct(self) -> bool:
+        return self.make_cmd is None and self.forward is None
 
 
 def start_proxy(target: Target, pin: Pinning, idle: bool = False) -> Proc:
@@ -471,6 +487,113 @@ def start_proxy(target: Target, pin: Pinning, idle: bool = False) -> Proc:
             last = e
             proxy.stop()
     raise RuntimeError(str(last))
+
+
+#: What forward_works sends through the forwarder to each server, and what it
+#: expects back: the pattern's first byte from the source; an empty upload's
+#: trailer from the sink (0 bytes, ok); the 64-byte churn message from the
+#: echo server (which then closes); one byte from the persistent echo.
+FORWARD_PROBES = {
+    "source": (b"", b"\x00"),
+    "sink": (b"\x00" * 4, b"\x00" * 8 + b"\x01"),
+    "echo": (bytes(range(64)), bytes(range(64))),
+    "pecho": (b"\x07", b"\x07"),
+}
+
+
+def forward_works(server: str, port: int) -> bool:
+    """
+    Whether the forwarder's port for ``server`` accepts a connection and
+    reaches that server, end to end (a wrong mapping would fail here, not
+    halfway through the runs).
+    """
+    send, expect = FORWARD_PROBES[server]
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as s:
+            if send:
+                s.sendall(send)
+            got = b""
+            while len(got) < len(expect):
+                chunk = s.recv(len(expect) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            return got == expect
+    except OSError:
+        return False
+
+
+def start_forwarder(target: Target, pin: Pinning, ports: Dict[str, int]) -> Proc:
+    """
+    Start bench/forward.py on the proxy CPU, forwarding to the test servers;
+    ready once it has said its ports and each one reaches its server.
+    """
+    assert target.forward is not None
+    mapping = ",".join(f"{server}={ports[server]}" for server in FORWARD_SERVERS)
+    proc = Proc("portforward", [*pin.proxy, *target.forward, mapping], target.env)
+    # stdin stays open: the forwarder exits when it closes (if this script dies).
+    proc.start(stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    assert proc.proc is not None
+    try:
+        said, _ = read_json_line(proc.proc, time.monotonic() + 30)
+        if (
+            not isinstance(said, dict)
+            or set(said) != set(FORWARD_SERVERS)
+            or not all(isinstance(v, int) for v in said.values())
+        ):
+            raise RuntimeError(
+                f"{proc.name} said {said!r} (exit status {proc.proc.poll()}):\n"
+                f"{proc.log_tail()}"
+            )
+        for server in FORWARD_SERVERS:
+            for _ in range(20):
+                if proc.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{proc.name} exited with {proc.proc.returncode}:\n"
+                        f"{proc.log_tail()}"
+                    )
+                if forward_works(server, said[server]):
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError(
+                    f"{proc.name}: {HOST}:{said[server]} does not reach the "
+                    f"{server} server:\n{proc.log_tail()}"
+                )
+    except BaseException:
+        proc.stop()
+        raise
+    target.forward_ports = said
+    return proc
+
+
+def twisted_python(args: argparse.Namespace) -> Optional[str]:
+    """
+    A Python that can import Twisted, to run forward.py: the one that runs
+    twistd (same Twisted as the proxy) when it can be told, else this one.
+    """
+    candidates: List[str] = []
+    try:
+        twistd = find_twistd(args.twistd)
+    except SystemExit:
+        twistd = []
+    if len(twistd) == 3 and twistd[1] == "-c":
+        candidates.append(twistd[0])
+    elif twistd:
+        first = b""
+        with contextlib.suppress(OSError), open(twistd[0], "rb") as f:
+            first = f.readline(256)
+        parts = first[2:].decode(errors="replace").split()
+        if first.startswith(b"#!") and parts:
+            if Path(parts[0]).name == "env" and len(parts) > 1:
+                parts = [shutil.which(parts[1]) or ""]
+            candidates.append(parts[0])
+    if importlib.util.find_spec("twisted") is not None:
+        candidates.append(sys.executable)
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def danted_cmd(conf_name: str) -> CommandFactory:
@@ -630,9 +753,12 @@ class Runner:
         cmd = [*prefix, str(LOADGEN), "-t", f"{seconds:g}"]
         cmd += ["-T", f"{self.args.timeout:g}"]
         proxy = target.proc
-        if proxy is not None:
+        port = self.ports[measure.server]
+        if target.forward_ports is not None:  # a forwarder: its port, no SOCKS
+            port = target.forward_ports[measure.server]
+        elif proxy is not None:
             cmd += ["-p", str(proxy.port)]
-        cmd += [*measure.args, measure.mode, str(self.ports[measure.server])]
+        cmd += [*measure.args, measure.mode, str(port)]
         cpu0 = cpu_seconds(proxy.pid) if proxy else None
         serv0, gen0 = cpu_seconds(self.servers.pid), children_cpu()
         busy0, self0 = machine_busy(), own_cpu()
@@ -1048,7 +1174,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--no-others",
         action="store_true",
-        help="do not measure microsocks/danted even when installed",
+        help="do not measure microsocks/danted (even when installed) or Twisted's "
+        "portforward",
     )
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
     args = p.parse_args(argv)
@@ -1073,7 +1200,8 @@ def build_targets(
 ) -> Tuple[List[Target], str, Optional[str]]:
     """
     The targets: direct, twisted-socks5 (and its other relay path when twistd
-    has a splice flag), --workers 2, microsocks and danted when installed.
+    has a splice flag), --workers 2, Twisted's portforward (for the TCP rows),
+    microsocks and danted when installed.
     Returns them, a description of the relay paths, and the splice target.
     """
     env = proxy_env()
@@ -1132,6 +1260,15 @@ def build_targets(
         w2.ours = True
         targets.append(w2)
     if not args.no_others:
+        if any(key in args.only for key in FORWARD_KEYS):
+            python = twisted_python(args)
+            if python is None:
+                log(f"skipping {FORWARD_NAME}: no Python that can import Twisted")
+            else:
+                forward_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+                forward = Target(FORWARD_NAME, env=forward_env)
+                forward.forward = [python, str(FORWARD_SCRIPT)]
+                targets.append(forward)
         if shutil.which("microsocks"):
             targets.append(Target("microsocks", microsocks_cmd))
         if shutil.which("danted"):
@@ -1164,17 +1301,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         servers, ports = start_servers(pin)
         started.append(servers)
         for target in targets:
-            if target.make_cmd is None:
+            if target.direct:
                 continue
             try:
-                target.proc = start_proxy(target, pin)
+                if target.forward is not None:
+                    target.proc = start_forwarder(target, pin, ports)
+                else:
+                    target.proc = start_proxy(target, pin)
             except (RuntimeError, OSError) as e:
                 if target.ours:
                     raise
                 log(f"skipping {target.name}: {e}")
                 continue
             started.append(target.proc)
-        targets = [t for t in targets if t.make_cmd is None or t.proc is not None]
+        targets = [t for t in targets if t.direct or t.proc is not None]
         by_name = {t.name: t for t in targets}
         proxies = {t.name: t.proc for t in targets if t.proc is not None}
 
@@ -1185,7 +1325,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             names = [t.name for t in targets if t.name != WORKERS_NAME]
             if kind == "udp":
                 names = [n for n in names if n == "direct" or by_name[n].udp]
-            return names
+            return names  # a forwarder has no udp and is not in "workers"
 
         plan_measures = measures(args)
         idle_targets = [
@@ -1193,6 +1333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for t in targets
             if t.proc is not None
             and t.name != WORKERS_NAME
+            and t.forward is None
             and (t.ours or not args.quick)
         ]
         plan: List[Tuple[str, str, List[str]]] = []
@@ -1245,6 +1386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         runs: List[Dict[str, Any]] = []
         total = n_runs
+        name_width = max(26, *(len(t.name) for t in targets))
         for rep in range(args.repeat):
             for m in plan_measures:
                 for name in targets_for(m.kind):
@@ -1267,7 +1409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         if result.get(f) is not None
                     )
                     step = f"[{len(runs)}/{total}]"
-                    log(f"  {step:>9} {m.key:<8} {name:<26} {shown} {status}")
+                    log(f"  {step:>9} {m.key:<8} {name:<{name_width}} {shown} {status}")
 
         if "idle" in args.only:
             for rep in range(idle_reps):
