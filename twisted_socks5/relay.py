@@ -27,6 +27,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .writenow import write_now
+
 
 def half_close(transport: Any) -> bool:
     """
@@ -123,7 +125,7 @@ class OutboundProtocol(Protocol):
             return
         counters.bytes_down += len(data)
         counters.active = True
-        self.peer.write(data)  # type: ignore[union-attr]
+        write_now(self.peer, data)
         if counters.bytes_down + counters.bytes_up >= counters.splice_at:
             counters.splice_at = NEVER
             if self.on_busy is not None:

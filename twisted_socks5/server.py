@@ -59,6 +59,7 @@ from .metrics import Metrics
 from .relay import NEVER, OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
+from .writenow import write_now
 
 _ALLOWED = Decision(True, "no access rules")
 
@@ -208,7 +209,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             counters = self.counters
             counters.bytes_up += len(data)
             counters.active = True
-            self._outbound.transport.write(data)  # type: ignore[union-attr]
+            write_now(self._outbound.transport, data)  # type: ignore[union-attr]
             if counters.bytes_up + counters.bytes_down >= counters.splice_at:
                 counters.splice_at = NEVER
                 self._hand_over_to_splice()
@@ -318,7 +319,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self._close()
             return False
         self.method = authenticator.method
-        self.transport.write(MethodSelection(authenticator.method).to_bytes())
+        write_now(self.transport, MethodSelection(authenticator.method).to_bytes())
         self.state = State.AUTHENTICATING
         self._negotiation = authenticator.negotiate(self.transport.getPeer())
         result = self._negotiation.start()
@@ -796,7 +797,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.reply = code
         if first and self.factory.metrics is not None:
             self.factory.metrics.replied(self)
-        self.transport.write(Reply(code, address or NULL_ADDRESS).to_bytes())
+        write_now(self.transport, Reply(code, address or NULL_ADDRESS).to_bytes())
 
     def _fail(self, code: ReplyCode, outcome: str) -> None:
         """Answer the request with a failure code, then close (RFC 1928 s. 6)."""

@@ -1,0 +1,120 @@
+"""
+Write-through (``twisted_socks5.writenow``) on real loopback connections: it
+sends at once only when Twisted holds nothing for the socket, keeps the
+order of bytes, hands the rest of a partial send to Twisted, and leaves
+every transport it does not know to ``transport.write``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from typing import Any, List
+
+import pytest_twisted
+from conftest import listen
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.testing import StringTransport
+
+from twisted_socks5 import writenow
+from twisted_socks5.writenow import write_now
+
+
+class _Collect(protocol.Protocol):
+    """The far end: collects what arrives, until the connection closes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(bytes(self.data))
+
+
+async def _pair() -> tuple[Any, _Collect]:
+    """A connected client transport and the protocol at the server end."""
+    accepted: List[_Collect] = []
+    arrived: defer.Deferred[None] = defer.Deferred()
+
+    class Factory(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> _Collect:
+            far = _Collect()
+            accepted.append(far)
+            reactor.callLater(0, arrived.callback, None)
+            return far
+
+    port = listen(Factory(), "127.0.0.1")
+    near = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+        protocol.Protocol(),
+    )
+    await arrived
+    await port.stopListening()
+    return near.transport, accepted[0]
+
+
+def _queued(transport: Any) -> int:
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_sends_at_once_when_nothing_is_queued() -> None:
+    transport, far = await _pair()
+    assert writenow.supported(transport)
+    write_now(transport, b"hello")
+    assert _queued(transport) == 0  # in the kernel already, not in Twisted
+    transport.loseConnection()
+    assert await far.done == b"hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_queues_behind_what_twisted_holds() -> None:
+    transport, far = await _pair()
+    transport.write(b"first ")  # queued until the next reactor turn
+    write_now(transport, b"second")
+    assert _queued(transport) == len(b"first second")
+    transport.loseConnection()
+    assert await far.done == b"first second"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_partial_send_leaves_the_rest_to_twisted_in_order() -> None:
+    transport, far = await _pair()
+    transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    far.transport.pauseProducing()  # the far end stops reading for a while
+    blob = bytes(range(256)) * 16 * 1024  # 4 MiB: more than the socket takes
+    half = len(blob) // 2
+    write_now(transport, blob[:half])
+    held = _queued(transport)
+    assert 0 < held < half, "expected a partial send"
+    write_now(transport, blob[half:])  # queued behind the rest
+    assert _queued(transport) == held + half
+    far.transport.resumeProducing()
+    transport.loseConnection()
+    received = await far.done
+    assert hashlib.sha256(received).digest() == hashlib.sha256(blob).digest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pending_half_close_is_left_to_twisted() -> None:
+    """
+    Between loseWriteConnection() and the FIN, Twisted still sends what is
+    written (queued before the FIN); write_now must not jump that queue.
+    """
+    transport, far = await _pair()
+    transport.loseWriteConnection()
+    write_now(transport, b"still sent, before the FIN")
+    assert _queued(transport) == len(b"still sent, before the FIN")
+    transport.loseConnection()
+    assert await far.done == b"still sent, before the FIN"
+
+
+def test_unknown_transports_get_write() -> None:
+    transport = StringTransport()
+    assert not writenow.supported(transport)
+    write_now(transport, b"through write()")
+    assert transport.value() == b"through write()"
