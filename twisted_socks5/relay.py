@@ -125,7 +125,8 @@ class OutboundProtocol(Protocol):
             return
         counters.bytes_down += len(data)
         counters.active = True
-        write_now(self.peer, data)
+        if write_now(self.peer, data) is not None:
+            return  # the client is gone (reset): its transport is aborting
         if counters.bytes_down + counters.bytes_up >= counters.splice_at:
             counters.splice_at = NEVER
             if self.on_busy is not None:

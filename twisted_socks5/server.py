@@ -209,7 +209,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             counters = self.counters
             counters.bytes_up += len(data)
             counters.active = True
-            write_now(self._outbound.transport, data)  # type: ignore[union-attr]
+            failed = write_now(self._outbound.transport, data)  # type: ignore[union-attr]
+            if failed is not None:
+                self.outcome = f"target connection lost: {failed.strerror}"
+                return
             if counters.bytes_up + counters.bytes_down >= counters.splice_at:
                 counters.splice_at = NEVER
                 self._hand_over_to_splice()
@@ -741,7 +744,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             _unregister_producer(self.transport)
             self.transport.loseConnection()
         else:
-            self.outcome = f"target connection lost: {reason.getErrorMessage()}"
+            if self.outcome == "relaying":  # not already told by a failed write
+                self.outcome = f"target connection lost: {reason.getErrorMessage()}"
             self.transport.abortConnection()
 
     def _watch_activity(self) -> None:

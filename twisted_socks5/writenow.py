@@ -19,7 +19,7 @@ gets ``transport.write``.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from twisted.internet import tcp
 
@@ -38,19 +38,29 @@ def supported(transport: Any) -> bool:
     return known
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, sending at once if nothing is queued before it."""
+def write_now(transport: Any, data: bytes) -> Optional[OSError]:
+    """
+    ``transport.write(data)``, sending at once if nothing is queued before it.
+
+    A send that fails (the peer reset) aborts the transport at once and
+    returns the error, for the caller's log.  It must not be left to
+    Twisted's next write: the failed send has consumed the socket's pending
+    error, so Twisted's next read would see a clean EOF and a reset tunnel
+    would be passed on as a complete one.
+    """
     if supported(transport) and _idle(transport):
         try:
             sent = transport.socket.send(data)
-        except OSError:
-            # EAGAIN: nothing fits now.  Anything else: Twisted meets the
-            # error on its own write and reports it as it always does.
-            sent = 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0  # nothing fits now: Twisted sends it when it can
+        except OSError as e:
+            transport.abortConnection()
+            return e
         if sent == len(data):
-            return
+            return None
         data = data[sent:]
     transport.write(data)
+    return None
 
 
 def _idle(transport: Any) -> bool:

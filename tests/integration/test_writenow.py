@@ -8,14 +8,18 @@ every transport it does not know to ``transport.write``.
 from __future__ import annotations
 
 import hashlib
+import select
 import socket
 from typing import Any, List
 
 import pytest_twisted
 from conftest import listen
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_socks5 import writenow
 from twisted_socks5.writenow import write_now
@@ -118,3 +122,62 @@ def test_unknown_transports_get_write() -> None:
     assert not writenow.supported(transport)
     write_now(transport, b"through write()")
     assert transport.value() == b"through write()"
+
+
+@implementer(IHalfCloseableProtocol)
+class _Watch(protocol.Protocol):
+    """Records whether the connection ended with a clean EOF or an error."""
+
+    def __init__(self) -> None:
+        self.read_eof = False
+        self.lost: defer.Deferred[BaseException] = defer.Deferred()
+
+    def readConnectionLost(self) -> None:
+        self.read_eof = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost.callback(reason.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_seen_by_a_write_is_a_reset_not_an_eof() -> None:
+    """
+    A send that meets a reset consumes the socket's error: left to Twisted,
+    the next read would find a clean EOF, and a proxy would pass a reset
+    destination on as a complete answer.  write_now aborts instead.
+    """
+    accepted: List[_Collect] = []
+    port = listen(protocol.Factory.forProtocol(_Collect), "127.0.0.1")
+    port.factory.buildProtocol = lambda addr: (
+        accepted.append(_Collect()) or accepted[-1]
+    )  # type: ignore[method-assign]
+    near = _Watch()
+    await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), near
+    )
+    await port.stopListening()
+    near.transport.pauseProducing()  # the reset must not be read first
+    while not accepted or accepted[0].transport is None:
+        await _turn()
+    accepted[0].transport.abortConnection()  # Twisted closes it with a reset
+    await accepted[0].done
+    poller = select.poll()
+    poller.register(near.transport.getHandle(), select.POLLERR)
+    for _ in range(10_000):  # reactor turns until the reset has arrived
+        if poller.poll(0):
+            break
+        await _turn()
+    failed = write_now(near.transport, b"into a reset connection")
+    assert isinstance(failed, ConnectionResetError), failed
+    reason = await near.lost
+    assert not isinstance(reason, error.ConnectionDone), reason
+    assert not near.read_eof, "the reset was taken for a clean EOF"
+
+
+def _turn() -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
