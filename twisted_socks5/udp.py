@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from twisted.internet import defer
+from twisted.internet import defer, udp
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,6 +90,26 @@ class _TargetSide(DatagramProtocol):
         self.association.from_target(datagram, addr)
 
 
+def sender_for(port: Any) -> Callable[[bytes, Sendable], Any]:
+    """
+    How to send a datagram on ``port``.  Twisted's ``udp.Port.write()``
+    validates the address with ``isIPAddress``/``isIPv6Address`` (up to five
+    calls) on every datagram, a tenth of the relay's CPU; the addresses here
+    are already IP strings of the port's family (parsed by the codec, the
+    port chosen by family), so a real port's socket sends directly.  Anything
+    else (a test double) gets ``write()``.  Errors are the caller's: a drop.
+    """
+    if isinstance(port, udp.Port):
+        sendto: Callable[[bytes, Sendable], Any] = port.getHandle().sendto
+        return sendto
+    write: Callable[[bytes, Sendable], Any] = port.write
+    return write
+
+
+def _not_listening(data: bytes, addr: Sendable) -> None:
+    raise OSError("the association's client-side port is closed")
+
+
 class UDPAssociation:
     """
     The relay of one UDP ASSOCIATE.
@@ -129,6 +149,9 @@ class UDPAssociation:
         self.client_port_listener: Any = None
         self._client_addr: Optional[Sendable] = None
         self._outbound: Dict[int, Any] = {}
+        #: How to send on the client-side port and, by family, the outbound ones.
+        self._to_client: Callable[[bytes, Sendable], Any] = _not_listening
+        self._senders: Dict[int, Callable[[bytes, Sendable], Any]] = {}
         self._peers: collections.OrderedDict[Sendable, None] = collections.OrderedDict()
         self._names: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._pending: Dict[str, Deque[Tuple[bytes, int]]] = {}
@@ -143,6 +166,7 @@ class UDPAssociation:
         self.client_port_listener = self.reactor.listenUDP(
             0, _ClientSide(self), interface=host, maxPacketSize=MAX_PACKET_SIZE
         )
+        self._to_client = sender_for(self.client_port_listener)
         bound = self.client_port_listener.getHost()
         return Address.from_host(bound.host, bound.port)
 
@@ -154,6 +178,8 @@ class UDPAssociation:
         ports = [self.client_port_listener, *self._outbound.values()]
         self.client_port_listener = None
         self._outbound.clear()
+        self._senders.clear()
+        self._to_client = _not_listening
         for port in ports:
             if port is not None:
                 port.stopListening()
@@ -253,8 +279,8 @@ class UDPAssociation:
             return
         family = 6 if ":" in ip else 4
         try:
-            port = self._outbound_port(family)
-            port.write(data, (ip, destination.port))
+            send = self._senders.get(family) or self._outbound_port(family)
+            send(data, (ip, destination.port))
         except Exception:  # noqa: BLE001 - EMSGSIZE, ENOBUFS, EACCES...: a drop
             self.counters.drops["send_error"] += 1
             return
@@ -271,15 +297,15 @@ class UDPAssociation:
         if self.on_activity is not None:
             self.on_activity()
 
-    def _outbound_port(self, family: int) -> Any:
-        port = self._outbound.get(family)
-        if port is None:
-            interface = "::" if family == 6 else "0.0.0.0"
-            port = self.reactor.listenUDP(
-                0, _TargetSide(self), interface=interface, maxPacketSize=MAX_PACKET_SIZE
-            )
-            self._outbound[family] = port
-        return port
+    def _outbound_port(self, family: int) -> Callable[[bytes, Sendable], Any]:
+        """Open the outbound socket of a family; how to send on it."""
+        interface = "::" if family == 6 else "0.0.0.0"
+        port = self.reactor.listenUDP(
+            0, _TargetSide(self), interface=interface, maxPacketSize=MAX_PACKET_SIZE
+        )
+        self._outbound[family] = port
+        send = self._senders[family] = sender_for(port)
+        return send
 
     # ------------------------------------------------------------------
     # Destination → client
@@ -302,7 +328,7 @@ class UDPAssociation:
             self._headers[(host, port)] = header
         packet = header + datagram
         try:
-            self.client_port_listener.write(packet, client)
+            self._to_client(packet, client)
         except Exception:  # noqa: BLE001 - EMSGSIZE when header + data > 64 KiB
             self.counters.drops[
                 "oversize" if len(packet) > MAX_UDP_PAYLOAD else "send_error"

@@ -361,3 +361,37 @@ async def test_bind_gets_the_requested_port_or_another(make_proxy: Any) -> None:
     other.transport.loseConnection()
     await client.closed
     await other.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_sends_past_twisted_address_checks_on_real_ports_only() -> None:
+    """udp.sender_for: a real port's socket sends; a double gets write()."""
+    from twisted.internet.protocol import DatagramProtocol
+
+    from twisted_socks5.udp import sender_for
+
+    got: defer.Deferred[bytes] = defer.Deferred()
+
+    class Receiver(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            got.callback(data)
+
+    receiver = reactor.listenUDP(0, Receiver(), interface="127.0.0.1")
+    sender = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+    try:
+        send = sender_for(sender)
+        assert send == sender.getHandle().sendto
+        send(b"datagram", ("127.0.0.1", receiver.getHost().port))
+        assert await got == b"datagram"
+        with pytest.raises(OSError):  # errors are the caller's (a drop)
+            send(b"x" * 70000, ("127.0.0.1", receiver.getHost().port))
+    finally:
+        await receiver.stopListening()
+        await sender.stopListening()
+
+    class Double:
+        def write(self, data: bytes, addr: Any) -> None:
+            pass
+
+    double = Double()
+    assert sender_for(double) == double.write
