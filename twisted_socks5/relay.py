@@ -96,10 +96,18 @@ class OutboundProtocol(Protocol):
     connected_deferred: Any = None
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()
         d, self.connected_deferred = self.connected_deferred, None
         if d is not None and not d.called:
+            # The fast connect path: the server sends its reply and starts
+            # the relay from this callback, before anything can be read.
             d.callback(self)
+        if self.counters is None:
+            # Not relaying yet (an endpoint's wrapper fires later, or the
+            # splice relay waits for the reply to be flushed): hold back what
+            # the destination sends, so that it cannot overtake the reply.
+            # When relaying already, pausing and resuming at once would
+            # only cost two epoll_ctl calls.
+            self.transport.pauseProducing()
 
     def start_relay(
         self,

@@ -626,3 +626,27 @@ async def test_no_descriptor_leak_after_many_tunnels(
     assert splice_descriptors() == []
     assert len(proxy.protocols) == 201
     proxy.assert_path()
+
+
+class _SpeaksFirst(Echo):
+    """A destination with a banner (SMTP, FTP, SSH...): it talks on connect."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"220 banner from the destination\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_destination_that_speaks_first_never_overtakes_the_reply(
+    make: Any, tcp_target: Any
+) -> None:
+    proxy = make()
+    port = tcp_target(_SpeaksFirst)
+    for _ in range(20):  # each tunnel races the banner against the reply
+        # The Client checks that the first 12 bytes are the SOCKS replies.
+        client = await connect(proxy, Client(proxy.request(port), early=b"ping"))
+        await until(lambda c=client: len(c.data) >= 37, "the banner and the echo")
+        assert bytes(client.data) == b"220 banner from the destination\r\nping"
+        client.transport.loseConnection()
+        await client.lost
+    await until(lambda: not proxy.factory.active, "every tunnel closed")
+    proxy.assert_path()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List
 
 import pytest
 import pytest_twisted
@@ -44,6 +44,15 @@ def events() -> Any:
     globalLogPublisher.removeObserver(observer)
 
 
+def _connection_events(events: Any, factory: Any) -> List[Any]:
+    """This factory's connection events (an earlier test's may still arrive)."""
+    return [
+        e
+        for e in events
+        if e.get("event") == "socks5.connection" and e.get("log_source") is factory
+    ]
+
+
 @pytest_twisted.ensureDeferred
 async def test_denied_destination_gets_0x02_and_the_rule_is_logged(
     make_proxy: Any, tcp_target: Any, events: Any
@@ -55,7 +64,7 @@ async def test_denied_destination_gets_0x02_and_the_rule_is_logged(
     assert out == DENIED
     while factory.active:
         await _turn()
-    (event,) = [e for e in events if e.get("event") == "socks5.connection"]
+    (event,) = _connection_events(events, factory)
     assert event["reply"] == 2
     assert event["rule"] == "test.rules:1: deny to 127.0.0.2/32"
 
@@ -72,7 +81,7 @@ async def test_a_name_cannot_smuggle_a_denied_address(
     assert resolver.asked == ["innocent.test"]  # it was resolved, then judged
     while factory.active:
         await _turn()
-    (event,) = [e for e in events if e.get("event") == "socks5.connection"]
+    (event,) = _connection_events(events, factory)
     assert event["rule"] == "r:1: deny to 127.0.0.0/8, ::1/128"
 
 
@@ -205,7 +214,7 @@ async def test_behind_haproxy_the_rules_see_the_real_client(events: Any) -> None
             await _turn()
         refused = [e for e in events if e.get("event") == "socks5.refused"]
         assert [e["client"] for e in refused] == ["198.51.100.9"]
-        (event,) = [e for e in events if e.get("event") == "socks5.connection"]
+        (event,) = _connection_events(events, factory)
         assert event["client"] == "192.0.2.9:5555"
     finally:
         await port.stopListening()
