@@ -139,6 +139,11 @@ class _LiveCollector:
         for state, count in sorted(states.items()):
             tunnels.add_metric([state], count)
         yield tunnels
+        yield GaugeMetricFamily(
+            "socks5_spliced_tunnels",
+            "Tunnels on the zero-copy splice relay now (each holds two pipes).",
+            value=m.factory.limits.spliced,
+        )
 
         udps = [p.udp.counters for p in active if p.udp is not None]
         yield _both_ways(

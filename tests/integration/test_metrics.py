@@ -15,6 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 pytest.importorskip("prometheus_client")
 
 from twisted_socks5.metrics import metrics_site  # noqa: E402
+from twisted_socks5.splice import splice_available  # noqa: E402
 
 
 def value(text: str, name: str, **labels: str) -> float:
@@ -35,7 +36,7 @@ def value(text: str, name: str, **labels: str) -> float:
 async def test_scrape_counts_traffic_outcomes_and_latency(
     make_proxy: Any, tcp_target: Any
 ) -> None:
-    factory, port = make_proxy()
+    factory, port = make_proxy(splice_after=1)  # the tunnel below is spliced
     metrics = factory.enable_metrics()
     site_port = listen(metrics_site(metrics))
     try:
@@ -71,6 +72,8 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
             == 1
         )
         assert value(text, "socks5_active_connections", state="relaying") == 1
+        spliced = 1 if splice_available() else 0
+        assert value(text, "socks5_spliced_tunnels") == spliced
         assert value(text, "socks5_relayed_bytes_total", direction="up") == 100
         assert value(text, "socks5_relayed_bytes_total", direction="down") == 100
         assert value(text, "socks5_handshake_seconds_count", command="connect") == 2
@@ -87,6 +90,7 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
             == 1
         )
         assert value(text, "socks5_relayed_bytes_total", direction="up") == 100
+        assert value(text, "socks5_spliced_tunnels") == 0
     finally:
         await site_port.stopListening()
 
