@@ -89,6 +89,8 @@ class Harness:
         from twisted.internet.error import ConnectionDone
         from twisted.python.failure import Failure
 
+        # As Twisted's transports do, before telling the protocol.
+        self.transport.disconnected = True
         self.protocol.connectionLost(Failure(reason or ConnectionDone()))
 
 

@@ -32,7 +32,7 @@ from twisted_socks5.interfaces import (
     IAuthenticator,
     IAuthNegotiation,
 )
-from twisted_socks5.server import MAX_EARLY_DATA, State
+from twisted_socks5.server import EARLY_DATA_PAUSE, MAX_EARLY_DATA, State
 
 GREET_NOAUTH = b"\x05\x01\x00"
 GREET_USERPASS = b"\x05\x01\x02"
@@ -576,3 +576,41 @@ def test_stall_timeout_leaves_a_quiet_tunnel_alone() -> None:
     relaying(h)
     h.reactor.pump([1] * 600)
     assert not h.closing
+
+
+def test_the_client_is_still_read_while_connecting() -> None:
+    """
+    Not paused while the outbound connection is made: data sent ahead is
+    kept for the destination, and back-pressure starts only past
+    EARLY_DATA_PAUSE bytes.
+    """
+    h = Harness()
+    h.send(GREET_NOAUTH + CONNECT)
+    assert h.protocol.state is State.CONNECTING
+    assert h.transport.producerState == "producing"
+    h.send(b"a" * 1000)
+    assert h.transport.producerState == "producing"
+    h.send(b"b" * EARLY_DATA_PAUSE)
+    assert h.transport.producerState == "paused"
+    _, out = h.connector.succeed()
+    assert h.transport.producerState == "producing"
+    assert out.value() == b"a" * 1000 + b"b" * EARLY_DATA_PAUSE
+
+
+def test_a_client_leaving_while_connecting_cancels_the_attempt_at_once() -> None:
+    h = Harness()
+    h.send(GREET_NOAUTH + CONNECT)
+    assert h.transport.producerState == "producing"  # so its reset is seen
+    h.lose(error.ConnectionLost("reset by peer"))
+    assert h.connector.cancelled == 1
+    assert h.protocol.outcome == "client went away while connecting"
+
+
+def test_a_client_eof_while_connecting_is_relayed_after_the_reply() -> None:
+    h = Harness()
+    h.send(GREET_NOAUTH + CONNECT + b"last words")
+    h.protocol.readConnectionLost()
+    assert h.connector.cancelled == 0  # a half-close is not a departure
+    _, out = h.connector.succeed()
+    assert out.value() == b"last words"
+    assert out.write_closed

@@ -67,6 +67,11 @@ _ALLOWED = Decision(True, "no access rules")
 #: with the request.  More means a client that is not speaking SOCKS.
 MAX_EARLY_DATA = 256 * 1024
 
+#: While a CONNECT is being connected the client is still read (so that one
+#: that resets or leaves is noticed at once and the attempt cancelled), and
+#: only paused once it has sent this much ahead of the reply.
+EARLY_DATA_PAUSE = 64 * 1024
+
 #: Bytes a tunnel moves by copying before the splice relay takes over.
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
@@ -229,6 +234,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if len(self._buffer) > MAX_EARLY_DATA:
             self._abort("too much data before the relay started")
             return
+        if self._waiting and len(self._buffer) >= EARLY_DATA_PAUSE:
+            self.transport.pauseProducing()  # back-pressure until the relay
         self._process()
 
     def readConnectionLost(self) -> None:
@@ -433,7 +440,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             elif self.factory.routes:
                 # Which rule allows the name, and so its route, depends on
                 # the addresses: resolve here first.
-                self._wait()
+                self._hold()
                 resolving = self.factory.connector.resolve(address.host)
                 self._connecting = resolving
                 resolving.addCallback(self._route_resolved, address)
@@ -442,7 +449,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             else:
                 check = partial(self._resolved_denial, address)
         connector = self.factory.connector_for(route)
-        self._wait()
+        self._hold()
         if check is None:
             d = connector.connect(address, _OUTBOUND_FACTORY)
         else:
@@ -556,7 +563,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if failure.check(defer.CancelledError) and self.transport.disconnected:
+        if self.transport.disconnected:
+            # The client left and cancelled the attempt; its connectionLost
+            # said so (HostnameEndpoint reports a cancelled look-up as a DNS
+            # failure, not as a cancellation).
             return
         code = reply_for_failure(failure)
         if failure.check(PolicyDenied):
@@ -813,6 +823,17 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """Stop reading the client while something asynchronous runs."""
         self._waiting = True
         self.transport.pauseProducing()
+
+    def _hold(self) -> None:
+        """
+        Stop parsing while the outbound connection is made, but keep reading:
+        a client that resets meanwhile cancels the attempt at once (a paused
+        socket is not watched), its EOF is remembered for the relay, and
+        data it sends ahead is kept for the destination, the client being
+        paused past ``EARLY_DATA_PAUSE`` bytes.  It also spares two
+        ``epoll_ctl`` calls per tunnel.
+        """
+        self._waiting = True
 
     def _unwait(self, result: Any) -> Any:
         self._waiting = False

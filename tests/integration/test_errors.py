@@ -6,7 +6,7 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from conftest import LOOPBACKS, Echo, LoopbackResolver, closed_port
+from conftest import LOOPBACKS, Echo, LoopbackResolver, all_closed, closed_port
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHostnameResolver
@@ -97,6 +97,29 @@ async def test_connect_timeout_answers_ttl_expired(make_proxy: Any) -> None:
     request = connect_request("slow.test", 80, AddressType.DOMAIN)
     out = await exchange(port, b"\x05\x01\x00" + request)
     assert out == b"\x05\x00" + failure(ReplyCode.TTL_EXPIRED)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_resets_while_connecting_is_noticed_at_once(
+    make_proxy: Any,
+) -> None:
+    """
+    The client is still watched while its CONNECT is pending, so its reset
+    ends the attempt at once, not when the connect times out (60 s here).
+    """
+    resolver = SilentResolver()
+    connector = DirectConnector(reactor, timeout=60, resolver=resolver)
+    factory, port = make_proxy(connector=connector, handshake_timeout=120)
+    client = RawClient(
+        b"\x05\x01\x00" + connect_request("slow.test", 80, AddressType.DOMAIN)
+    )
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    while not resolver.receivers:  # the attempt is under way
+        await _turn()
+    (server,) = factory.active
+    client.transport.abortConnection()
+    await all_closed(factory, 10)
+    assert server.outcome == "client went away while connecting"
 
 
 @pytest.mark.parametrize(
