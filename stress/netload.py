@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+from twisted_socks5.testing import pattern_chunk
+
 HOST = "127.0.0.1"
 #: Not in Python's socket module before 3.12; the Linux value.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -203,23 +205,6 @@ class Pattern:
         return memoryview(self.blob)[offset : offset + size]
 
 
-def source_chunk(i: int) -> bytes:
-    """Chunk ``i`` of the source servers' stream (64 KiB)."""
-    return hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048
-
-
-def source_sha256(size: int) -> str:
-    """The sha256 of the first ``size`` bytes a source server sends."""
-    h = hashlib.sha256()
-    i = 0
-    while size > 0:
-        chunk = source_chunk(i)[:size]
-        h.update(chunk)
-        size -= len(chunk)
-        i += 1
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------
 # Target servers
 
@@ -295,7 +280,7 @@ class Source(_FlowControlled):
     def _more(self) -> None:
         self.paused = False
         while self.left > 0 and not self.paused:
-            chunk = source_chunk(self.index)[: self.left]
+            chunk = pattern_chunk(self.index)[: self.left]
             self.index += 1
             self.left -= len(chunk)
             self.transport.write(chunk)

@@ -143,13 +143,18 @@ class FakeServer(protocol.Protocol):
         self._splice: Optional[SpliceRelay] = None
         self.outcome = "relaying"
         self.target_lost: List[Failure] = []
+        #: What Twisted read from the client: nothing, once the relay starts.
+        self.read_by_twisted = b""
         #: Fires with the exception connectionLost was called with.
         self.lost: defer.Deferred[BaseException] = defer.Deferred()
 
     def connectionMade(self) -> None:
-        # As at the hook: reading paused, the reply queued in Twisted.
-        self.transport.pauseProducing()
+        # As at the hook: the client still read (the server does not pause
+        # it while connecting), the reply queued in Twisted.
         self.transport.write(REPLY)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.read_by_twisted += data
 
     def _target_lost(self, reason: Failure) -> None:
         self.target_lost.append(reason)
@@ -203,11 +208,17 @@ class Tunnel:
 
     async def started(self, early: bytes = b"") -> SpliceRelay:
         relay = self.start(early)
-        await until(lambda: relay.started, "the relay took over")
-        assert await recv_exactly(self.client, len(REPLY)) == REPLY
+        await self.started_already()
         if early:
             assert await recv_exactly(self.target, len(early)) == early
         return relay
+
+    async def started_already(self) -> None:
+        """Wait until the relay started by :meth:`start` took over."""
+        relay = self.relay
+        assert relay is not None
+        await until(lambda: relay.started, "the relay took over")
+        assert await recv_exactly(self.client, len(REPLY)) == REPLY
 
 
 @pytest.fixture
@@ -358,6 +369,24 @@ async def test_reply_and_early_data_go_first_then_bytes_move_both_ways(
     counters = t.server.counters
     assert (counters.bytes_up, counters.bytes_down) == (len(b"pipelined") + 2, 5)
     assert counters.active
+
+
+@needs_splice
+@pytest_twisted.ensureDeferred
+async def test_bytes_sent_while_the_reply_drains_are_spliced_in_order(
+    make_tunnel: Any,
+) -> None:
+    """
+    The relay stops Twisted reading the client before it waits for the
+    reply to drain: what the client sends meanwhile must not be read (and
+    forwarded) by Twisted, behind the splice relay's back.
+    """
+    t = await make_tunnel()
+    t.start(early=b"early,")
+    t.client.sendall(b"then more")  # in the socket before the next turn
+    await t.started_already()
+    assert await recv_exactly(t.target, len(b"early,then more")) == b"early,then more"
+    assert t.server.read_by_twisted == b""
 
 
 @needs_splice

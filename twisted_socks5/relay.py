@@ -68,6 +68,13 @@ class RelayCounters:
         #: to the zero-copy relay; infinite when it must not or already did.
         self.splice_at: float = NEVER
 
+    def due_for_splice(self) -> bool:
+        """Whether the tunnel has just passed ``splice_at`` (True only once)."""
+        if self.bytes_up + self.bytes_down < self.splice_at:
+            return False
+        self.splice_at = NEVER
+        return True
+
 
 #: A byte count no tunnel reaches.
 NEVER = float("inf")
@@ -135,10 +142,8 @@ class OutboundProtocol(Protocol):
         counters.active = True
         if write_now(self.peer, data) is not None:
             return  # the client is gone (reset): its transport is aborting
-        if counters.bytes_down + counters.bytes_up >= counters.splice_at:
-            counters.splice_at = NEVER
-            if self.on_busy is not None:
-                self.on_busy()
+        if counters.due_for_splice() and self.on_busy is not None:
+            self.on_busy()
 
     def readConnectionLost(self) -> None:
         if self.on_read_closed is not None:

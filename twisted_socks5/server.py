@@ -56,7 +56,7 @@ from .connect import (
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .metrics import Metrics
-from .relay import NEVER, OutboundProtocol, RelayCounters, half_close
+from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
 from .writenow import write_now
@@ -218,8 +218,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             if failed is not None:
                 self.outcome = f"target connection lost: {failed.strerror}"
                 return
-            if counters.bytes_up + counters.bytes_down >= counters.splice_at:
-                counters.splice_at = NEVER
+            if counters.due_for_splice():
                 self._hand_over_to_splice()
             return
         if self.state is State.CLOSING:
@@ -517,8 +516,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self._forward_client_eof()
             return
         self._unwait(None)
-        if counters.bytes_up >= counters.splice_at:
-            counters.splice_at = NEVER
+        if counters.due_for_splice():  # early data alone may be enough
             self._hand_over_to_splice()
 
     def _start_splice(
@@ -543,7 +541,6 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             peer is None
             or self._splice is not None
             or self.state is not State.RELAYING
-            or self._client_eof
             or self.counters.up_closed
             or self.counters.down_closed
         ):

@@ -356,37 +356,38 @@ class SpliceRelay:
 
     def start(self, early: bytes) -> None:
         """Send what must go first through Twisted, then take over."""
-        self.outbound.on_lost = self._target_lost
         if self.server._client_eof:
             # Twisted already read the client's EOF during the connect.
             self.up.eof = True
             self.counters.up_closed = True
-        transports = [self.server.transport]
         if early:
             self.counters.bytes_up += len(early)
             self.counters.active = True
             self.outbound.transport.write(early)
-            transports.append(self.outbound.transport)
-        self._unflushed = len(transports)
-        for transport in transports:
-            self._flushing.append(_WhenFlushed(transport, self._flushed))
+        self._take_over_once_flushed()
 
     def hand_over(self) -> None:
         """
-        Take over from the running ordinary relay: stop reading both sides,
-        let Twisted write out what it holds, then splice (see the module
-        docstring for the grace period).
+        Take over from the running ordinary relay (see the module docstring
+        for the grace period).
+        """
+        self.outbound.on_read_closed = None
+        self._take_over_once_flushed()
+        self._grace = self.reactor.callLater(HANDOVER_GRACE, self._call_off)
+
+    def _take_over_once_flushed(self) -> None:
+        """
+        Stop reading both sides, let Twisted write out what it holds for
+        them (the reply, early data, what the ordinary relay queued), then
+        splice: nothing is read that could overtake it.
         """
         self.outbound.on_lost = self._target_lost
-        self.outbound.on_read_closed = None
         transports = [self.client.transport, self.target.transport]
         for transport in transports:
             transport.unregisterProducer()  # the ordinary relay's cross-links
             transport.pauseProducing()
         self._unflushed = len(transports)
-        self._grace = self.reactor.callLater(HANDOVER_GRACE, self._call_off)
-        for transport in transports:
-            self._flushing.append(_WhenFlushed(transport, self._flushed))
+        self._flushing = [_WhenFlushed(t, self._flushed) for t in transports]
 
     def _call_off(self) -> None:
         """A buffer did not drain in time: the ordinary relay goes on."""

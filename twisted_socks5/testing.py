@@ -6,6 +6,7 @@ and anyone writing an authenticator or connector), in the spirit of
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, List, Optional, Sequence
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -88,3 +89,23 @@ class LoopbackResolver:
             self.failed += 1
         resolutionReceiver.resolutionComplete()
         return resolution
+
+
+def pattern_chunk(i: int) -> bytes:
+    """
+    Chunk ``i`` (64 KiB) of a known byte stream: test sources send it, sinks
+    and clients check what arrives against it (or its :func:`pattern_sha256`).
+    """
+    return hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048
+
+
+def pattern_sha256(size: int) -> str:
+    """The sha256 of the first ``size`` bytes of the stream."""
+    h = hashlib.sha256()
+    i = 0
+    while size > 0:
+        chunk = pattern_chunk(i)[:size]
+        h.update(chunk)
+        size -= len(chunk)
+        i += 1
+    return h.hexdigest()

@@ -106,10 +106,6 @@ def sender_for(port: Any) -> Callable[[bytes, Sendable], Any]:
     return write
 
 
-def _not_listening(data: bytes, addr: Sendable) -> None:
-    raise OSError("the association's client-side port is closed")
-
-
 class UDPAssociation:
     """
     The relay of one UDP ASSOCIATE.
@@ -150,7 +146,7 @@ class UDPAssociation:
         self._client_addr: Optional[Sendable] = None
         self._outbound: Dict[int, Any] = {}
         #: How to send on the client-side port and, by family, the outbound ones.
-        self._to_client: Callable[[bytes, Sendable], Any] = _not_listening
+        self._to_client: Optional[Callable[[bytes, Sendable], Any]] = None
         self._senders: Dict[int, Callable[[bytes, Sendable], Any]] = {}
         self._peers: collections.OrderedDict[Sendable, None] = collections.OrderedDict()
         self._names: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -179,7 +175,7 @@ class UDPAssociation:
         self.client_port_listener = None
         self._outbound.clear()
         self._senders.clear()
-        self._to_client = _not_listening
+        self._to_client = None
         for port in ports:
             if port is not None:
                 port.stopListening()
@@ -315,8 +311,8 @@ class UDPAssociation:
         if not self.allow_unknown_sources and (host, port) not in self._peers:
             self.counters.drops["unknown_source"] += 1
             return
-        client = self._client_addr
-        if client is None or self.client_port_listener is None:
+        client, send = self._client_addr, self._to_client
+        if client is None or send is None:
             self.counters.drops["unknown_source"] += 1
             return
         header = self._headers.get((host, port))
@@ -328,7 +324,7 @@ class UDPAssociation:
             self._headers[(host, port)] = header
         packet = header + datagram
         try:
-            self._to_client(packet, client)
+            send(packet, client)
         except Exception:  # noqa: BLE001 - EMSGSIZE when header + data > 64 KiB
             self.counters.drops[
                 "oversize" if len(packet) > MAX_UDP_PAYLOAD else "send_error"

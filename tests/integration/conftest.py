@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 import pytest_twisted
@@ -25,6 +25,7 @@ from zope.interface import implementer
 from twisted_socks5.connect import DirectConnector
 from twisted_socks5.server import SOCKS5ServerFactory
 from twisted_socks5.testing import LoopbackResolver as _LoopbackResolver
+from twisted_socks5.testing import pattern_chunk
 
 
 def _has_ipv6() -> bool:
@@ -100,6 +101,22 @@ def make_proxy(resolver: LoopbackResolver) -> Iterator[Any]:
     for factory in factories:
         for p in list(factory.active):
             p.transport.abortConnection()
+
+
+def turn() -> defer.Deferred[None]:
+    """One reactor iteration (an event, not a timed wait)."""
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Let the reactor run until ``predicate`` holds (bounded, no sleeping)."""
+    for _ in range(500_000):
+        if predicate():
+            return
+        await turn()
+    raise AssertionError(f"never happened: {what}")
 
 
 # --------------------------------------------------------------------------
@@ -190,21 +207,6 @@ class _Chunks:
 
     def stopProducing(self) -> None:
         self.left = 0
-
-
-def pattern_chunk(i: int) -> bytes:
-    return hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048  # 64 KiB
-
-
-def pattern_sha256(size: int) -> str:
-    h = hashlib.sha256()
-    i = 0
-    while size > 0:
-        chunk = pattern_chunk(i)[:size]
-        h.update(chunk)
-        size -= len(chunk)
-        i += 1
-    return h.hexdigest()
 
 
 class Echo(protocol.Protocol):

@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple
 import pytest
 import pytest_twisted
 import socks
-from conftest import LOOPBACKS
+from conftest import LOOPBACKS, all_closed, until
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -26,12 +26,6 @@ from twisted_socks5.codec import (
     parse_reply,
     parse_udp_datagram,
 )
-
-
-def _turn() -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
 
 
 class Control(protocol.Protocol):
@@ -135,8 +129,10 @@ async def test_bind_end_to_end(make_proxy: Any, host: str) -> None:
     )
     peer_proto.transport.write(b"from the peer")
     client.transport.write(b"from the client")
-    while client.data != b"from the peer" or peer.data != b"from the client":
-        await _turn()
+    await until(
+        lambda: client.data == b"from the peer" and peer.data == b"from the client",
+        "both sides' data",
+    )
     # half-close from the peer: the client sees EOF and can still send
     peer_proto.transport.loseWriteConnection()
     client.transport.loseConnection()
@@ -187,8 +183,7 @@ async def test_bind_port_closes_when_the_client_leaves(make_proxy: Any) -> None:
     first = await client.reply(1)
     client.transport.loseConnection()
     await client.closed
-    while factory.active:
-        await _turn()
+    await all_closed(factory, 30)
     with pytest.raises(Exception, match="refused"):
         connected, _ = peer_connect("127.0.0.1", first.address.port)
         await connected
@@ -260,8 +255,7 @@ async def test_udp_associate_echo(make_proxy: Any, udp_ports: Any, host: str) ->
     assert server_side.udp.counters.datagrams_down == 1
     client.transport.loseConnection()
     await client.closed
-    while factory.active:
-        await _turn()
+    await all_closed(factory, 30)
     assert server_side.udp.closed
 
 

@@ -19,15 +19,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 import pytest_twisted
-from conftest import (
-    HAS_IPV6,
-    LOOPBACKS,
-    HashSink,
-    Source,
-    closed_port,
-    pattern_chunk,
-    pattern_sha256,
-)
+from conftest import HAS_IPV6, LOOPBACKS, HashSink, Source, closed_port
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import (
@@ -60,6 +52,7 @@ from twisted_socks5.client import (
     SOCKS5Transport,
 )
 from twisted_socks5.codec import AddressType
+from twisted_socks5.testing import pattern_chunk, pattern_sha256
 
 HELLO = b"hello through socks\n"
 

@@ -12,11 +12,12 @@ import pytest
 import pytest_twisted
 import python_socks.sync
 import socks
-from conftest import LOOPBACKS, HashSink, Source, pattern_sha256
+from conftest import LOOPBACKS, HashSink, Source
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import threads, utils
 
 from twisted_socks5.auth import NoAuthAuthenticator, UsernamePasswordAuthenticator
+from twisted_socks5.testing import pattern_sha256
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")

@@ -6,7 +6,7 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from conftest import LOOPBACKS, Echo, LoopbackResolver, all_closed, closed_port
+from conftest import LOOPBACKS, Echo, LoopbackResolver, all_closed, closed_port, until
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHostnameResolver
@@ -84,9 +84,13 @@ class SilentResolver:
 
     def __init__(self) -> None:
         self.receivers: List[Any] = []
+        #: Fires when the first look-up is asked for.
+        self.asked: defer.Deferred[None] = defer.Deferred()
 
     def resolveHostName(self, receiver: Any, hostName: str, *a: Any, **kw: Any) -> Any:
         self.receivers.append(receiver)
+        if not self.asked.called:
+            self.asked.callback(None)
         return receiver
 
 
@@ -114,8 +118,7 @@ async def test_a_client_that_resets_while_connecting_is_noticed_at_once(
         b"\x05\x01\x00" + connect_request("slow.test", 80, AddressType.DOMAIN)
     )
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    while not resolver.receivers:  # the attempt is under way
-        await _turn()
+    await resolver.asked.addTimeout(10, reactor)  # the attempt is under way
     (server,) = factory.active
     client.transport.abortConnection()
     await all_closed(factory, 10)
@@ -196,8 +199,7 @@ async def test_success_reply_names_the_outbound_socket(
         + b"ping"
     )
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    while b"ping" not in b"".join(client.received):
-        await _turn()
+    await until(lambda: b"ping" in b"".join(client.received), "the echo")
     data = b"".join(client.received)
     parsed = parse_reply(data[2:])
     assert parsed is not None
@@ -222,15 +224,7 @@ async def test_happy_eyeballs_falls_back_to_the_family_that_answers(
     request = connect_request("both.test", target, AddressType.DOMAIN)
     client = RawClient(b"\x05\x01\x00" + request + b"hi")
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    while not b"".join(client.received).endswith(b"hi"):
-        await _turn()
+    await until(lambda: b"".join(client.received).endswith(b"hi"), "the echo")
     assert b"".join(client.received)[:4] == b"\x05\x00\x05\x00"
     client.transport.loseConnection()
     await client.done
-
-
-def _turn() -> defer.Deferred[None]:
-    """Let the reactor run one iteration (an event, not a timed wait)."""
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d

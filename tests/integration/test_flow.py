@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 import pytest_twisted
-from conftest import HashSink, pattern_chunk, pattern_sha256
+from conftest import HashSink, turn
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from zope.interface import implementer
 
 from twisted_socks5.codec import Address, Command, Request
+from twisted_socks5.testing import pattern_chunk, pattern_sha256
 
 TOTAL = 64 << 20
 #: Two socket reads (64 KiB each) per direction plus Twisted's write
@@ -92,12 +93,6 @@ class FastSender(protocol.Protocol):
         pass
 
 
-def _turn() -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
-
-
 @pytest_twisted.ensureDeferred
 async def test_slow_receiver_keeps_proxy_buffers_bounded(
     make_proxy: Any, tcp_target: Any
@@ -128,7 +123,7 @@ async def test_slow_receiver_keeps_proxy_buffers_bounded(
     last: Optional[int] = None
     still = 0
     for _ in range(200_000):
-        await _turn()
+        await turn()
         on_progress()
         if sender.sent == last and sender.paused:
             still += 1

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Echo, closed_port, listen
+from conftest import Echo, all_closed, closed_port, listen, until
 from test_errors import RawClient, connect_request, exchange
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -58,8 +58,7 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
             b"\x05\x01\x00" + connect_request("127.0.0.1", echo) + b"x" * 100
         )
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        while len(b"".join(client.received)) < 12 + 100:
-            await _turn()
+        await until(lambda: len(b"".join(client.received)) >= 12 + 100, "the echo")
 
         text = await scrape()
         assert (
@@ -80,8 +79,7 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
 
         client.transport.loseConnection()
         await client.done
-        while factory.active:
-            await _turn()
+        await all_closed(factory, 30)
         text = await scrape()
         assert (
             value(
@@ -102,14 +100,5 @@ async def test_auth_failures_are_counted(make_proxy: Any) -> None:
     factory, port = make_proxy(authenticators=[userpass(a="b")])
     metrics = factory.enable_metrics()
     await exchange(port, b"\x05\x01\x02\x01\x01a\x01x")
-    while factory.active:
-        await _turn()
+    await all_closed(factory, 30)
     assert metrics.auth_failures._value.get() == 1
-
-
-def _turn() -> Any:
-    from twisted.internet import defer
-
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d

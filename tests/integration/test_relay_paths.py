@@ -17,15 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import pytest_twisted
-from conftest import (
-    LOOPBACKS,
-    Echo,
-    HashSink,
-    Source,
-    _Chunks,
-    pattern_chunk,
-    pattern_sha256,
-)
+from conftest import LOOPBACKS, Echo, HashSink, Source, _Chunks, turn, until
 from test_clients import _download, _read_all, _upload, _url_host
 from test_flow import BOUND, TOTAL, FastSender, StallingSink, buffered
 from twisted.internet import defer, error, protocol, reactor, threads
@@ -38,6 +30,7 @@ from zope.interface import implementer
 from twisted_socks5.codec import Address, Command, Request
 from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 from twisted_socks5.splice import PIPE_SIZE, _SocketEnd, splice_available
+from twisted_socks5.testing import pattern_chunk, pattern_sha256
 
 _needs_splice = pytest.mark.skipif(
     not splice_available(), reason="os.splice needs Linux"
@@ -128,21 +121,6 @@ def events(factories: List[SOCKS5ServerFactory]) -> Iterator[List[Dict[str, Any]
     globalLogPublisher.addObserver(watch)
     yield seen
     globalLogPublisher.removeObserver(watch)
-
-
-def _turn() -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Let the reactor run until ``predicate`` holds (bounded, no sleeping)."""
-    for _ in range(500_000):
-        if predicate():
-            return
-        await _turn()
-    raise AssertionError(f"never happened: {what}")
 
 
 def fd_count() -> int:
@@ -485,7 +463,7 @@ async def _wait_until_still(state: Callable[[], Any], on_progress: Any) -> None:
     last: Optional[Any] = None
     still = 0
     for _ in range(200_000):
-        await _turn()
+        await turn()
         on_progress()
         current = state()
         still = still + 1 if current == last else 0

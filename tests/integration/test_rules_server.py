@@ -6,11 +6,10 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from conftest import Echo, closed_port
+from conftest import Echo, all_closed, closed_port
 from test_bind_udp import (
     UDPClient,
     UDPEcho,
-    _turn,
     control,
     peer_connect,
     udp_ports,  # noqa: F401 - fixture
@@ -62,8 +61,7 @@ async def test_denied_destination_gets_0x02_and_the_rule_is_logged(
     target = tcp_target(Echo)
     out = await exchange(port, b"\x05\x01\x00" + connect_request("127.0.0.2", target))
     assert out == DENIED
-    while factory.active:
-        await _turn()
+    await all_closed(factory, 30)
     (event,) = _connection_events(events, factory)
     assert event["reply"] == 2
     assert event["rule"] == "test.rules:1: deny to 127.0.0.2/32"
@@ -79,8 +77,7 @@ async def test_a_name_cannot_smuggle_a_denied_address(
     request = connect_request("innocent.test", target, AddressType.DOMAIN)
     assert await exchange(port, b"\x05\x01\x00" + request) == DENIED
     assert resolver.asked == ["innocent.test"]  # it was resolved, then judged
-    while factory.active:
-        await _turn()
+    await all_closed(factory, 30)
     (event,) = _connection_events(events, factory)
     assert event["rule"] == "r:1: deny to 127.0.0.0/8, ::1/128"
 
@@ -210,8 +207,7 @@ async def test_behind_haproxy_the_rules_see_the_real_client(events: Any) -> None
             + b"\x7f\x00\x00\x01\x00\x50",
         )
         assert out.startswith(b"\x05\x00")
-        while factory.active:
-            await _turn()
+        await all_closed(factory, 30)
         refused = [e for e in events if e.get("event") == "socks5.refused"]
         assert [e["client"] for e in refused] == ["198.51.100.9"]
         (event,) = _connection_events(events, factory)

@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Source, pattern_chunk, pattern_sha256
+from conftest import Source, until
 from test_relay_paths import (
     GREETING,
     Client,
     connect,
     fd_count,
-    until,
 )
 from twisted.internet import reactor
 
@@ -26,6 +25,7 @@ import twisted_socks5.splice as splice_module
 from twisted_socks5.codec import Address, Command, Request
 from twisted_socks5.server import DEFAULT_SPLICE_AFTER
 from twisted_socks5.splice import splice_available
+from twisted_socks5.testing import pattern_chunk, pattern_sha256
 
 pytestmark = pytest.mark.skipif(not splice_available(), reason="os.splice needs Linux")
 

@@ -11,7 +11,7 @@ from typing import Any, Tuple
 
 import pytest
 import pytest_twisted
-from conftest import HashSink, Source, closed_port, listen, pattern_sha256
+from conftest import HashSink, Source, closed_port, listen, until
 from test_clients import _download, userpass
 from test_errors import connect_request, exchange, failure
 from twisted.internet import reactor, threads
@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 
 from twisted_socks5.codec import ReplyCode
 from twisted_socks5.server import SOCKS5ServerFactory
+from twisted_socks5.testing import pattern_sha256
 from twisted_socks5.upstream import UpstreamConnector, parse_upstream
 
 x509 = pytest.importorskip("cryptography.x509")
@@ -229,14 +230,10 @@ async def test_rules_route_requests_through_named_upstreams(
             await connectProtocol(
                 TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client
             )
-            from test_bind_udp import _turn
-
-            while not b"".join(client.received).endswith(b"hi"):
-                await _turn()
+            await until(lambda: b"".join(client.received).endswith(b"hi"), "echo")
             client.transport.loseConnection()
             await client.done
-            while factory.active or upstream.active:
-                await _turn()
+            await until(lambda: not (factory.active or upstream.active), "closed")
             return b"".join(client.received)
 
         # 127.0.0.1 is allowed by "default allow": direct, the upstream sees nothing.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import select
 import socket
-from typing import Any, List
+from typing import Any, List, Optional
 
 import pytest_twisted
 from conftest import listen
@@ -39,8 +39,8 @@ class _Collect(protocol.Protocol):
         self.done.callback(bytes(self.data))
 
 
-async def _pair() -> tuple[Any, _Collect]:
-    """A connected client transport and the protocol at the server end."""
+async def _pair(near: Optional[protocol.Protocol] = None) -> tuple[Any, _Collect]:
+    """A connected client transport (of ``near``) and the server end's protocol."""
     accepted: List[_Collect] = []
     arrived: defer.Deferred[None] = defer.Deferred()
 
@@ -54,7 +54,7 @@ async def _pair() -> tuple[Any, _Collect]:
     port = listen(Factory(), "127.0.0.1")
     near = await connectProtocol(
         TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
-        protocol.Protocol(),
+        near or protocol.Protocol(),
     )
     await arrived
     await port.stopListening()
@@ -149,35 +149,17 @@ async def test_a_reset_seen_by_a_write_is_a_reset_not_an_eof() -> None:
     the next read would find a clean EOF, and a proxy would pass a reset
     destination on as a complete answer.  write_now aborts instead.
     """
-    accepted: List[_Collect] = []
-    port = listen(protocol.Factory.forProtocol(_Collect), "127.0.0.1")
-    port.factory.buildProtocol = lambda addr: (
-        accepted.append(_Collect()) or accepted[-1]
-    )  # type: ignore[method-assign]
     near = _Watch()
-    await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), near
-    )
-    await port.stopListening()
-    near.transport.pauseProducing()  # the reset must not be read first
-    while not accepted or accepted[0].transport is None:
-        await _turn()
-    accepted[0].transport.abortConnection()  # Twisted closes it with a reset
-    await accepted[0].done
+    transport, far = await _pair(near)
+    transport.pauseProducing()  # the reset must not be read first
+    far.transport.abortConnection()  # Twisted closes it with a reset
+    await far.done
+    # On loopback the reset is delivered within the close() that sent it.
     poller = select.poll()
-    poller.register(near.transport.getHandle(), select.POLLERR)
-    for _ in range(10_000):  # reactor turns until the reset has arrived
-        if poller.poll(0):
-            break
-        await _turn()
+    poller.register(transport.getHandle(), select.POLLERR)
+    assert poller.poll(0), "the reset has not arrived"
     failed = write_now(near.transport, b"into a reset connection")
     assert isinstance(failed, ConnectionResetError), failed
     reason = await near.lost
     assert not isinstance(reason, error.ConnectionDone), reason
     assert not near.read_eof, "the reset was taken for a clean EOF"
-
-
-def _turn() -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
