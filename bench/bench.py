@@ -1167,7 +1167,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         metavar="CMD",
         help="command that runs the proxy under test; {port} is replaced by the "
         "port to listen on (127.0.0.1 only); '--workers 2' is appended for the "
-        "workers row. Default: twistd -n --pidfile= socks5 "
+        "workers row. Default: twistd -n --pidfile= --logger "
+        "twisted_socks5.logs.text_observer socks5 "
         "--listen tcp:{port}:interface=127.0.0.1",
     )
     p.add_argument("--twistd", metavar="PATH", help="the twistd executable to use")
@@ -1220,6 +1221,10 @@ def build_targets(
                 *twistd,
                 "-n",
                 "--pidfile=",
+                # The cheaper text observer the deployment docs recommend;
+                # standard output goes to the target's log file.
+                "--logger",
+                "twisted_socks5.logs.text_observer",
                 "socks5",
                 "--listen",
                 f"tcp:{port}:interface={HOST}",

@@ -60,6 +60,7 @@ API_MODULES = [
     "upstream",
     "workers",
     "tap",
+    "logs",
     "testing",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
