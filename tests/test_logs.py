@@ -105,7 +105,7 @@ def test_the_time_stamp_follows_the_clock_across_seconds() -> None:
     out = io.StringIO()
     observer = TextLogObserver(out)
     base = {"log_format": "{summary}", "summary": "s", "log_system": "-"}
-    for when in (100.2, 100.9, 101.0, 99.5, 86500.0):
+    for when in (100.2, 100.9, 101.0, 99.5, 86500.0, 1.9999995, 2.0, 1.9999994):
         event = dict(base, log_time=when)
         assert _our_text(observer, out, event) == _twisted_text(event)
 

@@ -55,6 +55,9 @@ class TextLogObserver:
         if when is None:
             return "-"
         second = int(when // 1)
+        if when - second >= 0.999999:
+            # datetime rounds to microseconds: this may be the next second.
+            return formatTime(when)
         if second != self._second:
             self._stamp = formatTime(second)
             self._second = second
