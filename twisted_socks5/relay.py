@@ -27,7 +27,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .writenow import write_now
+from .writenow import shut_write_now, write_now
 
 
 def half_close(transport: Any) -> bool:
@@ -41,7 +41,7 @@ def half_close(transport: Any) -> bool:
     tls = INegotiated.providedBy(transport) or ISSLTransport.providedBy(transport)
     if tls or not hasattr(transport, "loseWriteConnection"):
         return False
-    transport.loseWriteConnection()
+    shut_write_now(transport)
     return True
 
 

@@ -10,7 +10,11 @@ loopback.  :func:`write_now` sends at once when Twisted holds nothing for
 the socket, which is what the kernel would do with a blocking ``send``, and
 hands whatever the socket did not take to ``transport.write`` as before.
 
-It reads Twisted's write-buffer attributes (``dataBuffer``, ``offset``,
+:func:`shut_write_now` does the same for ``loseWriteConnection()`` (a FIN):
+Twisted would register for writability only to send nothing and then shut
+down, two ``epoll_ctl``, an empty ``send`` and a reactor turn.
+
+They read Twisted's write-buffer attributes (``dataBuffer``, ``offset``,
 ``_tempDataLen``, ``_writeDisconnecting``), which are not public API: the
 check :func:`supported` runs once per class, and any transport it does not
 recognise (TLS, UNIX, a test double, a Twisted that renamed them) simply
@@ -23,7 +27,17 @@ from typing import Any, Dict, Optional
 
 from twisted.internet import tcp
 
-_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "TLS")
+_ATTRIBUTES = (
+    "dataBuffer",
+    "offset",
+    "_tempDataLen",
+    "_writeDisconnecting",
+    "_writeDisconnected",
+    "_closeWriteConnection",
+    "producer",
+    "producerPaused",
+    "TLS",
+)
 _supported: Dict[type, bool] = {}
 
 
@@ -61,6 +75,26 @@ def write_now(transport: Any, data: bytes) -> Optional[OSError]:
         data = data[sent:]
     transport.write(data)
     return None
+
+
+def shut_write_now(transport: Any) -> None:
+    """
+    ``transport.loseWriteConnection()``, shutting down at once if nothing is
+    queued: what Twisted's next ``doWrite`` would do, in the same order
+    (state first, then ``shutdown(SHUT_WR)``, then the protocol's
+    ``writeConnectionLost``), without the reactor turn.
+    """
+    if (
+        supported(transport)
+        and _idle(transport)
+        # Twisted's doWrite would resume a paused producer instead.
+        and (transport.producer is None or not transport.producerPaused)
+    ):
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return
+    transport.loseWriteConnection()
 
 
 def _idle(transport: Any) -> bool:

@@ -12,8 +12,9 @@ import select
 import socket
 from typing import Any, List, Optional
 
+import pytest
 import pytest_twisted
-from conftest import listen
+from conftest import listen, until
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -163,3 +164,89 @@ async def test_a_reset_seen_by_a_write_is_a_reset_not_an_eof() -> None:
     reason = await near.lost
     assert not isinstance(reason, error.ConnectionDone), reason
     assert not near.read_eof, "the reset was taken for a clean EOF"
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloser(protocol.Protocol):
+    """The near end: counts writeConnectionLost, keeps reading after our FIN."""
+
+    def __init__(self) -> None:
+        self.write_lost = 0
+        self.data = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.write_lost += 1
+
+
+@implementer(IHalfCloseableProtocol)
+class _AnswerAfterEof(_Collect):
+    """The far end answers once our FIN arrives: the read side stays open."""
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"answer after your FIN")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_shut_write_now_sends_the_fin_at_once_and_keeps_reading() -> None:
+    accepted: List[_AnswerAfterEof] = []
+
+    class Factory(protocol.Factory):
+        def buildProtocol(self, addr: Any) -> _AnswerAfterEof:
+            accepted.append(_AnswerAfterEof())
+            return accepted[-1]
+
+    port = listen(Factory(), "127.0.0.1")
+    near = _HalfCloser()
+    await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), near
+    )
+    await port.stopListening()
+    transport = near.transport
+    write_now(transport, b"request")
+    writenow.shut_write_now(transport)
+    # Done within the call: Twisted's state, the FIN, writeConnectionLost.
+    assert transport._writeDisconnected and near.write_lost == 1
+    view = socket.socket(fileno=transport.fileno())
+    try:
+        with pytest.raises(BrokenPipeError):  # our side is shut already
+            view.send(b"x", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    finally:
+        view.detach()
+    await until(lambda: bool(accepted) and accepted[0].done.called, "the FIN")
+    assert await accepted[0].done == b"request"
+    await until(lambda: not transport.connected, "the far end's close")
+    assert bytes(near.data) == b"answer after your FIN"
+    assert near.write_lost == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_shut_write_now_leaves_a_queue_to_twisted() -> None:
+    """With bytes still queued the FIN must follow them: Twisted's way."""
+    transport, far = await _pair()
+    transport.write(b"queued in Twisted")
+    writenow.shut_write_now(transport)
+    assert not transport._writeDisconnected and transport._writeDisconnecting
+    transport.loseConnection()
+    assert await far.done == b"queued in Twisted"
+
+
+def test_shut_write_now_on_unknown_transports_is_lose_write_connection() -> None:
+    class HalfClosable(StringTransport):
+        write_closed = 0
+
+        def loseWriteConnection(self) -> None:
+            self.write_closed += 1
+
+    transport = HalfClosable()
+    writenow.shut_write_now(transport)
+    assert transport.write_closed == 1
