@@ -27,6 +27,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from . import tcpconnect
 from .codec import Address, AddressType, ReplyCode
 
 _T = TypeVar("_T")
@@ -307,6 +308,15 @@ class DirectConnector:
     def _connect_tcp(
         self, address: Address, factory: IProtocolFactory
     ) -> defer.Deferred[IProtocol]:
+        if tcpconnect.available(self.reactor):
+            return tcpconnect.connect_tcp(
+                self.reactor,
+                address.host,
+                address.port,
+                factory,
+                self.timeout,
+                self.bind_address,
+            )
         connector: Any = None
 
         def cancel(d: defer.Deferred[IProtocol]) -> None:

@@ -1,0 +1,194 @@
+"""
+An outgoing TCP connection to an IP address in fewer steps than
+``reactor.connectTCP``.
+
+A CONNECT to an IP literal is most of what a busy proxy does, and
+``connectTCP`` spends a good part of a short connection's cost on it: a
+``Connector``, a ``callLater(0)`` before it even starts, two ``connect()``
+and two ``SO_ERROR`` reads, the socket made non-blocking twice, and five
+``epoll_ctl`` calls as it watches both readability and writability during
+the connect.  Here the socket is created non-blocking, ``connect()`` is
+called at once, the attempt is watched for writability only, and the
+connected socket becomes an ordinary Twisted TCP transport
+(``tcp.Server``, the class ``adoptStreamConnection`` uses), so everything
+above it (the relays, write-through, splice, TLS checks) sees what it
+always sees.
+
+Failures are Twisted's: the errno goes through ``error.getConnectError``
+(``ConnectionRefusedError``, ``NoRouteError``...), the timeout is
+``error.TimeoutError``, and cancelling the Deferred closes the socket.
+
+Only real POSIX reactors take this path (:func:`available`); others (a
+``MemoryReactor`` in tests, a reactor without file descriptors) keep
+``connectTCP``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Optional, Tuple
+
+from twisted.internet import defer, error, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.python.failure import Failure
+
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
+_FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+
+
+def available(reactor: Any) -> bool:
+    """Whether ``reactor`` runs real sockets with Twisted's TCP transports."""
+    return isinstance(reactor, PosixReactorBase) and bool(_FLAGS)
+
+
+class OutboundConnection(tcp.Server):
+    """
+    A connected outgoing socket as a Twisted TCP transport.
+
+    ``tcp.Server`` is the transport of an accepted socket, and
+    ``adoptStreamConnection`` gives it sockets connected elsewhere: only the
+    listening port it would name in its ``repr`` is missing here.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: IProtocol,
+        peer: Tuple[Any, ...],
+        reactor: Any,
+    ) -> None:
+        super().__init__(sock, protocol, peer, None, 0, reactor)  # type: ignore[arg-type]
+        if sock.family == socket.AF_INET6:
+            self._addressType = IPv6Address
+        self.repstr = f"<{type(protocol).__name__} to {peer[0]}:{peer[1]}>"
+
+
+class _Attempt:
+    """One connect in progress, watched for writability (IWriteDescriptor)."""
+
+    __slots__ = ("reactor", "sock", "fd", "factory", "peer", "d", "timer")
+
+    def __init__(
+        self,
+        reactor: Any,
+        sock: socket.socket,
+        factory: IProtocolFactory,
+        peer: Tuple[Any, ...],
+        timeout: float,
+    ) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.factory = factory
+        self.peer = peer
+        self.d: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
+        self.timer: Any = reactor.callLater(timeout, self._expire, timeout)
+        reactor.addWriter(self)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "OutboundConnect"
+
+    def doWrite(self) -> None:
+        """Writable: connected, or failed (the error is in SO_ERROR)."""
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code in _IN_PROGRESS:  # pragma: no cover - spurious wake-up
+            return
+        self._end()
+        if code:
+            self.sock.close()
+            self.d.errback(Failure(error.getConnectError((code, os.strerror(code)))))
+            return
+        self._connected()
+
+    def _connected(self) -> None:
+        peer = self.peer
+        address_type = (
+            IPv6Address if self.sock.family == socket.AF_INET6 else IPv4Address
+        )
+        protocol = self.factory.buildProtocol(address_type("TCP", peer[0], peer[1]))
+        if protocol is None:
+            self.sock.close()
+            self.d.errback(Failure(error.ConnectError(string="no protocol built")))
+            return
+        transport = OutboundConnection(self.sock, protocol, peer[:2], self.reactor)
+        d = self.d
+        # The server's OutboundProtocol fires this itself from connectionMade,
+        # before anything can be read (see _FastClientFactory): keep that.
+        if getattr(protocol, "connected_deferred", False) is None:
+            protocol.connected_deferred = d  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        if not d.called:
+            d.callback(protocol)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The reactor drops the descriptor: epoll reported an error or hang-up
+        without writability (a refused or unreachable connect: the errno is
+        in SO_ERROR), or the reactor is shutting down.
+        """
+        if self.d.called:
+            return
+        self._end()
+        try:
+            code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            code = 0
+        self.sock.close()
+        if code:
+            reason = Failure(error.getConnectError((code, os.strerror(code))))
+        self.d.errback(reason)
+
+    def _end(self) -> None:
+        self.reactor.removeWriter(self)
+        if self.timer.active():
+            self.timer.cancel()
+
+    def _expire(self, timeout: float) -> None:
+        self.reactor.removeWriter(self)
+        self.sock.close()
+        self.d.errback(
+            Failure(error.TimeoutError(string=f"no connection within {timeout} s"))
+        )
+
+    def _cancel(self, d: defer.Deferred[IProtocol]) -> None:
+        self._end()
+        self.sock.close()
+        # Deferred.cancel then fails d with CancelledError.
+
+
+def connect_tcp(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: IProtocolFactory,
+    timeout: float,
+    bind_address: Optional[Tuple[str, int]] = None,
+) -> defer.Deferred[IProtocol]:
+    """
+    Connect to the IP address ``host`` (not a name) and ``port``; the
+    Deferred fires with the protocol ``factory`` built once it is connected.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM | _FLAGS)
+    except OSError as e:
+        return defer.fail(error.ConnectError(string=str(e)))
+    try:
+        if bind_address is not None:
+            sock.bind(bind_address)
+        code = sock.connect_ex((host, port))
+    except OSError as e:
+        sock.close()
+        return defer.fail(error.getConnectError(e))
+    if code and code not in _IN_PROGRESS:
+        sock.close()
+        return defer.fail(error.getConnectError((code, os.strerror(code))))
+    attempt = _Attempt(reactor, sock, factory, (host, port), timeout)
+    return attempt.d
