@@ -59,7 +59,7 @@ from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
-from .writenow import write_now
+from .writenow import ended_both_ways, write_now
 
 _ALLOWED = Decision(True, "no access rules")
 
@@ -281,7 +281,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if self._outbound is not None:
             outbound, self._outbound = self._outbound, None
             outbound.on_lost = None
-            if reason.check(ConnectionDone):
+            if isinstance(reason.value, ConnectionDone):
                 outbound.transport.loseConnection()
             else:
                 outbound.transport.abortConnection()
@@ -729,6 +729,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _maybe_finished(self) -> None:
         if self.counters.up_closed and self.counters.down_closed:
             self._unlink_producers()
+            ended_both_ways(self.transport)
+            if self._outbound is not None:
+                # Before the client's close, which closes this one too.
+                ended_both_ways(self._outbound.transport)
             self.transport.loseConnection()
             if self._outbound is not None:
                 self._outbound.transport.loseConnection()
@@ -747,7 +751,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _target_lost(self, reason: Failure) -> None:
         """The destination connection is gone: end the client side too."""
         self._outbound = None
-        if reason.check(ConnectionDone):
+        if isinstance(reason.value, ConnectionDone):
             _unregister_producer(self.transport)
             self.transport.loseConnection()
         else:

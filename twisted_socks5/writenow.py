@@ -36,6 +36,7 @@ _ATTRIBUTES = (
     "_closeWriteConnection",
     "producer",
     "producerPaused",
+    "_shouldShutdown",
     "TLS",
 )
 _supported: Dict[type, bool] = {}
@@ -95,6 +96,18 @@ def shut_write_now(transport: Any) -> None:
         transport._closeWriteConnection()
         return
     transport.loseWriteConnection()
+
+
+def ended_both_ways(transport: Any) -> None:
+    """
+    Tell Twisted that ``transport``'s socket has ended both ways (our FIN
+    is sent, the peer's was read) before it is closed: Twisted's close
+    would still call ``shutdown(SHUT_RDWR)`` (only "to be safe", its comment
+    says: the socket is close-on-exec), which then fails with ``ENOTCONN``,
+    a system call and an exception per socket.
+    """
+    if supported(transport) and transport._writeDisconnected:
+        transport._shouldShutdown = False
 
 
 def _idle(transport: Any) -> bool:

@@ -250,3 +250,28 @@ def test_shut_write_now_on_unknown_transports_is_lose_write_connection() -> None
     transport = HalfClosable()
     writenow.shut_write_now(transport)
     assert transport.write_closed == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_ended_both_ways_skips_only_a_redundant_shutdown() -> None:
+    """
+    Only a socket whose write side we shut down is marked; Twisted's close
+    then skips shutdown(SHUT_RDWR), which would fail with ENOTCONN.
+    """
+    transport, far = await _pair()
+    sock = transport.socket
+    writenow.ended_both_ways(transport)  # our write side is still open
+    assert transport._shouldShutdown
+    writenow.shut_write_now(transport)
+    writenow.ended_both_ways(transport)
+    assert transport._shouldShutdown is False
+    far.transport.loseConnection()
+    await far.done
+    await until(lambda: not transport.connected, "the close")
+    assert sock.fileno() == -1  # closed all the same
+
+
+def test_ended_both_ways_leaves_unknown_transports_alone() -> None:
+    transport = StringTransport()
+    writenow.ended_both_ways(transport)
+    assert not hasattr(transport, "_shouldShutdown")
