@@ -123,7 +123,17 @@ class _Attempt:
         # before anything can be read (see _FastClientFactory): keep that.
         if getattr(protocol, "connected_deferred", False) is None:
             protocol.connected_deferred = d  # type: ignore[attr-defined]
-        protocol.makeConnection(transport)
+        try:
+            protocol.makeConnection(transport)
+        except Exception:
+            # Twisted's own connect would have the reactor close the
+            # transport; here the reactor only knows this attempt (already
+            # unregistered), so close it and report to whoever waits.
+            failed = Failure()
+            transport.abortConnection()
+            if not d.called:
+                d.errback(failed)
+            return
         if not d.called:
             d.callback(protocol)
 

@@ -211,3 +211,23 @@ async def test_direct_connector_fast_path_fires_from_connection_made(
     assert proto.connected_deferred is None
     assert isinstance(proto.transport, tcpconnect.OutboundConnection)
     proto.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_protocol_that_fails_to_start_is_closed_and_reported(
+    echo_server: Any,
+) -> None:
+    port = echo_server("127.0.0.1")
+    made: List[Any] = []
+
+    class Broken(Recorder):
+        def connectionMade(self) -> None:
+            made.append(self)
+            raise RuntimeError("connectionMade failed")
+
+    factory = protocol.Factory.forProtocol(Broken)
+    with pytest.raises(RuntimeError):
+        await tcpconnect.connect_tcp(reactor, "127.0.0.1", port, factory, 5)
+    (broken,) = made
+    await broken.lost  # the transport was closed, not left registered
+    assert broken.reason.check(error.ConnectionAborted)
