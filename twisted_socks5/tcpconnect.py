@@ -32,9 +32,10 @@ from typing import Any, Optional, Tuple
 
 from twisted.internet import defer, error, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IWriteDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 _FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
@@ -67,8 +68,9 @@ class OutboundConnection(tcp.Server):
         self.repstr = f"<{type(protocol).__name__} to {peer[0]}:{peer[1]}>"
 
 
+@implementer(IWriteDescriptor)
 class _Attempt:
-    """One connect in progress, watched for writability (IWriteDescriptor)."""
+    """One connect in progress, watched for writability."""
 
     __slots__ = ("reactor", "sock", "fd", "factory", "peer", "d", "timer")
 

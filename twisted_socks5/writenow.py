@@ -37,6 +37,7 @@ _ATTRIBUTES = (
     "producer",
     "producerPaused",
     "_shouldShutdown",
+    "stopWriting",
     "TLS",
 )
 _supported: Dict[type, bool] = {}
@@ -91,6 +92,7 @@ def shut_write_now(transport: Any) -> None:
         # Twisted's doWrite would resume a paused producer instead.
         and (transport.producer is None or not transport.producerPaused)
     ):
+        transport.stopWriting()  # a no-op unless a stray registration is left
         transport._writeDisconnecting = True
         transport._writeDisconnected = True
         transport._closeWriteConnection()
