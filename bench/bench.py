@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """
-Benchmark twisted-socks5 against a direct connection (and microsocks / danted
-when they are installed), everything the performance issue asks for in one
+Benchmark twisted-socks5 against a direct connection (and microsocks, danted
+and pproxy when they are installed), everything the performance issue asks for in one
 run: single-stream download and upload, 8-stream download, connection churn
 with its latency, 64-byte round trips over one tunnel (proxy on its own core,
 and everything on one core), UDP ASSOCIATE echo, RSS per idle tunnel with
@@ -624,6 +624,18 @@ def microsocks_cmd(port: int) -> List[str]:
     return [str(shutil.which("microsocks")), "-i", HOST, "-p", str(port)]
 
 
+def find_pproxy() -> Optional[str]:
+    """pproxy (PyPI, asyncio) on PATH or next to this Python, if installed."""
+    beside = Path(sys.executable).parent / "pproxy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("pproxy")
+
+
+def pproxy_cmd(port: int) -> List[str]:
+    return [str(find_pproxy()), "-l", f"socks5://{HOST}:{port}"]
+
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -1175,7 +1187,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--no-others",
         action="store_true",
-        help="do not measure microsocks/danted (even when installed) or Twisted's "
+        help="do not measure microsocks, danted, pproxy (even when installed) "
+        "or Twisted's "
         "portforward",
     )
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
@@ -1202,7 +1215,7 @@ def build_targets(
     """
     The targets: direct, twisted-socks5 (and its other relay path when twistd
     has a splice flag), --workers 2, Twisted's portforward (for the TCP rows),
-    microsocks and danted when installed.
+    microsocks, danted and pproxy when installed.
     Returns them, a description of the relay paths, and the splice target.
     """
     env = proxy_env()
@@ -1276,6 +1289,8 @@ def build_targets(
                 targets.append(forward)
         if shutil.which("microsocks"):
             targets.append(Target("microsocks", microsocks_cmd))
+        if find_pproxy():
+            targets.append(Target("pproxy", pproxy_cmd))
         if shutil.which("danted"):
             dante = Target("danted", danted_cmd("danted.conf"), udp=True)
             dante.idle_cmd = danted_cmd("danted-idle.conf")
