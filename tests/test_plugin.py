@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from typing import Any
+from typing import Any, List
 
 import pytest
 from twisted.application.service import IServiceMaker
@@ -163,6 +163,31 @@ def test_third_party_method_found_by_name(third_party_plugin: None) -> None:
     auths = build_authenticators(options)
     assert [a.method for a in auths] == [0x88, 0x02]
     assert auths[0].argument == "arg"
+
+
+def test_startup_heap_is_frozen_once_running(monkeypatch: Any) -> None:
+    """twistd socks5 freezes its start-up heap when the reactor runs."""
+    from twisted.internet import reactor
+
+    from twisted_socks5 import tap
+
+    scheduled: List[Any] = []
+    monkeypatch.setattr(reactor, "callWhenRunning", scheduled.append)
+    makeService(parse("--listen", "tcp:0:interface=127.0.0.1"))
+    assert scheduled == [tap.freeze_startup_heap]
+
+
+def test_freeze_startup_heap_moves_objects_out_of_collections() -> None:
+    import gc
+
+    from twisted_socks5.tap import freeze_startup_heap
+
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
 
 
 def test_make_service_logs_real_addresses() -> None:

@@ -26,7 +26,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from twisted.logger import FileLogObserver, formatEvent, globalLogBeginner
     from twisted.python import usage
 
-    from .tap import Options, build_factory, install_reload_signal
+    from .tap import (
+        Options,
+        build_factory,
+        freeze_startup_heap,
+        install_reload_signal,
+    )
 
     options = Options()
     try:
@@ -59,6 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return factory.drain(options["drain-timeout"])
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(freeze_startup_heap)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return 0
 
