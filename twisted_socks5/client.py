@@ -38,6 +38,7 @@ import enum
 from typing import (
     Any,
     Callable,
+    ClassVar,
     Dict,
     List,
     Mapping,
@@ -377,11 +378,14 @@ class SOCKS5ClientProtocol(Protocol):
         self._buffer = bytearray()
         self._held: List[bytes] = []
         self._lost = False
-        self._handlers: Dict[_State, Callable[[], bool]] = {
-            _State.METHOD: self._on_method_selection,
-            _State.AUTH: self._on_auth_status,
-            _State.REPLY: self._on_reply,
-        }
+
+    #: The parser of each handshake state, by method name (bound methods on
+    #: the instance would make each connection a reference cycle).
+    _HANDLERS: ClassVar[Dict[_State, str]] = {
+        _State.METHOD: "_on_method_selection",
+        _State.AUTH: "_on_auth_status",
+        _State.REPLY: "_on_reply",
+    }
 
     def logPrefix(self) -> str:
         if self.app is not None:
@@ -407,7 +411,8 @@ class SOCKS5ClientProtocol(Protocol):
             return
         self._buffer += data
         try:
-            while self.state in self._handlers and self._handlers[self.state]():
+            handlers = self._HANDLERS
+            while self.state in handlers and getattr(self, handlers[self.state])():
                 pass
         except SOCKS5Error as e:
             self._fail(e)

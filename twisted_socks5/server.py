@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -170,11 +170,15 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.outcome = "closed during handshake"
         #: The access rule that denied this connection, if one did.
         self.rule: Optional[str] = None
-        self._handlers: Dict[State, Callable[[], bool]] = {
-            State.GREETING: self._on_greeting,
-            State.AUTHENTICATING: self._on_auth_data,
-            State.REQUEST: self._on_request,
-        }
+
+    #: The parser of each handshake state, by method name: bound methods
+    #: kept on the instance would make every connection a reference cycle,
+    #: left for the cyclic garbage collector instead of freed at close.
+    _HANDLERS: ClassVar[Dict[State, str]] = {
+        State.GREETING: "_on_greeting",
+        State.AUTHENTICATING: "_on_auth_data",
+        State.REQUEST: "_on_request",
+    }
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
@@ -297,9 +301,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _process(self) -> None:
         """Parse as many messages as the buffer holds, one state at a time."""
-        while not self._waiting and self.state in self._handlers and self._buffer:
+        handlers = self._HANDLERS
+        while not self._waiting and self.state in handlers and self._buffer:
             try:
-                progressed = self._handlers[self.state]()
+                progressed = getattr(self, handlers[self.state])()
             except ProtocolError as e:
                 self._protocol_error(e)
                 return

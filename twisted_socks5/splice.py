@@ -53,7 +53,8 @@ import fcntl
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, cast
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
@@ -235,21 +236,37 @@ class _WhenFlushed:
             self._transport.unregisterProducer()
 
 
+class _StoppedRelay:
+    """What a stopped relay's ends call: nothing happens any more."""
+
+    stopped = True
+
+    def pump(self, d: Any) -> None:
+        pass
+
+    def fail(self, end: Any, why: str) -> None:
+        pass
+
+
+_STOPPED = _StoppedRelay()
+
+
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _SocketEnd:
     """The reactor's one selectable for one socket of the tunnel."""
 
     def __init__(self, relay: SpliceRelay, transport: Any, is_target: bool) -> None:
-        self.relay = relay
+        self.relay: Any = relay
         self.transport = transport
         self.is_target = is_target
         self.sock: socket.socket = transport.getHandle()
         self.fd = self.sock.fileno()
         self.reading = False
         self.writing = False
-        #: The direction that reads from this socket / writes to it.
-        self.source_of: _Direction
-        self.sink_of: _Direction
+        #: The direction that reads from this socket / writes to it (None
+        #: once the relay stopped).
+        self.source_of: Any = None
+        self.sink_of: Any = None
 
     def fileno(self) -> int:
         # -1 once Twisted has closed the socket: the reactor then finds us
@@ -335,7 +352,10 @@ class SpliceRelay:
         down_pipe: tuple[int, int, int],
     ) -> None:
         self.reactor = reactor
-        self.server = server
+        # A weak back-reference: the protocol holds the relay (``_splice``),
+        # and a strong one back would make every spliced tunnel a reference
+        # cycle, freed by the cyclic garbage collector instead of at close.
+        self.server = cast("SOCKS5ServerProtocol", weakref.proxy(server))
         self.outbound = outbound
         self.counters = server.counters
         self.client = _SocketEnd(self, server.transport, is_target=False)
@@ -523,6 +543,13 @@ class SpliceRelay:
         self._flushing.clear()
         self.client.remove()
         self.target.remove()
+        # Break the cycles (end <-> relay, end <-> direction) so that a
+        # finished tunnel is freed at once rather than by the cyclic garbage
+        # collector.  A late callback (the reactor can still hold an end in
+        # the batch it is dispatching) finds a relay that does nothing.
+        for end in (self.client, self.target):
+            end.relay = _STOPPED
+            end.source_of = end.sink_of = None
         for fd in self.pipe_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
