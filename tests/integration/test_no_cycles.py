@@ -40,13 +40,18 @@ def collector_off() -> Iterator[None]:
         gc.enable()
 
 
-@pytest.mark.parametrize("splice", [False, True])
+@pytest.mark.parametrize(
+    "splice, password", [(False, False), (True, False), (False, True)]
+)
 @pytest_twisted.ensureDeferred
 async def test_a_closed_tunnel_leaves_no_reference_cycle(
-    make_proxy: Any, collector_off: None, splice: bool
+    make_proxy: Any, collector_off: None, splice: bool, password: bool
 ) -> None:
+    from test_clients import userpass
+
     target = listen(protocol.Factory.forProtocol(_EchoThenClose), "127.0.0.1")
-    factory, port = make_proxy(splice=splice, splice_after=0)
+    extra = {"authenticators": [userpass(alice="s3cret")]} if password else {}
+    factory, port = make_proxy(splice=splice, splice_after=0, **extra)
     refs: List[Any] = []
     opened = factory.connection_opened
 
@@ -58,7 +63,8 @@ async def test_a_closed_tunnel_leaves_no_reference_cycle(
     request = Request(
         Command.CONNECT, Address(AddressType.IPV4, "127.0.0.1", target.getHost().port)
     )
-    client = RawClient(b"\x05\x01\x00" + request.to_bytes() + b"ping")
+    greeting = b"\x05\x01\x02\x01\x05alice\x06s3cret" if password else b"\x05\x01\x00"
+    client = RawClient(greeting + request.to_bytes() + b"ping")
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
     received = await client.done.addTimeout(20, reactor)
     assert received.endswith(b"ping")
