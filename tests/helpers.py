@@ -1,10 +1,13 @@
-"""In-memory doubles for driving the server protocol without sockets."""
+"""
+In-memory doubles for driving the server protocol without sockets, and
+bounded waits for tests on the real reactor.
+"""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.testing import MemoryReactorClock
@@ -133,3 +136,19 @@ class UDPReactor(MemoryReactorClock):
         protocol.transport = fake
         self.udp_ports.append(fake)
         return fake
+
+
+def turn() -> defer.Deferred[None]:
+    """One reactor iteration (an event, not a timed wait)."""
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Let the reactor run until ``predicate`` holds (bounded, no sleeping)."""
+    for _ in range(500_000):
+        if predicate():
+            return
+        await turn()
+    raise AssertionError(f"never happened: {what}")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 import pytest_twisted
-from helpers import Harness
+from helpers import Harness, until
 from twisted.internet import defer, error, protocol, reactor, ssl
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.internet.task import Clock
@@ -43,21 +43,6 @@ needs_splice = pytest.mark.skipif(
 
 REPLY = b"\x05\x00\x00\x01\x7f\x00\x00\x01\x04\x38"
 TARGET = Address(AddressType.IPV4, "127.0.0.1", 8080)
-
-
-def _turn() -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Run reactor turns until ``predicate`` holds (bounded, no sleeping)."""
-    for _ in range(200_000):
-        if predicate():
-            return
-        await _turn()
-    raise AssertionError(f"never happened: {what}")
 
 
 async def recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Dict, Optional, TextIO
+from typing import Dict, Optional, TextIO
 
 from twisted.logger import (
     ILogObserver,
@@ -102,6 +102,6 @@ class TextLogObserver:
             self._stream.flush()
 
 
-def text_observer() -> Any:
+def text_observer() -> TextLogObserver:
     """The factory for ``twistd --logger``: text lines on standard output."""
     return TextLogObserver(sys.stdout)

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 
 from twisted.internet import tcp
 
+#: The private attributes relied on (the public ones come with tcp.Connection).
 _ATTRIBUTES = (
     "dataBuffer",
     "offset",
@@ -34,10 +35,7 @@ _ATTRIBUTES = (
     "_writeDisconnecting",
     "_writeDisconnected",
     "_closeWriteConnection",
-    "producer",
-    "producerPaused",
     "_shouldShutdown",
-    "stopWriting",
     "TLS",
 )
 _supported: Dict[type, bool] = {}

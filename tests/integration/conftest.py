@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import pytest_twisted
+
+# Re-exported: integration tests import them from here.
+from helpers import turn as turn
+from helpers import until as until
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -101,22 +105,6 @@ def make_proxy(resolver: LoopbackResolver) -> Iterator[Any]:
     for factory in factories:
         for p in list(factory.active):
             p.transport.abortConnection()
-
-
-def turn() -> defer.Deferred[None]:
-    """One reactor iteration (an event, not a timed wait)."""
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(0, d.callback, None)
-    return d
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Let the reactor run until ``predicate`` holds (bounded, no sleeping)."""
-    for _ in range(500_000):
-        if predicate():
-            return
-        await turn()
-    raise AssertionError(f"never happened: {what}")
 
 
 # --------------------------------------------------------------------------

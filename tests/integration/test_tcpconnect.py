@@ -149,9 +149,7 @@ async def test_cancel_closes_the_socket(full_listener: Any) -> None:
     with pytest.raises(defer.CancelledError):
         await d
     assert _open_fds() <= before
-    assert not reactor.getWriters() or all(
-        not isinstance(w, tcpconnect._Attempt) for w in reactor.getWriters()
-    )
+    assert not any(isinstance(w, tcpconnect._Attempt) for w in reactor.getWriters())
 
 
 @pytest_twisted.ensureDeferred
