@@ -59,7 +59,7 @@ from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
-from .writenow import ended_both_ways, write_now
+from .writenow import ended_both_ways, lose_connection, write_now
 
 _ALLOWED = Decision(True, "no access rules")
 
@@ -286,7 +286,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             outbound, self._outbound = self._outbound, None
             outbound.on_lost = None
             if isinstance(reason.value, ConnectionDone):
-                outbound.transport.loseConnection()
+                lose_connection(outbound.transport)
             else:
                 outbound.transport.abortConnection()
         if self.outcome == "relaying":
@@ -738,9 +738,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             if self._outbound is not None:
                 # Before the client's close, which closes this one too.
                 ended_both_ways(self._outbound.transport)
-            self.transport.loseConnection()
+            lose_connection(self.transport)
             if self._outbound is not None:
-                self._outbound.transport.loseConnection()
+                lose_connection(self._outbound.transport)
 
     def _unlink_producers(self) -> None:
         """

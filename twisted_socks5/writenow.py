@@ -13,6 +13,9 @@ hands whatever the socket did not take to ``transport.write`` as before.
 :func:`shut_write_now` does the same for ``loseWriteConnection()`` (a FIN):
 Twisted would register for writability only to send nothing and then shut
 down, two ``epoll_ctl``, an empty ``send`` and a reactor turn.
+:func:`ended_both_ways` and :func:`lose_connection` spare a tunnel that
+ended cleanly both ways a failing ``shutdown(2)`` and a new ``Failure`` per
+socket at close (4-5 % of a short connection's cost).
 
 They read Twisted's write-buffer attributes (``dataBuffer``, ``offset``,
 ``_tempDataLen``, ``_writeDisconnecting``), which are not public API: the
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from twisted.internet import tcp
+from twisted.internet import error, main, tcp
+from twisted.python.failure import Failure
 
 #: The private attributes relied on (the public ones come with tcp.Connection).
 _ATTRIBUTES = (
@@ -108,6 +112,33 @@ def ended_both_ways(transport: Any) -> None:
     """
     if supported(transport) and transport._writeDisconnected:
         transport._shouldShutdown = False
+
+
+#: The reason a closed tunnel's sockets are lost with: one for all, its
+#: class names looked up once (Twisted's ``reason.check`` would otherwise
+#: walk the MRO of a fresh Failure for every socket).
+_CLEAN_CLOSE = Failure(main.CONNECTION_DONE)
+_CLEAN_CLOSE.check(error.ConnectionAborted)  # what tcp.Connection asks
+
+
+def lose_connection(transport: Any) -> None:
+    """
+    ``transport.loseConnection()``; for a socket :func:`ended_both_ways`
+    marked, what Twisted's would do (nothing is left to write or read, so
+    ``connectionLost`` at once) with a shared reason instead of a new
+    ``Failure`` per socket.
+    """
+    if (
+        supported(transport)
+        and not transport._shouldShutdown
+        and transport._writeDisconnected
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.TLS
+    ):
+        transport.connectionLost(_CLEAN_CLOSE)
+        return
+    transport.loseConnection()
 
 
 def _idle(transport: Any) -> bool:

@@ -275,3 +275,59 @@ def test_ended_both_ways_leaves_unknown_transports_alone() -> None:
     transport = StringTransport()
     writenow.ended_both_ways(transport)
     assert not hasattr(transport, "_shouldShutdown")
+
+
+@implementer(IHalfCloseableProtocol)
+class _StaysOpen(protocol.Protocol):
+    """The near end: notes the peer's FIN and keeps the connection open."""
+
+    def __init__(self) -> None:
+        self.read_eof = False
+        self.reasons: List[Failure] = []
+
+    def readConnectionLost(self) -> None:
+        self.read_eof = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.reasons.append(reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lose_connection_closes_a_socket_ended_both_ways_at_once() -> None:
+    near = _StaysOpen()
+    transport, far = await _pair(near)
+    sock = transport.socket
+    writenow.shut_write_now(transport)  # our FIN; the far end closes on it
+    await far.done
+    await until(lambda: near.read_eof, "the far end's FIN")
+    writenow.ended_both_ways(transport)
+    writenow.lose_connection(transport)
+    # Closed within the call, as a clean close with the one shared reason
+    # (Twisted's loseConnection would build a Failure), and unwatched.
+    assert near.reasons == [writenow._CLEAN_CLOSE]
+    assert near.reasons[0].type is error.ConnectionDone
+    assert not transport.connected and sock.fileno() == -1
+    assert transport not in reactor.getReaders()
+    assert transport not in reactor.getWriters()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lose_connection_of_an_open_socket_is_twisteds() -> None:
+    """Not marked by ended_both_ways: Twisted's loseConnection, queue first."""
+    near = _StaysOpen()
+    transport, far = await _pair(near)
+    transport.write(b"queued in Twisted")
+    writenow.lose_connection(transport)
+    assert transport.connected and transport.disconnecting and not near.reasons
+    assert await far.done == b"queued in Twisted"
+    await until(lambda: bool(near.reasons), "the close")
+    assert near.reasons[0].type is error.ConnectionDone
+
+
+def test_lose_connection_of_unknown_transports_is_lose_connection() -> None:
+    transport = StringTransport()
+    writenow.lose_connection(transport)
+    assert transport.disconnecting
