@@ -655,6 +655,13 @@ def test_address_validation_limits_are_inclusive(host: str, port: int) -> None:
     assert address.port == port
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "::ffff:1.2.3.4", "example.com"])
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_address_from_host_rejects_ports_out_of_range(host: str, port: int) -> None:
+    with pytest.raises(ValueError, match="port out of range"):
+        Address.from_host(host, port)
+
+
 def test_address_from_host_rejects_overlong_domain() -> None:
     with pytest.raises(ValueError):
         Address.from_host("a" * 256, 80)

@@ -170,19 +170,23 @@ class Address:
         Build an address, choosing IPV4/IPV6 for IP literals and DOMAIN
         otherwise; IPv4-mapped IPv6 addresses become plain IPv4.
         """
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port out of range: {port}")
+        # inet_ntop's text is canonical: no need for __post_init__ to redo it
+        # (the server builds two of these per connection).
         if ":" not in host:
             try:
                 packed = _pton(_AF4, host)
             except ValueError:
                 return cls(AddressType.DOMAIN, host, port)
-            return cls(AddressType.IPV4, _ntop(_AF4, packed), port)
+            return _parsed_address(AddressType.IPV4, _ntop(_AF4, packed), port)
         try:
             packed = _pton(_AF6, host.split("%", 1)[0])
         except ValueError:
             return cls(AddressType.DOMAIN, host, port)
         if packed[:12] == _MAPPED_PREFIX:
-            return cls(AddressType.IPV4, _ntop(_AF4, packed[12:]), port)
-        return cls(AddressType.IPV6, _ntop(_AF6, packed), port)
+            return _parsed_address(AddressType.IPV4, _ntop(_AF4, packed[12:]), port)
+        return _parsed_address(AddressType.IPV6, _ntop(_AF6, packed), port)
 
     @property
     def is_unspecified(self) -> bool:

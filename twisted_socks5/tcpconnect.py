@@ -63,7 +63,7 @@ class OutboundConnection(tcp.Server):
         reactor: Any,
     ) -> None:
         super().__init__(sock, protocol, peer, None, 0, reactor)  # type: ignore[arg-type]
-        if sock.family == socket.AF_INET6:
+        if ":" in peer[0]:  # cheaper than sock.family, an enum built per call
             self._addressType = IPv6Address
         self.repstr = f"<{type(protocol).__name__} to {peer[0]}:{peer[1]}>"
 
@@ -111,9 +111,7 @@ class _Attempt:
 
     def _connected(self) -> None:
         peer = self.peer
-        address_type = (
-            IPv6Address if self.sock.family == socket.AF_INET6 else IPv4Address
-        )
+        address_type = IPv6Address if ":" in peer[0] else IPv4Address
         protocol = self.factory.buildProtocol(address_type("TCP", peer[0], peer[1]))
         if protocol is None:
             self.sock.close()
