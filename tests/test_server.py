@@ -10,7 +10,7 @@ from helpers import Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -540,6 +540,13 @@ def test_one_log_event_per_connection_with_its_facts(events: Any) -> None:
     assert event["reply"] == 0
     assert (event["bytes_up"], event["bytes_down"]) == (5, 3)
     assert event["duration"] == pytest.approx(2.5)
+    # The event Logger.info would have built (the server builds it itself).
+    assert isinstance(event["log_logger"], Logger)
+    assert event["log_level"] is LogLevel.info
+    assert event["log_namespace"] == "twisted_socks5.server.SOCKS5ServerFactory"
+    assert event["log_source"] is h.factory
+    assert event["log_format"] == "{summary}"
+    assert event["log_time"] > 1e9  # wall-clock time, not the test clock's
     # What a text log (twistd's) shows of it.
     assert formatEvent(event) == (
         "127.0.0.1:40000 alice connect 127.0.0.1:8080 -> succeeded: closed; "
