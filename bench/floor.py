@@ -3,12 +3,17 @@ The floor of connection churn for a CPython SOCKS5 relay: not a server.
 
 The least a SOCKS5 CONNECT relay can do per connection in CPython (no
 logging, no timeouts, no limits, no error replies, IPv4 only, level-
-triggered epoll), to tell what in the churn figure is the language and what
-is the framework.  Two variants:
+triggered epoll), to tell what in the churn figure is the language, what
+is the framework and what is our server.  Three variants:
 
 - ``--loop epoll`` (default): its own ``select.epoll`` loop;
 - ``--loop twisted``: the same descriptors driven by Twisted's epoll reactor
-  (``addReader``/``addWriter``), without Twisted transports or protocols.
+  (``addReader``/``addWriter``), without Twisted transports or protocols;
+- ``--loop transports``: Twisted's TCP transports and two minimal protocols,
+  with the server's own shortcuts (``tcpconnect``, ``writenow``): what any
+  SOCKS server built on ``Protocol``/``Factory`` pays before it does
+  anything a real server does (timeouts, limits, rules, logs, replies to
+  errors, authentication).
 
 Measure it like any proxy (it listens on 127.0.0.1 only)::
 
@@ -230,12 +235,89 @@ def run_twisted(port: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
+def run_transports(port: int) -> None:
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from twisted.internet.protocol import Factory, Protocol
+    from zope.interface import implementer
+
+    from twisted_socks5.tcpconnect import connect_tcp
+    from twisted_socks5.writenow import (
+        ended_both_ways,
+        lose_connection,
+        shut_write_now,
+        write_now,
+    )
+
+    @implementer(IHalfCloseableProtocol)
+    class End(Protocol):
+        """One side of a tunnel; ``peer`` is the other side's protocol."""
+
+        peer: Any = None
+        eof = False
+
+        def dataReceived(self, data: bytes) -> None:
+            write_now(self.peer.transport, data)
+
+        def readConnectionLost(self) -> None:
+            self.eof = True
+            peer = self.peer
+            if peer is None:  # gone during the handshake (the bench's probes)
+                self.transport.loseConnection()
+                return
+            shut_write_now(peer.transport)
+            if peer.eof:
+                ended_both_ways(self.transport)
+                ended_both_ways(peer.transport)
+                lose_connection(self.transport)
+                lose_connection(peer.transport)
+
+        def writeConnectionLost(self) -> None:
+            pass
+
+        def connectionLost(self, reason: Any = None) -> None:
+            self.peer = None  # no cycle left for the collector
+
+    class Client(End):
+        stage = GREETING
+
+        def dataReceived(self, data: bytes) -> None:
+            if self.stage == RELAYING:
+                write_now(self.peer.transport, data)
+            elif self.stage == GREETING:
+                write_now(self.transport, b"\x05\x00")
+                self.stage = REQUEST
+            elif self.stage == REQUEST:
+                self.stage = CONNECTING
+                host = socket.inet_ntoa(data[4:8])
+                (port,) = struct.unpack("!H", data[8:10])
+                d = connect_tcp(reactor, host, port, Factory.forProtocol(End), 10)
+                d.addCallback(self.relay)
+
+        def relay(self, out: End) -> None:
+            self.peer, out.peer, self.stage = out, self, RELAYING
+            bound = out.transport.getHost()
+            reply = b"\x05\x00\x00\x01" + socket.inet_aton(bound.host)
+            write_now(self.transport, reply + struct.pack("!H", bound.port))
+
+    reactor.listenTCP(  # type: ignore[attr-defined]
+        port, Factory.forProtocol(Client), backlog=1024, interface="127.0.0.1"
+    )
+    reactor.run()  # type: ignore[attr-defined]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("port", type=int, help="port to listen on, 127.0.0.1")
-    parser.add_argument("--loop", choices=["epoll", "twisted"], default="epoll")
+    parser.add_argument(
+        "--loop", choices=["epoll", "twisted", "transports"], default="epoll"
+    )
     args = parser.parse_args()
-    (run_twisted if args.loop == "twisted" else run_epoll)(args.port)
+    run = {"epoll": run_epoll, "twisted": run_twisted, "transports": run_transports}
+    run[args.loop](args.port)
 
 
 if __name__ == "__main__":
