@@ -6,7 +6,7 @@ import errno
 from typing import Any, Optional
 
 import pytest
-from helpers import Harness
+from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error
 from twisted.internet.testing import EventLoggingObserver
@@ -433,6 +433,57 @@ def test_idle_timeout_closes_a_silent_tunnel() -> None:
     h.reactor.pump([1] * 31)
     assert h.transport.aborted
     assert h.protocol.outcome == "idle timeout"
+
+
+def _another_tunnel(h: Harness) -> tuple[Any, Any]:
+    """One more client of the harness's factory, relaying."""
+    protocol = h.factory.buildProtocol(CLIENT)
+    transport = HalfCloseTransport(SERVER, CLIENT)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(GREET_NOAUTH + CONNECT)
+    h.connector.succeed()
+    return protocol, transport
+
+
+def test_one_watch_timer_for_all_tunnels_gone_with_the_last() -> None:
+    h = Harness(idle_timeout=30, stall_timeout=60)
+    relaying(h)
+    others = [_another_tunnel(h) for _ in range(2)]
+    assert len(h.reactor.getDelayedCalls()) == 1
+    h.lose()
+    for protocol, transport in others:
+        assert len(h.reactor.getDelayedCalls()) == 1
+        transport.disconnected = True
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+    assert h.reactor.getDelayedCalls() == []
+    # A new tunnel starts the watch again.
+    protocol, transport = _another_tunnel(h)
+    h.reactor.pump([1] * 61)
+    assert transport.aborted and protocol.outcome == "idle timeout"
+
+
+def test_the_watch_closes_the_silent_tunnel_and_keeps_the_busy_one() -> None:
+    h = Harness(idle_timeout=30)
+    relaying(h)
+    quiet, quiet_transport = _another_tunnel(h)
+    aborts = []
+    abort = quiet_transport.abortConnection
+
+    def counted_abort() -> None:
+        aborts.append(h.reactor.seconds())
+        abort()
+
+    quiet_transport.abortConnection = counted_abort  # type: ignore[method-assign]
+    for _ in range(3):
+        h.reactor.pump([1] * 20)
+        h.send(b"ping")
+    assert quiet_transport.aborted and quiet.outcome == "idle timeout"
+    assert not h.closing
+    h.reactor.pump([1] * 61)  # the busy one falls silent in turn
+    assert h.transport.aborted and h.protocol.outcome == "idle timeout"
+    # The quiet one was given up once, not checked (and aborted) again
+    # while its close was on its way.
+    assert len(aborts) == 1
 
 
 # --------------------------------------------------------------------------

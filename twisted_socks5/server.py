@@ -143,10 +143,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._connecting: Optional[defer.Deferred[Any]] = None
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
-        self._idle_call: Any = None
+        #: Under the factory's idle/stall watch (see _watch_activity).
+        self._watched = False
         #: The rules' answer to the request (its route, when final).
         self._decision: Any = None
-        self._watch_period = 0.0
         self._silent_since = 0.0
         #: The zero-copy relay, when one took over (see splice.py).
         self._splice: Any = None
@@ -267,9 +267,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.refused or not self._admitted:
             return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        if self._watched:
+            self._watched = False
+            self.factory.unwatch_activity(self)
         if self._splice is not None:
             self._splice.stop()
         if self._binding is not None:
@@ -767,40 +767,39 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _watch_activity(self) -> None:
         """
-        One timer per tunnel, every ``min(idle_timeout, stall_timeout)``
-        seconds, checks whether a byte moved (a flag the relay sets): nothing
-        runs per chunk.
+        Put the tunnel under the factory's idle/stall watch: one timer for
+        all tunnels, every ``min(idle_timeout, stall_timeout)`` seconds,
+        checks whether a byte moved (a flag the relay sets).  Nothing runs
+        per chunk, and nothing is scheduled or cancelled per tunnel.
         """
-        periods = [
-            t for t in (self.factory.idle_timeout, self.factory.stall_timeout) if t
-        ]
-        if not periods:
+        factory = self.factory
+        if not (factory.idle_timeout or factory.stall_timeout):
             return
-        self._watch_period = min(periods)
-        self._silent_since = self.factory.reactor.seconds()
-        self._idle_call = self.callLater(self._watch_period, self._idle_check)
+        self._silent_since = factory.reactor.seconds()
+        self._watched = True
+        factory.watch_activity(self)
 
-    def _idle_check(self) -> None:
-        now = self.factory.reactor.seconds()
+    def _idle_check(self, now: float) -> None:
+        """The watch's look at this tunnel: close it if silent or stalled too long."""
         if self.counters.active:
             self.counters.active = False
             self._silent_since = now
         silent = now - self._silent_since
         idle, stall = self.factory.idle_timeout, self.factory.stall_timeout
         if idle and silent >= idle:
-            self._idle_call = None
-            self.outcome = "idle timeout"
-            self.transport.abortConnection()
-            return
-        if stall and silent >= stall and self._stalled():
+            self._watch_abort("idle timeout")
+        elif stall and silent >= stall and self._stalled():
             # Flow control stopped reading one side while the other does not
             # read: nothing watches the paused socket any more, so a peer
             # that went away would never be noticed.  Reclaim the tunnel.
-            self._idle_call = None
-            self.outcome = "stalled: no progress with data waiting"
-            self.transport.abortConnection()
-            return
-        self._idle_call = self.callLater(self._watch_period, self._idle_check)
+            self._watch_abort("stalled: no progress with data waiting")
+
+    def _watch_abort(self, outcome: str) -> None:
+        """The watch gives up on this tunnel (its close comes a turn later)."""
+        self._watched = False
+        self.factory.unwatch_activity(self)
+        self.outcome = outcome
+        self.transport.abortConnection()
 
     def _stalled(self) -> bool:
         """Bytes are waiting for a peer that does not take them."""
@@ -963,6 +962,9 @@ class SOCKS5ServerFactory(Factory):
         )
         self.draining = False
         self._drained: List[defer.Deferred[None]] = []
+        #: Tunnels under the idle/stall watch, and its timer while any are.
+        self._watching: set[SOCKS5ServerProtocol] = set()
+        self._watch_call: Any = None
         #: Prometheus metrics, once :meth:`enable_metrics` was called.
         self.metrics: Optional[Metrics] = None
 
@@ -973,6 +975,32 @@ class SOCKS5ServerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
         return SOCKS5ServerProtocol(self)
+
+    def watch_activity(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Check ``protocol``'s tunnel for silence and stalls from now on."""
+        self._watching.add(protocol)
+        if self._watch_call is None:
+            self._schedule_watch()
+
+    def unwatch_activity(self, protocol: SOCKS5ServerProtocol) -> None:
+        self._watching.discard(protocol)
+        if not self._watching and self._watch_call is not None:
+            self._watch_call.cancel()
+            self._watch_call = None
+
+    def _schedule_watch(self) -> None:
+        periods = [t for t in (self.idle_timeout, self.stall_timeout) if t]
+        if periods:
+            self._watch_call = self.reactor.callLater(min(periods), self._watch)
+
+    def _watch(self) -> None:
+        self._watch_call = None
+        now = self.reactor.seconds()
+        for protocol in list(self._watching):
+            if protocol in self._watching:  # not closed meanwhile
+                protocol._idle_check(now)
+        if self._watching:
+            self._schedule_watch()
 
     def admit(self, ip: str) -> bool:
         """
