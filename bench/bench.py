@@ -194,6 +194,22 @@ def find_twistd(explicit: Optional[str]) -> List[str]:
     )
 
 
+def proxy_command(twistd: List[str], port: int) -> List[str]:
+    """``twistd socks5`` in the foreground on 127.0.0.1:``port``."""
+    return [
+        *twistd,
+        "-n",
+        "--pidfile=",
+        # The cheaper text observer the deployment docs recommend; standard
+        # output goes to the target's log file.
+        "--logger",
+        "twisted_socks5.logs.text_observer",
+        "socks5",
+        "--listen",
+        f"tcp:{port}:interface={HOST}",
+    ]
+
+
 def splice_flags(twistd: List[str]) -> List[str]:
     """The relay-path flags ``twistd socks5 --help`` offers, of --splice/--no-splice."""
     try:
@@ -1230,18 +1246,7 @@ def build_targets(
         twistd = find_twistd(args.twistd)
 
         def base(port: int) -> List[str]:
-            return [
-                *twistd,
-                "-n",
-                "--pidfile=",
-                # The cheaper text observer the deployment docs recommend;
-                # standard output goes to the target's log file.
-                "--logger",
-                "twisted_socks5.logs.text_observer",
-                "socks5",
-                "--listen",
-                f"tcp:{port}:interface={HOST}",
-            ]
+            return proxy_command(twistd, port)
 
         flags = splice_flags(twistd)
 
