@@ -983,6 +983,7 @@ class SOCKS5ServerFactory(Factory):
             self._schedule_watch()
 
     def unwatch_activity(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Stop checking ``protocol``; the timer goes with the last tunnel."""
         self._watching.discard(protocol)
         if not self._watching and self._watch_call is not None:
             self._watch_call.cancel()
@@ -994,6 +995,7 @@ class SOCKS5ServerFactory(Factory):
             self._watch_call = self.reactor.callLater(min(periods), self._watch)
 
     def _watch(self) -> None:
+        """One look at every watched tunnel, then the next in one period."""
         self._watch_call = None
         now = self.reactor.seconds()
         for protocol in list(self._watching):
