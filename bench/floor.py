@@ -245,12 +245,7 @@ def run_transports(port: int) -> None:
     from zope.interface import implementer
 
     from twisted_socks5.tcpconnect import connect_tcp
-    from twisted_socks5.writenow import (
-        ended_both_ways,
-        lose_connection,
-        shut_write_now,
-        write_now,
-    )
+    from twisted_socks5.writenow import close_ended, shut_write_now, write_now
 
     @implementer(IHalfCloseableProtocol)
     class End(Protocol):
@@ -270,10 +265,8 @@ def run_transports(port: int) -> None:
                 return
             shut_write_now(peer.transport)
             if peer.eof:
-                ended_both_ways(self.transport)
-                ended_both_ways(peer.transport)
-                lose_connection(self.transport)
-                lose_connection(peer.transport)
+                close_ended(self.transport)
+                close_ended(peer.transport)
 
         def writeConnectionLost(self) -> None:
             pass

@@ -60,7 +60,7 @@ from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
 from .udp import UDPAssociation
-from .writenow import ended_both_ways, lose_connection, write_now
+from .writenow import close_ended, write_now
 
 _ALLOWED = Decision(True, "no access rules")
 
@@ -143,8 +143,6 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._connecting: Optional[defer.Deferred[Any]] = None
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
-        #: Under the factory's idle/stall watch (see _watch_activity).
-        self._watched = False
         #: The rules' answer to the request (its route, when final).
         self._decision: Any = None
         self._silent_since = 0.0
@@ -267,9 +265,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         if self.refused or not self._admitted:
             return
-        if self._watched:
-            self._watched = False
-            self.factory.unwatch_activity(self)
+        self.factory.unwatch_activity(self)
         if self._splice is not None:
             self._splice.stop()
         if self._binding is not None:
@@ -287,7 +283,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             outbound, self._outbound = self._outbound, None
             outbound.on_lost = None
             if isinstance(reason.value, ConnectionDone):
-                lose_connection(outbound.transport)
+                outbound.transport.loseConnection()
             else:
                 outbound.transport.abortConnection()
         if self.outcome == "relaying":
@@ -735,13 +731,14 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _maybe_finished(self) -> None:
         if self.counters.up_closed and self.counters.down_closed:
             self._unlink_producers()
-            ended_both_ways(self.transport)
-            if self._outbound is not None:
-                # Before the client's close, which closes this one too.
-                ended_both_ways(self._outbound.transport)
-            lose_connection(self.transport)
-            if self._outbound is not None:
-                lose_connection(self._outbound.transport)
+            # Ours to close, not connectionLost's (which would close it the
+            # ordinary way) nor _target_lost's.
+            outbound, self._outbound = self._outbound, None
+            if outbound is not None:
+                outbound.on_lost = None
+            close_ended(self.transport)
+            if outbound is not None:
+                close_ended(outbound.transport)
 
     def _unlink_producers(self) -> None:
         """
@@ -776,11 +773,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if not (factory.idle_timeout or factory.stall_timeout):
             return
         self._silent_since = factory.reactor.seconds()
-        self._watched = True
         factory.watch_activity(self)
 
-    def _idle_check(self, now: float) -> None:
-        """The watch's look at this tunnel: close it if silent or stalled too long."""
+    def check_activity(self, now: float) -> None:
+        """The factory's watch looks: close the tunnel if silent or stalled too long."""
         if self.counters.active:
             self.counters.active = False
             self._silent_since = now
@@ -796,7 +792,6 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _watch_abort(self, outcome: str) -> None:
         """The watch gives up on this tunnel (its close comes a turn later)."""
-        self._watched = False
         self.factory.unwatch_activity(self)
         self.outcome = outcome
         self.transport.abortConnection()
@@ -1000,7 +995,7 @@ class SOCKS5ServerFactory(Factory):
         now = self.reactor.seconds()
         for protocol in list(self._watching):
             if protocol in self._watching:  # not closed meanwhile
-                protocol._idle_check(now)
+                protocol.check_activity(now)
         if self._watching:
             self._schedule_watch()
 

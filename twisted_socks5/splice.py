@@ -57,7 +57,6 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, cast
 
 from twisted.internet import tcp
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IPullProducer,
     IReactorFDSet,
@@ -68,6 +67,8 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from .writenow import connection_done
 
 if TYPE_CHECKING:  # pragma: no cover
     from .relay import OutboundProtocol
@@ -500,7 +501,8 @@ class SpliceRelay:
         the protocols' ``connectionLost`` with ConnectionDone.
 
         We report the end the way the reactor would for its own descriptors,
-        through the transports' ``connectionLost``: ``loseConnection()``
+        through the transports' ``connectionLost`` (``connection_done``,
+        without the ``shutdown(2)`` both sockets are past): ``loseConnection()``
         would make Twisted send a last zero-byte write on a socket we already
         shut down for writing, get EPIPE and report ConnectionLost, and the
         server would then abort the target with a reset.
@@ -510,7 +512,7 @@ class SpliceRelay:
         for transport in (self.target.transport, self.client.transport):
             if transport.connected:
                 try:
-                    transport.connectionLost(Failure(ConnectionDone()))
+                    connection_done(transport)
                 except Exception:
                     self.log.failure("connectionLost failed")
 

@@ -41,6 +41,12 @@ _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 _FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 
 
+def _connect_error(code: int) -> error.ConnectError:
+    """Twisted's exception for a failed connect's errno (refused, unreachable...)."""
+    failure: error.ConnectError = error.getConnectError((code, os.strerror(code)))
+    return failure
+
+
 def available(reactor: Any) -> bool:
     """Whether ``reactor`` runs real sockets with Twisted's TCP transports."""
     return isinstance(reactor, PosixReactorBase) and bool(_FLAGS)
@@ -105,7 +111,7 @@ class _Attempt:
         self._end()
         if code:
             self.sock.close()
-            self.d.errback(Failure(error.getConnectError((code, os.strerror(code)))))
+            self.d.errback(Failure(_connect_error(code)))
             return
         self._connected()
 
@@ -152,7 +158,7 @@ class _Attempt:
             code = 0
         self.sock.close()
         if code:
-            reason = Failure(error.getConnectError((code, os.strerror(code))))
+            reason = Failure(_connect_error(code))
         self.d.errback(reason)
 
     def _end(self) -> None:
@@ -199,6 +205,6 @@ def connect_tcp(
         return defer.fail(error.getConnectError(e))
     if code and code not in _IN_PROGRESS:
         sock.close()
-        return defer.fail(error.getConnectError((code, os.strerror(code))))
+        return defer.fail(_connect_error(code))
     attempt = _Attempt(reactor, sock, factory, (host, port), timeout)
     return attempt.d

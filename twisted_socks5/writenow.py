@@ -13,9 +13,9 @@ hands whatever the socket did not take to ``transport.write`` as before.
 :func:`shut_write_now` does the same for ``loseWriteConnection()`` (a FIN):
 Twisted would register for writability only to send nothing and then shut
 down, two ``epoll_ctl``, an empty ``send`` and a reactor turn.
-:func:`ended_both_ways` and :func:`lose_connection` spare a tunnel that
-ended cleanly both ways a failing ``shutdown(2)`` and a new ``Failure`` per
-socket at close (4-5 % of a short connection's cost).
+:func:`close_ended` (and :func:`connection_done`, for the splice relay)
+spare a tunnel that ended cleanly both ways a failing ``shutdown(2)`` and a
+new ``Failure`` per socket at close (4-5 % of a short connection's cost).
 
 They read Twisted's write-buffer attributes (``dataBuffer``, ``offset``,
 ``_tempDataLen``, ``_writeDisconnecting``), which are not public API: the
@@ -102,41 +102,43 @@ def shut_write_now(transport: Any) -> None:
     transport.loseWriteConnection()
 
 
-def ended_both_ways(transport: Any) -> None:
-    """
-    Tell Twisted that ``transport``'s socket has ended both ways (our FIN
-    is sent, the peer's was read) before it is closed: Twisted's close
-    would still call ``shutdown(SHUT_RDWR)`` (only "to be safe", its comment
-    says: the socket is close-on-exec), which then fails with ``ENOTCONN``,
-    a system call and an exception per socket.
-    """
-    if supported(transport) and transport._writeDisconnected:
-        transport._shouldShutdown = False
-
-
-#: The reason a closed tunnel's sockets are lost with: one for all, its
-#: class names looked up once (Twisted's ``reason.check`` would otherwise
-#: walk the MRO of a fresh Failure for every socket).
+#: The reason a cleanly ended socket is lost with: one for all, its class
+#: names looked up once (Twisted's ``reason.check`` would otherwise walk the
+#: MRO of a fresh Failure for every socket).
 _CLEAN_CLOSE = Failure(main.CONNECTION_DONE)
 _CLEAN_CLOSE.check(error.ConnectionAborted)  # what tcp.Connection asks
 
 
-def lose_connection(transport: Any) -> None:
+def connection_done(transport: Any) -> None:
     """
-    ``transport.loseConnection()``; for a socket :func:`ended_both_ways`
-    marked, what Twisted's would do (nothing is left to write or read, so
-    ``connectionLost`` at once) with a shared reason instead of a new
-    ``Failure`` per socket.
+    End ``transport``, whose socket ended both ways (our FIN sent, the
+    peer's read), as the reactor ends a cleanly closed socket:
+    ``connectionLost`` at once, with one shared ``ConnectionDone`` reason
+    instead of a new ``Failure`` per socket, and without the
+    ``shutdown(SHUT_RDWR)`` Twisted makes before closing (only "to be safe",
+    its comment says), which could only fail with ``ENOTCONN``.
+    """
+    if supported(transport):
+        transport._shouldShutdown = False
+    transport.connectionLost(_CLEAN_CLOSE)
+
+
+def close_ended(transport: Any) -> None:
+    """
+    ``transport.loseConnection()`` for a tunnel that ended both ways: at
+    once through :func:`connection_done` when Twisted's state agrees (our
+    FIN went out through it, so nothing can be queued), which is what its
+    ``loseConnection`` would come to; Twisted's own way otherwise (TLS,
+    other transports, a write side still open).
     """
     if (
         supported(transport)
-        and not transport._shouldShutdown
         and transport._writeDisconnected
         and transport.connected
         and not transport.disconnecting
         and not transport.TLS
     ):
-        transport.connectionLost(_CLEAN_CLOSE)
+        connection_done(transport)
         return
     transport.loseConnection()
 

@@ -22,6 +22,7 @@ from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from twisted_socks5.codec import Address, AddressType, Command, Request
+from twisted_socks5.server import SOCKS5ServerProtocol
 
 
 class _EchoThenClose(protocol.Protocol):
@@ -45,7 +46,11 @@ def collector_off() -> Iterator[None]:
 )
 @pytest_twisted.ensureDeferred
 async def test_a_closed_tunnel_leaves_no_reference_cycle(
-    make_proxy: Any, collector_off: None, splice: bool, password: bool
+    make_proxy: Any,
+    collector_off: None,
+    monkeypatch: pytest.MonkeyPatch,
+    splice: bool,
+    password: bool,
 ) -> None:
     from test_clients import userpass
 
@@ -60,6 +65,13 @@ async def test_a_closed_tunnel_leaves_no_reference_cycle(
         opened(p)
 
     factory.connection_opened = tracked  # type: ignore[method-assign]
+    start_relay = SOCKS5ServerProtocol._start_relay
+
+    def tracked_relay(self: Any, peer: Any) -> None:  # the destination's side
+        refs.extend([weakref.ref(peer), weakref.ref(peer.transport)])
+        start_relay(self, peer)
+
+    monkeypatch.setattr(SOCKS5ServerProtocol, "_start_relay", tracked_relay)
     request = Request(
         Command.CONNECT, Address(AddressType.IPV4, "127.0.0.1", target.getHost().port)
     )
@@ -70,6 +82,6 @@ async def test_a_closed_tunnel_leaves_no_reference_cycle(
     assert received.endswith(b"ping")
     await until(lambda: not factory.active, "the server's close")
     await target.stopListening()
-    assert len(refs) == 2
+    assert len(refs) == 4
     alive = [ref() for ref in refs]
-    assert alive == [None, None], [gc.get_referrers(o) for o in alive if o]
+    assert alive == [None] * 4, [gc.get_referrers(o) for o in alive if o]

@@ -133,9 +133,13 @@ async def test_timeout_fails_with_timeout_error_and_closes(full_listener: Any) -
     port = full_listener()
     before = _open_fds()
     factory = protocol.Factory.forProtocol(Recorder)
+    d = tcpconnect.connect_tcp(reactor, "127.0.0.1", port, factory, 30)
+    (attempt,) = [w for w in reactor.getWriters() if isinstance(w, tcpconnect._Attempt)]
+    attempt.timer.reset(0)  # the 30 s are up on the next turn, not in 30 s
     with pytest.raises(error.TimeoutError):
-        await tcpconnect.connect_tcp(reactor, "127.0.0.1", port, factory, 0.2)
+        await d
     assert _open_fds() <= before
+    assert not any(isinstance(w, tcpconnect._Attempt) for w in reactor.getWriters())
 
 
 @pytest_twisted.ensureDeferred

@@ -252,31 +252,6 @@ def test_shut_write_now_on_unknown_transports_is_lose_write_connection() -> None
     assert transport.write_closed == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_ended_both_ways_skips_only_a_redundant_shutdown() -> None:
-    """
-    Only a socket whose write side we shut down is marked; Twisted's close
-    then skips shutdown(SHUT_RDWR), which would fail with ENOTCONN.
-    """
-    transport, far = await _pair()
-    sock = transport.socket
-    writenow.ended_both_ways(transport)  # our write side is still open
-    assert transport._shouldShutdown
-    writenow.shut_write_now(transport)
-    writenow.ended_both_ways(transport)
-    assert transport._shouldShutdown is False
-    far.transport.loseConnection()
-    await far.done
-    await until(lambda: not transport.connected, "the close")
-    assert sock.fileno() == -1  # closed all the same
-
-
-def test_ended_both_ways_leaves_unknown_transports_alone() -> None:
-    transport = StringTransport()
-    writenow.ended_both_ways(transport)
-    assert not hasattr(transport, "_shouldShutdown")
-
-
 @implementer(IHalfCloseableProtocol)
 class _StaysOpen(protocol.Protocol):
     """The near end: notes the peer's FIN and keeps the connection open."""
@@ -296,38 +271,41 @@ class _StaysOpen(protocol.Protocol):
 
 
 @pytest_twisted.ensureDeferred
-async def test_lose_connection_closes_a_socket_ended_both_ways_at_once() -> None:
+async def test_close_ended_closes_a_socket_ended_both_ways_at_once() -> None:
     near = _StaysOpen()
     transport, far = await _pair(near)
     sock = transport.socket
     writenow.shut_write_now(transport)  # our FIN; the far end closes on it
     await far.done
     await until(lambda: near.read_eof, "the far end's FIN")
-    writenow.ended_both_ways(transport)
-    writenow.lose_connection(transport)
+    writenow.close_ended(transport)
     # Closed within the call, as a clean close with the one shared reason
-    # (Twisted's loseConnection would build a Failure), and unwatched.
+    # (Twisted's loseConnection would build a Failure), unwatched, and
+    # without Twisted's shutdown(SHUT_RDWR), which would fail with ENOTCONN.
     assert near.reasons == [writenow._CLEAN_CLOSE]
     assert near.reasons[0].type is error.ConnectionDone
+    assert transport._shouldShutdown is False
     assert not transport.connected and sock.fileno() == -1
     assert transport not in reactor.getReaders()
     assert transport not in reactor.getWriters()
 
 
 @pytest_twisted.ensureDeferred
-async def test_lose_connection_of_an_open_socket_is_twisteds() -> None:
-    """Not marked by ended_both_ways: Twisted's loseConnection, queue first."""
+async def test_close_ended_of_an_open_socket_is_twisteds() -> None:
+    """Our write side still open: Twisted's loseConnection, queue first."""
     near = _StaysOpen()
     transport, far = await _pair(near)
     transport.write(b"queued in Twisted")
-    writenow.lose_connection(transport)
+    writenow.close_ended(transport)
     assert transport.connected and transport.disconnecting and not near.reasons
+    assert transport._shouldShutdown  # Twisted's close, shutdown included
     assert await far.done == b"queued in Twisted"
     await until(lambda: bool(near.reasons), "the close")
     assert near.reasons[0].type is error.ConnectionDone
 
 
-def test_lose_connection_of_unknown_transports_is_lose_connection() -> None:
+def test_close_ended_of_unknown_transports_is_lose_connection() -> None:
     transport = StringTransport()
-    writenow.lose_connection(transport)
+    writenow.close_ended(transport)
     assert transport.disconnecting
+    assert not hasattr(transport, "_shouldShutdown")
