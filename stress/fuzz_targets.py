@@ -30,6 +30,7 @@ Server invariants, checked after every chunk and at the end:
 # ruff: noqa: S101
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -58,6 +59,8 @@ from twisted_socks5.codec import (
     Request,
 )
 from twisted_socks5.connect import IOutboundConnector
+from twisted_socks5.htpasswd import parse_htpasswd
+from twisted_socks5.rules import RulesError, RuleSet
 from twisted_socks5.server import MAX_EARLY_DATA, SOCKS5ServerFactory, State
 from twisted_socks5.testing import HalfCloseTransport
 
@@ -503,6 +506,113 @@ def check_server(data: ServerInput, userpass: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------
+# Configuration parsers: the rules file and htpasswd files
+
+#: Client and destination addresses the rule-set invariants are checked at:
+#: loopback, unspecified, private, documentation, IPv4-mapped and IPv6.
+PROBE_IPS = (
+    "127.0.0.1",
+    "0.0.0.0",
+    "10.1.2.3",
+    "192.168.7.9",
+    "198.51.100.7",
+    "203.0.113.1",
+    "::1",
+    "::",
+    "::ffff:10.1.2.3",
+    "2001:db8::1",
+    "fd00::5",
+)
+PROBE_USERS = (None, "alice", "bob", "-", "*")
+PROBE_NAMES = ("localhost", "www.example.com", "example.com", "x.test")
+
+
+def check_rules(text: str, seed: int = 0) -> None:
+    """
+    One input for the rules-file parser.  It raises :class:`RulesError`
+    (naming a line of the input) or returns a rule set that renders to text
+    parsing back to an equal set; and its staged decisions never contradict
+    each other: a final answer to a client holds for each of its requests,
+    a final answer to a request holds for every address it resolves to, and
+    an address check is always final.  ``seed`` picks the probes (a few
+    clients, requests and resolved addresses) so that each input stays cheap.
+    """
+    _count("config.rules")
+    try:
+        rules = RuleSet.parse(text, "fuzz.rules")
+    except RulesError as e:
+        lines = text.count("\n") + 1
+        assert e.line is None or 1 <= e.line <= lines, (e.line, lines)
+        assert str(e)
+        return
+    rendered = rules.render()
+    again = RuleSet.parse(rendered, "rendered")
+    assert again == rules, (rendered, text)
+    assert again.render() == rendered
+    rules.warnings  # noqa: B018 - must not raise
+    rules.describe()
+    destinations = _probe_destinations()
+    commands = list(Command)
+    for k in range(3):
+        pick = seed >> (8 * k)
+        client = PROBE_IPS[pick % len(PROBE_IPS)]
+        by_client = rules.check_client(client)
+        for j in range(3):
+            user = PROBE_USERS[(pick >> 1 + j) % len(PROBE_USERS)]
+            command = commands[(pick >> 3 + j) % len(commands)]
+            destination = destinations[(pick + 5 * j) % len(destinations)]
+            request = rules.check_request(client, user, command, destination)
+            if by_client.final:
+                assert request.allowed == by_client.allowed, (
+                    client, user, command, destination, by_client, request
+                )  # fmt: skip
+            for i in range(2):
+                ip = (
+                    PROBE_IPS[(pick + 7 * j + 3 * i) % len(PROBE_IPS)]
+                    if destination.type is codec.AddressType.DOMAIN
+                    else destination.host
+                )
+                resolved = rules.check_resolved(client, user, command, destination, ip)
+                assert resolved.final, resolved
+                if request.final:
+                    assert resolved.allowed == request.allowed, (
+                        client, user, command, destination, ip, request, resolved
+                    )  # fmt: skip
+
+
+def _probe_destinations() -> List[Address]:
+    found = _PROBE_DESTINATIONS
+    if not found:
+        found.extend(Address.from_host(ip, 443) for ip in PROBE_IPS[::3])
+        found.extend(Address.from_host(name, 80) for name in PROBE_NAMES[:2])
+    return found
+
+
+_PROBE_DESTINATIONS: List[Address] = []
+
+
+def check_htpasswd(data: bytes) -> None:
+    """
+    One input for the htpasswd parser: never raises; each entry is a
+    non-empty user name without ``:`` or line break and a bcrypt hash; entries
+    and skipped lines together are at most the non-blank lines; and the
+    entries written back as ``user:hash`` lines parse to the same entries.
+    """
+    _count("config.htpasswd")
+    users, skipped = parse_htpasswd(data)
+    assert type(users) is dict and type(skipped) is int and skipped >= 0
+    lines = [line.strip() for line in data.splitlines()]
+    assert len(users) + skipped <= sum(1 for line in lines if line), (users, skipped)
+    for user, hashed in users.items():
+        assert type(user) is bytes and type(hashed) is bytes
+        assert user and b":" not in user, user
+        assert not set(user) & set(b"\r\n"), user
+        assert hashed[:4] in (b"$2y$", b"$2b$", b"$2a$"), hashed
+    rewritten = b"".join(user + b":" + hashed + b"\n" for user, hashed in users.items())
+    assert parse_htpasswd(rewritten) == (users, 0)
+
+
+# --------------------------------------------------------------------------
 # Strategies
 
 
@@ -590,6 +700,68 @@ fuzz_bytes = st.one_of(
     credentials,
 )
 
+#: Words of the rules grammar, valid values and near misses, for rules lines
+#: that are mostly almost valid.
+_RULE_WORDS = [
+        "allow", "deny", "default", "from", "to", "port", "command", "user",
+        "via", "self", "connect", "bind", "udp", "*", "-", "alice", "tor",
+        "direct", "127.0.0.0/8", "0.0.0.0/0", "::/0", "::1", "10.0.0.0/8",
+        "192.168.0.0/16", "::ffff:10.0.0.0/104", "2001:db8::/32", "fd00::/8",
+        "198.51.100.7", ".example.com", "example.com", "*.example.com",
+        "localhost", "0x0", "0", "443", "80-443", "0-65535", "70000",
+        "1-", ",", "#", "ALLOW", "allow,", ",deny", "10.0.0.0/33", "xn--",
+]  # fmt: skip
+rule_words = st.sampled_from(_RULE_WORDS)
+_RULE_VALUES = {
+    "from": ["127.0.0.0/8", "0.0.0.0/0", "::/0", "10.0.0.0/8", "192.168.0.0/16",
+             "::ffff:10.0.0.0/104", "fd00::/8", "198.51.100.7", "::1", "self"],
+    "to": ["127.0.0.0/8", "0.0.0.0/8", "::1", "::", "2001:db8::/32", "self",
+           ".example.com", "example.com", "localhost", "x.test", "0x0", "0"],
+    "port": ["443", "80-443", "0-65535", "0", "22"],
+    "command": ["connect", "bind", "udp"],
+    "user": ["*", "-", "alice", "bob"],
+    "via": ["tor", "direct"],
+}  # fmt: skip
+#: One condition: a keyword and a comma-separated list of its values.
+rule_conditions = st.sampled_from(sorted(_RULE_VALUES)).flatmap(
+    lambda key: st.lists(
+        st.sampled_from(_RULE_VALUES[key]), min_size=1, max_size=3
+    ).map(lambda values: f"{key} {', '.join(values)}")
+)
+good_rule_lines = st.tuples(
+    st.sampled_from(["allow", "deny", "ALLOW"]),
+    st.lists(rule_conditions, max_size=4, unique_by=lambda c: c.split()[0]),
+).map(lambda t: " ".join([t[0], *t[1]]))
+noise_lines = st.one_of(
+    st.lists(rule_words, max_size=9).map(" ".join),
+    st.lists(rule_words | st.text(max_size=6), max_size=6).map(" ".join),
+    st.text(max_size=40),
+)
+#: Files of mostly well-formed rules, a default line, sometimes noise.
+rules_texts = st.tuples(
+    st.lists(
+        st.one_of(*[good_rule_lines] * 9, noise_lines),
+        max_size=6,
+    ),
+    st.sampled_from(["default allow", "default deny", "", "# end"]),
+).map(lambda t: "\n".join([*t[0], t[1]]))
+htpasswd_lines = st.one_of(
+    st.tuples(
+        st.sampled_from([b"alice", b"bob", b"", b"a:b", b" carol", b"#x"])
+        | st.binary(max_size=8),
+        st.sampled_from([b":", b"", b"::"]),
+        st.sampled_from([b"$2y$05$", b"$2b$12$", b"$2a$04$", b"$apr1$", b"{SHA}"])
+        | st.binary(max_size=4),
+        st.binary(max_size=20),
+    ).map(b"".join),
+    st.binary(max_size=40),
+)
+htpasswd_files = st.lists(htpasswd_lines, max_size=6).flatmap(
+    lambda lines: st.sampled_from([b"\n", b"\r\n", b"\r"]).map(
+        lambda sep: sep.join(lines)
+    )
+)
+
 # --------------------------------------------------------------------------
 # Targets
 
@@ -599,22 +771,51 @@ class Target:
     name: str
     strategy: Any
     check: Callable[..., None]
+    #: The check on raw fuzzer bytes, for a coverage-guided fuzzer that
+    #: mutates bytes itself (much faster than through Hypothesis); ``None``
+    #: for targets whose input is structured (the server's).
+    raw: Optional[Callable[[bytes], None]] = None
 
 
 def _parser_target(name: str) -> Target:
-    return Target(f"codec.{name}", fuzz_bytes, lambda buf: check_parser(name, buf))
+    def check(buf: bytes) -> None:
+        check_parser(name, buf)
+
+    return Target(f"codec.{name}", fuzz_bytes, check, raw=check)
+
+
+def _raw_address(data: bytes) -> None:
+    port = int.from_bytes(data[:2], "big")
+    check_address(data[2:].decode("utf-8", "replace"), port)
+
+
+def _raw_rules(data: bytes) -> None:
+    check_rules(data[3:].decode("utf-8", "replace"), int.from_bytes(data[:3], "big"))
 
 
 TARGETS: Dict[str, Target] = {
     t.name: t
     for t in [
         *(_parser_target(name) for name in PARSERS),
-        Target("codec.udp_datagram", fuzz_bytes, check_udp_datagram),
+        Target(
+            "codec.udp_datagram",
+            fuzz_bytes,
+            check_udp_datagram,
+            raw=check_udp_datagram,
+        ),
         Target(
             "codec.address",
             st.tuples(st.text(max_size=40), st.integers(0, 0xFFFF)),
             lambda t: check_address(*t),
+            raw=_raw_address,
         ),
+        Target(
+            "config.rules",
+            st.tuples(rules_texts, st.integers(0, 1 << 24)),
+            lambda t: check_rules(*t),
+            raw=_raw_rules,
+        ),
+        Target("config.htpasswd", htpasswd_files, check_htpasswd, raw=check_htpasswd),
         Target("server.noauth", server_inputs(), check_server),
         Target(
             "server.userpass",
@@ -696,13 +897,24 @@ def _instrument(atheris: Any) -> None:
                 atheris.instrument_func(function)
 
 
+#: Words a byte-mutating fuzzer splices into inputs (a libFuzzer dictionary).
+DICTIONARY: Dict[str, List[str]] = {
+    "config.rules": sorted(
+        {*_RULE_WORDS, *(v for vs in _RULE_VALUES.values() for v in vs)}
+    ),
+    "config.htpasswd": ["$2y$05$", "$2b$12$", "$2a$04$", "alice:", "\\n", "#"],
+}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """
     ``python stress/fuzz_targets.py TARGET [libFuzzer options]``: one target
-    under atheris (coverage-guided, when it is installed), through
-    Hypothesis's ``fuzz_one_input``; e.g. ``-max_total_time=600``.
-    libFuzzer prints the inputs tried ("Done N runs").  ``--list`` names
-    the targets.
+    under atheris (coverage-guided, when it is installed): on raw bytes where
+    the target takes them, else through Hypothesis's ``fuzz_one_input``; e.g.
+    ``-max_total_time=600`` or ``-runs=1000000``.  libFuzzer prints the inputs
+    tried ("Done N runs").  ``--list`` names the targets;
+    ``--dictionary`` prints the target's libFuzzer dictionary.
+    ``stress/fuzz_campaign.py`` runs them all.
     """
     import sys
 
@@ -711,13 +923,22 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("targets:", ", ".join(TARGETS))
         raise SystemExit(0 if "--list" in args else 2)
     name = args.pop(1)
+    if "--dictionary" in args:
+        for word in DICTIONARY.get(name, []):
+            print(json.dumps(word))
+        return
     try:
         import atheris  # type: ignore[import-not-found]
     except ImportError:
         raise SystemExit("atheris is not installed: pip install atheris") from None
-    test: Any = hypothesis_test(name, 1)
+    target = TARGETS[name]
+    one_input: Callable[[bytes], None]
+    if target.raw is not None:
+        one_input = target.raw
+    else:
+        one_input = hypothesis_test(name, 1).hypothesis.fuzz_one_input  # type: ignore[attr-defined]
     _instrument(atheris)
-    atheris.Setup(args, test.hypothesis.fuzz_one_input)
+    atheris.Setup(args, one_input)
     atheris.Fuzz()
 
 

@@ -62,6 +62,8 @@ test_fuzz_codec_request = _test("codec.request")
 test_fuzz_codec_reply = _test("codec.reply")
 test_fuzz_codec_udp_datagram = _test("codec.udp_datagram")
 test_fuzz_codec_address = _test("codec.address")
+test_fuzz_config_rules = _test("config.rules")
+test_fuzz_config_htpasswd = _test("config.htpasswd")
 test_fuzz_server_noauth = _test("server.noauth")
 test_fuzz_server_userpass = _test("server.userpass")
 
@@ -98,3 +100,32 @@ def test_the_server_oracle_catches_a_reply_sent_before_connecting(
     stream = b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
     with pytest.raises(AssertionError):
         fuzz_targets.check_server(fuzz_targets.ServerInput(stream=stream))
+
+
+def test_the_rules_oracle_catches_a_request_check_that_contradicts_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rules target is not vacuous: a request check gone wrong is found."""
+    from twisted_socks5.rules import Decision, RuleSet
+
+    monkeypatch.setattr(
+        RuleSet, "check_request", lambda self, *args: Decision(True, "seeded bug")
+    )
+    with pytest.raises(AssertionError):
+        fuzz_targets.check_rules("deny from 127.0.0.0/8\ndefault deny\n", 0)
+
+
+def test_the_htpasswd_oracle_catches_a_user_name_with_a_colon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The htpasswd target is not vacuous: a parser that splits wrongly is found."""
+    from twisted_socks5 import htpasswd
+
+    def wrong(data: bytes) -> Any:
+        user, _, hashed = data.strip().rpartition(b":")
+        return {user: hashed}, 0
+
+    monkeypatch.setattr(fuzz_targets, "parse_htpasswd", wrong)
+    with pytest.raises(AssertionError):
+        fuzz_targets.check_htpasswd(b"a:b:$2y$05$" + b"x" * 53)
+    assert htpasswd.parse_htpasswd is not wrong
