@@ -203,7 +203,8 @@ def test_plugin_whose_deferred_fails_or_is_not_a_result_is_refused(
     events: Any, outcome: Any
 ) -> None:
     d: defer.Deferred[Any] = defer.Deferred()
-    h = plugin_harness(received=lambda data: AuthStep(1, d))
+    steps = [AuthStep(1, d)]  # one message, one answer
+    h = plugin_harness(received=lambda data: steps.pop() if steps else None)
     h.send(b"\x05\x01\x80" + b"T" + CONNECT)
     assert h.take() == b"\x05\x80"
     if isinstance(outcome, Exception):
@@ -211,6 +212,25 @@ def test_plugin_whose_deferred_fails_or_is_not_a_result_is_refused(
     else:
         d.callback(outcome)
     assert_plugin_refused(h, events, said=b"")
+
+
+class Unchecked(AuthResult):
+    """A result whose author switched the checks off: only True grants."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("success", [1, "yes", None])
+def test_only_a_success_of_true_grants(events: Any, success: Any) -> None:
+    result = Unchecked(reply=b"OK", success=success)
+    h = plugin_harness(received=lambda data: AuthStep(1, result))
+    h.send(b"\x05\x01\x80" + b"T" + CONNECT)
+    assert h.take() == b"\x05\x80OK"
+    assert h.closing
+    assert h.protocol.state is State.CLOSING
+    assert h.connector.calls == []
+    assert h.protocol.outcome == "authentication failed"
 
 
 # --------------------------------------------------------------------------

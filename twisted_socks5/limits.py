@@ -87,7 +87,7 @@ class ConnectionLimits:
         auth_failures: int = 5,
         auth_window: float = 60.0,
         fds_per_connection: int = 3,
-        auth_checks_per_client: int = 2,
+        auth_checks_per_client: int = 1,
     ) -> None:
         self.clock = clock
         if max_connections is None:

@@ -210,7 +210,8 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             5,
             "Failed logins from one IP, within --auth-failure-window, after which "
-            "that IP is refused at connect until they age out (0: never).",
+            "that IP is refused until they age out, at connect and on the "
+            "connections it holds open (0: never).",
             _count,
         ],
         [
