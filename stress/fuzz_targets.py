@@ -267,6 +267,10 @@ def model(buf: bytes, methods: List[int]) -> Expected:
     if method == codec.Method.USERNAME_PASSWORD:
         try:
             auth = codec.parse_userpass_request(rest[:MAX_USERPASS_SIZE])
+        except codec.EmptyCredentials:
+            out.output += b"\x01\x01"  # RFC 1929: a status, then the close
+            out.status = "closed"
+            return out
         except ProtocolError:
             out.status = "closed"
             return out

@@ -22,6 +22,7 @@ from twisted_socks5.codec import (
     Address,
     AddressType,
     Command,
+    EmptyCredentials,
     Greeting,
     Method,
     MethodSelection,
@@ -178,6 +179,30 @@ def test_parse_userpass_request_errors(data: bytes) -> None:
     with pytest.raises(ProtocolError) as excinfo:
         parse_userpass_request(data)
     assert excinfo.value.reply is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        h("01 00"),  # ULEN = 0: known at once, without the rest
+        h("01 00 03") + b"bar",
+        h("01 03") + b"foo" + h("00"),  # PLEN = 0
+        h("01 00 00"),
+    ],
+)
+def test_empty_username_or_password_is_answerable(data: bytes) -> None:
+    """Not "malformed": RFC 1929 wants a failure status before the close."""
+    with pytest.raises(EmptyCredentials):
+        parse_userpass_request(data)
+
+
+@pytest.mark.parametrize(
+    "data", [h("05 03") + b"foo" + h("03") + b"bar", h("02"), h("00 00 00")]
+)
+def test_bad_userpass_version_is_not_answerable(data: bytes) -> None:
+    with pytest.raises(ProtocolError) as excinfo:
+        parse_userpass_request(data)
+    assert not isinstance(excinfo.value, EmptyCredentials)
 
 
 @pytest.mark.parametrize(

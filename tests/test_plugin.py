@@ -129,7 +129,7 @@ def third_party_plugin(tmp_path: Any, monkeypatch: Any) -> None:
             class Negotiation:
                 max_message_size = 0
                 def start(self):
-                    return AuthResult(user="token-holder")
+                    return AuthResult.granted(user="token-holder")
                 def data_received(self, data):
                     return None
 

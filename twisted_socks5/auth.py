@@ -6,11 +6,13 @@ username/password (METHOD 0x02, RFC 1929) checked through ``twisted.cred``.
 from __future__ import annotations
 
 import hmac
+import os
 from typing import Any, Optional, Union
 
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import LoginDenied, UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +20,7 @@ from zope.interface import Interface, implementer
 
 from .codec import (
     MAX_USERPASS_SIZE,
+    EmptyCredentials,
     Method,
     UserPassStatus,
     parse_userpass_request,
@@ -77,7 +80,7 @@ class _NoAuthNegotiation:
     max_message_size = 0
 
     def start(self) -> Optional[AuthResult]:
-        return AuthResult()
+        return AuthResult.granted()
 
     def data_received(self, data: bytes) -> Optional[AuthStep]:  # pragma: no cover
         return None
@@ -110,7 +113,12 @@ class _UserPassNegotiation:
         return None
 
     def data_received(self, data: bytes) -> Optional[AuthStep]:
-        parsed = parse_userpass_request(data)
+        try:
+            parsed = parse_userpass_request(data)
+        except EmptyCredentials:
+            # Nothing to check, but RFC 1929 wants a status before the close.
+            user = _text(data[2 : 2 + data[1]]) if len(data) > 1 else ""
+            return AuthStep(len(data), self._refusal(user))
         if parsed is None:
             return None
         request, used = parsed
@@ -123,19 +131,25 @@ class _UserPassNegotiation:
 
     def _ok(self, result: tuple[Any, Any, Any]) -> AuthResult:
         _, avatar, _ = result
-        return AuthResult(
+        return AuthResult.granted(
             reply=UserPassStatus(0).to_bytes(),
             user=_text(avatar) if isinstance(avatar, (str, bytes)) else None,
             avatar=avatar,
         )
 
     def _failed(self, failure: Failure, user: str) -> AuthResult:
-        if not failure.check(UnauthorizedLogin, LoginDenied):
+        """
+        Every failure refuses: a checker that raises anything (the ``unix``
+        checker raises ``ValueError`` for a name holding NUL) lets nobody in.
+        """
+        if not failure.check(UnauthorizedLogin, LoginDenied, CancelledError):
             self.log.failure("credential check failed for {user!r}", failure, user=user)
-        return AuthResult(
-            reply=UserPassStatus(STATUS_FAILURE).to_bytes(),
-            success=False,
-            user=user,
+        return self._refusal(user)
+
+    @staticmethod
+    def _refusal(user: str) -> AuthResult:
+        return AuthResult.refused(
+            reply=UserPassStatus(STATUS_FAILURE).to_bytes(), user=user
         )
 
 
@@ -159,3 +173,20 @@ class UsernamePasswordAuthenticator:
 
     def negotiate(self, client: IAddress) -> IAuthNegotiation:
         return _UserPassNegotiation(self.portal)
+
+
+def unusable_credentials(description: str) -> Optional[str]:
+    """
+    Why an ``--auth`` description names credentials that cannot work (a
+    password file that does not exist, ``memory`` without users), or
+    ``None``.  Starting anyway would refuse every login.
+    """
+    kind, _, argument = description.partition(":")
+    if kind in ("file", "htpasswd"):
+        if not argument:
+            return f"needs a file name (--auth {kind}:FILE)"
+        if not os.path.isfile(argument):
+            return f"no such file: {argument!r}"
+    elif kind == "memory" and not argument:
+        return "no users: --auth memory:USER:PASSWORD[:USER:PASSWORD...]"
+    return None

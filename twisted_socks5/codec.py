@@ -116,6 +116,15 @@ class ProtocolError(Exception):
         self.reply = reply
 
 
+class EmptyCredentials(ProtocolError):
+    """
+    An RFC 1929 request with an empty username or password (ULEN or PLEN
+    0, which the RFC does not allow).  Unlike other malformed input it is
+    answered: a failure status, then a close, as RFC 1929 asks of a failed
+    authentication, so that the client can tell the user why.
+    """
+
+
 # --------------------------------------------------------------------------
 # Addresses
 
@@ -350,7 +359,8 @@ def parse_userpass_request(buf: Buffer) -> Parsed[UserPassRequest]:
     """
     Parse an RFC 1929 request.
 
-    The RFC gives ULEN and PLEN a range of 1 to 255; zero is refused.
+    The RFC gives ULEN and PLEN a range of 1 to 255; zero raises
+    :class:`EmptyCredentials` as soon as it is read.
     """
     if not buf:
         return None
@@ -359,12 +369,12 @@ def parse_userpass_request(buf: Buffer) -> Parsed[UserPassRequest]:
         return None
     ulen = buf[1]
     if ulen == 0:
-        raise ProtocolError("empty username")
+        raise EmptyCredentials("empty username")
     if len(buf) < 3 + ulen:
         return None
     plen = buf[2 + ulen]
     if plen == 0:
-        raise ProtocolError("empty password")
+        raise EmptyCredentials("empty password")
     end = 3 + ulen + plen
     if len(buf) < end:
         return None

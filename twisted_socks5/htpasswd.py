@@ -2,30 +2,43 @@
 ``--auth htpasswd:FILE``: a ``twisted.cred`` checker for bcrypt htpasswd files
 (``htpasswd -B``: ``$2y$``, ``$2b$``, ``$2a$`` hashes).
 
-bcrypt is slow on purpose (tens of milliseconds), so every check runs in the
-reactor's thread pool, never on the reactor thread.  The file is re-read
-when its modification time changes, so credentials change without a
-restart.  Unknown users are checked against a dummy hash so that their
-answer takes as long as a wrong password.
+bcrypt is slow on purpose (milliseconds to seconds), so every check runs in
+a :class:`HashPool`: a few threads of its own, never the reactor thread and
+never the reactor's shared pool, where name resolution waits its turn.  The
+file is re-read when its modification time changes, so credentials change
+without a restart.  Unknown users are checked against a dummy hash of the
+file's own bcrypt cost, so that their answer takes as long as a wrong
+password.  As ``htpasswd`` does, only a password's first 72 bytes count.
 """
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Dict, Optional, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 _BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
-#: bcrypt of a random string, cost 12: the work done for unknown users.
+#: bcrypt of a random string; its cost field is replaced by the file's cost.
 _DUMMY_HASH = b"$2b$12$eUrmJJnmTS/TtgXfaX9I/..8bKyuzIk.TZmnhrIvNZCW03epEou/u"
+#: The cost of ``htpasswd -B``, used for the dummy hash of an empty file.
+DEFAULT_COST = 5
+#: bcrypt uses the first 72 bytes of a password (bcrypt 5 refuses more).
+BCRYPT_MAX_PASSWORD = 72
+#: Threads of the default :class:`HashPool`.
+DEFAULT_HASH_THREADS = 2
+#: Checks the default :class:`HashPool` keeps waiting before it refuses more.
+DEFAULT_HASH_QUEUE = 256
 
 
 def _bcrypt() -> Any:
@@ -39,13 +52,152 @@ def _bcrypt() -> Any:
 
 
 def check_bcrypt(password: bytes, hashed: bytes) -> bool:
-    """Constant-time bcrypt check; ``$2y$`` is read as ``$2b$`` (same algorithm)."""
+    """
+    Constant-time bcrypt check of the password's first 72 bytes, as
+    ``htpasswd`` hashes them; ``$2y$`` is read as ``$2b$`` (same algorithm).
+    """
     if hashed.startswith(b"$2y$"):
         hashed = b"$2b$" + hashed[4:]
     try:
-        return bool(_bcrypt().checkpw(password, hashed))
+        return bool(_bcrypt().checkpw(password[:BCRYPT_MAX_PASSWORD], hashed))
     except ValueError:
         return False
+
+
+def bcrypt_cost(hashed: bytes) -> Optional[int]:
+    """The cost (log2 rounds) of a bcrypt hash, or ``None`` if unreadable."""
+    field = hashed[4:7]
+    if len(field) != 3 or field[2:] != b"$" or not field[:2].isdigit():
+        return None
+    cost = int(field[:2])
+    return cost if 4 <= cost <= 31 else None
+
+
+def dummy_hash(users: Dict[bytes, bytes]) -> bytes:
+    """
+    A hash no password matches, of the cost most of ``users`` have (the
+    higher on a tie): checking it costs what checking a real user costs.
+    """
+    costs = collections.Counter(
+        cost for cost in map(bcrypt_cost, users.values()) if cost is not None
+    )
+    cost = max(costs, key=lambda c: (costs[c], c)) if costs else DEFAULT_COST
+    return b"%s%02d%s" % (_DUMMY_HASH[:4], cost, _DUMMY_HASH[6:])
+
+
+class HashPoolFull(UnauthorizedLogin):
+    """Too many checks are waiting for a hashing thread: this one is refused."""
+
+
+_Job = Tuple["defer.Deferred[Any]", Callable[..., Any], Tuple[Any, ...]]
+
+
+class HashPool:
+    """
+    Threads of their own for slow password hashes, with a bounded queue.
+
+    The reactor's shared pool also runs ``getaddrinfo``: a flood of bcrypt
+    checks there would make every name lookup wait.  Here at most
+    ``threads`` checks run at once and ``max_queued`` wait (more fail with
+    :class:`HashPoolFull`); cancelling the Deferred of a waiting check (its
+    client went away) drops it unrun.
+
+    :ivar started: checks handed to a thread so far.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any = None,
+        threads: int = DEFAULT_HASH_THREADS,
+        max_queued: int = DEFAULT_HASH_QUEUE,
+    ) -> None:
+        if threads < 1 or max_queued < 0:
+            raise ValueError("a hash pool needs a thread and a queue bound >= 0")
+        self._reactor = reactor
+        self.threads = threads
+        self.max_queued = max_queued
+        self.running = 0
+        self.started = 0
+        self.queued: Deque[_Job] = collections.deque()
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._full = False
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            return reactor
+        return self._reactor
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """Run ``f(*args)`` in a hashing thread, after those queued before it."""
+        if len(self.queued) >= self.max_queued:
+            if not self._full:
+                self._full = True
+                self.log.warn(
+                    "{waiting} password checks waiting: refusing more logins "
+                    "unchecked until they drain",
+                    waiting=len(self.queued),
+                )
+            return defer.fail(HashPoolFull(f"{len(self.queued)} checks waiting"))
+        self._full = False
+        d: defer.Deferred[Any] = defer.Deferred(self._drop)
+        self.queued.append((d, f, args))
+        self._dispatch()
+        return d
+
+    def _drop(self, d: defer.Deferred[Any]) -> None:
+        """Cancelled: forget the check if it has not started."""
+        for job in self.queued:
+            if job[0] is d:
+                self.queued.remove(job)
+                return
+
+    def _dispatch(self) -> None:
+        while self.running < self.threads and self.queued:
+            d, f, args = self.queued.popleft()
+            self.running += 1
+            self.started += 1
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="socks5-hash"
+                )
+            future = self._executor.submit(f, *args)
+            future.add_done_callback(partial(self._finished, d))
+
+    def _finished(self, d: defer.Deferred[Any], future: Future[Any]) -> None:
+        """In the hashing thread: hand the answer to the reactor thread."""
+        self.reactor.callFromThread(self._done, d, future)
+
+    def _done(self, d: defer.Deferred[Any], future: Future[Any]) -> None:
+        self.running -= 1
+        if not d.called:  # else cancelled while it ran: the answer is moot
+            error = future.exception()
+            if error is None:
+                d.callback(future.result())
+            else:
+                d.errback(error)
+        self._dispatch()
+
+    def stop(self) -> None:
+        """Stop the threads once the running checks end (tests, shutdown)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+_default_pool: Optional[HashPool] = None
+
+
+def default_pool() -> HashPool:
+    """The process's hash pool, made on first use, shared by every checker."""
+    global _default_pool
+    if _default_pool is None:
+        _default_pool = HashPool()
+    return _default_pool
 
 
 def parse_htpasswd(data: bytes) -> Tuple[Dict[bytes, bytes], int]:
@@ -74,21 +226,24 @@ class HtpasswdChecker:
     credentialInterfaces = (IUsernamePassword,)
     log = Logger()
 
-    def __init__(self, path: str, reactor: Any = None) -> None:
+    def __init__(
+        self, path: str, reactor: Any = None, pool: Optional[HashPool] = None
+    ) -> None:
         _bcrypt()
         self.path = path
-        self._reactor = reactor
+        if pool is None:
+            pool = default_pool() if reactor is None else HashPool(reactor)
+        #: Where bcrypt runs; by default one pool for the whole process.
+        self.pool = pool
         self._mtime: Optional[float] = None
         self._users: Dict[bytes, bytes] = {}
+        #: Checked for unknown users: the cost of the file's hashes.
+        self.dummy_hash = dummy_hash({})
         self._load()
 
     @property
     def reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            return reactor
-        return self._reactor
+        return self.pool.reactor
 
     def reload(self) -> None:
         """Re-read the file now (SIGHUP), changed or not."""
@@ -114,6 +269,7 @@ class HtpasswdChecker:
                 skipped=skipped,
             )
         self._users = users
+        self.dummy_hash = dummy_hash(users)
         self._mtime = mtime
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:  # type: ignore[override]
@@ -124,14 +280,9 @@ class HtpasswdChecker:
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
+        # An exact lookup: "Alice" and "alice " are not "alice".
         hashed = self._users.get(username)
-        d = threads.deferToThreadPool(
-            self.reactor,
-            self.reactor.getThreadPool(),
-            check_bcrypt,
-            password,
-            hashed or _DUMMY_HASH,
-        )
+        d = self.pool.run(check_bcrypt, password, hashed or self.dummy_hash)
 
         def decide(ok: bool) -> bytes:
             if ok and hashed is not None:
@@ -149,7 +300,7 @@ class HtpasswdCheckerFactory:
     authHelp = (
         "Username/password checked against an htpasswd file of bcrypt hashes "
         "(as written by 'htpasswd -B').  The file is re-read when it changes; "
-        "bcrypt runs in a thread, off the reactor."
+        "bcrypt runs in a small thread pool of its own, off the reactor."
     )
     argStringFormat = "Path to the htpasswd file"
     credentialInterfaces = (IUsernamePassword,)

@@ -24,10 +24,18 @@ class AuthResult:
     """
     The outcome of one step of a method's sub-negotiation.
 
+    Build it with :meth:`granted`, :meth:`refused` or :meth:`more`.  The
+    outcome has no default, so that a method can never let a client in by
+    omission: ``AuthResult(reply=...)`` alone is a :class:`TypeError`.
+    Keyword construction stays for older methods when it says what it
+    means: ``success=True`` or ``success=False`` (a bool, nothing else), or
+    ``done=False`` for another round.
+
     :ivar reply: bytes to send to the client (may be empty).
     :ivar done: ``False`` when the method needs another client message.
     :ivar success: once ``done``, whether the client is authenticated; a
-        failure closes the connection once ``reply`` has been sent.
+        failure closes the connection once ``reply`` has been sent.  Never
+        ``True`` unless the method said so.
     :ivar user: the authenticated identity for rules and logs, or ``None``
         for anonymous access.
     :ivar avatar: whatever the method's back end returned (a
@@ -36,9 +44,45 @@ class AuthResult:
 
     reply: bytes = b""
     done: bool = True
-    success: bool = True
+    success: Optional[bool] = None
     user: Optional[str] = None
     avatar: Any = None
+
+    def __post_init__(self) -> None:
+        if self.done is not True and self.done is not False:
+            raise TypeError(f"AuthResult.done must be a bool, not {self.done!r}")
+        if not self.done:
+            if self.success is not None and self.success is not False:
+                raise TypeError("an AuthResult that needs more cannot grant")
+        elif self.success is not True and self.success is not False:
+            raise TypeError(
+                "AuthResult needs an outcome: AuthResult.granted(...), "
+                "AuthResult.refused(...) or AuthResult.more(...)"
+            )
+
+    @classmethod
+    def granted(
+        cls, reply: bytes = b"", user: Optional[str] = None, avatar: Any = None
+    ) -> AuthResult:
+        """The client is authenticated (as ``user``, or anonymously)."""
+        return cls(reply=reply, success=True, user=user, avatar=avatar)
+
+    @classmethod
+    def refused(cls, reply: bytes = b"", user: Optional[str] = None) -> AuthResult:
+        """The client is not let in: ``reply`` is sent, then the connection closes."""
+        return cls(reply=reply, success=False, user=user)
+
+    @classmethod
+    def more(cls, reply: bytes = b"") -> AuthResult:
+        """Send ``reply`` and wait for another client message."""
+        return cls(reply=reply, done=False)
+
+    @property
+    def outcome(self) -> str:
+        """``"granted"``, ``"refused"`` or ``"more"``."""
+        if not self.done:
+            return "more"
+        return "granted" if self.success is True else "refused"
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,12 @@ class ConnectionLimits:
     :param max_per_client: connections open at once from one client IP
         (``None`` or ``0``: no limit).
     :param auth_failures: failed authentications from one IP within
-        ``auth_window`` seconds after which that IP is refused at connect
-        until its failures age out (``0``: never throttle).
+        ``auth_window`` seconds after which that IP is refused until its
+        failures age out (``0``: never throttle): at connect, and on
+        connections it already has open, whatever the password.
+    :param auth_checks_per_client: credential checks (bcrypt, a database)
+        one IP may have running at once; its other logins wait their turn,
+        and meanwhile its failures are counted (``0``: no limit).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class ConnectionLimits:
         auth_failures: int = 5,
         auth_window: float = 60.0,
         fds_per_connection: int = 3,
+        auth_checks_per_client: int = 1,
     ) -> None:
         self.clock = clock
         if max_connections is None:
@@ -96,6 +101,9 @@ class ConnectionLimits:
         self.max_per_client = max_per_client or 0
         self.auth_failures = auth_failures
         self.auth_window = auth_window
+        self.auth_checks_per_client = auth_checks_per_client
+        #: Credential checks running, by client IP.
+        self.checks: Dict[str, int] = {}
         self.total = 0
         self.per_client: Dict[str, int] = {}
         self._failures: collections.OrderedDict[str, collections.deque[float]] = (
@@ -116,9 +124,30 @@ class ConnectionLimits:
             )
         if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
             return "client_limit", f"{self.max_per_client} connections already"
-        if self.auth_failures and self._recent_failures(ip) >= self.auth_failures:
+        if self.throttled(ip):
             return "throttled", f"throttled after {self.auth_failures} failed logins"
         return None
+
+    def throttled(self, ip: str) -> bool:
+        """Whether ``ip`` failed to log in too often lately to try again."""
+        return bool(self.auth_failures) and (
+            self._recent_failures(ip) >= self.auth_failures
+        )
+
+    def may_check(self, ip: str) -> bool:
+        """Whether ``ip`` may start one more credential check now."""
+        cap = self.auth_checks_per_client
+        return not cap or self.checks.get(ip, 0) < cap
+
+    def check_started(self, ip: str) -> None:
+        self.checks[ip] = self.checks.get(ip, 0) + 1
+
+    def check_ended(self, ip: str) -> None:
+        left = self.checks.get(ip, 1) - 1
+        if left <= 0:
+            self.checks.pop(ip, None)
+        else:
+            self.checks[ip] = left
 
     def _fds_in_use(self, connections: int = 0, spliced: int = 0) -> int:
         return (self.total + connections) * self.fds_per_connection + (

@@ -15,10 +15,11 @@ pipeline its greeting, credentials, request and first payload in one segment.
 
 from __future__ import annotations
 
+import collections
 import enum
 import time
 from functools import partial
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Deque, Dict, List, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -29,7 +30,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .auth import NoAuthAuthenticator
+from .auth import STATUS_FAILURE, NoAuthAuthenticator
 from .bind import BindWaiter, normalize_ip
 from .codec import (
     MAX_GREETING_SIZE,
@@ -44,6 +45,7 @@ from .codec import (
     Reply,
     ReplyCode,
     Request,
+    UserPassStatus,
     parse_greeting,
     parse_request,
 )
@@ -140,6 +142,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._buffer = bytearray()
         self._waiting = False
         self._negotiation: Optional[IAuthNegotiation] = None
+        #: A credential check under way (dropped if the client goes).
+        self._checking: Optional[defer.Deferred[Any]] = None
+        #: Waiting for a check from the same address to end.
+        self._parked = False
         self._connecting: Optional[defer.Deferred[Any]] = None
         self._outbound: Optional[OutboundProtocol] = None
         self._client_eof = False
@@ -266,6 +272,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if self.refused or not self._admitted:
             return
         self.factory.unwatch_activity(self)
+        if self._parked:
+            self.factory.stop_waiting_for_check(self)
+        if self._checking is not None:
+            self._checking.cancel()
         if self._splice is not None:
             self._splice.stop()
         if self._binding is not None:
@@ -332,18 +342,38 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.method = authenticator.method
         write_now(self.transport, MethodSelection(authenticator.method).to_bytes())
         self.state = State.AUTHENTICATING
-        self._negotiation = authenticator.negotiate(self.transport.getPeer())
-        result = self._negotiation.start()
+        try:
+            self._negotiation = authenticator.negotiate(self.transport.getPeer())
+            result = self._negotiation.start()
+        except Exception:  # noqa: BLE001 - a method's bug lets nobody in
+            self._auth_error(Failure())
+            return False
         if result is not None:
             self._auth_result(result)
         return True
 
     def _on_auth_data(self) -> bool:
+        factory = self.factory
+        if not factory.limits.may_check(self.client_ip):
+            # As many checks from this address as it may have run already:
+            # wait for one to end (and be counted) before this one starts.
+            self._hold()
+            factory.wait_for_check(self)
+            return False
+        if factory.limits.throttled(self.client_ip):
+            self._refuse_throttled()
+            return False
         negotiation = self._negotiation
         limit = negotiation.max_message_size  # type: ignore[union-attr]
-        step: Optional[AuthStep] = negotiation.data_received(  # type: ignore[union-attr]
-            bytes(self._buffer[:limit])
-        )
+        try:
+            step: Optional[AuthStep] = negotiation.data_received(  # type: ignore[union-attr]
+                bytes(self._buffer[:limit])
+            )
+        except ProtocolError:
+            raise
+        except Exception:  # noqa: BLE001 - a method's bug lets nobody in
+            self._auth_error(Failure())
+            return False
         if step is None:
             if len(self._buffer) >= limit:
                 raise ProtocolError("authentication message too long")
@@ -351,24 +381,43 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         del self._buffer[: step.consumed]
         result = step.result
         if isinstance(result, defer.Deferred):
-            self._wait()
-            result.addCallback(self._auth_result)
-            result.addErrback(self._auth_error)
+            # Held, not paused: a client that goes away is noticed, and its
+            # check is dropped if it has not started (see connectionLost).
+            self._hold()
+            self._checking = result
+            factory.limits.check_started(self.client_ip)
+            result.addCallbacks(self._auth_result, self._auth_error)
+            # Only once a failure is counted may the next check begin.
+            result.addBoth(self._check_ended)
             result.addBoth(self._unwait)
             return True
         self._auth_result(result)
         return True
 
+    def _check_ended(self, result: Any) -> Any:
+        self._checking = None
+        self.factory.check_ended(self.client_ip)
+        return result
+
     def _auth_result(self, result: AuthResult) -> None:
         if self.state is State.CLOSING or self.transport.disconnected:
+            return
+        if not isinstance(result, AuthResult):
+            self._auth_error(Failure(TypeError(f"not an AuthResult: {result!r}")))
+            return
+        granted = result.done is True and result.success is True
+        # Failures from other connections may have throttled this address
+        # while this check ran: a right password is refused too.
+        if granted and self.factory.limits.throttled(self.client_ip):
+            self._refuse_throttled()
             return
         if result.reply:
             self.transport.write(result.reply)
         if result.user is not None:
             self.user = result.user
-        if not result.done:
+        if result.done is False:
             return
-        if not result.success:
+        if not granted:
             self.outcome = "authentication failed"
             self.factory.authentication_failed(self)
             self._close()
@@ -376,8 +425,19 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.state = State.REQUEST
 
     def _auth_error(self, failure: Failure) -> None:
+        if self.state is State.CLOSING or self.transport.disconnected:
+            return  # the check was dropped with the connection
         self.log.failure("authenticator failed", failure)
         self.outcome = "authenticator error"
+        self.factory.authentication_failed(self)
+        self._close()
+
+    def _refuse_throttled(self) -> None:
+        """Refuse a login from an address over its failed-login budget."""
+        self.outcome = "login refused: too many failed logins"
+        if self.method == Method.USERNAME_PASSWORD:
+            self.transport.write(UserPassStatus(STATUS_FAILURE).to_bytes())
+        self.factory.login_throttled(self)
         self._close()
 
     def _on_request(self) -> bool:
@@ -951,6 +1011,9 @@ class SOCKS5ServerFactory(Factory):
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
         self.limits = limits or ConnectionLimits(reactor.seconds)
+        #: Connections waiting for their address's credential checks, by IP.
+        self._check_waiters: Dict[str, Deque[SOCKS5ServerProtocol]] = {}
+        self._waking: set[str] = set()
         #: The access rules; ``None`` allows everything (and costs nothing).
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy
@@ -1074,6 +1137,52 @@ class SOCKS5ServerFactory(Factory):
         self.limits.auth_failed(protocol.client_ip)
         if self.metrics is not None:
             self.metrics.auth_failed()
+
+    def login_throttled(self, protocol: SOCKS5ServerProtocol) -> None:
+        """A login on an open connection refused: its address is throttled."""
+        self.log.info(
+            "refused login from {client}: throttled",
+            event="socks5.refused",
+            client=protocol.client_ip,
+            kind="throttled",
+            reason=f"throttled after {self.limits.auth_failures} failed logins",
+        )
+        if self.metrics is not None:
+            self.metrics.refused_connection("throttled")
+
+    def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Park ``protocol`` until a check from its address ends."""
+        protocol._parked = True
+        self._check_waiters.setdefault(protocol.client_ip, collections.deque()).append(
+            protocol
+        )
+
+    def stop_waiting_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
+        protocol._parked = False
+        waiters = self._check_waiters.get(protocol.client_ip)
+        if waiters is not None:
+            waiters.remove(protocol)
+            if not waiters:
+                del self._check_waiters[protocol.client_ip]
+
+    def check_ended(self, ip: str) -> None:
+        """A credential check from ``ip`` ended: parked ones go on in turn."""
+        self.limits.check_ended(ip)
+        if ip in self._waking:
+            return  # a woken connection's own quick check: the loop goes on
+        self._waking.add(ip)
+        try:
+            while self.limits.may_check(ip):
+                waiters = self._check_waiters.get(ip)
+                if not waiters:
+                    break
+                protocol = waiters.popleft()
+                if not waiters:
+                    del self._check_waiters[ip]
+                protocol._parked = False
+                protocol._unwait(None)
+        finally:
+            self._waking.discard(ip)
 
     def reloadables(self) -> List[Any]:
         """

@@ -26,7 +26,12 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from zope.interface import classImplements
 
-from .auth import NoAuthAuthenticator, ProxyRealm, UsernamePasswordAuthenticator
+from .auth import (
+    NoAuthAuthenticator,
+    ProxyRealm,
+    UsernamePasswordAuthenticator,
+    unusable_credentials,
+)
 from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import ConnectionLimits
@@ -205,7 +210,8 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             5,
             "Failed logins from one IP, within --auth-failure-window, after which "
-            "that IP is refused at connect until they age out (0: never).",
+            "that IP is refused until they age out, at connect and on the "
+            "connections it holds open (0: never).",
             _count,
         ],
         [
@@ -345,6 +351,15 @@ class Options(usage.Options, AuthOptionMixin):
             "'allow from YOUR/NET' and 'default deny'), or listen on loopback; "
             "--allow-open-relay starts it anyway."
         )
+
+    def opt_auth(self, description: str) -> None:
+        problem = unusable_credentials(description)
+        if problem is not None:
+            kind = description.partition(":")[0]
+            raise usage.UsageError(f"--auth {kind}: {problem}")
+        AuthOptionMixin.opt_auth(self, description)
+
+    opt_auth.__doc__ = AuthOptionMixin.opt_auth.__doc__
 
     def opt_method(self, spec: str) -> None:
         name, _, argument = spec.partition(":")

@@ -170,10 +170,12 @@ class TokenNegotiation:
         token, used = parsed
         user = self.tokens.owner(token)
         if user is None:
-            failure = AuthResult(reply=bytes((VERSION, STATUS_FAILURE)), success=False)
-            return AuthStep(used, failure)
-        success = AuthResult(reply=bytes((VERSION, STATUS_OK)), user=user, avatar=user)
-        return AuthStep(used, success)
+            refused = AuthResult.refused(reply=bytes((VERSION, STATUS_FAILURE)))
+            return AuthStep(used, refused)
+        granted = AuthResult.granted(
+            reply=bytes((VERSION, STATUS_OK)), user=user, avatar=user
+        )
+        return AuthStep(used, granted)
 
 
 @implementer(IAuthenticator)

@@ -9,13 +9,20 @@ from typing import Any
 import bcrypt
 import pytest
 import pytest_twisted
+from helpers import until
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol, reactor, threads
 
 from twisted_socks5 import htpasswd
 from twisted_socks5.auth import UsernamePassword
+from twisted_socks5.codec import UserPassRequest
 from twisted_socks5.htpasswd import (
+    HashPool,
+    HashPoolFull,
     HtpasswdChecker,
     HtpasswdCheckerFactory,
+    bcrypt_cost,
+    check_bcrypt,
     parse_htpasswd,
 )
 
@@ -123,3 +130,195 @@ async def test_through_the_server_with_curl_style_client(
         password="wonderland",
     )
     assert body.endswith(b"hello through socks\n")
+
+
+# --------------------------------------------------------------------------
+# Unknown users, costs, long passwords
+
+
+def _write(path: Any, *entries: tuple[bytes, bytes, int]) -> None:
+    path.write_bytes(
+        b"".join(
+            user + b":" + bcrypt.hashpw(password, bcrypt.gensalt(cost)) + b"\n"
+            for user, password, cost in entries
+        )
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_user_pays_a_bcrypt_of_the_file_cost(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    path = tmp_path / "users"
+    _write(path, (b"alice", b"a", 5), (b"bob", b"b", 5))
+    checked: list[bytes] = []
+    real = htpasswd.check_bcrypt
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(htpasswd, "check_bcrypt", spy)
+    pool = HashPool()
+    checker = HtpasswdChecker(str(path), pool=pool)
+    with pytest.raises(UnauthorizedLogin):
+        await checker.requestAvatarId(UsernamePassword(b"mallory", b"a"))
+    assert pool.started == 1
+    assert checked == [checker.dummy_hash]
+    assert bcrypt_cost(checked[0]) == 5
+
+
+def test_dummy_hash_cost_follows_the_file_on_load_and_reload(tmp_path: Any) -> None:
+    path = tmp_path / "users"
+    _write(path, (b"a", b"x", 5), (b"b", b"x", 5), (b"c", b"x", 4))
+    checker = HtpasswdChecker(str(path), pool=HashPool())
+    assert bcrypt_cost(checker.dummy_hash) == 5  # the most common cost
+    _write(path, (b"a", b"x", 6), (b"b", b"x", 4))
+    checker.reload()
+    assert bcrypt_cost(checker.dummy_hash) == 6  # a tie: the higher
+    _write(path, (b"a", b"x", 7))
+    stat = os.stat(path)
+    os.utime(path, (stat.st_atime, stat.st_mtime + 5))
+    checker._load()  # as a login does when the file changed
+    assert bcrypt_cost(checker.dummy_hash) == 7
+    path.write_bytes(b"")
+    checker.reload()
+    assert bcrypt_cost(checker.dummy_hash) == htpasswd.DEFAULT_COST
+
+
+def test_dummy_hash_is_checkable_and_matches_nothing() -> None:
+    hashed = htpasswd.dummy_hash({b"a": bcrypt.hashpw(b"x", bcrypt.gensalt(4))})
+    assert bcrypt_cost(hashed) == 4
+    assert check_bcrypt(b"", hashed) is False
+    assert check_bcrypt(b"x", hashed) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_passwords_over_72_bytes_compare_as_htpasswd_does(
+    tmp_path: Any,
+) -> None:
+    long = bytes(range(33, 33 + 72)) + b"and the rest is ignored by bcrypt"
+    path = tmp_path / "users"
+    path.write_bytes(b"alice:" + bcrypt.hashpw(long[:72], bcrypt.gensalt(4)) + b"\n")
+    checker = HtpasswdChecker(str(path), pool=HashPool())
+    for password in (long, long[:72], long[:72] + b"x" * 183):
+        credentials = UsernamePassword(b"alice", password)
+        assert await checker.requestAvatarId(credentials) == b"alice"
+    for password in (long[:71], b"#" + long[1:]):
+        with pytest.raises(UnauthorizedLogin):
+            await checker.requestAvatarId(UsernamePassword(b"alice", password))
+
+
+# --------------------------------------------------------------------------
+# The hash pool: bounded, its own, and it drops checks nobody waits for
+
+
+@pytest.fixture
+def gate() -> Any:
+    """A check that blocks its hashing thread until the test opens the gate."""
+    opened = threading.Event()
+    ran: list[str] = []
+
+    def check(name: str) -> str:
+        ran.append(name)
+        assert opened.wait(30)
+        return name
+
+    yield opened, ran, check
+    opened.set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hash_pool_queue_is_bounded(gate: Any) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1, max_queued=2)
+    running = pool.run(check, "running")
+    queued = [pool.run(check, f"queued{i}") for i in range(2)]
+    assert (pool.running, len(pool.queued)) == (1, 2)
+    with pytest.raises(HashPoolFull):
+        await pool.run(check, "one too many")
+    opened.set()
+    assert await running == "running"
+    assert [await d for d in queued] == ["queued0", "queued1"]
+    assert ran == ["running", "queued0", "queued1"]
+    assert (pool.running, len(pool.queued), pool.started) == (0, 0, 3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_check_that_has_not_started_never_runs(gate: Any) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1)
+    running = pool.run(check, "running")
+    gone = pool.run(check, "gone")
+    kept = pool.run(check, "kept")
+    gone.cancel()
+    with pytest.raises(defer.CancelledError):
+        await gone
+    assert len(pool.queued) == 1
+    opened.set()
+    assert await running == "running"
+    assert await kept == "kept"
+    assert ran == ["running", "kept"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_hash_pool_leaves_name_resolution_alone(gate: Any) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1)
+    checks = [pool.run(check, str(i)) for i in range(20)]
+    await until(lambda: ran == ["0"], "the hashing thread to be busy")
+    # getaddrinfo runs in the reactor's pool: nothing of the hash pool's there.
+    assert await threads.deferToThread(lambda: 42) == 42
+    assert await reactor.resolve("localhost") in ("127.0.0.1", "::1")
+    assert len(pool.queued) == 19
+    opened.set()
+    await defer.gatherResults(checks)
+
+
+async def _login(port: int, user: bytes, password: bytes) -> Any:
+    """A raw RFC 1929 client on loopback: returns (protocol, first answer)."""
+    received = defer.Deferred()
+
+    class Client(protocol.Protocol):
+        data = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+            if len(self.data) >= 4 and not received.called:
+                received.callback(self.data)
+
+    client = await protocol.ClientCreator(reactor, Client).connectTCP("127.0.0.1", port)
+    client.transport.write(b"\x05\x01\x02" + UserPassRequest(user, password).to_bytes())
+    return client, received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queued_check_is_dropped_when_its_client_goes(
+    htfile: Any, make_proxy: Any, gate: Any, monkeypatch: Any
+) -> None:
+    from twisted_socks5.auth import UsernamePasswordAuthenticator
+
+    opened, ran, check = gate
+    real = htpasswd.check_bcrypt
+
+    def blocking(password: bytes, hashed: bytes) -> bool:
+        check(password.decode())
+        return real(password, hashed)
+
+    monkeypatch.setattr(htpasswd, "check_bcrypt", blocking)
+    pool = HashPool(threads=1)
+    auth = UsernamePasswordAuthenticator.from_checkers(
+        HtpasswdChecker(str(htfile), pool=pool)
+    )
+    factory, port = make_proxy(authenticators=[auth])
+    first, first_answer = await _login(port, b"alice", b"wonderland")
+    await until(lambda: ran == ["wonderland"], "the first check to run")
+    second, _ = await _login(port, b"bob", b"builder")
+    await until(lambda: len(pool.queued) == 1, "the second check to queue")
+    second.transport.abortConnection()
+    await until(lambda: not pool.queued, "the queued check to be dropped")
+    opened.set()
+    assert await first_answer == b"\x05\x02\x01\x00"
+    assert ran == ["wonderland"]  # bob's check never ran
+    assert factory.limits.checks == {}
+    first.transport.loseConnection()
