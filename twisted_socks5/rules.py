@@ -27,8 +27,8 @@ must not silently open the proxy (fail closed).  Example::
 
     deny  from 198.51.100.7           # refused before any SOCKS byte
     # Never reach the proxy host or private networks, whatever the name used.
-    deny  to 0.0.0.0/8, 127.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16
-    deny  to 169.254.0.0/16, 100.64.0.0/10, ::/128, ::1/128, fc00::/7, fe80::/10
+    deny  to self, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16
+    deny  to 169.254.0.0/16, 100.64.0.0/10, fc00::/7, fe80::/10
     # The office may browse these sites; alice may also use UDP for DNS.
     allow from 192.0.2.0/24 to .example.com, *.example.net port 80, 443
     allow user alice command udp to 9.9.9.9 port 53
@@ -51,7 +51,7 @@ the commas)::
                 / "user"    user *( "," user )
                 / "via"     route              ; allow rules only
     cidr        = ip-address [ "/" prefix-length ]  ; host bits must be zero
-    target      = cidr / host-pattern
+    target      = cidr / host-pattern / "self"
     host-pattern = name                ; exactly this name
                 / "*." name            ; any name below it, not the name itself
                 / "." name             ; the name and any name below it
@@ -79,6 +79,8 @@ matches everything.  Within one condition, **any** item may match.
     encodings differ (``straße.de``) in their ``xn--`` form; a client sending
     such a name is judged on both encodings, the stricter way.  A host has
     many names: protect networks with CIDRs, not with ``deny to NAME``.
+    ``self`` is the proxy host: loopback, the unspecified addresses and the
+    host's own interface addresses (see :mod:`twisted_socks5.selfnet`).
 ``port``
     The destination port.
 ``command``
