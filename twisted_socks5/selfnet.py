@@ -208,7 +208,7 @@ class HostAddresses:
         self.reload()
 
     def reload(self) -> None:
-        """Read the interface addresses again (a failure keeps the old ones)."""
+        """Read the interface addresses again (a reader that raises keeps the old)."""
         addresses = frozenset(_plain(ip) for ip in self._read())
         self.addresses = addresses
         self._texts = frozenset(str(ip) for ip in addresses)

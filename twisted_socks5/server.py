@@ -621,7 +621,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         return None if decision.allowed else str(decision.rule)
 
     def _udp_allowed(self, destination: Address, ip: str) -> bool:
-        """May this datagram go to ``ip``?  The first refusal is logged."""
+        """
+        May this datagram go to ``ip``?  The association's first refusal is
+        logged (a name's next address may still take the datagram).
+        """
         policy = self.factory.policy
         decision = None
         if policy is not None:
@@ -636,7 +639,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # One line per association: a client must not flood the log.
             self.rule = decision.rule
             self.log.info(
-                "UDP datagrams from {client} to {destination} ({ip}) dropped: "
+                "UDP destination {destination} ({ip}) refused for {client}: "
                 "denied by {rule}",
                 event="socks5.udp_denied",
                 client=self.client_ip,
