@@ -56,6 +56,7 @@ API_MODULES = [
     "bind",
     "udp",
     "rules",
+    "selfnet",
     "client",
     "upstream",
     "workers",

@@ -61,6 +61,7 @@ from twisted_socks5.codec import (
 from twisted_socks5.connect import IOutboundConnector
 from twisted_socks5.htpasswd import parse_htpasswd
 from twisted_socks5.rules import RulesError, RuleSet
+from twisted_socks5.selfnet import unspecified
 from twisted_socks5.server import MAX_EARLY_DATA, SOCKS5ServerFactory, State
 from twisted_socks5.testing import HalfCloseTransport
 
@@ -393,6 +394,19 @@ class _Run:
             assert written == expected.output, (written, expected.output)
             if expected.status == "closed":
                 assert self.closing, "a protocol error left the connection open"
+            return
+        address = request.address
+        if (
+            request.command is not Command.UDP_ASSOCIATE
+            and address.type is not codec.AddressType.DOMAIN
+            and unspecified(address.host)
+            and not (request.command is Command.BIND and address.is_unspecified)
+        ):
+            # No destination (nor BIND peer) is ever unspecified: refused.
+            assert attempts == 0, "an attempt toward an unspecified address"
+            refused = Reply(ReplyCode.CONNECTION_NOT_ALLOWED).to_bytes()
+            assert written == expected.output + refused, written
+            assert self.closing
             return
         assert attempts == 1, f"{attempts} attempts for one request"
         assert written.startswith(expected.output), (written, expected.output)

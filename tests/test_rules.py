@@ -841,6 +841,7 @@ rule_objects = st.builds(
     ports=optional(st.lists(port_ranges, min_size=1, max_size=3).map(tuple)),
     commands=optional(st.frozensets(st.sampled_from(Command), min_size=1)),
     users=optional(st.lists(st.sampled_from(USERS), min_size=1, max_size=3).map(tuple)),
+    to_self=st.booleans(),
 )
 rule_sets = st.builds(
     RuleSet, st.lists(rule_objects, max_size=6), default_allow=st.booleans()

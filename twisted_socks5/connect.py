@@ -179,6 +179,9 @@ class _FilteringResolver:
     Passes on only the addresses the access rules allow, so a name cannot
     smuggle a connection into a denied network (the rules see every address
     the name resolves to, and HostnameEndpoint only ever gets allowed ones).
+    The server relies on it alone for names whose route is known before
+    resolution (no other layer checks them again): see ``_connect`` in
+    :mod:`twisted_socks5.server`.
     """
 
     def __init__(

@@ -27,8 +27,8 @@ must not silently open the proxy (fail closed).  Example::
 
     deny  from 198.51.100.7           # refused before any SOCKS byte
     # Never reach the proxy host or private networks, whatever the name used.
-    deny  to 0.0.0.0/8, 127.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16
-    deny  to 169.254.0.0/16, 100.64.0.0/10, ::/128, ::1/128, fc00::/7, fe80::/10
+    deny  to self, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16
+    deny  to 169.254.0.0/16, 100.64.0.0/10, fc00::/7, fe80::/10
     # The office may browse these sites; alice may also use UDP for DNS.
     allow from 192.0.2.0/24 to .example.com, *.example.net port 80, 443
     allow user alice command udp to 9.9.9.9 port 53
@@ -51,7 +51,7 @@ the commas)::
                 / "user"    user *( "," user )
                 / "via"     route              ; allow rules only
     cidr        = ip-address [ "/" prefix-length ]  ; host bits must be zero
-    target      = cidr / host-pattern
+    target      = cidr / host-pattern / "self"
     host-pattern = name                ; exactly this name
                 / "*." name            ; any name below it, not the name itself
                 / "." name             ; the name and any name below it
@@ -79,6 +79,8 @@ matches everything.  Within one condition, **any** item may match.
     encodings differ (``straße.de``) in their ``xn--`` form; a client sending
     such a name is judged on both encodings, the stricter way.  A host has
     many names: protect networks with CIDRs, not with ``deny to NAME``.
+    ``self`` is the proxy host: loopback, the unspecified addresses and the
+    host's own interface addresses (see :mod:`twisted_socks5.selfnet`).
 ``port``
     The destination port.
 ``command``
@@ -144,6 +146,7 @@ from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
 from zope.interface import Interface, implementer
 
 from twisted_socks5.codec import Address, AddressType, Command
+from twisted_socks5.selfnet import HostAddresses, default_host
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -175,6 +178,9 @@ class Decision:
     #: The upstream a ``via NAME`` rule routes an allowed request through
     #: (``"direct"`` for none), or ``None`` for the server's default route.
     via: Optional[str] = None
+    #: The deciding rule names ``self`` in its ``to``: an explicit allow of
+    #: the proxy host, which the exposed-server protection respects.
+    names_self: bool = False
 
     def __str__(self) -> str:
         if not self.final:
@@ -398,6 +404,8 @@ class _Facts:
     destination_known: bool = False
     names: Optional[Tuple[str, ...]] = None
     ip: Optional[IPAddress] = None
+    #: ``ip`` is in the ``self`` network (computed only if a rule names it).
+    ip_is_self: bool = False
 
 
 _COMMAND_WORDS = {
@@ -408,6 +416,8 @@ _COMMAND_WORDS = {
 _COMMAND_NAMES = {value: key for key, value in _COMMAND_WORDS.items()}
 ANY_USER = "*"
 ANONYMOUS = "-"
+#: The ``to`` item naming the proxy host (a name, not a host pattern).
+SELF = "self"
 
 
 # Networks as (mask, network) integers, IPv4 then IPv6: a membership test is
@@ -449,6 +459,8 @@ class Rule:
     commands: Optional[FrozenSet[Command]] = None
     users: Optional[Tuple[str, ...]] = None
     via: Optional[str] = None
+    #: ``to self``: the proxy host (see :mod:`twisted_socks5.selfnet`).
+    to_self: bool = False
     source: str = field(default="<code>", compare=False)
     line: Optional[int] = field(default=None, compare=False)
 
@@ -499,7 +511,9 @@ class Rule:
         where = self.source if self.line is None else f"{self.source}:{self.line}"
         setattr_(self, "_description", f"{where}: {self}")
         setattr_(
-            self, "_decision", Decision(self.allow, self._description, True, self.via)
+            self,
+            "_decision",
+            Decision(self.allow, self._description, True, self.via, self.to_self),
         )
         setattr_(
             self, "_pending", Decision(True, f"depends on {self._description}", False)
@@ -507,7 +521,7 @@ class Rule:
 
     @property
     def has_destination(self) -> bool:
-        return bool(self.networks or self.hosts)
+        return bool(self.networks or self.hosts or self.to_self)
 
     @property
     def matches_everything(self) -> bool:
@@ -530,7 +544,8 @@ class Rule:
         if self.clients is not None:
             parts.append("from " + ", ".join(map(str, self.clients)))
         if self.has_destination:
-            targets = [str(n) for n in self.networks] + list(self.hosts)
+            targets = ["self"] if self.to_self else []
+            targets += [str(n) for n in self.networks] + list(self.hosts)
             parts.append("to " + ", ".join(targets))
         if self.ports is not None:
             parts.append(
@@ -578,9 +593,9 @@ class Rule:
         if facts.names is not None and self.hosts and self.match_names(facts.names):
             return True
         if facts.ip is not None:
-            return _in(facts.ip, self._networks)
+            return (self.to_self and facts.ip_is_self) or _in(facts.ip, self._networks)
         # A name whose addresses are not known yet.
-        return None if self.networks else False
+        return None if self.networks or self.to_self else False
 
     def match(self, facts: _Facts) -> Optional[bool]:
         """``True``/``False``, or ``None`` when undecided on these facts."""
@@ -603,7 +618,7 @@ class Rule:
                 result = None
             elif not any(low <= port <= high for low, high in self.ports):
                 return False
-        if self.networks or self.hosts:
+        if self.has_destination:
             matched = self._match_destination(facts)
             if matched is False:
                 return False
@@ -666,8 +681,11 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
         clients = tuple(_parse_network(item) for item in values["from"])
     networks: List[IPNetwork] = []
     hosts: List[str] = []
+    to_self = False
     for item in values.get("to", ()):
-        if _looks_like_ip(item):
+        if item.lower() == SELF:
+            to_self = True
+        elif _looks_like_ip(item):
             networks.append(_parse_network(item))
         else:
             hosts.append(item)
@@ -697,6 +715,7 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
         commands=commands,
         users=users,
         via=via,
+        to_self=to_self,
         source=source,
         line=number,
     )
@@ -724,8 +743,13 @@ class RuleSet:
         *,
         source: str = "<code>",
         default_line: Optional[int] = None,
+        host: Optional[HostAddresses] = None,
     ) -> None:
         self.rules: Tuple[Rule, ...] = tuple(rules)
+        #: The ``self`` network, when a rule names it (read on first use).
+        self.host: Optional[HostAddresses] = host
+        if host is None and any(rule.to_self for rule in self.rules):
+            self.host = default_host()
         self.default_allow = default_allow
         self.source = source
         self.default_line = default_line
@@ -749,8 +773,16 @@ class RuleSet:
     # -- building ----------------------------------------------------------
 
     @classmethod
-    def parse(cls, text: str, source: str = "<string>") -> RuleSet:
-        """Parse rules text; raises :class:`RulesError` naming the line."""
+    def parse(
+        cls,
+        text: str,
+        source: str = "<string>",
+        host: Optional[HostAddresses] = None,
+    ) -> RuleSet:
+        """
+        Parse rules text; raises :class:`RulesError` naming the line.
+        ``host`` is the ``self`` network (default: this host's, read once).
+        """
         rules: List[Rule] = []
         default: Optional[bool] = None
         default_line: Optional[int] = None
@@ -784,10 +816,20 @@ class RuleSet:
                     source,
                     number,
                 )
-        return cls(rules, bool(default), source=source, default_line=default_line)
+        return cls(
+            rules,
+            bool(default),
+            source=source,
+            default_line=default_line,
+            host=host,
+        )
 
     @classmethod
-    def from_file(cls, path: Union[str, os.PathLike[str]]) -> RuleSet:
+    def from_file(
+        cls,
+        path: Union[str, os.PathLike[str]],
+        host: Optional[HostAddresses] = None,
+    ) -> RuleSet:
         """Read and parse a UTF-8 rules file; any failure is a RulesError."""
         source = os.fspath(path)
         try:
@@ -797,7 +839,7 @@ class RuleSet:
             raise RulesError(f"cannot read rules: {e.strerror or e}", source) from e
         except UnicodeDecodeError as e:
             raise RulesError(f"not UTF-8 text: {e}", source) from e
-        return cls.parse(text, source)
+        return cls.parse(text, source, host)
 
     def render(self) -> str:
         """The rule set in the file syntax; ``parse(render())`` is equal."""
@@ -839,6 +881,8 @@ class RuleSet:
     # -- checking ----------------------------------------------------------
 
     def _decide(self, facts: _Facts) -> Decision:
+        if facts.ip is not None and self.host is not None:
+            facts.ip_is_self = facts.ip in self.host
         first_undecided: Optional[Rule] = None
         undecided_allow = undecided_deny = False
         decision = self._default
@@ -920,3 +964,66 @@ class RuleSet:
                 ip=normalise_ip(resolved_ip),
             )
         )
+
+    # -- the open-relay question -------------------------------------------
+
+    def check_anonymous_client(self, client: IPLike) -> Decision:
+        """
+        Like :meth:`check_client`, for a client that did not authenticate:
+        denied when no request it could make would be allowed.
+        """
+        return self._decide(_Facts(normalise_ip(client), user_known=True))
+
+
+#: ``from`` networks of public addresses wider than this prefix length (by
+#: IP version) name much of the Internet, not a list of clients.
+WIDEST_CLIENT_LIST = {4: 8, 6: 16}
+
+_SPACES = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
+
+
+def client_allow_list(rules: RuleSet) -> List[IPNetwork]:
+    """
+    The client networks the rules name on purpose: the ``from`` networks of
+    ``allow`` rules, less public ones wider than :data:`WIDEST_CLIENT_LIST`
+    (``0.0.0.0/0`` is everyone; ``10.0.0.0/8`` or ``fc00::/7`` is a LAN).
+    """
+    return [
+        net
+        for rule in rules.rules
+        if rule.allow
+        for net in rule.clients or ()
+        if net.prefixlen >= WIDEST_CLIENT_LIST[net.version] or net.is_private
+    ]
+
+
+def open_relay_clients(rules: RuleSet) -> Optional[Tuple[IPAddress, IPAddress]]:
+    """
+    The first range of client addresses outside :func:`client_allow_list`
+    that some request without authentication could be allowed for (an open
+    relay for them), or ``None`` when there is none.
+
+    The rules see a client only through the ``from`` networks that contain
+    it, so the answer is the same for every address between two network
+    boundaries: cutting the IPv4 and IPv6 address spaces at every boundary
+    and asking once per piece checks the whole space exactly.
+    """
+    listed = _masks(client_allow_list(rules))
+    for space in _SPACES:
+        cuts = {int(space.network_address), int(space.broadcast_address) + 1}
+        nets = [net for rule in rules.rules for net in rule.clients or ()]
+        if space.version == 6:
+            nets.append(_MAPPED)  # IPv4 addresses: checked as such above
+        for net in nets:
+            if net.version == space.version:
+                cuts.add(int(net.network_address))
+                cuts.add(int(net.broadcast_address) + 1)
+        bounds = sorted(cuts)
+        make = type(space.network_address)
+        for start, end in zip(bounds, bounds[1:]):
+            first: IPAddress = make(start)
+            if first in _MAPPED or _in(first, listed):
+                continue
+            if rules.check_anonymous_client(first).allowed:
+                return first, make(end - 1)
+    return None

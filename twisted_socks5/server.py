@@ -61,10 +61,13 @@ from .limits import ConnectionLimits
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
+from .selfnet import SELF_RULE, UNSPECIFIED_RULE, HostAddresses, unspecified
 from .udp import UDPAssociation
 from .writenow import close_ended, write_now
 
 _ALLOWED = Decision(True, "no access rules")
+_UNSPECIFIED = Decision(False, UNSPECIFIED_RULE)
+_SELF_REFUSED = Decision(False, SELF_RULE)
 
 #: Most bytes buffered before the relay starts: pipelined payload that came
 #: with the request.  More means a client that is not speaking SOCKS.
@@ -488,26 +491,32 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         address = request.address
         route = None
         policy = self.factory.policy
-        if policy is not None:
-            if address.type is not AddressType.DOMAIN:
-                decision = self._resolved_decision(address, address.host)
-                if not decision.allowed:
-                    self._deny(decision.rule)
-                    return
-                route = decision.via
-            elif self._decision is not None and self._decision.final:
-                route = self._decision.via
-                check = partial(self._resolved_denial, address)
-            elif self.factory.routes:
-                # Which rule allows the name, and so its route, depends on
-                # the addresses: resolve here first.
-                self._hold()
-                resolving = self.factory.connector.resolve(address.host)
-                self._connecting = resolving
-                resolving.addCallback(self._route_resolved, address)
-                resolving.addCallbacks(self._connected, self._connect_failed)
+        decision = self._decision
+        if address.type is not AddressType.DOMAIN:
+            decision = self._resolved_decision(address, address.host)
+            if not decision.allowed:
+                self._deny(decision.rule)
                 return
-            else:
+            route = decision.via
+        elif policy is not None and not decision.final:
+            # Which rule allows the name, and so its route, depends on the
+            # addresses: resolve here, check each, connect by IP.
+            self._hold()
+            resolving = self.factory.connector.resolve(address.host)
+            self._connecting = resolving
+            resolving.addCallback(self._route_resolved, address)
+            resolving.addCallbacks(self._connected, self._connect_failed)
+            return
+        else:
+            # The route is known: the connector checks each address the
+            # name resolves to and uses only the allowed ones (with
+            # HostnameEndpoint's fallback among them).  One check per name,
+            # here or in _route_resolved, never both.  Without rules, an
+            # upstream resolves names on its own host: nothing to guard.
+            route = decision.via if decision is not None else None
+            if policy is not None or isinstance(
+                self.factory.connector_for(route), DirectConnector
+            ):
                 check = partial(self._resolved_denial, address)
         connector = self.factory.connector_for(route)
         self._hold()
@@ -641,14 +650,30 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         return self.client_ip or "127.0.0.1"
 
     def _resolved_decision(self, destination: Address, ip: str) -> Any:
-        """The rules' final word on using ``ip`` for this request."""
+        """
+        The final word on using ``ip`` for this request: never an
+        unspecified address, whatever the rules say; then the rules; and on
+        a server listening beyond loopback (``protect_host``), never the
+        proxy host itself unless the allowing rule names ``self``.
+        """
+        if unspecified(ip):
+            return _UNSPECIFIED
         policy = self.factory.policy
         request = self.request
-        if policy is None or request is None:
-            return _ALLOWED
-        return policy.check_resolved(
-            self.policy_ip, self.user, request.command, destination, ip
-        )
+        decision = _ALLOWED
+        if policy is not None and request is not None:
+            decision = policy.check_resolved(
+                self.policy_ip, self.user, request.command, destination, ip
+            )
+        host = self.factory.protect_host
+        if (
+            host is not None
+            and decision.allowed
+            and not getattr(decision, "names_self", False)
+            and ip in host
+        ):
+            return _SELF_REFUSED
+        return decision
 
     def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
         """None when the rules allow using ``ip`` for this request, else the rule."""
@@ -656,15 +681,33 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         return None if decision.allowed else str(decision.rule)
 
     def _udp_allowed(self, destination: Address, ip: str) -> bool:
+        """
+        May this datagram go to ``ip``?  The association's first refusal is
+        logged (a name's next address may still take the datagram).
+        """
         policy = self.factory.policy
-        if policy is None:
-            return True
-        decision = policy.check_request(
-            self.policy_ip, self.user, Command.UDP_ASSOCIATE, destination
-        )
-        if not decision.allowed:
-            return False
-        return self._resolved_denial(destination, ip) is None
+        decision = None
+        if policy is not None:
+            decision = policy.check_request(
+                self.policy_ip, self.user, Command.UDP_ASSOCIATE, destination
+            )
+        if decision is None or decision.allowed:
+            decision = self._resolved_decision(destination, ip)
+            if decision.allowed:
+                return True
+        if self.rule is None:
+            # One line per association: a client must not flood the log.
+            self.rule = decision.rule
+            self.log.info(
+                "UDP destination {destination} ({ip}) refused for {client}: "
+                "denied by {rule}",
+                event="socks5.udp_denied",
+                client=self.client_ip,
+                destination=str(destination),
+                ip=ip,
+                rule=decision.rule,
+            )
+        return False
 
     def _deny(self, rule: str) -> None:
         self.rule = rule
@@ -687,15 +730,24 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self._connecting = d
             d.addCallbacks(self._bind_listen, self._bind_failed)
             d.addBoth(self._unwait)
+        elif address.is_unspecified:
+            self._bind_listen(None)  # 0.0.0.0 or :: exactly: any peer (RFC 1928)
         else:
-            self._bind_listen(None if address.is_unspecified else [address.host])
+            self._bind_listen([address.host])
 
     def _bind_listen(self, allowed: Optional[List[str]]) -> None:
         self._connecting = None
         if self.state is not State.BINDING:
             return
+        if allowed is not None:
+            # No peer comes from 0.1.2.3 or from a name's 0.0.0.0: a client
+            # naming one is probing, not binding.
+            allowed = [ip for ip in allowed if not unspecified(ip)]
+            if not allowed:
+                self._deny(UNSPECIFIED_RULE)
+                return
         check_peer = None
-        if self.factory.policy is not None and self.request is not None:
+        if self.request is not None:
             check_peer = partial(self._bind_peer_allowed, self.request.address)
         waiter = BindWaiter(
             self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
@@ -747,9 +799,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             request.address,
             self.factory.connector.resolve,
             allow_unknown_sources=self.factory.udp_allow_unknown_sources,
-            check_destination=(
-                self._udp_allowed if self.factory.policy is not None else None
-            ),
+            check_destination=self._udp_allowed,
             on_activity=self._udp_activity,
         )
         try:
@@ -958,6 +1008,12 @@ class SOCKS5ServerFactory(Factory):
         e.g. a :class:`~twisted_socks5.rules.RuleSet`; default: allow all.
     :param routes: connectors by name, for the rules' ``via NAME``
         (``direct`` is built in), e.g. ``{"tor": UpstreamConnector(...)}``.
+    :param protect_host: the proxy host's addresses
+        (:class:`~twisted_socks5.selfnet.HostAddresses`): destinations among
+        them are refused (0x02) unless the rule allowing them names ``self``.
+        ``twistd socks5`` sets it when a listener is reachable from other
+        hosts.  Unspecified destinations (``0.0.0.0/8``, ``::``) are refused
+        whatever this says.
     """
 
     log = Logger()
@@ -985,6 +1041,7 @@ class SOCKS5ServerFactory(Factory):
         limits: Optional[ConnectionLimits] = None,
         policy: Optional[IPolicy] = None,
         routes: Optional[Dict[str, IOutboundConnector]] = None,
+        protect_host: Optional[HostAddresses] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -1018,6 +1075,8 @@ class SOCKS5ServerFactory(Factory):
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy
         )
+        #: Refuse destinations on this host unless a rule names ``self``.
+        self.protect_host = protect_host
         self.draining = False
         self._drained: List[defer.Deferred[None]] = []
         #: Tunnels under the idle/stall watch, and its timer while any are.
@@ -1190,6 +1249,8 @@ class SOCKS5ServerFactory(Factory):
         (plugins included) and the credential checkers behind them.
         """
         found: List[Any] = []
+        if self.protect_host is not None:
+            found.append(self.protect_host)
         if self.policy is not None and hasattr(self.policy, "reload"):
             found.append(self.policy)
         for authenticator in self.authenticators:

@@ -35,7 +35,8 @@ from .auth import (
 from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import ConnectionLimits
-from .rules import IPolicy, RulesError, RuleSet
+from .rules import IPolicy, RulesError, RuleSet, open_relay_clients
+from .selfnet import HostAddresses, default_host
 from .server import DEFAULT_SPLICE_AFTER, SOCKS5ServerFactory
 from .workers import worker_count
 
@@ -276,6 +277,13 @@ class Options(usage.Options, AuthOptionMixin):
             "nor a client allow-list in --rules (an open proxy for anyone).",
         ],
         [
+            "allow-self-destinations",
+            None,
+            "Let clients reach the proxy host itself (loopback, its own "
+            "addresses) when listening beyond loopback; by default only rules "
+            "that name 'self' (allow ... to self) can allow it.",
+        ],
+        [
             "udp-allow-unknown-sources",
             None,
             "Relay UDP datagrams to a client from addresses it never sent to "
@@ -342,11 +350,16 @@ class Options(usage.Options, AuthOptionMixin):
         anonymous = any(a.method == 0 for a in build_authenticators(self))
         if not anonymous:
             return
-        if self.policy is not None and _has_client_allow_list(self.policy):
-            return
+        who = "anyone"
+        if self.policy is not None:
+            outside = open_relay_clients(self.policy.rules)
+            if outside is None:
+                return
+            first, last = outside
+            who = f"clients from {first} to {last} (outside 'allow from' networks)"
         raise usage.UsageError(
             f"refusing to start an open proxy: {', '.join(exposed)} can be reached "
-            "from other hosts, and anyone may use it without a password.  Require "
+            f"from other hosts, and {who} may use it without a password.  Require "
             "one (--auth ...), or allow only your clients (--rules FILE with "
             "'allow from YOUR/NET' and 'default deny'), or listen on loopback; "
             "--allow-open-relay starts it anyway."
@@ -403,9 +416,11 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(
                     "--metrics is per process: it cannot be combined with --workers"
                 )
+        #: The ``self`` network, read now and on SIGHUP.
+        self.host = default_host()
         if self["rules"]:
             try:
-                self.policy = RulesFile(self["rules"])
+                self.policy = RulesFile(self["rules"], self.host)
             except RulesError as e:
                 raise usage.UsageError(f"--rules: {e}") from None
             named = {name for name in self["upstreams"] if name is not None}
@@ -548,14 +563,18 @@ class RulesFile:
     """
     An access-rules file as an :class:`~twisted_socks5.rules.IPolicy` that
     :meth:`reload` re-reads; a file that fails to parse keeps the old rules.
+    ``host`` is the ``self`` network, whose addresses a reload reads again.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, host: Optional[HostAddresses] = None) -> None:
         self.path = path
-        self.rules = RuleSet.from_file(path)
+        self.host = host
+        self.rules = RuleSet.from_file(path, host)
 
     def reload(self) -> None:
-        self.rules = RuleSet.from_file(self.path)  # raises: old rules stay
+        if self.host is not None:
+            self.host.reload()
+        self.rules = RuleSet.from_file(self.path, self.host)  # raises: old stay
 
     def check_client(self, client: Any) -> Any:
         return self.rules.check_client(client)
@@ -614,6 +633,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
         commands=options["commands"],
         policy=options.policy,
+        protect_host=_protected_host(options),
         connector=_connector(options, reactor),
         routes=_routes(options, reactor),
         limits=ConnectionLimits(
@@ -642,14 +662,18 @@ def _exposed(description: str) -> bool:
         return True
 
 
-def _has_client_allow_list(policy: Any) -> bool:
+def _protected_host(options: Options) -> Optional[HostAddresses]:
     """
-    True when the rules refuse an arbitrary outside client outright: only
-    then is a password-less proxy beyond loopback not an open relay (rules
-    that merely narrow the destinations still relay for anyone).
+    The proxy host's addresses to refuse as destinations: when a listener
+    is reachable from other hosts, unless --allow-self-destinations.  On
+    loopback only, clients are on this host already.
     """
-    probes = ("198.51.100.77", "2001:db8::77")  # documentation addresses
-    return not any(policy.check_client(client).allowed for client in probes)
+    if options["allow-self-destinations"]:
+        return None
+    if not any(_exposed(d) for d in options["listen"]):
+        return None
+    host: HostAddresses = getattr(options, "host", None) or default_host()
+    return host
 
 
 def _without_workers(argv: List[str]) -> List[str]:

@@ -149,7 +149,8 @@ class UDPAssociation:
         self._to_client: Optional[Callable[[bytes, Sendable], Any]] = None
         self._senders: Dict[int, Callable[[bytes, Sendable], Any]] = {}
         self._peers: collections.OrderedDict[Sendable, None] = collections.OrderedDict()
-        self._names: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: A name's addresses, as resolved (each datagram picks its own).
+        self._names: collections.OrderedDict[str, List[str]] = collections.OrderedDict()
         self._pending: Dict[str, Deque[Tuple[bytes, int]]] = {}
         self._lookups: List[defer.Deferred[List[str]]] = []
         self._headers: Dict[Tuple[str, int], bytes] = {}
@@ -218,10 +219,10 @@ class UDPAssociation:
 
     def _send_to_name(self, name: str, port: int, data: bytes) -> None:
         key = name.lower().rstrip(".")
-        ip = self._names.get(key)
-        if ip is not None:
+        addresses = self._names.get(key)
+        if addresses is not None:
             self._names.move_to_end(key)
-            self._send(Address(AddressType.DOMAIN, name, port), ip, data)
+            self._send_to(Address(AddressType.DOMAIN, name, port), addresses, data)
             return
         queue = self._pending.get(key)
         if queue is not None:
@@ -252,16 +253,28 @@ class UDPAssociation:
     def _resolved(self, addresses: List[str], name: str, key: str) -> None:
         if self.closed:
             return
-        ip = addresses[0]
-        self._names[key] = ip
+        self._names[key] = addresses
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
         for data, port in self._pending.pop(key, ()):
-            self._send(Address(AddressType.DOMAIN, name, port), ip, data)
+            self._send_to(Address(AddressType.DOMAIN, name, port), addresses, data)
 
     def _unresolved(self, failure: Failure, key: str) -> None:
         dropped = len(self._pending.pop(key, ()))
         self.counters.drops["unresolvable"] += dropped
+
+    def _send_to(self, destination: Address, addresses: List[str], data: bytes) -> None:
+        """
+        Send to the first of a name's addresses that the policy allows,
+        checked again for every datagram (the rules may have been reloaded).
+        """
+        check = self.check_destination
+        for ip in addresses:
+            ip = normalize_ip(ip)
+            if check is None or check(destination, ip):
+                self._deliver(destination, ip, data)
+                return
+        self.counters.drops["denied"] += 1
 
     def _send(self, destination: Address, ip: str, data: bytes) -> None:
         ip = normalize_ip(ip)
@@ -270,6 +283,9 @@ class UDPAssociation:
         ):
             self.counters.drops["denied"] += 1
             return
+        self._deliver(destination, ip, data)
+
+    def _deliver(self, destination: Address, ip: str, data: bytes) -> None:
         if len(data) > MAX_UDP_PAYLOAD:
             self.counters.drops["oversize"] += 1
             return

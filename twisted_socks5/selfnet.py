@@ -1,0 +1,247 @@
+"""
+The proxy host itself as a destination: the unspecified addresses that are
+never a destination, and the ``self`` network of the access rules (loopback,
+unspecified, and the addresses of this host's interfaces).
+
+On Linux a connection to ``0.0.0.0`` or ``::`` (or any ``0.0.0.0/8`` address)
+reaches the host's own loopback services, so rules written against
+``127.0.0.0/8`` alone would not protect them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import ipaddress
+import socket
+import sys
+from typing import Callable, FrozenSet, Iterable, List, Optional, Tuple, Union
+
+from twisted.logger import Logger
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+log = Logger()
+
+#: Networks that are the host itself whatever its interfaces: loopback and
+#: unspecified (IPv4-mapped forms are read as IPv4 everywhere).
+BUILT_IN: Tuple[IPNetwork, ...] = (
+    ipaddress.IPv4Network("127.0.0.0/8"),
+    ipaddress.IPv4Network("0.0.0.0/8"),
+    ipaddress.IPv6Network("::1/128"),
+    ipaddress.IPv6Network("::/128"),
+)
+
+#: The rule quoted when an unspecified destination is refused.
+UNSPECIFIED_RULE = "built-in: an unspecified address (0.0.0.0/8, ::) is no destination"
+#: The rule quoted when the exposed-server protection refuses ``self``.
+SELF_RULE = (
+    "built-in: the proxy host itself (self) on a server listening beyond "
+    "loopback; allow it with 'allow ... to self' or --allow-self-destinations"
+)
+
+
+def _plain(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def unspecified(ip: Union[IPAddress, str]) -> bool:
+    """
+    Whether ``ip`` is unspecified: ``0.0.0.0/8`` or ``::``, also IPv4-mapped.
+    Never a valid destination, whatever the rules say.
+    """
+    if isinstance(ip, str):
+        # Canonical texts first (every datagram comes here): no parsing.
+        if ip.startswith("0."):
+            return True
+        if "." in ip and ":" not in ip:
+            return False
+        try:
+            ip = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+    ip = _plain(ip)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return int(ip) >> 24 == 0
+    return ip.is_unspecified
+
+
+# --------------------------------------------------------------------------
+# The host's interface addresses
+
+
+class _SockAddr(ctypes.Structure):
+    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_ubyte * 14)]
+
+
+class _IfAddrs(ctypes.Structure):
+    pass
+
+
+_IfAddrs._fields_ = [
+    ("ifa_next", ctypes.POINTER(_IfAddrs)),
+    ("ifa_name", ctypes.c_char_p),
+    ("ifa_flags", ctypes.c_uint),
+    ("ifa_addr", ctypes.POINTER(_SockAddr)),
+    ("ifa_netmask", ctypes.POINTER(_SockAddr)),
+    ("ifa_ifu", ctypes.c_void_p),
+    ("ifa_data", ctypes.c_void_p),
+]
+
+
+def _family(raw: bytes) -> int:
+    """sa_family: 16 bits on Linux; BSD and macOS put sa_len first."""
+    if sys.platform.startswith("linux"):
+        return int.from_bytes(raw[:2], sys.byteorder)
+    return raw[1]
+
+
+def getifaddrs_addresses() -> List[IPAddress]:
+    """The interfaces' addresses from the C library's ``getifaddrs``."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    head = ctypes.POINTER(_IfAddrs)()
+    if libc.getifaddrs(ctypes.byref(head)) != 0:
+        raise OSError(ctypes.get_errno(), "getifaddrs failed")
+    found: List[IPAddress] = []
+    try:
+        node = head
+        while node:
+            entry = node.contents
+            if entry.ifa_addr:
+                raw = ctypes.string_at(entry.ifa_addr, 28)
+                family = _family(raw)
+                if family == socket.AF_INET:
+                    found.append(ipaddress.IPv4Address(raw[4:8]))
+                elif family == socket.AF_INET6:
+                    found.append(ipaddress.IPv6Address(raw[8:24]))
+            node = entry.ifa_next
+    finally:
+        libc.freeifaddrs(head)
+    return found
+
+
+def parse_proc_if_inet6(text: str) -> List[IPAddress]:
+    """Addresses from ``/proc/net/if_inet6`` (32 hex digits first per line)."""
+    found: List[IPAddress] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            try:
+                found.append(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+            except ValueError:
+                continue
+    return found
+
+
+def parse_proc_fib_trie(text: str) -> List[IPAddress]:
+    """Local IPv4 addresses from ``/proc/net/fib_trie`` (``/32 host LOCAL``)."""
+    found: List[IPAddress] = []
+    last: Optional[str] = None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] in ("|--", "+--"):
+            last = fields[1]
+        elif "/32 host LOCAL" in line and last is not None:
+            try:
+                ip = ipaddress.IPv4Address(last)
+            except ValueError:
+                continue
+            if ip not in found:
+                found.append(ip)
+    return found
+
+
+def proc_addresses() -> List[IPAddress]:
+    """The interfaces' addresses from Linux's ``/proc/net`` (no C calls)."""
+    found: List[IPAddress] = []
+    for path, parse in (
+        ("/proc/net/fib_trie", parse_proc_fib_trie),
+        ("/proc/net/if_inet6", parse_proc_if_inet6),
+    ):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                found.extend(parse(f.read()))
+        except OSError:
+            continue
+    if not found:
+        raise OSError("no address in /proc/net")
+    return found
+
+
+def interface_addresses() -> List[IPAddress]:
+    """
+    This host's interface addresses: ``getifaddrs`` (Linux, BSD, macOS),
+    else ``/proc/net``; an empty list, with a warning, when neither works
+    (``self`` is then loopback and unspecified only).
+    """
+    error: Exception = OSError("no reader")
+    for reader in (getifaddrs_addresses, proc_addresses):
+        try:
+            return reader()
+        except (OSError, AttributeError, TypeError, ValueError) as e:
+            error = e
+    log.warn(
+        "cannot read this host's interface addresses ({error}); 'self' is "
+        "loopback and unspecified only",
+        error=error,
+    )
+    return []
+
+
+class HostAddresses:
+    """
+    The ``self`` network: :data:`BUILT_IN` plus this host's interface
+    addresses, read when built and again on :meth:`reload` (SIGHUP).
+
+    :param read: returns the interface addresses (tests inject their own).
+    """
+
+    def __init__(
+        self, read: Callable[[], Iterable[IPAddress]] = interface_addresses
+    ) -> None:
+        self._read = read
+        self.addresses: FrozenSet[IPAddress] = frozenset()
+        self._texts: FrozenSet[str] = frozenset()
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the interface addresses again (a reader that raises keeps the old)."""
+        addresses = frozenset(_plain(ip) for ip in self._read())
+        self.addresses = addresses
+        self._texts = frozenset(str(ip) for ip in addresses)
+
+    @property
+    def networks(self) -> Tuple[IPNetwork, ...]:
+        """Everything in ``self``, as networks (the rules' view)."""
+        own: List[IPNetwork] = [ipaddress.ip_network(ip) for ip in self.addresses]
+        return BUILT_IN + tuple(own)
+
+    def __contains__(self, ip: object) -> bool:
+        if isinstance(ip, str):
+            if ip in self._texts or ip.startswith("127.") or ip == "::1":
+                return True
+            try:
+                ip = ipaddress.ip_address(ip.split("%", 1)[0])
+            except ValueError:
+                return False
+        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return False
+        ip = _plain(ip)
+        return ip in self.addresses or any(ip in net for net in BUILT_IN)
+
+    def __repr__(self) -> str:
+        return f"<self: loopback, unspecified and {len(self.addresses)} addresses>"
+
+
+_default: Optional[HostAddresses] = None
+
+
+def default_host() -> HostAddresses:
+    """The process's :class:`HostAddresses`, read on first use."""
+    global _default
+    if _default is None:
+        _default = HostAddresses()
+    return _default
