@@ -56,6 +56,7 @@ from .connect import (
 )
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
+from .logs import escape, escape_line
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
@@ -1017,7 +1018,7 @@ class SOCKS5ServerFactory(Factory):
             self.log.info(
                 "refused {client}: {reason}",
                 event="socks5.refused",
-                client=ip,
+                client=escape(ip),
                 kind=kind,
                 reason=why,
             )
@@ -1125,9 +1126,15 @@ class SOCKS5ServerFactory(Factory):
             for d in drained:
                 d.callback(None)
         request = protocol.request
-        client = str(protocol.client) if protocol.client else None
+        # Names, users and error messages come from the network: escaped
+        # here, once, so no observer (text, JSON, a worker's relay) shows a
+        # forged line or a terminal escape.
+        client = escape(protocol.client) if protocol.client else None
+        user = escape(protocol.user) if protocol.user is not None else None
         command = request.command.phrase if request else None
-        target = str(request.address) if request else None
+        target = escape(request.address) if request else None
+        outcome = escape_line(protocol.outcome)
+        rule = escape(protocol.rule) if protocol.rule is not None else None
         reply = protocol.reply
         reply_text = reply.phrase if reply is not None else "-"
         counters = protocol.counters
@@ -1148,12 +1155,13 @@ class SOCKS5ServerFactory(Factory):
                 "log_source": log.source,
                 "log_format": "{summary}",
                 "log_time": time.time(),
-                "summary": f"{client} {protocol.user} {command} {target} -> "
-                f"{reply_text}: {protocol.outcome}; up {counters.bytes_up} B, "
-                f"down {counters.bytes_down} B in {duration:.3f} s",
+                "summary": f"{client or '-'} {user or '-'} {command or '-'} "
+                f"{target or '-'} -> {reply_text}: {outcome}; "
+                f"up {counters.bytes_up} B, down {counters.bytes_down} B "
+                f"in {duration:.3f} s",
                 "event": "socks5.connection",
                 "client": client,
-                "user": protocol.user,
+                "user": user,
                 "method": protocol.method,
                 "command": command,
                 "target": target,
@@ -1162,8 +1170,8 @@ class SOCKS5ServerFactory(Factory):
                 "bound": str(protocol.bound) if protocol.bound else None,
                 "peer": str(protocol.peer) if protocol.peer else None,
                 "udp": protocol.udp.counters.as_dict() if protocol.udp else None,
-                "outcome": protocol.outcome,
-                "rule": protocol.rule,
+                "outcome": outcome,
+                "rule": rule,
                 "bytes_up": counters.bytes_up,
                 "bytes_down": counters.bytes_down,
                 "duration": duration,

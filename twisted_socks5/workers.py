@@ -25,6 +25,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 
+from .logs import escape_line
+
 log = Logger()
 
 #: Restart delays for a worker that keeps dying: 0.5 s doubling to 30 s.
@@ -103,7 +105,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 log.info(
                     "[worker {index}] {line}",
                     index=self.index,
-                    line=line.decode("utf-8", "replace"),
+                    line=escape_line(line.decode("utf-8", "replace")),
                 )
 
     errReceived = outReceived
