@@ -790,14 +790,21 @@ def test_readme_commands_are_the_documented_ones() -> None:
     assert "GSSAPI" in readme
 
 
-def test_embedding_page_lists_every_factory_argument_with_its_default() -> None:
-    """docs/embedding.rst's signature block: every argument, the real default."""
+@pytest.mark.parametrize(
+    "path, indent", [(DOCS / "embedding.rst", "   "), (ROOT / "README.md", "")]
+)
+def test_docs_list_every_factory_argument_with_its_default(
+    path: Path, indent: str
+) -> None:
+    """The signature blocks (embedding.rst, README): each argument, its default."""
     import inspect
 
-    text = (DOCS / "embedding.rst").read_text()
-    start = text.index("   SOCKS5ServerFactory(\n")
-    block = text[start : text.index("\n   )\n", start)]
-    documented = dict(re.findall(r"^       (\w+)=(.*?),?\s*(?:#.*)?$", block, re.M))
+    text = path.read_text()
+    start = text.index(f"{indent}SOCKS5ServerFactory(\n")
+    block = text[start : text.index(f"\n{indent})\n", start)]
+    documented = dict(
+        re.findall(rf"^{indent}    (\w+)=(.*?),?\s*(?:#.*)?$", block, re.M)
+    )
     parameters = inspect.signature(SOCKS5ServerFactory).parameters
     assert set(documented) == set(parameters)
     for name, parameter in parameters.items():

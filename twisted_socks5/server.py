@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import time
 from functools import partial
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -159,7 +159,11 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.client_ip = ""
         #: Closed at once by a limit or the rules (logged by the factory).
         self.refused = False
-        self._admitted = True
+        #: Counted by the limits as from ``client_ip`` (not yet, behind a
+        #: PROXY header still to come).
+        self.identified = False
+        #: Holds a UDP association's extra descriptors in the limits.
+        self._udp_counted = False
         self.started = 0.0
         self.client: Optional[Address] = None
         self.method: Optional[int] = None
@@ -192,26 +196,43 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.factory.handshake_timeout)
         if getattr(self.transport, "_proxyInfo", False) is None:
             # Behind the haproxy: endpoint the wrapper connects us before the
-            # PROXY header arrives; the real client is known with the first
-            # bytes it passes on, so the checks wait for them.
-            self._admitted = False
+            # PROXY header arrives: counted from now against the server's
+            # limits (a silent client holds a slot too); the client's own
+            # limits and the rules wait for the header to name it.
+            self._admit(identified=False)
             return
         self._admit()
 
-    def _admit(self) -> bool:
+    def _admit(self, identified: bool = True) -> bool:
         """The limits and the rules' client check; False if refused."""
-        self._admitted = True
         peer = self.transport.getPeer()
-        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
-        if not self.factory.admit(self.client_ip):
-            self.refused = True
-            self.state = State.CLOSING
-            self.setTimeout(None)
-            self.transport.abortConnection()
+        if identified:
+            self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        if not self.factory.admit(self.client_ip if identified else None):
+            self._refuse()
             return False
-        self.client = address_of(peer)
+        if identified:
+            self.client = address_of(peer)
+        self.identified = identified
         self.factory.connection_opened(self)
         return True
+
+    def _identify(self) -> bool:
+        """The PROXY header named the client: its own limits and the rules."""
+        peer = self.transport.getPeer()
+        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        if not self.factory.identify(self):
+            self._refuse()
+            return False
+        self.identified = True
+        self.client = address_of(peer)
+        return True
+
+    def _refuse(self) -> None:
+        self.refused = True
+        self.state = State.CLOSING
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.RELAYING:
@@ -227,7 +248,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             return
         if self.state is State.CLOSING:
             return
-        if not self._admitted and not self._admit():
+        if not self.identified and not self._identify():
             return
         if self.state is State.ASSOCIATED:
             # RFC 1928 gives the control connection nothing more to carry.
@@ -264,7 +285,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.state = State.CLOSING
         self.setTimeout(None)
-        if self.refused or not self._admitted:
+        if self.refused:
             return
         self.factory.unwatch_activity(self)
         if self._splice is not None:
@@ -274,6 +295,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             waiter.cancel()
         if self.udp is not None:
             self.udp.close()
+            if self._udp_counted:
+                self._udp_counted = False
+                self.factory.limits.udp_ended()
             if self.outcome == "associated":
                 self.outcome = "association ended"
         if self._connecting is not None:
@@ -642,7 +666,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
         )
         requested = self.request.address  # type: ignore[union-attr]
-        wanted = requested.port if requested.is_unspecified else 0
+        wanted = self.factory.bind_port_for(requested)
         try:
             first = waiter.listen(self._local_host(), wanted)
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
@@ -681,6 +705,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     # UDP ASSOCIATE
 
     def _associate(self, request: Request) -> None:
+        limits = self.factory.limits
+        if not limits.may_associate():
+            self._fail(ReplyCode.GENERAL_FAILURE, "udp associate: out of descriptors")
+            return
         client = self.transport.getPeer()
         association = UDPAssociation(
             self.factory.reactor,
@@ -699,6 +727,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self._fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
             return
         self.udp = association
+        # Counted as the four descriptors it may come to hold, before it does.
+        limits.udp_started()
+        self._udp_counted = True
         self.bound = bound
         self.state = State.ASSOCIATED
         self.outcome = "associated"
@@ -771,7 +802,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         per chunk, and nothing is scheduled or cancelled per tunnel.
         """
         factory = self.factory
-        if not (factory.idle_timeout or factory.stall_timeout):
+        if not (factory.idle_timeout or factory.stall_timeout or self._udp_idle()):
             return
         self._silent_since = factory.reactor.seconds()
         factory.watch_activity(self)
@@ -782,7 +813,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.counters.active = False
             self._silent_since = now
         silent = now - self._silent_since
-        idle, stall = self.factory.idle_timeout, self.factory.stall_timeout
+        idle, stall = (
+            self._udp_idle() or self.factory.idle_timeout,
+            self.factory.stall_timeout,
+        )
         if idle and silent >= idle:
             self._watch_abort("idle timeout")
         elif stall and silent >= stall and self._stalled():
@@ -790,6 +824,15 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # read: nothing watches the paused socket any more, so a peer
             # that went away would never be noticed.  Reclaim the tunnel.
             self._watch_abort("stalled: no progress with data waiting")
+
+    def _udp_idle(self) -> Optional[float]:
+        """An association's idle limit: the shorter of the two timeouts."""
+        if self.udp is None:
+            return None
+        limits = [
+            t for t in (self.factory.udp_idle_timeout, self.factory.idle_timeout) if t
+        ]
+        return min(limits) if limits else None
 
     def _watch_abort(self, outcome: str) -> None:
         """The watch gives up on this tunnel (its close comes a turn later)."""
@@ -890,6 +933,13 @@ class SOCKS5ServerFactory(Factory):
         64 KiB): short tunnels never pay for pipes.  ``0``: splice from the
         first byte after the reply.
     :param bind_timeout: seconds a BIND waits for its peer (answer 0x06).
+    :param bind_ports: the ports (``(low, high)``, inclusive) a BIND for
+        ``0.0.0.0:PORT`` may listen on as the client asks; any other port
+        asked for, or none configured (the default), gets a port the system
+        chooses, so that no client squats a port of the proxy's address.
+    :param udp_idle_timeout: close a UDP association after this many seconds
+        without a datagram either way (default 300), so that idle
+        associations do not hold connection slots for ever; ``None`` never.
     :param udp_allow_unknown_sources: relay UDP answers from addresses the
         client never sent to (some NAT traversal needs it); off by default.
     :param commands: the commands served; others get 0x07.
@@ -917,6 +967,8 @@ class SOCKS5ServerFactory(Factory):
         splice_after: int = DEFAULT_SPLICE_AFTER,
         stall_timeout: Optional[float] = 300.0,
         bind_timeout: float = 120.0,
+        bind_ports: Optional[Tuple[int, int]] = None,
+        udp_idle_timeout: Optional[float] = 300.0,
         udp_allow_unknown_sources: bool = False,
         commands: Sequence[Command] = (
             Command.CONNECT,
@@ -948,6 +1000,8 @@ class SOCKS5ServerFactory(Factory):
         self.splice = splice
         self.splice_after = splice_after
         self.bind_timeout = bind_timeout
+        self.bind_ports = bind_ports
+        self.udp_idle_timeout = udp_idle_timeout
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
@@ -986,7 +1040,11 @@ class SOCKS5ServerFactory(Factory):
             self._watch_call = None
 
     def _schedule_watch(self) -> None:
-        periods = [t for t in (self.idle_timeout, self.stall_timeout) if t]
+        periods = [
+            t
+            for t in (self.idle_timeout, self.stall_timeout, self.udp_idle_timeout)
+            if t
+        ]
         if periods:
             self._watch_call = self.reactor.callLater(min(periods), self._watch)
 
@@ -1000,18 +1058,43 @@ class SOCKS5ServerFactory(Factory):
         if self._watching:
             self._schedule_watch()
 
-    def admit(self, ip: str) -> bool:
+    def admit(self, ip: Optional[str]) -> bool:
         """
         Whether a new client from ``ip`` may go on: the connection limits,
-        shutdown, and the rules' client check.  A refusal is logged here.
+        shutdown, and the rules' client check (``ip`` ``None``: a client a
+        PROXY header has yet to name, checked again by :meth:`identify`).
+        A refusal is logged here.
         """
         refusal = self.limits.refusal(ip)
         if refusal is None and self.draining:
             refusal = ("draining", "server is shutting down")
-        if refusal is None and self.policy is not None:
+        if refusal is None and ip is not None:
+            refusal = self._rules_refusal(ip)
+        return self._admitted(ip, refusal)
+
+    def identify(self, protocol: SOCKS5ServerProtocol) -> bool:
+        """
+        A client counted since accept was named by its PROXY header: its
+        own limits and the rules now.  Refused, it is no longer counted.
+        """
+        ip = protocol.client_ip
+        refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
+        if self._admitted(ip, refusal):
+            self.limits.identified(ip)
+            return True
+        if protocol in self.active:
+            self.active.discard(protocol)
+            self.limits.closed(None)
+        return False
+
+    def _rules_refusal(self, ip: str) -> Optional[tuple[str, str]]:
+        if self.policy is not None:
             decision = self.policy.check_client(ip or "127.0.0.1")
             if not decision.allowed:
-                refusal = ("rules", f"denied by {decision.rule}")
+                return ("rules", f"denied by {decision.rule}")
+        return None
+
+    def _admitted(self, ip: Optional[str], refusal: Optional[tuple[str, str]]) -> bool:
         if refusal is not None:
             # Returning None makes Twisted close the connection at once.
             kind, why = refusal
@@ -1052,6 +1135,16 @@ class SOCKS5ServerFactory(Factory):
 
         return done.addCallback(cancel_timer)
 
+    def bind_port_for(self, requested: Address) -> int:
+        """
+        The port a BIND listens on: the one a ``0.0.0.0:PORT`` request asks
+        for only inside ``bind_ports``; else 0, a port the system picks.
+        """
+        if self.bind_ports is None or not requested.is_unspecified:
+            return 0
+        low, high = self.bind_ports
+        return requested.port if low <= requested.port <= high else 0
+
     def connector_for(self, route: Optional[str]) -> IOutboundConnector:
         """The connector of a rule's ``via`` route (``None``: the default)."""
         if route is None:
@@ -1069,7 +1162,7 @@ class SOCKS5ServerFactory(Factory):
 
     def connection_opened(self, protocol: SOCKS5ServerProtocol) -> None:
         self.active.add(protocol)
-        self.limits.opened(protocol.client_ip)
+        self.limits.opened(protocol.client_ip if protocol.identified else None)
 
     def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
         self.limits.auth_failed(protocol.client_ip)
@@ -1118,7 +1211,7 @@ class SOCKS5ServerFactory(Factory):
     ) -> None:
         if protocol in self.active:
             self.active.discard(protocol)
-            self.limits.closed(protocol.client_ip)
+            self.limits.closed(protocol.client_ip if protocol.identified else None)
         if self.metrics is not None:
             self.metrics.closed(protocol)
         if self.draining and not self.active:

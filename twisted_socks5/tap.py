@@ -8,7 +8,7 @@ import contextlib
 import gc
 import ipaddress
 import sys
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -60,6 +60,17 @@ def _count(value: str) -> int:
 
 
 _count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _port_range(value: str) -> Tuple[int, int]:
+    low, sep, high = value.partition("-")
+    ports = (int(low), int(high if sep else low))
+    if not 1 <= ports[0] <= ports[1] <= 65535:
+        raise ValueError("must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    return ports
+
+
+_port_range.coerceDoc = "LOW-HIGH, e.g. 40000-40999, or one port."  # type: ignore[attr-defined]
 
 _COMMANDS = {
     "connect": Command.CONNECT,
@@ -180,8 +191,9 @@ class Options(usage.Options, AuthOptionMixin):
             "Client connections open at once, all clients together; over it a "
             "new client is closed at once (default: the descriptor limit, "
             "raised to its hard maximum at start, less a reserve, divided by "
-            "3; busy tunnels' splice pipes only use descriptors left over, and "
-            "new clients are refused before the process runs out; 0: no limit)",
+            "3; UDP associations count the four they may hold, busy tunnels' "
+            "splice pipes only use descriptors left over, and new clients are "
+            "refused before the process runs out; 0: no limit)",
             _count,
         ],
         [
@@ -196,9 +208,28 @@ class Options(usage.Options, AuthOptionMixin):
         [
             "max-connections-per-client",
             None,
-            0,
-            "Connections open at once from one client IP (default 0: no limit).",
+            None,
+            "Connections open at once from one client IP (default: a quarter of "
+            "--max-connections, so that no one client holds every slot; 0: no "
+            "limit).",
             _count,
+        ],
+        [
+            "udp-idle-timeout",
+            None,
+            300.0,
+            "Close a UDP association after this many seconds without a datagram "
+            "either way; 0 or 'off' never does.",
+            _timeout_or_off,
+        ],
+        [
+            "bind-ports",
+            None,
+            None,
+            "The ports, as LOW-HIGH, a BIND for 0.0.0.0:PORT may listen on as "
+            "the client asks (some clients, such as Dante's, need the port they "
+            "ask for); by default, and outside the range, the system picks one.",
+            _port_range,
         ],
         [
             "auth-failures",
@@ -594,6 +625,8 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         idle_timeout=options["idle-timeout"],
         stall_timeout=options["stall-timeout"],
         bind_timeout=options["bind-timeout"],
+        bind_ports=options["bind-ports"],
+        udp_idle_timeout=options["udp-idle-timeout"],
         splice=not options["no-splice"],
         splice_after=options["splice-after"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
