@@ -1194,6 +1194,13 @@ class SOCKS5ServerFactory(Factory):
         for item in self.reloadables():
             try:
                 item.reload()
+            except (ValueError, OSError) as e:  # a broken file: RulesError says where
+                self.log.warn(
+                    "reload of {item!r} failed, keeping it as it was: {error}",
+                    item=item,
+                    error=str(e),
+                    event="socks5.reload_failed",
+                )
             except Exception:  # noqa: BLE001 - keep serving with the old one
                 self.log.failure(
                     "reload of {item!r} failed; keeping it as it was", item=item

@@ -19,7 +19,7 @@ from test_errors import exchange
 from test_twistd import TWISTD, Twistd
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import reactor
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher, jsonFileLogObserver
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
@@ -59,14 +59,6 @@ def logs() -> Iterator[Tuple[io.StringIO, io.StringIO]]:
         globalLogPublisher.removeObserver(observer)
 
 
-@pytest.fixture
-def events() -> Iterator[EventLoggingObserver]:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
 def _assert_safe(output: str) -> None:
     assert FORGED not in output
     assert "\x1b" not in output
@@ -91,8 +83,8 @@ async def test_a_hostile_user_and_name_are_escaped_in_text_and_json(
     _assert_safe(text)
     assert "127.0.0.1:" in text and f" {EVIL_ESCAPED} - - -> -: " in text
     assert f" - connect {EVIL_ESCAPED.replace('eve', 'host')}:80 -> " in text
-    events = [json.loads(line) for line in js.split("\x1e") if line.strip()]
-    connections = [e for e in events if e.get("event") == "socks5.connection"]
+    parsed = [json.loads(line) for line in js.split("\x1e") if line.strip()]
+    connections = [e for e in parsed if e.get("event") == "socks5.connection"]
     assert [e["user"] for e in connections] == [EVIL_ESCAPED, None]
     assert connections[1]["target"] == EVIL_ESCAPED.replace("eve", "host") + ":80"
     for e in connections:
@@ -120,7 +112,7 @@ async def test_a_hostile_user_is_escaped_through_the_workers_relay(
     assert "[worker " in line and EVIL_ESCAPED in line
 
 
-def test_the_workers_relay_escapes_what_a_worker_prints(events: Any) -> None:
+def test_the_workers_relay_escapes_what_a_worker_prints(log_events: Any) -> None:
     """Whatever a worker writes, one line stays one line, without escapes."""
 
     class Supervisor:
@@ -128,5 +120,5 @@ def test_the_workers_relay_escapes_what_a_worker_prints(events: Any) -> None:
 
     worker = _WorkerProcess(Supervisor(), 3)  # type: ignore[arg-type]
     worker.outReceived(b"a \x1b[31mred\rline\n\tcontinued\npartial")
-    lines = [e["line"] for e in events if "line" in e]
+    lines = [e["line"] for e in log_events if "line" in e]
     assert lines == ["a \\x1b[31mred\\rline", "\tcontinued"]
