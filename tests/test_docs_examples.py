@@ -441,6 +441,20 @@ def test_proxy_tac_builds_its_application(tmp_path: Path, monkeypatch: Any) -> N
     assert service.factory.connector.ports == {80, 443}
 
 
+def test_the_tac_files_users_file_is_explained_where_it_is_shown() -> None:
+    """proxy.tac reads users.txt: the page and the file itself say how to make it."""
+    command = "printf 'alice:change-me\\n' > users.txt"
+    assert command in (DOCS / "embedding.rst").read_text()
+    assert command in (EXAMPLES / "proxy.tac").read_text()
+
+
+def test_authentication_page_runs_the_venvs_python() -> None:
+    """The example needs twisted-socks5 installed: the venv's python."""
+    text = (DOCS / "authentication.rst").read_text()
+    assert "   python3 docs/examples" not in text
+    assert ".venv/bin/python docs/examples/socks5_tokens.py" in text
+
+
 # --------------------------------------------------------------------------
 # Tables in the docs that name code and tests
 
