@@ -54,15 +54,17 @@ def default_max_connections(fds_per_connection: int = 3) -> int:
     """
     The most client connections this process can carry: a CONNECT tunnel
     uses two file descriptors, a waiting BIND three and a UDP association
-    up to four; so what is left of ``RLIMIT_NOFILE`` after a reserve,
-    divided by three.  The descriptors are counted besides
-    (:class:`ConnectionLimits`): a UDP association's fourth, and the splice
-    relay's pipes (four more for a busy tunnel), are only taken from
-    descriptors no connection uses, and a new client is refused while there
-    is no room for a UDP association's four.  Raise the descriptor limit
-    (``LimitNOFILE=`` in systemd) to raise this.
+    up to four; so what is left of ``RLIMIT_NOFILE`` after a reserve (and
+    the last client's possible fourth), divided by three.  The descriptors
+    are counted besides (:class:`ConnectionLimits`): a UDP association's
+    fourth, and the splice relay's pipes (four more for a busy tunnel), are
+    only taken from descriptors no connection uses, and a new client is
+    refused while there is no room for a UDP association's four.  Raise
+    the descriptor limit (``LimitNOFILE=`` in systemd) to raise this.
     """
-    return max(1, descriptor_budget() // fds_per_connection)
+    udp_extra = max(0, UDP_FDS - fds_per_connection)
+    # The last client admitted may become a UDP association: room for it.
+    return max(1, (descriptor_budget() - udp_extra) // fds_per_connection)
 
 
 def default_max_per_client(max_connections: int) -> int:
