@@ -218,14 +218,19 @@ async def default_cap_probe(
     target = (netload.HOST, servers.ports["echo"])
     server = Twistd(workdir, f"cap-{relay}")
     pattern = netload.Pattern()
-    # limits.default_max_connections(): 3 descriptors a connection (a busy
-    # tunnel's splice pipes only use descriptors no connection needs).
-    cap = (nofile - 64) // 3
+    # limits.default_max_connections(): 3 descriptors a connection, and room
+    # for the last one to be a UDP association's 4 (a busy tunnel's splice
+    # pipes only use descriptors no connection needs).
+    cap = (nofile - 64 - 1) // 3
     out: Dict[str, Any] = {"nofile": nofile, "relay": relay, "default_cap": cap}
     tunnels: List[Tunnel] = []
     outcomes: List[str] = []
     try:
-        await server.start([] if relay == "splice" else ["--no-splice"], nofile=nofile)
+        # All from 127.0.0.1: without the per-client limit (a quarter).
+        options = ["--max-connections-per-client", "0"]
+        if relay != "splice":
+            options.append("--no-splice")
+        await server.start(options, nofile=nofile)
         base = procstat.fd_count(server.pid)
         for i in range(cap):
             tunnel = Tunnel(i, target, "127.0.0.1")

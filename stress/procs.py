@@ -139,7 +139,9 @@ class Twistd:
             if self.proc.returncode is not None:
                 raise RuntimeError(f"twistd exited:\n{self.log_text()[-3000:]}")
             text = self.log_text()
-            socks = re.search(r"twisted-socks5 listening on 127\.0\.0\.1:(\d+)", text)
+            socks = re.search(
+                r"twisted-socks5 .*?listening on 127\.0\.0\.1:(\d+)", text
+            )
             site = re.search(r"Site starting on (\d+)", text)
             if socks and site:
                 self.port, self.metrics_port = int(socks[1]), int(site[1])

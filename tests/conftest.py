@@ -4,6 +4,8 @@ import sys
 from typing import Iterator
 
 import pytest
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 
 # Let tests import their helpers module as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -19,3 +21,12 @@ def _unfreeze_the_heap() -> Iterator[None]:
     yield
     if gc.get_freeze_count():
         gc.unfreeze()
+
+
+@pytest.fixture
+def log_events() -> Iterator[EventLoggingObserver]:
+    """Every event logged during the test."""
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)

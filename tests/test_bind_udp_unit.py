@@ -71,16 +71,30 @@ def test_bind_two_replies_then_relay() -> None:
     assert h.protocol.peer == Address.from_host("127.0.0.9", 2000)
 
 
+def _bind_port(requested: Address, **factory_kwargs: Any) -> int:
+    """The port the proxy listens on for a BIND asking for ``requested``."""
+    h = Harness(**factory_kwargs)
+    h.send(bind_request(requested))
+    port, _, _, _ = h.reactor.tcpServers[-1]
+    return int(port)
+
+
 def test_bind_asks_for_the_port_named_with_an_unspecified_address() -> None:
     """Dante's socksify sends 0.0.0.0:PORT with the port its program bound."""
-    h = Harness()
-    h.send(bind_request(Address.from_host("0.0.0.0", 40404)))
-    port, _, _, _ = h.reactor.tcpServers[-1]
-    assert port == 40404
-    h = Harness()
-    h.send(bind_request(Address.from_host("127.0.0.9", 40404)))  # a peer's port
-    port, _, _, _ = h.reactor.tcpServers[-1]
-    assert port == 0
+    ports = (40000, 40999)
+    assert _bind_port(Address.from_host("0.0.0.0", 40404), bind_ports=ports) == 40404
+    assert _bind_port(Address.from_host("::", 40999), bind_ports=ports) == 40999
+    # A peer's port is not a wish for ours.
+    assert _bind_port(Address.from_host("127.0.0.9", 40404), bind_ports=ports) == 0
+
+
+def test_bind_chooses_the_port_unless_the_client_asks_within_the_range() -> None:
+    """No client squats a port of the proxy's address: by default none chooses."""
+    assert _bind_port(Address.from_host("0.0.0.0", 40404)) == 0
+    assert _bind_port(Address.from_host("0.0.0.0", 22)) == 0
+    ports = (40000, 40999)
+    assert _bind_port(Address.from_host("0.0.0.0", 39999), bind_ports=ports) == 0
+    assert _bind_port(Address.from_host("0.0.0.0", 41000), bind_ports=ports) == 0
 
 
 def test_bind_refuses_the_wrong_peer_and_keeps_waiting() -> None:

@@ -441,6 +441,20 @@ def test_proxy_tac_builds_its_application(tmp_path: Path, monkeypatch: Any) -> N
     assert service.factory.connector.ports == {80, 443}
 
 
+def test_the_tac_files_users_file_is_explained_where_it_is_shown() -> None:
+    """proxy.tac reads users.txt: the page and the file itself say how to make it."""
+    command = "printf 'alice:change-me\\n' > users.txt"
+    assert command in (DOCS / "embedding.rst").read_text()
+    assert command in (EXAMPLES / "proxy.tac").read_text()
+
+
+def test_authentication_page_runs_the_venvs_python() -> None:
+    """The example needs twisted-socks5 installed: the venv's python."""
+    text = (DOCS / "authentication.rst").read_text()
+    assert "   python3 docs/examples" not in text
+    assert ".venv/bin/python docs/examples/socks5_tokens.py" in text
+
+
 # --------------------------------------------------------------------------
 # Tables in the docs that name code and tests
 
@@ -794,14 +808,21 @@ def test_readme_commands_are_the_documented_ones() -> None:
     assert "GSSAPI" in readme
 
 
-def test_embedding_page_lists_every_factory_argument_with_its_default() -> None:
-    """docs/embedding.rst's signature block: every argument, the real default."""
+@pytest.mark.parametrize(
+    "path, indent", [(DOCS / "embedding.rst", "   "), (ROOT / "README.md", "")]
+)
+def test_docs_list_every_factory_argument_with_its_default(
+    path: Path, indent: str
+) -> None:
+    """The signature blocks (embedding.rst, README): each argument, its default."""
     import inspect
 
-    text = (DOCS / "embedding.rst").read_text()
-    start = text.index("   SOCKS5ServerFactory(\n")
-    block = text[start : text.index("\n   )\n", start)]
-    documented = dict(re.findall(r"^       (\w+)=(.*?),?\s*(?:#.*)?$", block, re.M))
+    text = path.read_text()
+    start = text.index(f"{indent}SOCKS5ServerFactory(\n")
+    block = text[start : text.index(f"\n{indent})\n", start)]
+    documented = dict(
+        re.findall(rf"^{indent}    (\w+)=(.*?),?\s*(?:#.*)?$", block, re.M)
+    )
     parameters = inspect.signature(SOCKS5ServerFactory).parameters
     assert set(documented) == set(parameters)
     for name, parameter in parameters.items():

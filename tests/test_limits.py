@@ -7,11 +7,13 @@ from typing import Any
 from helpers import SERVER, HalfCloseTransport, Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
-from twisted_socks5.codec import UserPassRequest
+from twisted_socks5.codec import Address, Command, Request, UserPassRequest
 from twisted_socks5.limits import ConnectionLimits, default_max_connections
 
 
@@ -147,7 +149,10 @@ def test_splice_pipes_only_take_descriptors_no_connection_needs() -> None:
 
 def test_default_cap_no_longer_reserves_pipes_for_idle_tunnels() -> None:
     limits = ConnectionLimits(lambda: 0.0)
-    assert limits.max_connections == limits.fd_budget // 3
+    # The last one admitted may still become a UDP association (four).
+    assert limits.max_connections == (limits.fd_budget - 1) // 3
+    limits.total = limits.max_connections - 1
+    assert limits.refusal("10.9.9.9") is None
 
 
 def test_no_limit_means_no_descriptor_check_either() -> None:
@@ -158,3 +163,86 @@ def test_no_limit_means_no_descriptor_check_either() -> None:
         limits.opened(f"10.0.0.{i}")
     assert limits.refusal("10.0.0.9") is None
     assert not limits.may_splice()  # pipes still never take the last ones
+
+
+def _associate(h: Harness, ip: str) -> Any:
+    """A client from ``ip`` that asks for a UDP association (None if refused)."""
+    protocol = connect(h, ip)
+    if protocol is not None:
+        request = Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0))
+        protocol.dataReceived(b"\x05\x01\x00" + request.to_bytes())
+    return protocol
+
+
+def test_udp_associations_count_the_four_descriptors_they_may_hold() -> None:
+    h = limited(max_connections=1000, max_per_client=0)
+    limits = h.factory.limits
+    # Room for three associations of four descriptors, and three more.
+    limits.fd_budget = 3 * 4 + 3
+    held = [_associate(h, f"127.0.0.{i}") for i in range(1, 4)]
+    assert all(p is not None and p.udp is not None for p in held)
+    assert limits._fds_in_use() == 12
+    # A fourth client (who could become an association) is refused at
+    # accept, not left to fail with EMFILE.
+    assert _associate(h, "127.0.0.9") is None
+    held[0].connectionLost(Failure(ConnectionDone()))
+    assert limits._fds_in_use() == 8 and limits.extra_fds == 2
+    assert _associate(h, "127.0.0.9") is not None
+
+
+def test_an_association_without_room_for_its_sockets_is_answered_0x01() -> None:
+    h = limited(max_connections=1000, max_per_client=0)
+    limits = h.factory.limits
+    limits.fd_budget = 3 * 3 + 1  # three handshakes, then room for one more socket
+    clients = [connect(h, f"127.0.0.{i}") for i in range(1, 4)]
+    request = Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0))
+    replies = []
+    for protocol in clients:
+        protocol.dataReceived(b"\x05\x01\x00" + request.to_bytes())
+        replies.append(protocol.transport.value()[2:4])
+    assert replies == [b"\x05\x00", b"\x05\x01", b"\x05\x01"]
+    assert limits.extra_fds == 1
+    assert limits._fds_in_use() <= limits.fd_budget
+
+
+def test_one_client_gets_a_quarter_of_the_connections_by_default() -> None:
+    limits = ConnectionLimits(lambda: 0.0, max_connections=100)
+    assert limits.max_per_client == 25
+    assert ConnectionLimits(lambda: 0.0, max_connections=2).max_per_client == 1
+    assert ConnectionLimits(lambda: 0.0, max_connections=0).max_per_client == 0
+    derived = ConnectionLimits(lambda: 0.0)
+    assert derived.max_per_client == derived.max_connections // 4
+    h = limited(max_connections=8)
+    assert [connect(h, "127.0.0.7") is not None for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    assert connect(h, "127.0.0.8") is not None
+
+
+def test_an_idle_udp_association_is_closed_by_default() -> None:
+    h = Harness()
+    assert h.factory.udp_idle_timeout == 300
+    h.send(
+        b"\x05\x01\x00"
+        + Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)).to_bytes()
+    )
+    assert h.protocol.udp is not None
+    h.reactor.pump([10] * 29)
+    assert not h.transport.aborted
+    h.reactor.pump([10] * 32)
+    assert h.transport.aborted
+    assert h.protocol.outcome == "idle timeout"
+
+
+def test_a_busy_udp_association_stays() -> None:
+    h = Harness()
+    h.send(
+        b"\x05\x01\x00"
+        + Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)).to_bytes()
+    )
+    for _ in range(20):
+        h.protocol._udp_activity()
+        h.reactor.advance(100)
+    assert not h.transport.aborted

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +19,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
-from twisted_socks5.logs import TextLogObserver, text_observer
+from twisted_socks5.logs import TextLogObserver, escape, escape_line, text_observer
 
 _texts = st.text(max_size=40)
 _times = st.one_of(
@@ -168,3 +168,58 @@ def test_twistd_logger_option_takes_the_factory_by_name() -> None:
     options = ServerOptions()
     options.parseOptions(["--logger", "twisted_socks5.logs.text_observer"])
     assert options["logger"] is text_observer
+
+
+# --------------------------------------------------------------------------
+# Escaping what came from the network
+
+
+def _unescape(text: str) -> Optional[str]:
+    """The inverse of ``escape`` (``None`` for ``-``), to show it is injective."""
+    if text == "-":
+        return None
+    if text == '""':
+        return ""
+    out, i = [], 0
+    widths = {"x": 2, "u": 4, "U": 8}
+    while i < len(text):
+        char = text[i]
+        if char != "\\":
+            out.append(char)
+            i += 1
+            continue
+        kind = text[i + 1]
+        if kind in widths:
+            out.append(chr(int(text[i + 2 : i + 2 + widths[kind]], 16)))
+            i += 2 + widths[kind]
+        else:
+            out.append({"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[kind])
+            i += 2
+    return "".join(out)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.none(), st.text(), st.sampled_from(["-", "", "\\", '"'])))
+def test_escaped_text_is_printable_and_unambiguous(value: Optional[str]) -> None:
+    escaped = escape(value)
+    assert escaped and escaped.isprintable()
+    assert not set(escaped) & {'"', "'"} or escaped == '""'
+    assert _unescape(escaped) == value
+
+
+@given(st.text())
+def test_escape_line_keeps_tabs_and_escapes_the_rest(text: str) -> None:
+    line = escape_line(text)
+    assert all(c == "\t" or c.isprintable() for c in line)
+    if text.isprintable():
+        assert line == text
+
+
+def test_escape_examples() -> None:
+    assert escape("alice") == "alice"
+    assert escape("bob\n2026-01-01 [-] forged") == "bob\\n2026-01-01 [-] forged"
+    assert escape("\x1b[31mred") == "\\x1b[31mred"
+    assert escape("a\\nb") == "a\\\\nb"
+    assert escape("\u202eevil") == "\\u202eevil"
+    assert escape("é") == "é"
+    assert escape(None) == "-" and escape("-") == "\\x2d" and escape("") == '""'

@@ -37,6 +37,9 @@ def raise_fd_limit(ceiling: int = 1 << 20) -> int:
 
 #: Descriptors the splice relay's two pipes add to a tunnel.
 PIPE_FDS = 4
+#: Descriptors a UDP association may hold: its TCP connection, the socket
+#: facing the client and one outbound socket per address family.
+UDP_FDS = 4
 
 
 def descriptor_budget() -> int:
@@ -51,14 +54,22 @@ def default_max_connections(fds_per_connection: int = 3) -> int:
     """
     The most client connections this process can carry: a CONNECT tunnel
     uses two file descriptors, a waiting BIND three and a UDP association
-    up to four; so what is left of ``RLIMIT_NOFILE`` after a reserve,
-    divided by three.  The splice relay's pipes (four more for a busy
-    tunnel) are not counted here: they are only taken from descriptors no
-    connection uses (:meth:`ConnectionLimits.may_splice`), and a new client
-    is refused rather than left without one.  Raise the descriptor limit
-    (``LimitNOFILE=`` in systemd) to raise this.
+    up to four; so what is left of ``RLIMIT_NOFILE`` after a reserve (and
+    the last client's possible fourth), divided by three.  The descriptors
+    are counted besides (:class:`ConnectionLimits`): a UDP association's
+    fourth, and the splice relay's pipes (four more for a busy tunnel), are
+    only taken from descriptors no connection uses, and a new client is
+    refused while there is no room for a UDP association's four.  Raise
+    the descriptor limit (``LimitNOFILE=`` in systemd) to raise this.
     """
-    return max(1, descriptor_budget() // fds_per_connection)
+    udp_extra = max(0, UDP_FDS - fds_per_connection)
+    # The last client admitted may become a UDP association: room for it.
+    return max(1, (descriptor_budget() - udp_extra) // fds_per_connection)
+
+
+def default_max_per_client(max_connections: int) -> int:
+    """A quarter of the server's connections (0, no limit, if it has none)."""
+    return max(1, max_connections // 4) if max_connections else 0
 
 
 class ConnectionLimits:
@@ -69,7 +80,8 @@ class ConnectionLimits:
         also refused when the descriptors in use (connections and splice
         pipes) leave no room for it.
     :param max_per_client: connections open at once from one client IP
-        (``None`` or ``0``: no limit).
+        (``None``: a quarter of ``max_connections``, so that no one client
+        holds every slot; ``0``: no limit).
     :param auth_failures: failed authentications from one IP within
         ``auth_window`` seconds after which that IP is refused until its
         failures age out (``0``: never throttle): at connect, and on
@@ -98,7 +110,12 @@ class ConnectionLimits:
         self.fd_budget = descriptor_budget()
         #: Tunnels holding splice pipes now.
         self.spliced = 0
-        self.max_per_client = max_per_client or 0
+        if max_per_client is None:
+            max_per_client = default_max_per_client(max_connections)
+        self.max_per_client = max_per_client
+        #: Descriptors UDP associations hold beyond ``fds_per_connection``.
+        self.extra_fds = 0
+        self.udp_extra = max(0, UDP_FDS - fds_per_connection)
         self.auth_failures = auth_failures
         self.auth_window = auth_window
         self.auth_checks_per_client = auth_checks_per_client
@@ -110,18 +127,24 @@ class ConnectionLimits:
             collections.OrderedDict()
         )
 
-    def refusal(self, ip: str) -> Optional[Tuple[str, str]]:
+    def refusal(self, ip: Optional[str]) -> Optional[Tuple[str, str]]:
         """
         Why a new connection from ``ip`` must be refused, as a short kind
-        (for metrics) and a sentence (for the log), or ``None``.
+        (for metrics) and a sentence (for the log), or ``None``.  With
+        ``ip`` ``None`` (a client a PROXY header has yet to name) only the
+        limits of the whole server apply.
         """
         if self.max_connections and self.total >= self.max_connections:
             return "server_full", f"server full ({self.max_connections} connections)"
-        if self.max_connections and self._fds_in_use(connections=1) > self.fd_budget:
+        if self.max_connections and not self._room_for(self.worst_case_fds):
             return "server_full", (
                 f"server full (out of descriptors: {self.total} connections, "
                 f"{self.spliced} with splice pipes)"
             )
+        return None if ip is None else self.client_refusal(ip)
+
+    def client_refusal(self, ip: str) -> Optional[Tuple[str, str]]:
+        """The limits of one client address: its connections, its failed logins."""
         if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
             return "client_limit", f"{self.max_per_client} connections already"
         if self.throttled(ip):
@@ -149,14 +172,34 @@ class ConnectionLimits:
         else:
             self.checks[ip] = left
 
-    def _fds_in_use(self, connections: int = 0, spliced: int = 0) -> int:
-        return (self.total + connections) * self.fds_per_connection + (
-            self.spliced + spliced
-        ) * PIPE_FDS
+    @property
+    def worst_case_fds(self) -> int:
+        """What a new client may come to hold: a UDP association's descriptors."""
+        return self.fds_per_connection + self.udp_extra
+
+    def _fds_in_use(self, spliced: int = 0) -> int:
+        return (
+            self.total * self.fds_per_connection
+            + self.extra_fds
+            + (self.spliced + spliced) * PIPE_FDS
+        )
+
+    def _room_for(self, descriptors: int) -> bool:
+        return self._fds_in_use() + descriptors <= self.fd_budget
 
     def may_splice(self) -> bool:
         """Whether one more tunnel may take two pipes without starving accept()."""
-        return self._fds_in_use(spliced=1) <= self.fd_budget
+        return self._room_for(PIPE_FDS)
+
+    def may_associate(self) -> bool:
+        """Whether a connection may become a UDP association (its extra sockets)."""
+        return not self.max_connections or self._room_for(self.udp_extra)
+
+    def udp_started(self) -> None:
+        self.extra_fds += self.udp_extra
+
+    def udp_ended(self) -> None:
+        self.extra_fds -= self.udp_extra
 
     def splice_started(self) -> None:
         self.spliced += 1
@@ -164,12 +207,20 @@ class ConnectionLimits:
     def splice_ended(self) -> None:
         self.spliced -= 1
 
-    def opened(self, ip: str) -> None:
+    def opened(self, ip: Optional[str]) -> None:
+        """A connection is in; ``None``: its client is not known yet."""
         self.total += 1
+        if ip is not None:
+            self.identified(ip)
+
+    def identified(self, ip: str) -> None:
+        """A connection counted already is from ``ip``."""
         self.per_client[ip] = self.per_client.get(ip, 0) + 1
 
-    def closed(self, ip: str) -> None:
+    def closed(self, ip: Optional[str]) -> None:
         self.total -= 1
+        if ip is None:
+            return
         left = self.per_client.get(ip, 1) - 1
         if left <= 0:
             self.per_client.pop(ip, None)

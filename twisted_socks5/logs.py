@@ -31,6 +31,48 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+#: Text that needs no escaping: printable ASCII less backslash and quotes.
+_PLAIN = re.compile(r"[ !#-&(-\[\]-~]+")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape_char(char: str) -> str:
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if char in "\"'" or not char.isprintable():
+        if code < 0x100:
+            return f"\\x{code:02x}"
+        return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return char
+
+
+def escape(value: object) -> str:
+    """
+    A string from the network made safe for one log line: control and
+    other non-printable characters, backslash and quotes become Python-style
+    escapes (``\\n``, ``\\x1b``, ``\\u202e``), so no client can start a
+    line of its own or drive the operator's terminal.  Unambiguous: an
+    absent value is ``-``, a real ``-`` is ``\\x2d`` and an empty one ``""``.
+    """
+    if value is None:
+        return "-"
+    text = value if type(value) is str else str(value)
+    if _PLAIN.fullmatch(text):
+        return "\\x2d" if text == "-" else text
+    if not text:
+        return '""'
+    return "".join(map(_escape_char, text))
+
+
+def escape_line(text: str) -> str:
+    """Control characters of a line escaped, the rest (tabs too) kept."""
+    if text.isprintable():
+        return text
+    return "".join(c if c == "\t" or c.isprintable() else _escape_char(c) for c in text)
+
+
 #: Format strings that name one field and nothing else, like ``"{summary}"``.
 _ONE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -19,7 +19,17 @@ import collections
 import enum
 import time
 from functools import partial
-from typing import Any, Callable, ClassVar, Deque, Dict, List, Optional, Sequence
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Deque,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -58,6 +68,7 @@ from .connect import (
 )
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
+from .logs import escape, escape_line
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
@@ -167,7 +178,11 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.client_ip = ""
         #: Closed at once by a limit or the rules (logged by the factory).
         self.refused = False
-        self._admitted = True
+        #: Counted by the limits as from ``client_ip`` (not yet, behind a
+        #: PROXY header still to come).
+        self.identified = False
+        #: Holds a UDP association's extra descriptors in the limits.
+        self._udp_counted = False
         self.started = 0.0
         self.client: Optional[Address] = None
         self.method: Optional[int] = None
@@ -200,26 +215,43 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.setTimeout(self.factory.handshake_timeout)
         if getattr(self.transport, "_proxyInfo", False) is None:
             # Behind the haproxy: endpoint the wrapper connects us before the
-            # PROXY header arrives; the real client is known with the first
-            # bytes it passes on, so the checks wait for them.
-            self._admitted = False
+            # PROXY header arrives: counted from now against the server's
+            # limits (a silent client holds a slot too); the client's own
+            # limits and the rules wait for the header to name it.
+            self._admit(identified=False)
             return
         self._admit()
 
-    def _admit(self) -> bool:
+    def _admit(self, identified: bool = True) -> bool:
         """The limits and the rules' client check; False if refused."""
-        self._admitted = True
         peer = self.transport.getPeer()
-        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
-        if not self.factory.admit(self.client_ip):
-            self.refused = True
-            self.state = State.CLOSING
-            self.setTimeout(None)
-            self.transport.abortConnection()
+        if identified:
+            self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        if not self.factory.admit(self.client_ip if identified else None):
+            self._refuse()
             return False
-        self.client = address_of(peer)
+        if identified:
+            self.client = address_of(peer)
+        self.identified = identified
         self.factory.connection_opened(self)
         return True
+
+    def _identify(self) -> bool:
+        """The PROXY header named the client: its own limits and the rules."""
+        peer = self.transport.getPeer()
+        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        if not self.factory.identify(self):
+            self._refuse()
+            return False
+        self.identified = True
+        self.client = address_of(peer)
+        return True
+
+    def _refuse(self) -> None:
+        self.refused = True
+        self.state = State.CLOSING
+        self.setTimeout(None)
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.RELAYING:
@@ -235,7 +267,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             return
         if self.state is State.CLOSING:
             return
-        if not self._admitted and not self._admit():
+        if not self.identified and not self._identify():
             return
         if self.state is State.ASSOCIATED:
             # RFC 1928 gives the control connection nothing more to carry.
@@ -272,7 +304,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self.state = State.CLOSING
         self.setTimeout(None)
-        if self.refused or not self._admitted:
+        if self.refused:
             return
         self.factory.unwatch_activity(self)
         if self._parked:
@@ -286,6 +318,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             waiter.cancel()
         if self.udp is not None:
             self.udp.close()
+            if self._udp_counted:
+                self._udp_counted = False
+                self.factory.limits.udp_ended()
             if self.outcome == "associated":
                 self.outcome = "association ended"
         if self._connecting is not None:
@@ -753,7 +788,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
         )
         requested = self.request.address  # type: ignore[union-attr]
-        wanted = requested.port if requested.is_unspecified else 0
+        wanted = self.factory.bind_port_for(requested)
         try:
             first = waiter.listen(self._local_host(), wanted)
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
@@ -792,6 +827,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     # UDP ASSOCIATE
 
     def _associate(self, request: Request) -> None:
+        limits = self.factory.limits
+        if not limits.may_associate():
+            self._fail(ReplyCode.GENERAL_FAILURE, "udp associate: out of descriptors")
+            return
         client = self.transport.getPeer()
         association = UDPAssociation(
             self.factory.reactor,
@@ -808,6 +847,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self._fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
             return
         self.udp = association
+        # Counted as the four descriptors it may come to hold, before it does.
+        limits.udp_started()
+        self._udp_counted = True
         self.bound = bound
         self.state = State.ASSOCIATED
         self.outcome = "associated"
@@ -880,7 +922,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         per chunk, and nothing is scheduled or cancelled per tunnel.
         """
         factory = self.factory
-        if not (factory.idle_timeout or factory.stall_timeout):
+        if not (factory.idle_timeout or factory.stall_timeout or self._udp_idle()):
             return
         self._silent_since = factory.reactor.seconds()
         factory.watch_activity(self)
@@ -891,7 +933,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.counters.active = False
             self._silent_since = now
         silent = now - self._silent_since
-        idle, stall = self.factory.idle_timeout, self.factory.stall_timeout
+        idle, stall = (
+            self._udp_idle() or self.factory.idle_timeout,
+            self.factory.stall_timeout,
+        )
         if idle and silent >= idle:
             self._watch_abort("idle timeout")
         elif stall and silent >= stall and self._stalled():
@@ -899,6 +944,15 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # read: nothing watches the paused socket any more, so a peer
             # that went away would never be noticed.  Reclaim the tunnel.
             self._watch_abort("stalled: no progress with data waiting")
+
+    def _udp_idle(self) -> Optional[float]:
+        """An association's idle limit: the shorter of the two timeouts."""
+        if self.udp is None:
+            return None
+        limits = [
+            t for t in (self.factory.udp_idle_timeout, self.factory.idle_timeout) if t
+        ]
+        return min(limits) if limits else None
 
     def _watch_abort(self, outcome: str) -> None:
         """The watch gives up on this tunnel (its close comes a turn later)."""
@@ -999,6 +1053,13 @@ class SOCKS5ServerFactory(Factory):
         64 KiB): short tunnels never pay for pipes.  ``0``: splice from the
         first byte after the reply.
     :param bind_timeout: seconds a BIND waits for its peer (answer 0x06).
+    :param bind_ports: the ports (``(low, high)``, inclusive) a BIND for
+        ``0.0.0.0:PORT`` may listen on as the client asks; any other port
+        asked for, or none configured (the default), gets a port the system
+        chooses, so that no client squats a port of the proxy's address.
+    :param udp_idle_timeout: close a UDP association after this many seconds
+        without a datagram either way (default 300), so that idle
+        associations do not hold connection slots for ever; ``None`` never.
     :param udp_allow_unknown_sources: relay UDP answers from addresses the
         client never sent to (some NAT traversal needs it); off by default.
     :param commands: the commands served; others get 0x07.
@@ -1032,6 +1093,8 @@ class SOCKS5ServerFactory(Factory):
         splice_after: int = DEFAULT_SPLICE_AFTER,
         stall_timeout: Optional[float] = 300.0,
         bind_timeout: float = 120.0,
+        bind_ports: Optional[Tuple[int, int]] = None,
+        udp_idle_timeout: Optional[float] = 300.0,
         udp_allow_unknown_sources: bool = False,
         commands: Sequence[Command] = (
             Command.CONNECT,
@@ -1064,6 +1127,8 @@ class SOCKS5ServerFactory(Factory):
         self.splice = splice
         self.splice_after = splice_after
         self.bind_timeout = bind_timeout
+        self.bind_ports = bind_ports
+        self.udp_idle_timeout = udp_idle_timeout
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
@@ -1107,7 +1172,11 @@ class SOCKS5ServerFactory(Factory):
             self._watch_call = None
 
     def _schedule_watch(self) -> None:
-        periods = [t for t in (self.idle_timeout, self.stall_timeout) if t]
+        periods = [
+            t
+            for t in (self.idle_timeout, self.stall_timeout, self.udp_idle_timeout)
+            if t
+        ]
         if periods:
             self._watch_call = self.reactor.callLater(min(periods), self._watch)
 
@@ -1121,25 +1190,50 @@ class SOCKS5ServerFactory(Factory):
         if self._watching:
             self._schedule_watch()
 
-    def admit(self, ip: str) -> bool:
+    def admit(self, ip: Optional[str]) -> bool:
         """
         Whether a new client from ``ip`` may go on: the connection limits,
-        shutdown, and the rules' client check.  A refusal is logged here.
+        shutdown, and the rules' client check (``ip`` ``None``: a client a
+        PROXY header has yet to name, checked again by :meth:`identify`).
+        A refusal is logged here.
         """
         refusal = self.limits.refusal(ip)
         if refusal is None and self.draining:
             refusal = ("draining", "server is shutting down")
-        if refusal is None and self.policy is not None:
+        if refusal is None and ip is not None:
+            refusal = self._rules_refusal(ip)
+        return self._admitted(ip, refusal)
+
+    def identify(self, protocol: SOCKS5ServerProtocol) -> bool:
+        """
+        A client counted since accept was named by its PROXY header: its
+        own limits and the rules now.  Refused, it is no longer counted.
+        """
+        ip = protocol.client_ip
+        refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
+        if self._admitted(ip, refusal):
+            self.limits.identified(ip)
+            return True
+        if protocol in self.active:
+            self.active.discard(protocol)
+            self.limits.closed(None)
+        return False
+
+    def _rules_refusal(self, ip: str) -> Optional[tuple[str, str]]:
+        if self.policy is not None:
             decision = self.policy.check_client(ip or "127.0.0.1")
             if not decision.allowed:
-                refusal = ("rules", f"denied by {decision.rule}")
+                return ("rules", f"denied by {decision.rule}")
+        return None
+
+    def _admitted(self, ip: Optional[str], refusal: Optional[tuple[str, str]]) -> bool:
         if refusal is not None:
             # Returning None makes Twisted close the connection at once.
             kind, why = refusal
             self.log.info(
                 "refused {client}: {reason}",
                 event="socks5.refused",
-                client=ip,
+                client=escape(ip),
                 kind=kind,
                 reason=why,
             )
@@ -1173,6 +1267,16 @@ class SOCKS5ServerFactory(Factory):
 
         return done.addCallback(cancel_timer)
 
+    def bind_port_for(self, requested: Address) -> int:
+        """
+        The port a BIND listens on: the one a ``0.0.0.0:PORT`` request asks
+        for only inside ``bind_ports``; else 0, a port the system picks.
+        """
+        if self.bind_ports is None or not requested.is_unspecified:
+            return 0
+        low, high = self.bind_ports
+        return requested.port if low <= requested.port <= high else 0
+
     def connector_for(self, route: Optional[str]) -> IOutboundConnector:
         """The connector of a rule's ``via`` route (``None``: the default)."""
         if route is None:
@@ -1190,7 +1294,7 @@ class SOCKS5ServerFactory(Factory):
 
     def connection_opened(self, protocol: SOCKS5ServerProtocol) -> None:
         self.active.add(protocol)
-        self.limits.opened(protocol.client_ip)
+        self.limits.opened(protocol.client_ip if protocol.identified else None)
 
     def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
         self.limits.auth_failed(protocol.client_ip)
@@ -1270,6 +1374,13 @@ class SOCKS5ServerFactory(Factory):
         for item in self.reloadables():
             try:
                 item.reload()
+            except (ValueError, OSError) as e:  # a broken file: RulesError says where
+                self.log.warn(
+                    "reload of {item!r} failed, keeping it as it was: {error}",
+                    item=item,
+                    error=str(e),
+                    event="socks5.reload_failed",
+                )
             except Exception:  # noqa: BLE001 - keep serving with the old one
                 self.log.failure(
                     "reload of {item!r} failed; keeping it as it was", item=item
@@ -1287,7 +1398,7 @@ class SOCKS5ServerFactory(Factory):
     ) -> None:
         if protocol in self.active:
             self.active.discard(protocol)
-            self.limits.closed(protocol.client_ip)
+            self.limits.closed(protocol.client_ip if protocol.identified else None)
         if self.metrics is not None:
             self.metrics.closed(protocol)
         if self.draining and not self.active:
@@ -1295,9 +1406,15 @@ class SOCKS5ServerFactory(Factory):
             for d in drained:
                 d.callback(None)
         request = protocol.request
-        client = str(protocol.client) if protocol.client else None
+        # Names, users and error messages come from the network: escaped
+        # here, once, so no observer (text, JSON, a worker's relay) shows a
+        # forged line or a terminal escape.
+        client = escape(protocol.client) if protocol.client else None
+        user = escape(protocol.user) if protocol.user is not None else None
         command = request.command.phrase if request else None
-        target = str(request.address) if request else None
+        target = escape(request.address) if request else None
+        outcome = escape_line(protocol.outcome)
+        rule = escape(protocol.rule) if protocol.rule is not None else None
         reply = protocol.reply
         reply_text = reply.phrase if reply is not None else "-"
         counters = protocol.counters
@@ -1318,12 +1435,13 @@ class SOCKS5ServerFactory(Factory):
                 "log_source": log.source,
                 "log_format": "{summary}",
                 "log_time": time.time(),
-                "summary": f"{client} {protocol.user} {command} {target} -> "
-                f"{reply_text}: {protocol.outcome}; up {counters.bytes_up} B, "
-                f"down {counters.bytes_down} B in {duration:.3f} s",
+                "summary": f"{client or '-'} {user or '-'} {command or '-'} "
+                f"{target or '-'} -> {reply_text}: {outcome}; "
+                f"up {counters.bytes_up} B, down {counters.bytes_down} B "
+                f"in {duration:.3f} s",
                 "event": "socks5.connection",
                 "client": client,
-                "user": protocol.user,
+                "user": user,
                 "method": protocol.method,
                 "command": command,
                 "target": target,
@@ -1332,8 +1450,8 @@ class SOCKS5ServerFactory(Factory):
                 "bound": str(protocol.bound) if protocol.bound else None,
                 "peer": str(protocol.peer) if protocol.peer else None,
                 "udp": protocol.udp.counters.as_dict() if protocol.udp else None,
-                "outcome": protocol.outcome,
-                "rule": protocol.rule,
+                "outcome": outcome,
+                "rule": rule,
                 "bytes_up": counters.bytes_up,
                 "bytes_down": counters.bytes_down,
                 "duration": duration,

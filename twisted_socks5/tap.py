@@ -8,7 +8,7 @@ import contextlib
 import gc
 import ipaddress
 import sys
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -21,6 +21,7 @@ from twisted.cred.portal import Portal
 from twisted.cred.strcred import AuthOptionMixin
 from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -66,6 +67,17 @@ def _count(value: str) -> int:
 
 
 _count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _port_range(value: str) -> Tuple[int, int]:
+    low, sep, high = value.partition("-")
+    ports = (int(low), int(high if sep else low))
+    if not 1 <= ports[0] <= ports[1] <= 65535:
+        raise ValueError("must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    return ports
+
+
+_port_range.coerceDoc = "LOW-HIGH, e.g. 40000-40999, or one port."  # type: ignore[attr-defined]
 
 _COMMANDS = {
     "connect": Command.CONNECT,
@@ -137,6 +149,8 @@ class Options(usage.Options, AuthOptionMixin):
     supportedInterfaces = (IUsernamePassword, IAnonymous)
     #: The --rules file, once parsed.
     policy: Any = None
+    #: Whether parsing failed (twistd then prints a short usage).
+    _failed = False
 
     optParameters = [
         [
@@ -186,8 +200,9 @@ class Options(usage.Options, AuthOptionMixin):
             "Client connections open at once, all clients together; over it a "
             "new client is closed at once (default: the descriptor limit, "
             "raised to its hard maximum at start, less a reserve, divided by "
-            "3; busy tunnels' splice pipes only use descriptors left over, and "
-            "new clients are refused before the process runs out; 0: no limit)",
+            "3; UDP associations count the four they may hold, busy tunnels' "
+            "splice pipes only use descriptors left over, and new clients are "
+            "refused before the process runs out; 0: no limit)",
             _count,
         ],
         [
@@ -202,9 +217,28 @@ class Options(usage.Options, AuthOptionMixin):
         [
             "max-connections-per-client",
             None,
-            0,
-            "Connections open at once from one client IP (default 0: no limit).",
+            None,
+            "Connections open at once from one client IP (default: a quarter of "
+            "--max-connections, so that no one client holds every slot; 0: no "
+            "limit).",
             _count,
+        ],
+        [
+            "udp-idle-timeout",
+            None,
+            300.0,
+            "Close a UDP association after this many seconds without a datagram "
+            "either way; 0 or 'off' never does.",
+            _timeout_or_off,
+        ],
+        [
+            "bind-ports",
+            None,
+            None,
+            "The ports, as LOW-HIGH, a BIND for 0.0.0.0:PORT may listen on as "
+            "the client asks (some clients, such as Dante's, need the port they "
+            "ask for); by default, and outside the range, the system picks one.",
+            _port_range,
         ],
         [
             "auth-failures",
@@ -392,14 +426,37 @@ class Options(usage.Options, AuthOptionMixin):
 
     def opt_help_methods(self) -> None:
         """List the authentication method plugins that --method can use."""
-        for factory in getPlugins(IAuthenticatorFactory):
+        factories = list(getPlugins(IAuthenticatorFactory))
+        for factory in factories:
             sys.stdout.write(f"  {factory.name:<12} {factory.description}\n")
+        if not factories:
+            sys.stdout.write(
+                "No authentication method plugins are installed: --method has "
+                "nothing to offer (an IAuthenticatorFactory plugin in a "
+                "twisted/plugins directory adds one).\n"
+            )
         raise SystemExit(0)
+
+    def opt_version(self) -> None:
+        """Display twisted-socks5's version and Twisted's, and exit."""
+        sys.stdout.write(version_line() + "\n")
+        raise SystemExit(0)
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        # twistd prints this above a usage error: the whole help would bury
+        # the one line that says what is wrong.
+        if self._failed:
+            return "Usage: twistd [options] socks5 [options] (--help lists them)\n"
+        return str(super().getUsage(width))
 
     def parseOptions(self, options: Optional[List[str]] = None) -> None:
         # Kept for --workers, whose processes get the same options again.
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._failed = True
+            raise
 
     def postOptions(self) -> None:
         if self["workers"] > 1:
@@ -416,6 +473,8 @@ class Options(usage.Options, AuthOptionMixin):
                 raise usage.UsageError(
                     "--metrics is per process: it cannot be combined with --workers"
                 )
+        if self["metrics"]:
+            self["metrics"] = _metrics_endpoint(self["metrics"])
         #: The ``self`` network, read now and on SIGHUP.
         self.host = default_host()
         if self["rules"]:
@@ -435,6 +494,56 @@ class Options(usage.Options, AuthOptionMixin):
             self["listen"] = [DEFAULT_LISTEN]
         if not self["allow-open-relay"]:
             self._refuse_open_relay()
+
+
+def _naming(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``coerce``, whose errors name the option: "--handshake-timeout: ..."."""
+
+    def coerce_named(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            why = str(e)
+            if why.startswith(("could not convert", "invalid literal")):
+                why = f"not a number: {value!r}"
+            raise usage.UsageError(f"--{name}: {why}") from None
+
+    coerce_named.coerceDoc = getattr(coerce, "coerceDoc", "")  # type: ignore[attr-defined]
+    return coerce_named
+
+
+_SPECS = cast(List[List[Any]], Options.optParameters)
+Options.optParameters = [
+    [*spec[:4], _naming(spec[0], spec[4])] if len(spec) > 4 and spec[4] else spec
+    for spec in _SPECS
+]
+
+
+def _metrics_endpoint(description: str) -> str:
+    """A usable --metrics endpoint, or a usage error that says why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise usage.UsageError(
+            "--metrics needs prometheus_client: pip install 'twisted-socks5[metrics]'"
+        )
+    from twisted.internet import reactor
+
+    escaped = escape_ipv6_interface(description)
+    try:
+        serverFromString(reactor, escaped)
+    except Exception as e:  # noqa: BLE001 - any parser error is a usage error
+        raise usage.UsageError(f"--metrics {description!r}: {e}") from None
+    return escaped
+
+
+def version_line() -> str:
+    """twisted-socks5's version, and Twisted's."""
+    import twisted
+
+    from ._version import __version__
+
+    return f"twisted-socks5 {__version__} (Twisted {twisted.__version__})"
 
 
 def _bytes_memory_checkers(checkers: List[Any]) -> None:
@@ -488,6 +597,8 @@ class SOCKS5Service(service.MultiService):
         self.factory = factory
         self.drain_timeout = drain_timeout
         self.ports: List[Any] = []
+        #: --upstream URLs by route name (``None``: the default route).
+        self.upstreams: Dict[Optional[str], str] = {}
         self._listeners: List[StreamServerEndpointService] = []
         for description in listen:
             endpoint = serverFromString(
@@ -498,6 +609,10 @@ class SOCKS5Service(service.MultiService):
             child._raiseSynchronously = True
             child.setServiceParent(self)
             self._listeners.append(child)
+
+    def privilegedStartService(self) -> None:
+        with exit_on_listen_error():
+            super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()
@@ -523,9 +638,12 @@ class SOCKS5Service(service.MultiService):
             f"0x{a.method:02x} ({a.name})" for a in self.factory.authenticators
         )
         log.info(
-            "twisted-socks5 listening on {listen}; methods offered: {methods}",
+            "{version} listening on {listen}; methods offered: {methods}; "
+            "routes: {routes}",
+            version=version_line(),
             listen=where,
             methods=methods,
+            routes=describe_routes(self.upstreams),
             event="socks5.listening",
         )
         policy = self.factory.policy
@@ -533,6 +651,15 @@ class SOCKS5Service(service.MultiService):
             log.info("access rules: {rules}", rules=policy.describe())
             for warning in getattr(getattr(policy, "rules", policy), "warnings", []):
                 log.warn("access rules: {warning}", warning=warning)
+
+
+@contextlib.contextmanager
+def exit_on_listen_error() -> Iterator[None]:
+    """A port that cannot be had ends twistd with one line, not a traceback."""
+    try:
+        yield
+    except CannotListenError as e:
+        raise SystemExit(f"twistd socks5: {e}") from None
 
 
 def install_reload_signal(factory: SOCKS5ServerFactory) -> None:
@@ -546,6 +673,29 @@ def install_reload_signal(factory: SOCKS5ServerFactory) -> None:
         # ValueError: not the main thread (embedded, tests).
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, handler)
+
+
+def describe_routes(upstreams: Dict[Optional[str], str]) -> str:
+    """Where CONNECTs go, for the start-up line; passwords left out."""
+    default = upstreams.get(None)
+    routes = [f"default via {_without_password(default)}" if default else "direct"]
+    routes += [
+        f"{name} via {_without_password(spec)}"
+        for name, spec in sorted(upstreams.items(), key=lambda item: str(item[0]))
+        if name is not None
+    ]
+    return ", ".join(routes)
+
+
+def _without_password(spec: str) -> str:
+    scheme, sep, rest = spec.partition("://")
+    if not sep:
+        return spec
+    userinfo, at, host = rest.rpartition("@")
+    if not at or "/" in userinfo:
+        return spec
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else spec
 
 
 def _describe(address: Any) -> str:
@@ -628,6 +778,8 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         idle_timeout=options["idle-timeout"],
         stall_timeout=options["stall-timeout"],
         bind_timeout=options["bind-timeout"],
+        bind_ports=options["bind-ports"],
+        udp_idle_timeout=options["udp-idle-timeout"],
         splice=not options["no-splice"],
         splice_after=options["splice-after"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
@@ -644,6 +796,22 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             auth_window=options["auth-failure-window"],
         ),
     )
+
+
+def warn_if_metrics_exposed(description: str) -> bool:
+    """
+    Metrics have no authentication: say so when their endpoint can be
+    reached from other hosts (``tcp:9180`` listens on every interface).
+    """
+    if not _exposed(description):
+        return False
+    log.warn(
+        "--metrics {endpoint} can be reached from other hosts, without a "
+        "password; give it interface=127.0.0.1 (or a management network)",
+        endpoint=description,
+        event="socks5.metrics_exposed",
+    )
+    return True
 
 
 def _exposed(description: str) -> bool:
@@ -723,10 +891,12 @@ def makeService(options: Options) -> service.IService:
         )
     factory = build_factory(options, reactor)
     top = SOCKS5Service(factory, options["listen"], options["drain-timeout"])
+    top.upstreams = dict(options["upstreams"])
     if options["metrics"]:
         from .metrics import metrics_site
 
         site = metrics_site(factory.enable_metrics())
+        warn_if_metrics_exposed(options["metrics"])
         endpoint = serverFromString(reactor, escape_ipv6_interface(options["metrics"]))
         metrics_service = StreamServerEndpointService(endpoint, site)
         metrics_service._raiseSynchronously = True

@@ -23,7 +23,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+
+from .logs import escape_line
 
 log = Logger()
 
@@ -74,7 +77,11 @@ def open_sockets(listeners: List[Listener], count: int) -> List[List[socket.sock
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((host, port))
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                s.close()
+                raise CannotListenError(host, port, e) from None
             port = s.getsockname()[1]  # port 0: the others join the one chosen
             s.listen(backlog)
             s.setblocking(False)
@@ -103,7 +110,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 log.info(
                     "[worker {index}] {line}",
                     index=self.index,
-                    line=line.decode("utf-8", "replace"),
+                    line=escape_line(line.decode("utf-8", "replace")),
                 )
 
     errReceived = outReceived
@@ -138,7 +145,10 @@ class WorkerSupervisor(service.Service):
 
     def privilegedStartService(self) -> None:
         # Bind before privileges are dropped (twistd --uid), like listenTCP.
-        self.sockets = open_sockets(self.listeners, self.count)
+        try:
+            self.sockets = open_sockets(self.listeners, self.count)
+        except CannotListenError as e:
+            raise SystemExit(f"twistd socks5: {e}") from None
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -146,8 +156,11 @@ class WorkerSupervisor(service.Service):
         if not self.sockets:
             self.sockets = open_sockets(self.listeners, self.count)
         where = ", ".join(_describe(s) for s in self.sockets[0])
+        from .tap import version_line
+
         log.info(
-            "twisted-socks5 listening on {listen} with {count} workers",
+            "{version} listening on {listen} with {count} workers",
+            version=version_line(),
             listen=where,
             count=self.count,
             event="socks5.listening",

@@ -1,5 +1,7 @@
 # Run with:  PYTHONPATH=docs/examples twistd -ny docs/examples/proxy.tac
-# (a .tac file is Python that twistd runs to find `application`).
+# (a .tac file is Python that twistd runs to find `application`).  It needs
+# users.txt in the current directory, one user:password a line, e.g.
+#   printf 'alice:change-me\n' > users.txt && chmod 600 users.txt
 from twisted.application.service import Application
 from twisted.cred.checkers import FilePasswordDB
 from twisted.internet import reactor

@@ -335,11 +335,28 @@ async def test_pysocks_udp_client(make_proxy: Any, udp_ports: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_bind_gets_the_requested_port_or_another(make_proxy: Any) -> None:
+async def test_bind_never_listens_on_the_port_a_client_picks(make_proxy: Any) -> None:
+    """Without --bind-ports, 0.0.0.0:PORT gets a port the system chooses."""
     from conftest import closed_port
 
     _, port = make_proxy()
     wanted = closed_port()
+    client = await control(
+        port, "127.0.0.1", Request(Command.BIND, Address.from_host("0.0.0.0", wanted))
+    )
+    first = await client.reply(1)
+    assert first.reply is ReplyCode.SUCCEEDED
+    assert first.address.port not in (wanted, 0)
+    client.transport.loseConnection()
+    await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_bind_gets_the_requested_port_or_another(make_proxy: Any) -> None:
+    from conftest import closed_port
+
+    wanted = closed_port()
+    _, port = make_proxy(bind_ports=(wanted, wanted))
     client = await control(
         port, "127.0.0.1", Request(Command.BIND, Address.from_host("0.0.0.0", wanted))
     )
