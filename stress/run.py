@@ -16,7 +16,12 @@ Phases (``--phases``, all by default):
   move data that must arrive intact;
 - ``emfile``: twistd with a low RLIMIT_NOFILE flooded past it: no spin (CPU
   measured), no death, old tunnels fine, new clients served afterwards;
-- ``fuzz``: every codec parser and the server protocol, for a time budget.
+- ``attack``: a bcrypt login flood from one address while another logs in
+  and CONNECTs by name; the failed-login throttle raced by many connections
+  held open; every spelling of the proxy host as a destination of a server
+  listening beyond loopback (``attack.py``);
+- ``fuzz``: every codec parser, the rules and htpasswd parsers and the server
+  protocol, for a time budget (``fuzz_campaign.py`` runs the long campaign).
 
 Loopback only (127.0.0.0/8), no DNS.  Linux only (/proc).  Prints a table
 on stdout, progress on stderr; exit status 1 when a check fails.
@@ -42,12 +47,13 @@ for path in (str(STRESS), str(ROOT)):
     if path not in sys.path:
         sys.path.insert(0, path)  # the working tree's twisted_socks5 first
 
+import attack  # noqa: E402
 import emfile  # noqa: E402
 import faults  # noqa: E402
 import load  # noqa: E402
 import procstat  # noqa: E402
 
-PHASES = ("load", "faults", "emfile", "fuzz")
+PHASES = ("load", "faults", "emfile", "attack", "fuzz")
 RELAYS = ("copy", "splice")
 #: Descriptors a tunnel holds in the server: 2 sockets, plus 2 pipes (splice).
 FDS_PER_TUNNEL = {"copy": 2, "splice": 6}
@@ -194,6 +200,24 @@ async def run_phases(args: argparse.Namespace, workdir: Path) -> Dict[str, Any]:
         probes = [await emfile.default_cap_probe(workdir, 256, r) for r in args.relays]
         results["default_cap"] = {"probes": probes, "ok": all(p["ok"] for p in probes)}
         durations["default_cap"] = round(time.monotonic() - start, 1)
+
+    if "attack" in args.phases:
+        attack_config = attack.AttackConfig()
+        if args.short:
+            attack_config.flood_seconds = 3.0
+            attack_config.flood = 40
+            attack_config.flood_cost = 8
+            attack_config.probes = 5
+            attack_config.held = 30
+        log(
+            f"attack: login flood ({attack_config.flood} connections, "
+            f"{attack_config.flood_seconds} s), throttle race "
+            f"({attack_config.held} held), self destinations ..."
+        )
+        start = time.monotonic()
+        results["attack"] = await attack.run(attack_config, workdir)
+        durations["attack"] = round(time.monotonic() - start, 1)
+        log(f"  ok={results['attack']['ok']}")
 
     if "fuzz" in args.phases:
         start = time.monotonic()
@@ -375,6 +399,34 @@ def table(results: Dict[str, Any]) -> List[str]:
                 + ", ".join(f"{k} x{v}" for k, v in p["outcomes"].items()),
                 p["ok"],
             )
+    at = results.get("attack")
+    if at:
+        fl = at["flood"]
+        row(
+            f"attack: login flood ({fl['flood_connections']} connections, "
+            f"bcrypt cost {fl['bcrypt_cost']})",
+            f"{sum(fl['flood_logins'].values())} bad logins; another client's "
+            f"login + CONNECT by name: median {fl['under_flood_median_s']:.3f} s, "
+            f"max {fl['under_flood_max_s']:.3f} s "
+            f"(alone {fl['baseline_median_s']:.3f} s)"
+            if fl["under_flood_median_s"] is not None
+            else f"{fl['under_flood_probes_failed']} probes failed",
+            fl["ok"],
+        )
+        th = at["throttle"]
+        row(
+            f"attack: throttle race ({th['held']} connections held)",
+            f"right password after: {th['right_password_after']}; fresh "
+            f"connection {th['fresh_connection']}; other address {th['bystander']}",
+            th["ok"],
+        )
+        sf = at["self"]
+        row(
+            "attack: the proxy host as a destination (exposed)",
+            f"{sf['refused']}/{sf['tried']} spellings refused 0x02; loopback-only "
+            f"server: {sf['loopback_only_control']}",
+            sf["ok"],
+        )
     fz = results.get("fuzz")
     if fz:
         for name, t in fz["targets"].items():

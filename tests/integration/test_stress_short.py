@@ -1,7 +1,8 @@
 """
 The stress run's short mode (``stress/run.py --short``) in the test suite:
 a few hundred tunnels through ``twistd socks5`` with both relays, the fault
-mix, the EMFILE flood and a few seconds of fuzzing; its invariants are
+mix, the EMFILE flood, the attacks (login flood, throttle race, the proxy
+host as a destination) and a few seconds of fuzzing; its invariants are
 asserted here from its JSON report.  CPU and durations are reported by the
 script, never asserted here.
 
@@ -97,6 +98,33 @@ def test_survives_emfile(report: Dict[str, Any], relay: str) -> None:
 
 def test_default_connection_cap_fits_the_descriptors(report: Dict[str, Any]) -> None:
     assert report["default_cap"]["ok"], report["default_cap"]
+
+
+def test_attack_login_flood_leaves_other_clients_served(
+    report: Dict[str, Any],
+) -> None:
+    """Under a bcrypt flood from one address, another logs in and connects."""
+    flood = report["attack"]["flood"]
+    assert flood["under_flood_probes_failed"] == 0
+    assert flood["flood_logins"]["other"] == 0  # no bad login was granted
+    assert sum(flood["flood_logins"].values()) > 0
+
+
+def test_attack_throttle_holds_on_connections_already_open(
+    report: Dict[str, Any],
+) -> None:
+    """Failures count as they happen: a held connection's right password fails."""
+    throttle = report["attack"]["throttle"]
+    assert _failed(throttle["checks"]) == [], throttle
+    assert throttle["right_password_after"] != "granted"
+    assert throttle["bystander"] == "granted"
+
+
+def test_attack_proxy_host_refused_when_exposed(report: Dict[str, Any]) -> None:
+    """Every spelling of the proxy host is refused 0x02 by an exposed server."""
+    self_ = report["attack"]["self"]
+    assert set(self_["destinations"].values()) == {"0x02"}, self_["destinations"]
+    assert self_["loopback_only_control"] == "0x00"
 
 
 def test_fuzz_found_nothing(report: Dict[str, Any]) -> None:
