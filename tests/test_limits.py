@@ -246,3 +246,25 @@ def test_a_busy_udp_association_stays() -> None:
         h.protocol._udp_activity()
         h.reactor.advance(100)
     assert not h.transport.aborted
+
+
+def test_twistd_socks5_defaults_keep_one_client_from_starving_the_rest() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_socks5.tap import Options, build_factory
+
+    options = Options()
+    options.parseOptions([])
+    factory = build_factory(options, MemoryReactorClock())
+    limits = factory.limits
+    assert limits.max_per_client == limits.max_connections // 4 > 0
+    assert factory.udp_idle_timeout == 300
+    assert factory.bind_ports is None
+    options = Options()
+    options.parseOptions(
+        ["--max-connections", "40", "--udp-idle-timeout", "off", "--bind-ports", "5-9"]
+    )
+    factory = build_factory(options, MemoryReactorClock())
+    assert factory.limits.max_per_client == 10
+    assert factory.udp_idle_timeout is None
+    assert factory.bind_ports == (5, 9)

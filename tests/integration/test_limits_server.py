@@ -156,12 +156,12 @@ def _associate(port: int, echoes: List[Tuple[str, int]]) -> Optional[Any]:
     its sockets, or None when the proxy refused the client; an error reply
     or a lost datagram fails the test.
     """
+    request = Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0))
     try:
         control = socket.create_connection(("127.0.0.1", port), timeout=20)
-    except ConnectionResetError:  # refused at accept, before connect() returned
+        control.sendall(GREETING + request.to_bytes())
+    except ConnectionError:  # refused at accept (a reset) before the request
         return None
-    request = Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0))
-    control.sendall(GREETING + request.to_bytes())
     answer = _recv_exactly(control, 2 + 10)
     if len(answer) < 2 + 10:
         control.close()
