@@ -13,6 +13,8 @@ import bcrypt
 import pytest
 import pytest_twisted
 from helpers import SERVER, HalfCloseTransport, Harness, until
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -370,10 +372,12 @@ class Slow:
 
     def __init__(self) -> None:
         self.pending: List[Any] = []
+        self.checked: List[Any] = []
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:
         d: defer.Deferred[bytes] = defer.Deferred()
         self.pending.append((credentials, d))
+        self.checked.append(credentials)
         return d
 
     def answer(self, index: int = 0) -> None:
@@ -506,3 +510,43 @@ def test_existing_credentials_are_accepted(tmp_path: Path) -> None:
         options = Options()
         options.parseOptions(args(tmp_path))
         assert [a.name for a in build_authenticators(options)] == ["userpass"]
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    failures=st.integers(1, 4),
+    cap=st.integers(0, 3),
+    steps=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 7), st.booleans()), max_size=40
+    ),
+)
+def test_throttle_holds_whatever_the_order(
+    failures: int, cap: int, steps: List[Any]
+) -> None:
+    """
+    Eight connections from one address, logins and answers in any order:
+    once ``failures`` failures are in, nothing more is granted; with a cap,
+    at most ``failures + cap - 1`` wrong passwords are ever checked.
+    """
+    h, checker = slow_harness(per_client=cap, failures=failures)
+    clients = open_clients(h, 8)
+    sent: set[int] = set()
+
+    def granted() -> set[int]:
+        return {i for i, p in enumerate(clients) if _said(p) == OK}
+
+    throttled_with: Optional[set[int]] = None
+    for is_login, index, right in steps + [(False, 0, True)] * 16:
+        if is_login and index not in sent:
+            sent.add(index)
+            password = b"s3cret" if right else b"wrong"
+            clients[index].dataReceived(login(b"alice", password))
+        elif not is_login and checker.pending:
+            checker.answer(index % len(checker.pending))
+        if throttled_with is not None:
+            assert granted() == throttled_with
+        elif h.factory.limits.throttled("127.0.0.7"):
+            throttled_with = granted()
+    if cap:
+        wrong = [c for c in checker.checked if c.password != b"s3cret"]
+        assert len(wrong) <= failures + cap - 1

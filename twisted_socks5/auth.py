@@ -75,12 +75,16 @@ class UsernamePassword:
         return f"UsernamePassword({self.username!r}, <hidden>)"
 
 
+#: METHOD 0x00's answer: immutable, so one for every connection.
+_ANONYMOUS = AuthResult.granted()
+
+
 @implementer(IAuthNegotiation)
 class _NoAuthNegotiation:
     max_message_size = 0
 
     def start(self) -> Optional[AuthResult]:
-        return AuthResult.granted()
+        return _ANONYMOUS
 
     def data_received(self, data: bytes) -> Optional[AuthStep]:  # pragma: no cover
         return None

@@ -275,7 +275,9 @@ async def test_a_busy_hash_pool_leaves_name_resolution_alone(gate: Any) -> None:
     await defer.gatherResults(checks)
 
 
-async def _login(port: int, user: bytes, password: bytes) -> Any:
+async def _login(
+    port: int, user: bytes, password: bytes, source: str = "127.0.0.1"
+) -> Any:
     """A raw RFC 1929 client on loopback: returns (protocol, first answer)."""
     received = defer.Deferred()
 
@@ -287,7 +289,9 @@ async def _login(port: int, user: bytes, password: bytes) -> Any:
             if len(self.data) >= 4 and not received.called:
                 received.callback(self.data)
 
-    client = await protocol.ClientCreator(reactor, Client).connectTCP("127.0.0.1", port)
+    client = await protocol.ClientCreator(reactor, Client).connectTCP(
+        "127.0.0.1", port, bindAddress=(source, 0)
+    )
     client.transport.write(b"\x05\x01\x02" + UserPassRequest(user, password).to_bytes())
     return client, received
 
@@ -313,7 +317,8 @@ async def test_a_queued_check_is_dropped_when_its_client_goes(
     factory, port = make_proxy(authenticators=[auth])
     first, first_answer = await _login(port, b"alice", b"wonderland")
     await until(lambda: ran == ["wonderland"], "the first check to run")
-    second, _ = await _login(port, b"bob", b"builder")
+    # From another address: one address has one check at a time anyway.
+    second, _ = await _login(port, b"bob", b"builder", source="127.0.0.2")
     await until(lambda: len(pool.queued) == 1, "the second check to queue")
     second.transport.abortConnection()
     await until(lambda: not pool.queued, "the queued check to be dropped")
