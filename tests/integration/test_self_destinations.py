@@ -395,9 +395,15 @@ async def test_twistd_socks5_protects_the_host_when_exposed(
     args = ["--listen", listen, *extra]
     if rules is not None:
         args += ["--rules", _rules_file(tmp_path, rules)]
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
     started = _Started(*args)
     try:
         port = await started.port()
+        protected = [e for e in observer if e.get("event") == "socks5.self_protected"]
+        assert bool(protected) is (
+            "interface=0.0.0.0" in listen and "--allow-self-destinations" not in extra
+        )
         target = tcp_target(Greet)
         greeting = b"\x05\x01\x00"
         if "--auth" in extra:
@@ -413,6 +419,7 @@ async def test_twistd_socks5_protects_the_host_when_exposed(
             else:
                 assert out == DENIED
     finally:
+        globalLogPublisher.removeObserver(observer)
         await started.stop()
 
 
