@@ -444,3 +444,31 @@ def test_reload_rereads_the_host_addresses(tmp_path: Any) -> None:
     factory.reload()
     assert not rules.check_resolved("127.0.0.1", None, 1, dest, "192.0.2.11").allowed
     assert "192.0.2.11" in host
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "deny from 198.51.100.0/24\ndefault allow\n",
+        "allow from 192.168.0.0/16\ndeny from 0.0.0.0/0\ndefault allow\n",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_twistd_socks5_refuses_to_start_an_open_relay(
+    tmp_path: Any, rules: str
+) -> None:
+    """As users start it: the process stops at once, naming the open range."""
+    from test_twistd import Twistd
+
+    # Listening on all interfaces too, which makes it reachable from others.
+    rules_file = _rules_file(tmp_path, rules)
+    process = Twistd.start(tmp_path, "--listen", "tcp:0", "--rules", rules_file)
+    try:
+        await process.listening
+    except RuntimeError as e:
+        assert "refusing to start an open proxy" in str(e)
+        assert "outside 'allow from' networks" in str(e)
+    else:  # pragma: no cover - the guard failed
+        process.transport.signalProcess("KILL")
+        pytest.fail("an open relay started")
+    assert await process.ended != 0
