@@ -182,6 +182,7 @@ async def test_udp_datagrams_to_unspecified_addresses_are_dropped(
     assert not [d for d, _ in me.received if d.endswith(b"no")]
     (denied,) = [e for e in events if e.get("event") == "socks5.udp_denied"]
     assert denied["rule"] == UNSPECIFIED_RULE
+    assert denied["destination"] == f"0.0.0.0:{echo}"
     client.transport.loseConnection()
     await all_closed(factory, 30)
 
@@ -472,3 +473,30 @@ async def test_twistd_socks5_refuses_to_start_an_open_relay(
         process.transport.signalProcess("KILL")
         pytest.fail("an open relay started")
     assert await process.ended != 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_udp_refusal_event_escapes_the_name(
+    make_proxy: Any,
+    udp_ports: Any,  # noqa: F811
+    events: Any,
+) -> None:
+    rules = RuleSet.parse("deny to self\ndefault allow\n")
+    factory, port = make_proxy(policy=rules)
+    client = await control(
+        port,
+        "127.0.0.1",
+        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
+    )
+    bound = (await client.reply(1)).address
+    me = UDPClient()
+    udp_ports(me, "127.0.0.1")
+    name = "evil\n2026 forged line\x1b[31m.test"
+    target = Address(AddressType.DOMAIN, name, 9)
+    me.transport.write(UDPDatagram(target, b"x").to_bytes(), (bound.host, bound.port))
+    (server_side,) = factory.active
+    await until(lambda: server_side.udp.counters.drops["denied"] == 1, "drop")
+    (denied,) = [e for e in events if e.get("event") == "socks5.udp_denied"]
+    assert "\n" not in denied["destination"] and "\x1b" not in denied["destination"]
+    client.transport.loseConnection()
+    await all_closed(factory, 30)
