@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 from conftest import Echo, all_closed, needs_ipv6, until
 from test_bind_udp import (
-    UDPClient,
     UDPEcho,
+    associate,
     control,
     udp_ports,  # noqa: F401 - fixture
 )
@@ -155,14 +155,7 @@ async def test_udp_datagrams_to_unspecified_addresses_are_dropped(
     policy = None if rules is None else RuleSet.parse(rules)
     factory, port = make_proxy(policy=policy)
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     to = (bound.host, bound.port)
     # Sent to 0.0.0.0, "no" would reach the echo on 127.0.0.1 and come back
     # first: the same sockets carry both, in order.
@@ -207,14 +200,7 @@ async def test_udp_by_name_into_a_denied_network_is_dropped(
     )
     factory, port = make_proxy(policy=rules)
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     to = (bound.host, bound.port)
     for name, data in (("inside.test", b"no"), ("ok.test", b"ok")):
         target = Address(AddressType.DOMAIN, name, echo)
@@ -237,14 +223,7 @@ async def test_udp_by_name_uses_the_first_allowed_address(
     rules = RuleSet.parse("deny to 127.0.0.0/8\ndefault allow\n")
     factory, port = make_proxy(policy=rules)
     echo_port = udp_ports(UDPEcho(), "::1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     target = Address(AddressType.DOMAIN, "v6.test", echo_port)
     me.transport.write(UDPDatagram(target, b"hi").to_bytes(), (bound.host, bound.port))
     data, _ = await me.next()
@@ -321,14 +300,7 @@ async def test_udp_to_a_protected_host_is_dropped(
 ) -> None:
     factory, port = make_proxy(protect_host=_loopback_only())
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     for host in ("127.0.0.1", "localhost"):
         atyp = AddressType.IPV4 if host[0].isdigit() else AddressType.DOMAIN
         target = Address(atyp, host, echo)
@@ -483,14 +455,7 @@ async def test_the_udp_refusal_event_escapes_the_name(
 ) -> None:
     rules = RuleSet.parse("deny to self\ndefault allow\n")
     factory, port = make_proxy(policy=rules)
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     name = "evil\n2026 forged line\x1b[31m.test"
     target = Address(AddressType.DOMAIN, name, 9)
     me.transport.write(UDPDatagram(target, b"x").to_bytes(), (bound.host, bound.port))
