@@ -184,3 +184,13 @@ def test_self_in_from_is_an_error() -> None:
 def test_rules_without_self_read_no_interfaces() -> None:
     assert RuleSet.parse("deny to 10.0.0.0/8\n").host is None
     assert RuleSet.parse("deny to self\n").host is not None
+
+
+@given(st.ip_addresses() | st.sampled_from(["127.1.2.3", "::ffff:127.0.0.1", "::1"]))
+def test_membership_agrees_with_the_networks(ip: Any) -> None:
+    ip = ipaddress.ip_address(ip)
+    plain = ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped else ip
+    expected = any(
+        plain in net for net in HOST.networks if net.version == plain.version
+    )
+    assert (ip in HOST) == (str(ip) in HOST) == (str(ip) in HOST) == expected

@@ -15,7 +15,7 @@ import ctypes.util
 import ipaddress
 import socket
 import sys
-from typing import Callable, FrozenSet, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
 
 from twisted.logger import Logger
 
@@ -204,14 +204,14 @@ class HostAddresses:
     ) -> None:
         self._read = read
         self.addresses: FrozenSet[IPAddress] = frozenset()
-        self._texts: FrozenSet[str] = frozenset()
+        #: Answers by address text: every UDP datagram asks.
+        self._seen: Dict[str, bool] = {}
         self.reload()
 
     def reload(self) -> None:
         """Read the interface addresses again (a reader that raises keeps the old)."""
-        addresses = frozenset(_plain(ip) for ip in self._read())
-        self.addresses = addresses
-        self._texts = frozenset(str(ip) for ip in addresses)
+        self.addresses = frozenset(_plain(ip) for ip in self._read())
+        self._seen = {}
 
     @property
     def networks(self) -> Tuple[IPNetwork, ...]:
@@ -221,16 +221,28 @@ class HostAddresses:
 
     def __contains__(self, ip: object) -> bool:
         if isinstance(ip, str):
-            if ip in self._texts or ip.startswith("127.") or ip == "::1":
-                return True
-            try:
-                ip = ipaddress.ip_address(ip.split("%", 1)[0])
-            except ValueError:
-                return False
-        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-            return False
+            known = self._seen.get(ip)
+            if known is None:
+                try:
+                    parsed = ipaddress.ip_address(ip.split("%", 1)[0])
+                except ValueError:
+                    return False
+                known = self._contains(parsed)
+                if len(self._seen) >= 4096:
+                    self._seen.clear()
+                self._seen[ip] = known
+            return known
+        if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return self._contains(ip)
+        return False
+
+    def _contains(self, ip: IPAddress) -> bool:
         ip = _plain(ip)
-        return ip in self.addresses or any(ip in net for net in BUILT_IN)
+        if ip in self.addresses:
+            return True
+        if isinstance(ip, ipaddress.IPv4Address):
+            return int(ip) >> 24 in (0, 127)  # BUILT_IN, as integers
+        return int(ip) <= 1  # :: and ::1
 
     def __repr__(self) -> str:
         return f"<self: loopback, unspecified and {len(self.addresses)} addresses>"

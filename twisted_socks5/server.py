@@ -738,7 +738,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 "denied by {rule}",
                 event="socks5.udp_denied",
                 client=self.client_ip,
-                destination=str(destination),
+                # A name from the wire: escaped, never a raw newline or ESC.
+                destination=repr(str(destination))[1:-1],
                 ip=ip,
                 rule=decision.rule,
             )

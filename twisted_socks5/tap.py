@@ -646,6 +646,15 @@ class SOCKS5Service(service.MultiService):
             routes=describe_routes(self.upstreams),
             event="socks5.listening",
         )
+        host = self.factory.protect_host
+        if host is not None:
+            log.info(
+                "listening beyond loopback: destinations on this host ({host}) "
+                "are refused unless a rule allows 'to self' "
+                "(--allow-self-destinations lifts this)",
+                host=host,
+                event="socks5.self_protected",
+            )
         policy = self.factory.policy
         if policy is not None and hasattr(policy, "describe"):
             log.info("access rules: {rules}", rules=policy.describe())

@@ -230,6 +230,22 @@ def udp_ports() -> Any:
         port.stopListening()
 
 
+async def associate(port: int, listen_udp: Any) -> Tuple[Control, UDPClient, Address]:
+    """
+    A UDP association from 127.0.0.1 (``listen_udp``: the ``udp_ports``
+    fixture): the control connection, the client's socket, the relay address.
+    """
+    client = await control(
+        port,
+        "127.0.0.1",
+        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
+    )
+    bound = (await client.reply(1)).address
+    me = UDPClient()
+    listen_udp(me, "127.0.0.1")
+    return client, me, bound
+
+
 @pytest.mark.parametrize("host", LOOPBACKS)
 @pytest_twisted.ensureDeferred
 async def test_udp_associate_echo(make_proxy: Any, udp_ports: Any, host: str) -> None:
@@ -263,14 +279,7 @@ async def test_udp_associate_echo(make_proxy: Any, udp_ports: Any, host: str) ->
 async def test_udp_largest_ipv4_datagram(make_proxy: Any, udp_ports: Any) -> None:
     _, port = make_proxy()
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     target = Address.from_host("127.0.0.1", echo)
     payload = b"x" * (65507 - 10)  # the largest an IPv4 datagram with header holds
     me.transport.write(

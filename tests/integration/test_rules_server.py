@@ -8,8 +8,8 @@ import pytest
 import pytest_twisted
 from conftest import Echo, all_closed, closed_port
 from test_bind_udp import (
-    UDPClient,
     UDPEcho,
+    associate,
     control,
     peer_connect,
     udp_ports,  # noqa: F401 - fixture
@@ -124,14 +124,7 @@ async def test_udp_datagrams_to_denied_destinations_are_dropped(
     rules = RuleSet.parse("deny command udp to 127.0.0.3/32\ndefault allow\n")
     factory, port = make_proxy(policy=rules)
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     to = (bound.host, bound.port)
     me.transport.write(
         UDPDatagram(Address.from_host("127.0.0.3", echo), b"no").to_bytes(), to

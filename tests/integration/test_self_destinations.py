@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 from conftest import Echo, all_closed, needs_ipv6, until
 from test_bind_udp import (
-    UDPClient,
     UDPEcho,
+    associate,
     control,
     udp_ports,  # noqa: F401 - fixture
 )
@@ -155,14 +155,7 @@ async def test_udp_datagrams_to_unspecified_addresses_are_dropped(
     policy = None if rules is None else RuleSet.parse(rules)
     factory, port = make_proxy(policy=policy)
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     to = (bound.host, bound.port)
     # Sent to 0.0.0.0, "no" would reach the echo on 127.0.0.1 and come back
     # first: the same sockets carry both, in order.
@@ -182,6 +175,7 @@ async def test_udp_datagrams_to_unspecified_addresses_are_dropped(
     assert not [d for d, _ in me.received if d.endswith(b"no")]
     (denied,) = [e for e in events if e.get("event") == "socks5.udp_denied"]
     assert denied["rule"] == UNSPECIFIED_RULE
+    assert denied["destination"] == f"0.0.0.0:{echo}"
     client.transport.loseConnection()
     await all_closed(factory, 30)
 
@@ -206,14 +200,7 @@ async def test_udp_by_name_into_a_denied_network_is_dropped(
     )
     factory, port = make_proxy(policy=rules)
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     to = (bound.host, bound.port)
     for name, data in (("inside.test", b"no"), ("ok.test", b"ok")):
         target = Address(AddressType.DOMAIN, name, echo)
@@ -236,14 +223,7 @@ async def test_udp_by_name_uses_the_first_allowed_address(
     rules = RuleSet.parse("deny to 127.0.0.0/8\ndefault allow\n")
     factory, port = make_proxy(policy=rules)
     echo_port = udp_ports(UDPEcho(), "::1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     target = Address(AddressType.DOMAIN, "v6.test", echo_port)
     me.transport.write(UDPDatagram(target, b"hi").to_bytes(), (bound.host, bound.port))
     data, _ = await me.next()
@@ -320,14 +300,7 @@ async def test_udp_to_a_protected_host_is_dropped(
 ) -> None:
     factory, port = make_proxy(protect_host=_loopback_only())
     echo = udp_ports(UDPEcho(), "127.0.0.1").getHost().port
-    client = await control(
-        port,
-        "127.0.0.1",
-        Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)),
-    )
-    bound = (await client.reply(1)).address
-    me = UDPClient()
-    udp_ports(me, "127.0.0.1")
+    client, me, bound = await associate(port, udp_ports)
     for host in ("127.0.0.1", "localhost"):
         atyp = AddressType.IPV4 if host[0].isdigit() else AddressType.DOMAIN
         target = Address(atyp, host, echo)
@@ -395,9 +368,15 @@ async def test_twistd_socks5_protects_the_host_when_exposed(
     args = ["--listen", listen, *extra]
     if rules is not None:
         args += ["--rules", _rules_file(tmp_path, rules)]
+    observer = EventLoggingObserver()
+    globalLogPublisher.addObserver(observer)
     started = _Started(*args)
     try:
         port = await started.port()
+        protected = [e for e in observer if e.get("event") == "socks5.self_protected"]
+        assert bool(protected) is (
+            "interface=0.0.0.0" in listen and "--allow-self-destinations" not in extra
+        )
         target = tcp_target(Greet)
         greeting = b"\x05\x01\x00"
         if "--auth" in extra:
@@ -413,6 +392,7 @@ async def test_twistd_socks5_protects_the_host_when_exposed(
             else:
                 assert out == DENIED
     finally:
+        globalLogPublisher.removeObserver(observer)
         await started.stop()
 
 
@@ -437,3 +417,51 @@ def test_reload_rereads_the_host_addresses(tmp_path: Any) -> None:
     factory.reload()
     assert not rules.check_resolved("127.0.0.1", None, 1, dest, "192.0.2.11").allowed
     assert "192.0.2.11" in host
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "deny from 198.51.100.0/24\ndefault allow\n",
+        "allow from 192.168.0.0/16\ndeny from 0.0.0.0/0\ndefault allow\n",
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_twistd_socks5_refuses_to_start_an_open_relay(
+    tmp_path: Any, rules: str
+) -> None:
+    """As users start it: the process stops at once, naming the open range."""
+    from test_twistd import Twistd
+
+    # Listening on all interfaces too, which makes it reachable from others.
+    rules_file = _rules_file(tmp_path, rules)
+    process = Twistd.start(tmp_path, "--listen", "tcp:0", "--rules", rules_file)
+    try:
+        await process.listening
+    except RuntimeError as e:
+        assert "refusing to start an open proxy" in str(e)
+        assert "outside 'allow from' networks" in str(e)
+    else:  # pragma: no cover - the guard failed
+        process.transport.signalProcess("KILL")
+        pytest.fail("an open relay started")
+    assert await process.ended != 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_udp_refusal_event_escapes_the_name(
+    make_proxy: Any,
+    udp_ports: Any,  # noqa: F811
+    events: Any,
+) -> None:
+    rules = RuleSet.parse("deny to self\ndefault allow\n")
+    factory, port = make_proxy(policy=rules)
+    client, me, bound = await associate(port, udp_ports)
+    name = "evil\n2026 forged line\x1b[31m.test"
+    target = Address(AddressType.DOMAIN, name, 9)
+    me.transport.write(UDPDatagram(target, b"x").to_bytes(), (bound.host, bound.port))
+    (server_side,) = factory.active
+    await until(lambda: server_side.udp.counters.drops["denied"] == 1, "drop")
+    (denied,) = [e for e in events if e.get("event") == "socks5.udp_denied"]
+    assert "\n" not in denied["destination"] and "\x1b" not in denied["destination"]
+    client.transport.loseConnection()
+    await all_closed(factory, 30)
