@@ -66,13 +66,14 @@ class FakeConnector:
 class Harness:
     """A server protocol on a StringTransport with a clock and fake connector."""
 
-    def __init__(self, **factory_kwargs: Any) -> None:
+    def __init__(self, local: Any = SERVER, **factory_kwargs: Any) -> None:
         self.reactor = UDPReactor()
         self.connector = FakeConnector()
         factory_kwargs.setdefault("connector", self.connector)
         self.factory = SOCKS5ServerFactory(reactor=self.reactor, **factory_kwargs)
         self.protocol: SOCKS5ServerProtocol = self.factory.buildProtocol(CLIENT)
-        self.transport = HalfCloseTransport(SERVER, CLIENT)
+        #: ``local``: the server's end, the address the client connected to.
+        self.transport = HalfCloseTransport(local, CLIENT)
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:

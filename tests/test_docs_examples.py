@@ -827,8 +827,7 @@ def test_docs_list_every_factory_argument_with_its_default(
     assert set(documented) == set(parameters)
     for name, parameter in parameters.items():
         default = parameter.default
+        expected = repr(default)
         if name == "commands":
-            default = "(Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE)"
-        assert documented[name] == (
-            str(default) if isinstance(default, str) else repr(default)
-        ), name
+            expected = "(Command.CONNECT, Command.BIND, Command.UDP_ASSOCIATE)"
+        assert documented[name].replace('"', "'") == expected, name

@@ -248,6 +248,21 @@ class HostAddresses:
         return f"<self: loopback, unspecified and {len(self.addresses)} addresses>"
 
 
+def reached_from_outside(local_ip: object) -> bool:
+    """
+    Whether a connection accepted on ``local_ip`` (the server's end) may
+    come from another host: any address but loopback.  ``None`` (a UNIX
+    socket) is local.
+    """
+    if not isinstance(local_ip, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(local_ip.split("%", 1)[0])
+    except ValueError:
+        return True
+    return not _plain(ip).is_loopback
+
+
 _default: Optional[HostAddresses] = None
 
 

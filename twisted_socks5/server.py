@@ -29,6 +29,7 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    Union,
 )
 
 from twisted.internet import defer
@@ -72,12 +73,23 @@ from .logs import escape, escape_line
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
-from .selfnet import SELF_RULE, UNSPECIFIED_RULE, HostAddresses, unspecified
+from .selfnet import (
+    SELF_RULE,
+    UNSPECIFIED_RULE,
+    HostAddresses,
+    default_host,
+    reached_from_outside,
+    unspecified,
+)
 from .udp import UDPAssociation
 from .writenow import close_ended, write_now
 
 _ALLOWED = Decision(True, "no access rules")
 _UNSPECIFIED = Decision(False, UNSPECIFIED_RULE)
+#: ``protect_host``'s default: the proxy host is no destination for clients
+#: that connected to a non-loopback address of it (the factory cannot know
+#: how it listens; a client that came in on loopback is on this host anyway).
+PROTECT_WHEN_EXPOSED = "when-exposed"
 _SELF_REFUSED = Decision(False, SELF_RULE)
 
 #: Most bytes buffered before the relay starts: pipelined payload that came
@@ -706,9 +718,14 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             and decision.allowed
             and not getattr(decision, "names_self", False)
             and ip in host
+            and (not self.factory.protect_when_exposed or self._reached_from_outside())
         ):
             return _SELF_REFUSED
         return decision
+
+    def _reached_from_outside(self) -> bool:
+        """Whether this client came in on an address other hosts can reach."""
+        return reached_from_outside(getattr(self.transport.getHost(), "host", None))
 
     def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
         """None when the rules allow using ``ip`` for this request, else the rule."""
@@ -1073,9 +1090,14 @@ class SOCKS5ServerFactory(Factory):
     :param protect_host: the proxy host's addresses
         (:class:`~twisted_socks5.selfnet.HostAddresses`): destinations among
         them are refused (0x02) unless the rule allowing them names ``self``.
-        ``twistd socks5`` sets it when a listener is reachable from other
-        hosts.  Unspecified destinations (``0.0.0.0/8``, ``::``) are refused
-        whatever this says.
+        By default (:data:`PROTECT_WHEN_EXPOSED`) that holds for clients that
+        connected to a non-loopback address of this host, so that a factory
+        listening on every interface protects its host without being told;
+        ``twistd socks5`` passes the host's addresses when a listener is
+        reachable from other hosts, and ``None`` (no protection) when all
+        listen on loopback or ``--allow-self-destinations`` is given.
+        Unspecified destinations (``0.0.0.0/8``, ``::``) are refused whatever
+        this says.
     """
 
     log = Logger()
@@ -1105,7 +1127,7 @@ class SOCKS5ServerFactory(Factory):
         limits: Optional[ConnectionLimits] = None,
         policy: Optional[IPolicy] = None,
         routes: Optional[Dict[str, IOutboundConnector]] = None,
-        protect_host: Optional[HostAddresses] = None,
+        protect_host: Union[HostAddresses, str, None] = PROTECT_WHEN_EXPOSED,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -1141,8 +1163,15 @@ class SOCKS5ServerFactory(Factory):
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy
         )
-        #: Refuse destinations on this host unless a rule names ``self``.
-        self.protect_host = protect_host
+        #: Refuse destinations on this host unless a rule names ``self``:
+        #: always (a :class:`HostAddresses`), never (``None``), or for clients
+        #: that came in on a non-loopback address (:data:`PROTECT_WHEN_EXPOSED`).
+        self.protect_when_exposed = protect_host == PROTECT_WHEN_EXPOSED
+        if isinstance(protect_host, str):
+            if not self.protect_when_exposed:
+                raise ValueError(f"protect_host: unknown mode {protect_host!r}")
+            protect_host = default_host()
+        self.protect_host: Optional[HostAddresses] = protect_host
         self.draining = False
         self._drained: List[defer.Deferred[None]] = []
         #: Tunnels under the idle/stall watch, and its timer while any are.
