@@ -550,3 +550,22 @@ def test_throttle_holds_whatever_the_order(
     if cap:
         wrong = [c for c in checker.checked if c.password != b"s3cret"]
         assert len(wrong) <= failures + cap - 1
+
+
+def test_one_check_at_a_time_per_ipv6_network_and_the_next_goes_on() -> None:
+    """The waiters are keyed as the limits count: by /64, not by address."""
+    h, checker = slow_harness(per_client=1, failures=0)
+    (first,) = open_clients(h, 1, ip="2001:db8::1")
+    (second,) = open_clients(h, 1, ip="2001:db8::2")
+    (elsewhere,) = open_clients(h, 1, ip="2001:db8:0:1::1")
+    for protocol in (first, second, elsewhere):
+        protocol.dataReceived(login(b"alice", b"s3cret"))
+    assert [c.username for c, _ in checker.pending] == [b"alice", b"alice"]
+    assert h.factory.limits.checks == {"2001:db8::/64": 1, "2001:db8:0:1::/64": 1}
+    checker.answer(0)
+    assert _said(first) == OK
+    assert len(checker.pending) == 2  # second's check started in turn
+    checker.answer()
+    checker.answer()
+    assert _said(second) == OK and _said(elsewhere) == OK
+    assert h.factory._check_waiters == {} and h.factory.limits.checks == {}

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from helpers import SERVER, HalfCloseTransport, Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
 from twisted_socks5.codec import Address, Command, Request, UserPassRequest
-from twisted_socks5.limits import ConnectionLimits, default_max_connections
+from twisted_socks5.limits import (
+    ConnectionLimits,
+    client_key,
+    default_max_connections,
+)
+from twisted_socks5.tap import Options, build_factory
 
 
 def connect(h: Harness, ip: str = "127.0.0.1", port: int = 40000) -> Any:
@@ -268,3 +275,54 @@ def test_twistd_socks5_defaults_keep_one_client_from_starving_the_rest() -> None
     assert factory.limits.max_per_client == 10
     assert factory.udp_idle_timeout is None
     assert factory.bind_ports == (5, 9)
+
+
+def test_client_key_groups_ipv6_by_prefix() -> None:
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert (
+        client_key("2001:db8::1") == client_key("2001:db8::ffff:2") == ("2001:db8::/64")
+    )
+    assert client_key("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    assert client_key("2001:db8::1", 128) == "2001:db8::1"
+    assert client_key("2001:db8:0:1::1", 48) == "2001:db8::/48"
+    assert client_key("/run/socks.sock") == "/run/socks.sock"
+    assert client_key("") == ""
+    with pytest.raises(ValueError):
+        ConnectionLimits(lambda: 0.0, ipv6_client_prefix=129)
+
+
+def test_per_client_limit_counts_an_ipv6_network_as_one_client() -> None:
+    h = limited(max_connections=0, max_per_client=2)
+    assert connect(h, "2001:db8::1") is not None
+    assert connect(h, "2001:db8::2") is not None
+    assert connect(h, "2001:db8::3") is None  # same /64, another address
+    assert connect(h, "2001:db8:0:1::1") is not None  # the next /64
+    assert h.factory.limits.per_client == {"2001:db8::/64": 2, "2001:db8:0:1::/64": 1}
+    each = limited(max_connections=0, max_per_client=1, ipv6_client_prefix=128)
+    assert connect(each, "2001:db8::1") is not None
+    assert connect(each, "2001:db8::2") is not None
+
+
+def test_failed_logins_throttle_the_whole_ipv6_network() -> None:
+    h = limited(max_connections=0, auth_failures=3, auth_window=60)
+    checker = InMemoryUsernamePasswordDatabaseDontUse()
+    checker.users = {b"u": b"good"}
+    h.factory.authenticators = [UsernamePasswordAuthenticator.from_checkers(checker)]
+    for host in ("2001:db8::a", "2001:db8::b", "2001:db8::c"):
+        _fail_login(h, host)
+    assert connect(h, "2001:db8::d") is None  # a new address of that /64
+    assert connect(h, "2001:db8:1::1") is not None
+
+
+def test_ipv6_client_prefix_option() -> None:
+    options = Options()
+    options.parseOptions(["--ipv6-client-prefix", "48"])
+    factory = build_factory(options, MemoryReactorClock())
+    assert factory.limits.ipv6_client_prefix == 48
+    assert factory.limits.key("2001:db8:0:5::1") == "2001:db8::/48"
+    options = Options()
+    options.parseOptions([])
+    assert build_factory(options, MemoryReactorClock()).limits.ipv6_client_prefix == 64
+    with pytest.raises(UsageError):
+        Options().parseOptions(["--ipv6-client-prefix", "129"])

@@ -8,6 +8,8 @@ accept and one close.  Existing tunnels are never touched by a limit.
 from __future__ import annotations
 
 import collections
+import functools
+import ipaddress
 import resource
 from typing import Callable, Dict, Optional, Tuple
 
@@ -15,6 +17,30 @@ from typing import Callable, Dict, Optional, Tuple
 _FD_RESERVE = 64
 #: Clients whose failures are remembered; the oldest are forgotten first.
 MAX_TRACKED_CLIENTS = 65536
+#: IPv6 clients in one network of this prefix length count as one client:
+#: a single host is commonly given a whole /64.
+DEFAULT_IPV6_CLIENT_PREFIX = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def client_key(ip: str, ipv6_prefix: int = DEFAULT_IPV6_CLIENT_PREFIX) -> str:
+    """
+    What the per-client limits count ``ip`` as: an IPv4 address itself
+    (an IPv4-mapped IPv6 one too), an IPv6 address its ``/ipv6_prefix``
+    network, anything else (a UNIX socket's path, "") as it is.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        if ipv6_prefix < 128:
+            network = ipaddress.IPv6Network((address, ipv6_prefix), strict=False)
+            return str(network)
+    return str(address)
 
 
 def raise_fd_limit(ceiling: int = 1 << 20) -> int:
@@ -79,16 +105,19 @@ class ConnectionLimits:
         ``fds_per_connection``; ``0``: no limit).  Unless ``0``, a client is
         also refused when the descriptors in use (connections and splice
         pipes) leave no room for it.
-    :param max_per_client: connections open at once from one client IP
+    :param max_per_client: connections open at once from one client
         (``None``: a quarter of ``max_connections``, so that no one client
         holds every slot; ``0``: no limit).
-    :param auth_failures: failed authentications from one IP within
-        ``auth_window`` seconds after which that IP is refused until its
+    :param auth_failures: failed authentications from one client within
+        ``auth_window`` seconds after which that client is refused until its
         failures age out (``0``: never throttle): at connect, and on
         connections it already has open, whatever the password.
     :param auth_checks_per_client: credential checks (bcrypt, a database)
-        one IP may have running at once; its other logins wait their turn,
-        and meanwhile its failures are counted (``0``: no limit).
+        one client may have running at once; its other logins wait their
+        turn, and meanwhile its failures are counted (``0``: no limit).
+    :param ipv6_client_prefix: IPv6 addresses in one network of this prefix
+        length are one client for every per-client limit (``128``: each
+        address on its own); see :func:`client_key`.
     """
 
     def __init__(
@@ -100,8 +129,12 @@ class ConnectionLimits:
         auth_window: float = 60.0,
         fds_per_connection: int = 3,
         auth_checks_per_client: int = 1,
+        ipv6_client_prefix: int = DEFAULT_IPV6_CLIENT_PREFIX,
     ) -> None:
+        if not 0 <= ipv6_client_prefix <= 128:
+            raise ValueError(f"an IPv6 prefix length is 0 to 128: {ipv6_client_prefix}")
         self.clock = clock
+        self.ipv6_client_prefix = ipv6_client_prefix
         if max_connections is None:
             max_connections = default_max_connections(fds_per_connection)
         self.max_connections = max_connections
@@ -119,7 +152,7 @@ class ConnectionLimits:
         self.auth_failures = auth_failures
         self.auth_window = auth_window
         self.auth_checks_per_client = auth_checks_per_client
-        #: Credential checks running, by client IP.
+        #: Credential checks running, by client key.
         self.checks: Dict[str, int] = {}
         self.total = 0
         self.per_client: Dict[str, int] = {}
@@ -143,9 +176,14 @@ class ConnectionLimits:
             )
         return None if ip is None else self.client_refusal(ip)
 
+    def key(self, ip: str) -> str:
+        """The client ``ip`` counts as (its IPv6 network): :func:`client_key`."""
+        return client_key(ip, self.ipv6_client_prefix)
+
     def client_refusal(self, ip: str) -> Optional[Tuple[str, str]]:
         """The limits of one client address: its connections, its failed logins."""
-        if self.max_per_client and self.per_client.get(ip, 0) >= self.max_per_client:
+        key = self.key(ip)
+        if self.max_per_client and self.per_client.get(key, 0) >= self.max_per_client:
             return "client_limit", f"{self.max_per_client} connections already"
         if self.throttled(ip):
             return "throttled", f"throttled after {self.auth_failures} failed logins"
@@ -160,17 +198,19 @@ class ConnectionLimits:
     def may_check(self, ip: str) -> bool:
         """Whether ``ip`` may start one more credential check now."""
         cap = self.auth_checks_per_client
-        return not cap or self.checks.get(ip, 0) < cap
+        return not cap or self.checks.get(self.key(ip), 0) < cap
 
     def check_started(self, ip: str) -> None:
-        self.checks[ip] = self.checks.get(ip, 0) + 1
+        key = self.key(ip)
+        self.checks[key] = self.checks.get(key, 0) + 1
 
     def check_ended(self, ip: str) -> None:
-        left = self.checks.get(ip, 1) - 1
+        key = self.key(ip)
+        left = self.checks.get(key, 1) - 1
         if left <= 0:
-            self.checks.pop(ip, None)
+            self.checks.pop(key, None)
         else:
-            self.checks[ip] = left
+            self.checks[key] = left
 
     @property
     def worst_case_fds(self) -> int:
@@ -215,39 +255,43 @@ class ConnectionLimits:
 
     def identified(self, ip: str) -> None:
         """A connection counted already is from ``ip``."""
-        self.per_client[ip] = self.per_client.get(ip, 0) + 1
+        key = self.key(ip)
+        self.per_client[key] = self.per_client.get(key, 0) + 1
 
     def closed(self, ip: Optional[str]) -> None:
         self.total -= 1
         if ip is None:
             return
-        left = self.per_client.get(ip, 1) - 1
+        key = self.key(ip)
+        left = self.per_client.get(key, 1) - 1
         if left <= 0:
-            self.per_client.pop(ip, None)
+            self.per_client.pop(key, None)
         else:
-            self.per_client[ip] = left
+            self.per_client[key] = left
 
     def auth_failed(self, ip: str) -> None:
         if not self.auth_failures:
             return
-        times = self._failures.get(ip)
+        key = self.key(ip)
+        times = self._failures.get(key)
         if times is None:
             times = collections.deque(maxlen=self.auth_failures)
-            self._failures[ip] = times
+            self._failures[key] = times
             while len(self._failures) > MAX_TRACKED_CLIENTS:
                 self._failures.popitem(last=False)
         else:
-            self._failures.move_to_end(ip)
+            self._failures.move_to_end(key)
         times.append(self.clock())
 
     def _recent_failures(self, ip: str) -> int:
-        times = self._failures.get(ip)
+        key = self.key(ip)
+        times = self._failures.get(key)
         if not times:
             return 0
         horizon = self.clock() - self.auth_window
         while times and times[0] < horizon:
             times.popleft()
         if not times:
-            del self._failures[ip]
+            del self._failures[key]
             return 0
         return len(times)

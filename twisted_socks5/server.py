@@ -1156,7 +1156,8 @@ class SOCKS5ServerFactory(Factory):
         self.commands = frozenset(commands)
         self.active: set[SOCKS5ServerProtocol] = set()
         self.limits = limits or ConnectionLimits(reactor.seconds)
-        #: Connections waiting for their address's credential checks, by IP.
+        #: Connections waiting for their client's credential checks, by the
+        #: limits' client key (an IPv6 client is its network).
         self._check_waiters: Dict[str, Deque[SOCKS5ServerProtocol]] = {}
         self._waking: set[str] = set()
         #: The access rules; ``None`` allows everything (and costs nothing).
@@ -1346,36 +1347,37 @@ class SOCKS5ServerFactory(Factory):
     def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
         """Park ``protocol`` until a check from its address ends."""
         protocol._parked = True
-        self._check_waiters.setdefault(protocol.client_ip, collections.deque()).append(
-            protocol
-        )
+        key = self.limits.key(protocol.client_ip)
+        self._check_waiters.setdefault(key, collections.deque()).append(protocol)
 
     def stop_waiting_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
         protocol._parked = False
-        waiters = self._check_waiters.get(protocol.client_ip)
+        key = self.limits.key(protocol.client_ip)
+        waiters = self._check_waiters.get(key)
         if waiters is not None:
             waiters.remove(protocol)
             if not waiters:
-                del self._check_waiters[protocol.client_ip]
+                del self._check_waiters[key]
 
     def check_ended(self, ip: str) -> None:
         """A credential check from ``ip`` ended: parked ones go on in turn."""
         self.limits.check_ended(ip)
-        if ip in self._waking:
+        key = self.limits.key(ip)  # the same client as the limits count
+        if key in self._waking:
             return  # a woken connection's own quick check: the loop goes on
-        self._waking.add(ip)
+        self._waking.add(key)
         try:
             while self.limits.may_check(ip):
-                waiters = self._check_waiters.get(ip)
+                waiters = self._check_waiters.get(key)
                 if not waiters:
                     break
                 protocol = waiters.popleft()
                 if not waiters:
-                    del self._check_waiters[ip]
+                    del self._check_waiters[key]
                 protocol._parked = False
                 protocol._unwait(None)
         finally:
-            self._waking.discard(ip)
+            self._waking.discard(key)
 
     def reloadables(self) -> List[Any]:
         """

@@ -35,7 +35,7 @@ from .auth import (
 )
 from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
-from .limits import ConnectionLimits
+from .limits import DEFAULT_IPV6_CLIENT_PREFIX, ConnectionLimits
 from .rules import IPolicy, RulesError, RuleSet, open_relay_clients
 from .selfnet import HostAddresses, default_host
 from .server import DEFAULT_SPLICE_AFTER, SOCKS5ServerFactory
@@ -67,6 +67,16 @@ def _count(value: str) -> int:
 
 
 _count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _prefix_length(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 128:
+        raise ValueError("must be an IPv6 prefix length, 0 to 128")
+    return number
+
+
+_prefix_length.coerceDoc = "0 to 128."  # type: ignore[attr-defined]
 
 
 def _port_range(value: str) -> Tuple[int, int]:
@@ -218,7 +228,8 @@ class Options(usage.Options, AuthOptionMixin):
             "max-connections-per-client",
             None,
             None,
-            "Connections open at once from one client IP (default: a quarter of "
+            "Connections open at once from one client (see --ipv6-client-prefix; "
+            "default: a quarter of "
             "--max-connections, so that no one client holds every slot; 0: no "
             "limit).",
             _count,
@@ -244,9 +255,10 @@ class Options(usage.Options, AuthOptionMixin):
             "auth-failures",
             None,
             5,
-            "Failed logins from one IP, within --auth-failure-window, after which "
-            "that IP is refused until they age out, at connect and on the "
-            "connections it holds open (0: never).",
+            "Failed logins from one client (see --ipv6-client-prefix), within "
+            "--auth-failure-window, after which that client is refused until "
+            "they age out, at connect and on the connections it holds open "
+            "(0: never).",
             _count,
         ],
         [
@@ -255,6 +267,15 @@ class Options(usage.Options, AuthOptionMixin):
             60.0,
             "Seconds a failed login counts for --auth-failures.",
             _positive,
+        ],
+        [
+            "ipv6-client-prefix",
+            None,
+            DEFAULT_IPV6_CLIENT_PREFIX,
+            "IPv6 clients in one network of this prefix length count as one "
+            "client for --max-connections-per-client, --auth-failures and the "
+            "one-check-at-a-time rule (128: each address on its own).",
+            _prefix_length,
         ],
         [
             "drain-timeout",
@@ -803,6 +824,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             max_per_client=options["max-connections-per-client"],
             auth_failures=options["auth-failures"],
             auth_window=options["auth-failure-window"],
+            ipv6_client_prefix=options["ipv6-client-prefix"],
         ),
     )
 
