@@ -125,7 +125,7 @@ nitpick_ignore_regex = [
     (r"py:class", r"(IHostnameResolver|Portal|ICredentialsChecker|Factory)"),
     (r"py:class", r"(Protocol|DatagramProtocol|Interface|Attribute)"),
     (r"py:class", r"(HostnameEndpoint|IUsernamePassword|ITransport|IRealm)"),
-    (r"py:.*", r"(ipaddress|resource|os|socket)\..*"),
+    (r"py:.*", r"(ipaddress|resource|os|socket|contextvars)\..*"),
     # Private helpers named in the signatures of public methods.
     (r"py:.*", r".*\._[A-Za-z]\w*"),
     # Modules in progress (and internals) without an API page: the zero-copy

@@ -24,7 +24,11 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
-from twisted_socks5.auth import NoAuthAuthenticator, UsernamePasswordAuthenticator
+from twisted_socks5.auth import (
+    CheckerBusy,
+    NoAuthAuthenticator,
+    UsernamePasswordAuthenticator,
+)
 from twisted_socks5.codec import (
     Address,
     AddressType,
@@ -569,3 +573,30 @@ def test_one_check_at_a_time_per_ipv6_network_and_the_next_goes_on() -> None:
     checker.answer()
     assert _said(second) == OK and _said(elsewhere) == OK
     assert h.factory._check_waiters == {} and h.factory.limits.checks == {}
+
+
+def test_a_busy_checker_refuses_without_counting_a_failure(events: Any) -> None:
+    """A full queue is not the client's fault: 01 01, logged busy, not counted."""
+    h, checker = slow_harness(per_client=0, failures=1)
+    (victim,) = open_clients(h, 1)
+    victim.dataReceived(login(b"alice", b"s3cret"))
+    _, d = checker.pending.pop()
+    d.errback(CheckerBusy())
+    assert _said(victim) == REFUSED and victim.state is State.CLOSING
+    assert victim.outcome.startswith("login refused: busy")
+    assert h.factory.limits._recent_failures("127.0.0.7") == 0
+    refused = [e for e in events if e.get("event") == "socks5.refused"]
+    assert [e["kind"] for e in refused] == ["busy"]
+    (again,) = open_clients(h, 1)  # one failure would have throttled it
+    again.dataReceived(login(b"alice", b"s3cret"))
+    checker.answer()
+    assert _said(again) == OK
+
+
+def test_only_a_refusal_can_be_busy() -> None:
+    assert AuthResult.refused(busy=True).busy
+    assert not AuthResult.refused().busy
+    with pytest.raises(TypeError):
+        AuthResult(success=True, busy=True)
+    with pytest.raises(TypeError):
+        AuthResult(done=False, busy=True)

@@ -28,6 +28,14 @@ from .codec import (
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 
 
+class CheckerBusy(UnauthorizedLogin):
+    """
+    A checker cannot check now (its queue is full): the login is refused
+    but not counted as a failure, which would throttle a client whose
+    password may well be right.
+    """
+
+
 class IProxyUser(Interface):
     """The avatar interface the SOCKS server asks a ``twisted.cred`` realm for."""
 
@@ -148,12 +156,12 @@ class _UserPassNegotiation:
         """
         if not failure.check(UnauthorizedLogin, LoginDenied, CancelledError):
             self.log.failure("credential check failed for {user!r}", failure, user=user)
-        return self._refusal(user)
+        return self._refusal(user, busy=failure.check(CheckerBusy) is not None)
 
     @staticmethod
-    def _refusal(user: str) -> AuthResult:
+    def _refusal(user: str, busy: bool = False) -> AuthResult:
         return AuthResult.refused(
-            reply=UserPassStatus(STATUS_FAILURE).to_bytes(), user=user
+            reply=UserPassStatus(STATUS_FAILURE).to_bytes(), user=user, busy=busy
         )
 
 

@@ -28,6 +28,9 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from .auth import CheckerBusy
+from .limits import checking_client
+
 _BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
 #: bcrypt of a random string; its cost field is replaced by the file's cost.
 _DUMMY_HASH = b"$2b$12$eUrmJJnmTS/TtgXfaX9I/..8bKyuzIk.TZmnhrIvNZCW03epEou/u"
@@ -39,6 +42,9 @@ BCRYPT_MAX_PASSWORD = 72
 DEFAULT_HASH_THREADS = 2
 #: Checks the default :class:`HashPool` keeps waiting before it refuses more.
 DEFAULT_HASH_QUEUE = 256
+#: Checks one client may have waiting in a :class:`HashPool`, so that no
+#: one client fills its queue.
+DEFAULT_HASH_QUEUE_PER_CLIENT = 4
 
 
 def _bcrypt() -> Any:
@@ -85,11 +91,14 @@ def dummy_hash(users: Dict[bytes, bytes]) -> bytes:
     return b"%s%02d%s" % (_DUMMY_HASH[:4], cost, _DUMMY_HASH[6:])
 
 
-class HashPoolFull(UnauthorizedLogin):
-    """Too many checks are waiting for a hashing thread: this one is refused."""
+class HashPoolFull(CheckerBusy):
+    """
+    Too many checks are waiting for a hashing thread (or too many of this
+    client's): this one is refused, and not counted as a failed login.
+    """
 
 
-_Job = Tuple["defer.Deferred[Any]", Callable[..., Any], Tuple[Any, ...]]
+_Job = Tuple["defer.Deferred[Any]", Callable[..., Any], Tuple[Any, ...], Optional[str]]
 
 
 class HashPool:
@@ -98,9 +107,11 @@ class HashPool:
 
     The reactor's shared pool also runs ``getaddrinfo``: a flood of bcrypt
     checks there would make every name lookup wait.  Here at most
-    ``threads`` checks run at once and ``max_queued`` wait (more fail with
+    ``threads`` checks run at once and ``max_queued`` wait, at most
+    ``max_queued_per_client`` of them for one client (more fail with
     :class:`HashPoolFull`); cancelling the Deferred of a waiting check (its
-    client went away) drops it unrun.
+    client went away) drops it unrun.  The client is the server's
+    :data:`~twisted_socks5.limits.checking_client` when it asks for a check.
 
     :ivar started: checks handed to a thread so far.
     """
@@ -112,12 +123,16 @@ class HashPool:
         reactor: Any = None,
         threads: int = DEFAULT_HASH_THREADS,
         max_queued: int = DEFAULT_HASH_QUEUE,
+        max_queued_per_client: int = DEFAULT_HASH_QUEUE_PER_CLIENT,
     ) -> None:
-        if threads < 1 or max_queued < 0:
-            raise ValueError("a hash pool needs a thread and a queue bound >= 0")
+        if threads < 1 or max_queued < 0 or max_queued_per_client < 0:
+            raise ValueError("a hash pool needs a thread and queue bounds >= 0")
         self._reactor = reactor
         self.threads = threads
         self.max_queued = max_queued
+        self.max_queued_per_client = max_queued_per_client
+        #: Checks waiting, by client key (those without a client are not).
+        self.queued_by_client: Dict[str, int] = {}
         self.running = 0
         self.started = 0
         self.queued: Deque[_Job] = collections.deque()
@@ -134,6 +149,13 @@ class HashPool:
 
     def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         """Run ``f(*args)`` in a hashing thread, after those queued before it."""
+        client = checking_client.get()
+        if (
+            client is not None
+            and self.running >= self.threads
+            and self.queued_by_client.get(client, 0) >= self.max_queued_per_client
+        ):  # the server logs each refusal: no line of our own
+            return defer.fail(HashPoolFull(f"{client}: too many checks waiting"))
         if len(self.queued) >= self.max_queued:
             if not self._full:
                 self._full = True
@@ -145,20 +167,33 @@ class HashPool:
             return defer.fail(HashPoolFull(f"{len(self.queued)} checks waiting"))
         self._full = False
         d: defer.Deferred[Any] = defer.Deferred(self._drop)
-        self.queued.append((d, f, args))
+        self.queued.append((d, f, args, client))
+        if client is not None:
+            self.queued_by_client[client] = self.queued_by_client.get(client, 0) + 1
         self._dispatch()
         return d
+
+    def _dequeued(self, client: Optional[str]) -> None:
+        if client is None:
+            return
+        left = self.queued_by_client[client] - 1
+        if left:
+            self.queued_by_client[client] = left
+        else:
+            del self.queued_by_client[client]
 
     def _drop(self, d: defer.Deferred[Any]) -> None:
         """Cancelled: forget the check if it has not started."""
         for job in self.queued:
             if job[0] is d:
                 self.queued.remove(job)
+                self._dequeued(job[3])
                 return
 
     def _dispatch(self) -> None:
         while self.running < self.threads and self.queued:
-            d, f, args = self.queued.popleft()
+            d, f, args, client = self.queued.popleft()
+            self._dequeued(client)
             self.running += 1
             self.started += 1
             if self._executor is None:

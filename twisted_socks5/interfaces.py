@@ -40,6 +40,9 @@ class AuthResult:
         for anonymous access.
     :ivar avatar: whatever the method's back end returned (a
         ``twisted.cred`` avatar, for instance), for per-user policy.
+    :ivar busy: a refusal because the back end could not check now (its
+        queue is full), not because the credentials were wrong: it is not
+        counted as a failed login, so a flood cannot get others throttled.
     """
 
     reply: bytes = b""
@@ -47,6 +50,7 @@ class AuthResult:
     success: Optional[bool] = None
     user: Optional[str] = None
     avatar: Any = None
+    busy: bool = False
 
     def __post_init__(self) -> None:
         if self.done is not True and self.done is not False:
@@ -59,6 +63,8 @@ class AuthResult:
                 "AuthResult needs an outcome: AuthResult.granted(...), "
                 "AuthResult.refused(...) or AuthResult.more(...)"
             )
+        if self.busy and (not self.done or self.success is not False):
+            raise TypeError("only a refusal can be busy")
 
     @classmethod
     def granted(
@@ -68,9 +74,11 @@ class AuthResult:
         return cls(reply=reply, success=True, user=user, avatar=avatar)
 
     @classmethod
-    def refused(cls, reply: bytes = b"", user: Optional[str] = None) -> AuthResult:
+    def refused(
+        cls, reply: bytes = b"", user: Optional[str] = None, busy: bool = False
+    ) -> AuthResult:
         """The client is not let in: ``reply`` is sent, then the connection closes."""
-        return cls(reply=reply, success=False, user=user)
+        return cls(reply=reply, success=False, user=user, busy=busy)
 
     @classmethod
     def more(cls, reply: bytes = b"") -> AuthResult:

@@ -11,6 +11,7 @@ import collections
 import functools
 import ipaddress
 import resource
+from contextvars import ContextVar
 from typing import Callable, Dict, Optional, Tuple
 
 #: File descriptors kept free for listening sockets, logs, DNS, UDP...
@@ -20,6 +21,11 @@ MAX_TRACKED_CLIENTS = 65536
 #: IPv6 clients in one network of this prefix length count as one client:
 #: a single host is commonly given a whole /64.
 DEFAULT_IPV6_CLIENT_PREFIX = 64
+
+#: The client key (:func:`client_key`) of the login whose credentials the
+#: server is handing to its checker now, ``None`` outside: what a hash
+#: pool shares its queue by.
+checking_client: ContextVar[Optional[str]] = ContextVar("checking_client", default=None)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -68,7 +68,7 @@ from .connect import (
     reply_for_failure,
 )
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
-from .limits import ConnectionLimits
+from .limits import ConnectionLimits, checking_client
 from .logs import escape, escape_line
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
@@ -415,6 +415,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             return False
         negotiation = self._negotiation
         limit = negotiation.max_message_size  # type: ignore[union-attr]
+        # Whom a check started now is for: a hash pool's fair share.
+        client = checking_client.set(factory.limits.key(self.client_ip))
         try:
             step: Optional[AuthStep] = negotiation.data_received(  # type: ignore[union-attr]
                 bytes(self._buffer[:limit])
@@ -424,6 +426,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         except Exception:  # noqa: BLE001 - a method's bug lets nobody in
             self._auth_error(Failure())
             return False
+        finally:
+            checking_client.reset(client)
         if step is None:
             if len(self._buffer) >= limit:
                 raise ProtocolError("authentication message too long")
@@ -468,8 +472,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if result.done is False:
             return
         if not granted:
-            self.outcome = "authentication failed"
-            self.factory.authentication_failed(self)
+            if result.busy:  # not the client's fault: not counted
+                self.outcome = "login refused: busy, too many checks waiting"
+                self.factory.login_busy(self)
+            else:
+                self.outcome = "authentication failed"
+                self.factory.authentication_failed(self)
             self._close()
             return
         self.state = State.REQUEST
@@ -1343,6 +1351,18 @@ class SOCKS5ServerFactory(Factory):
         )
         if self.metrics is not None:
             self.metrics.refused_connection("throttled")
+
+    def login_busy(self, protocol: SOCKS5ServerProtocol) -> None:
+        """A login refused unchecked (the checker's queue is full): not a failure."""
+        self.log.info(
+            "refused login from {client}: busy",
+            event="socks5.refused",
+            client=protocol.client_ip,
+            kind="busy",
+            reason="too many credential checks waiting",
+        )
+        if self.metrics is not None:
+            self.metrics.refused_connection("busy")
 
     def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
         """Park ``protocol`` until a check from its address ends."""

@@ -25,6 +25,7 @@ from twisted_socks5.htpasswd import (
     check_bcrypt,
     parse_htpasswd,
 )
+from twisted_socks5.limits import checking_client
 
 
 def _hash(password: bytes, prefix: bytes = b"$2b$") -> bytes:
@@ -289,6 +290,10 @@ async def _login(
             if len(self.data) >= 4 and not received.called:
                 received.callback(self.data)
 
+        def connectionLost(self, reason: Any = None) -> None:
+            if not received.called:  # closed unanswered: say so, do not hang
+                received.callback(self.data)
+
     client = await protocol.ClientCreator(reactor, Client).connectTCP(
         "127.0.0.1", port, bindAddress=(source, 0)
     )
@@ -327,3 +332,108 @@ async def test_a_queued_check_is_dropped_when_its_client_goes(
     assert ran == ["wonderland"]  # bob's check never ran
     assert factory.limits.checks == {}
     first.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hash_pool_gives_each_client_a_share_of_its_queue(gate: Any) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1, max_queued=10, max_queued_per_client=2)
+
+    def run_for(client: str, name: str) -> Any:
+        token = checking_client.set(client)
+        try:
+            return pool.run(check, name)
+        finally:
+            checking_client.reset(token)
+
+    running = run_for("192.0.2.1", "running")
+    mine = [run_for("192.0.2.1", f"mine{i}") for i in range(2)]
+    with pytest.raises(HashPoolFull):
+        await run_for("192.0.2.1", "one too many of mine")
+    other = run_for("2001:db8::/64", "other")
+    anonymous = pool.run(check, "no client")  # the queue's own bound only
+    assert pool.queued_by_client == {"192.0.2.1": 2, "2001:db8::/64": 1}
+    mine[0].cancel()  # a dropped check frees its client's place
+    with pytest.raises(defer.CancelledError):
+        await mine[0]
+    assert pool.queued_by_client == {"192.0.2.1": 1, "2001:db8::/64": 1}
+    opened.set()
+    assert await defer.gatherResults([running, mine[1], other, anonymous]) == [
+        "running",
+        "mine1",
+        "other",
+        "no client",
+    ]
+    assert pool.queued_by_client == {} and not pool.queued
+
+
+def _gated_proxy(
+    htfile: Any, make_proxy: Any, gate: Any, monkeypatch: Any, pool: HashPool, **kw: Any
+) -> Any:
+    """A proxy whose bcrypt checks wait for the gate; returns (limits, port)."""
+    from twisted_socks5.auth import UsernamePasswordAuthenticator
+    from twisted_socks5.limits import ConnectionLimits
+
+    real = htpasswd.check_bcrypt
+
+    def blocking(password: bytes, hashed: bytes) -> bool:
+        gate[2](password.decode())
+        return real(password, hashed)
+
+    monkeypatch.setattr(htpasswd, "check_bcrypt", blocking)
+    auth = UsernamePasswordAuthenticator.from_checkers(
+        HtpasswdChecker(str(htfile), pool=pool)
+    )
+    limits = ConnectionLimits(reactor.seconds, max_connections=0, **kw)
+    _, port = make_proxy(authenticators=[auth], limits=limits)
+    return limits, port
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_hash_pool_refuses_others_as_busy_not_as_failures(
+    htfile: Any, make_proxy: Any, gate: Any, monkeypatch: Any
+) -> None:
+    """Other addresses fill the pool: the victim is refused, never throttled."""
+    pool = HashPool(threads=1, max_queued=1)
+    limits, port = _gated_proxy(
+        htfile, make_proxy, gate, monkeypatch, pool, auth_failures=1
+    )
+    attackers = []
+    for source in ("127.0.0.2", "127.0.0.3"):
+        attackers.append(await _login(port, b"bob", b"wrong", source=source))
+    await until(lambda: len(pool.queued) == 1, "the pool to fill")
+    for _ in range(2):  # more than the throttle's one failure
+        victim, answer = await _login(port, b"alice", b"wonderland")
+        assert await answer == b"\x05\x02\x01\x01"
+        victim.transport.loseConnection()
+    assert limits._recent_failures("127.0.0.1") == 0
+    gate[0].set()
+    for client, answer in attackers:
+        assert await answer == b"\x05\x02\x01\x01"
+        client.transport.loseConnection()
+    victim, answer = await _login(port, b"alice", b"wonderland")
+    assert await answer == b"\x05\x02\x01\x00"
+    victim.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_client_cannot_fill_the_hash_pool_queue(
+    htfile: Any, make_proxy: Any, gate: Any, monkeypatch: Any
+) -> None:
+    """The server tells the pool whose check it is: its share, not the queue."""
+    pool = HashPool(threads=1, max_queued=3, max_queued_per_client=2)
+    _, port = _gated_proxy(
+        htfile, make_proxy, gate, monkeypatch, pool, auth_checks_per_client=0
+    )
+    flood = [await _login(port, b"bob", b"wrong", source="127.0.0.2") for _ in range(3)]
+    await until(lambda: pool.started == 1 and len(pool.queued) == 2, "a full share")
+    flood.append(await _login(port, b"bob", b"wrong", source="127.0.0.2"))
+    assert await flood[-1][1] == b"\x05\x02\x01\x01"  # over its share: busy
+    victim, answer = await _login(port, b"alice", b"wonderland")
+    await until(lambda: len(pool.queued) == 3, "the victim's check to queue")
+    assert pool.queued_by_client == {"127.0.0.2": 2, "127.0.0.1": 1}
+    gate[0].set()
+    assert await answer == b"\x05\x02\x01\x00"
+    for client, _ in flood:
+        client.transport.loseConnection()
+    victim.transport.loseConnection()
