@@ -48,6 +48,12 @@ _ERRNO_REPLIES = {
 
 _REPLY_CODES = frozenset(int(code) for code in ReplyCode)
 
+#: Addresses of each family (IPv6, IPv4) a CONNECT by name tries.
+#: HostnameEndpoint starts a new attempt every 0.3 s while the others are
+#: pending, each holding a descriptor: a name resolving to many blackholed
+#: addresses would otherwise hold one descriptor per address.
+MAX_ADDRESSES_PER_FAMILY = 2
+
 
 class PolicyDenied(Exception):
     """Every address the destination resolved to is denied by the rules."""
@@ -174,7 +180,33 @@ class _Collector:
 
 
 @implementer(IHostnameResolver)
-class _FilteringResolver:
+class _WrappingResolver:
+    """A resolver whose answers pass through a receiver of ours first."""
+
+    def __init__(self, resolver: IHostnameResolver) -> None:
+        self._resolver = resolver
+
+    def _wrap(self, receiver: IResolutionReceiver) -> IResolutionReceiver:
+        raise NotImplementedError
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        return self._resolver.resolveHostName(
+            self._wrap(resolutionReceiver),
+            hostName,
+            portNumber,
+            addressTypes,
+            transportSemantics,
+        )
+
+
+class _FilteringResolver(_WrappingResolver):
     """
     Passes on only the addresses the access rules allow, so a name cannot
     smuggle a connection into a denied network (the rules see every address
@@ -190,22 +222,12 @@ class _FilteringResolver:
         check: Callable[[str], Optional[str]],
         denials: List[str],
     ) -> None:
-        self._resolver = resolver
+        super().__init__(resolver)
         self._check = check
         self._denials = denials
 
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Any = None,
-        transportSemantics: str = "TCP",
-    ) -> Any:
-        receiver = _FilteringReceiver(resolutionReceiver, self._check, self._denials)
-        return self._resolver.resolveHostName(
-            receiver, hostName, portNumber, addressTypes, transportSemantics
-        )
+    def _wrap(self, receiver: IResolutionReceiver) -> IResolutionReceiver:
+        return _FilteringReceiver(receiver, self._check, self._denials)
 
 
 @implementer(IResolutionReceiver)
@@ -231,6 +253,52 @@ class _FilteringReceiver:
             self._denials.append(rule)
 
     def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+def interleave_families(addresses: List[_T], per_family: int) -> List[_T]:
+    """
+    At most ``per_family`` of ``addresses`` of each family, alternating
+    families from the first address's, as RFC 8305 orders its attempts.
+    """
+    families: dict[bool, List[_T]] = {}
+    for address in addresses:
+        kept = families.setdefault(":" in getattr(address, "host", ""), [])
+        if len(kept) < per_family:
+            kept.append(address)
+    ordered: List[_T] = []
+    for rank in range(per_family):
+        ordered.extend(kept[rank] for kept in families.values() if rank < len(kept))
+    return ordered
+
+
+class _CappingResolver(_WrappingResolver):
+    """Passes on a bounded, interleaved share of the addresses a name has."""
+
+    def __init__(self, resolver: IHostnameResolver, per_family: int) -> None:
+        super().__init__(resolver)
+        self._per_family = per_family
+
+    def _wrap(self, receiver: IResolutionReceiver) -> IResolutionReceiver:
+        return _CappingReceiver(receiver, self._per_family)
+
+
+@implementer(IResolutionReceiver)
+class _CappingReceiver:
+    def __init__(self, receiver: IResolutionReceiver, per_family: int) -> None:
+        self._receiver = receiver
+        self._per_family = per_family
+        self._addresses: List[Any] = []
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address: Any) -> None:
+        self._addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        for address in interleave_families(self._addresses, self._per_family):
+            self._receiver.addressResolved(address)
         self._receiver.resolutionComplete()
 
 
@@ -262,6 +330,9 @@ class DirectConnector:
 
     :param resolver: an ``IHostnameResolver`` to use instead of the
         reactor's (tests use one that never leaves the machine).
+    :param addresses_per_family: addresses of each family a name's
+        connection tries (alternating families), so that one CONNECT holds
+        at most twice that many outbound descriptors while it connects.
     """
 
     def __init__(
@@ -270,9 +341,13 @@ class DirectConnector:
         timeout: float = 10.0,
         bind_address: Optional[Tuple[str, int]] = None,
         resolver: Optional[IHostnameResolver] = None,
+        addresses_per_family: int = MAX_ADDRESSES_PER_FAMILY,
     ) -> None:
+        if addresses_per_family < 1:
+            raise ValueError("a connection needs at least one address to try")
         self.reactor = reactor
         self.timeout = timeout
+        self.addresses_per_family = addresses_per_family
         self.bind_address = bind_address
         self._name_reactor = (
             reactor if resolver is None else _ResolvingReactor(reactor, resolver)
@@ -293,15 +368,15 @@ class DirectConnector:
             return TCP6ClientEndpoint(
                 self.reactor, address.host, address.port, timeout, self.bind_address
             )
-        name_reactor = self._name_reactor
+        resolver = IReactorPluggableNameResolver(self._name_reactor).nameResolver
         if check is not None:
-            base = IReactorPluggableNameResolver(name_reactor).nameResolver
             resolver = _FilteringResolver(
-                base, check, denials if denials is not None else []
+                resolver, check, denials if denials is not None else []
             )
-            name_reactor = _ResolvingReactor(self.reactor, resolver)
+        # Capped after the rules' filter: denied addresses take no attempt.
+        resolver = _CappingResolver(resolver, self.addresses_per_family)
         return HostnameEndpoint(
-            name_reactor,
+            _ResolvingReactor(self.reactor, resolver),
             address.host.encode("idna") if not address.host.isascii() else address.host,
             address.port,
             timeout=timeout,
