@@ -56,7 +56,8 @@ class RequestContext(Protocol):
     udp_counted: bool
     #: The look-up or connect under way (cancelled if the client goes).
     pending: Optional[defer.Deferred[Any]]
-    #: A BIND's wait for its peer (a :class:`~.bind.BindWaiter`).
+    #: A BIND's wait for its peer (a
+    #: :class:`~twisted_socks5.commands.bind.BindWaiter`).
     binding: Any
     outcome: str
 
