@@ -100,6 +100,10 @@ class State(enum.Enum):
     CLOSING = "closing"
 
 
+#: The state of each value (a command handler names its phase by value).
+_PHASES: Dict[Optional[str], State] = {state.value: state for state in State}
+
+
 @implementer(IHalfCloseableProtocol)
 class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     """One client connection."""
@@ -484,7 +488,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 self.deny(decision.rule)
                 return
         if handler.phase is not None:
-            self.state = State(handler.phase)
+            self.state = _PHASES[handler.phase]
             # The client has done its part; the command's own timeouts bound
             # the rest (a connect's expiry is answered, 0x06, not cut short).
             self.setTimeout(None)
