@@ -63,6 +63,9 @@ API_MODULES = [
     "tap",
     "logs",
     "testing",
+    "commands",
+    "tunnel",
+    "relay",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.

@@ -88,15 +88,15 @@ def test_the_server_oracle_catches_a_reply_sent_before_connecting(
 ) -> None:
     """The server target is not vacuous: a seeded bug is found."""
     from twisted_socks5.codec import ReplyCode
-    from twisted_socks5.server import SOCKS5ServerProtocol
+    from twisted_socks5.commands.connect import ConnectHandler
 
-    connect = SOCKS5ServerProtocol._connect
+    connect = ConnectHandler.handle
 
-    def early(self: Any, request: Any) -> None:
-        self._send_reply(ReplyCode.SUCCEEDED)
-        connect(self, request)
+    def early(self: Any, ctx: Any, request: Any) -> None:
+        ctx.send_reply(ReplyCode.SUCCEEDED)
+        connect(self, ctx, request)
 
-    monkeypatch.setattr(SOCKS5ServerProtocol, "_connect", early)
+    monkeypatch.setattr(ConnectHandler, "handle", early)
     stream = b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
     with pytest.raises(AssertionError):
         fuzz_targets.check_server(fuzz_targets.ServerInput(stream=stream))

@@ -249,8 +249,10 @@ def test_a_busy_udp_association_stays() -> None:
         b"\x05\x01\x00"
         + Request(Command.UDP_ASSOCIATE, Address.from_host("0.0.0.0", 0)).to_bytes()
     )
+    udp = h.protocol.udp
+    assert udp is not None and udp.on_activity is not None
     for _ in range(20):
-        h.protocol._udp_activity()
+        udp.on_activity()  # what the association calls for each datagram
         h.reactor.advance(100)
     assert not h.transport.aborted
 

@@ -23,6 +23,7 @@ from twisted_socks5.codec import (
     ReplyCode,
     Request,
 )
+from twisted_socks5.commands.base import reached_from_outside_of
 from twisted_socks5.rules import RuleSet
 from twisted_socks5.selfnet import HostAddresses, reached_from_outside
 from twisted_socks5.server import PROTECT_WHEN_EXPOSED, SOCKS5ServerFactory
@@ -117,4 +118,4 @@ def test_reached_from_outside(local: Any, outside: bool) -> None:
 
 def test_a_unix_socket_client_is_local() -> None:
     h = Harness(local=UNIXAddress(b"/run/socks5.sock"))
-    assert not h.protocol._reached_from_outside()
+    assert not reached_from_outside_of(h.protocol)

@@ -352,7 +352,7 @@ def _run_split(chunks: list[bytes]) -> tuple[bytes, bytes]:
             h.connector.succeed()
     out_transport = None
     if h.protocol.state is State.RELAYING:
-        out_transport = h.protocol._outbound.transport  # type: ignore[union-attr]
+        out_transport = h.protocol.tunnel.outbound.transport  # type: ignore[union-attr]
     return h.take(), out_transport.value() if out_transport else b""
 
 

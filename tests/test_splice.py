@@ -28,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 import twisted_socks5.splice as splice_module
 from twisted_socks5.codec import Address, AddressType, Command, Request
+from twisted_socks5.limits import ConnectionLimits
 from twisted_socks5.relay import OutboundProtocol, RelayCounters
 from twisted_socks5.splice import (
     SpliceRelay,
@@ -36,6 +37,8 @@ from twisted_socks5.splice import (
     splice_available,
     start_splice_relay,
 )
+from twisted_socks5.tunnel import ActivityWatch
+from twisted_socks5.tunnel import Tunnel as SOCKSTunnel
 
 needs_splice = pytest.mark.skipif(
     not splice_available(), reason="os.splice needs Linux and Python 3.10+"
@@ -119,15 +122,37 @@ def our_descriptors() -> List[Any]:
     ]
 
 
+class _Settings:
+    """The factory settings a tunnel reads."""
+
+    splice = True
+    splice_after = 0
+    idle_timeout: Optional[float] = None
+    stall_timeout: Optional[float] = None
+
+    def __init__(self) -> None:
+        self.limits = ConnectionLimits(reactor.seconds)
+        self.watch = ActivityWatch(reactor, list)
+
+
+class RecordingTunnel(SOCKSTunnel):
+    """The real tunnel, remembering how its target was lost."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.target_lost_reasons: List[Failure] = []
+
+    def target_lost(self, reason: Failure) -> None:
+        self.target_lost_reasons.append(reason)
+        super().target_lost(reason)
+
+
 class FakeServer(protocol.Protocol):
-    """What the splice relay uses of SOCKS5ServerProtocol, on a real socket."""
+    """The client's side of a tunnel, as SOCKS5ServerProtocol, on a real socket."""
 
     def __init__(self) -> None:
         self.counters = RelayCounters()
-        self._client_eof = False
-        self._splice: Optional[SpliceRelay] = None
-        self.outcome = "relaying"
-        self.target_lost: List[Failure] = []
+        self.tunnel: Optional[RecordingTunnel] = None
         #: What Twisted read from the client: nothing, once the relay starts.
         self.read_by_twisted = b""
         #: Fires with the exception connectionLost was called with.
@@ -141,13 +166,9 @@ class FakeServer(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.read_by_twisted += data
 
-    def _target_lost(self, reason: Failure) -> None:
-        self.target_lost.append(reason)
-        self.transport.abortConnection()
-
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
-        if self._splice is not None:
-            self._splice.stop()
+        if self.tunnel is not None and self.tunnel.splice is not None:
+            self.tunnel.splice.stop()
         self.lost.callback(reason.value)
 
 
@@ -181,14 +202,15 @@ class Tunnel:
 
     server: FakeServer
     outbound: FakeOutbound
+    tunnel: RecordingTunnel
     client: socket.socket
     target: socket.socket
     relay: Optional[SpliceRelay] = None
 
     def start(self, early: bytes = b"") -> SpliceRelay:
-        relay = start_splice_relay(self.server, self.outbound, early)  # type: ignore[arg-type]
+        relay = start_splice_relay(self.tunnel, early)
         assert relay is not None
-        self.relay = self.server._splice = relay
+        self.relay = self.tunnel.splice = relay
         return relay
 
     async def started(self, early: bytes = b"") -> SpliceRelay:
@@ -224,6 +246,10 @@ def make_tunnel() -> Iterator[Callable[[], Any]]:
         tunnels.append(t)
         await until(lambda: bool(servers.built and targets.built), "accept")
         t.server, t.outbound = servers.built[0], targets.built[0]
+        t.tunnel = RecordingTunnel(
+            _Settings(), t.server.transport, t.outbound, t.server.counters
+        )
+        t.server.tunnel = t.tunnel
         return t
 
     yield make
@@ -257,7 +283,7 @@ def test_string_transports_fall_back_to_the_ordinary_relay() -> None:
     h = Harness(splice=True)
     h.send(b"\x05\x01\x00" + Request(Command.CONNECT, TARGET).to_bytes())
     _, out_transport = h.connector.succeed()
-    assert h.protocol._splice is None
+    assert h.protocol.tunnel is not None and h.protocol.tunnel.splice is None
     h.send(b"payload")
     assert out_transport.value() == b"payload"
     assert h.protocol.counters.bytes_up == len(b"payload")
@@ -283,10 +309,10 @@ async def test_without_os_splice_nothing_is_touched(
     t = await make_tunnel()
     monkeypatch.delattr(os, "splice", raising=False)
     before = open_fds()
-    assert start_splice_relay(t.server, t.outbound, b"early") is None  # type: ignore[arg-type]
+    assert start_splice_relay(t.tunnel, b"early") is None
     assert open_fds() == before
     assert t.server.transport.producer is None
-    assert t.outbound.on_lost is None
+    assert t.outbound.transport.producer is None and t.tunnel.splice is None
 
 
 @pytest_twisted.ensureDeferred
@@ -297,7 +323,7 @@ async def test_a_reactor_without_fd_sets_falls_back(
     monkeypatch.setattr(t.server.transport, "reactor", Clock())
     monkeypatch.setattr(t.outbound.transport, "reactor", Clock())
     before = open_fds()
-    assert start_splice_relay(t.server, t.outbound, b"") is None  # type: ignore[arg-type]
+    assert start_splice_relay(t.tunnel, b"") is None
     assert open_fds() == before
 
 
@@ -311,7 +337,7 @@ async def test_tls_transports_fall_back(make_tunnel: Any) -> None:
         certificate = ssl.PrivateCertificate.loadPEM(f.read())
     t.server.transport.startTLS(certificate.options())
     assert not plain_tcp(t.server.transport)
-    assert start_splice_relay(t.server, t.outbound, b"") is None  # type: ignore[arg-type]
+    assert start_splice_relay(t.tunnel, b"") is None
 
 
 @pytest_twisted.ensureDeferred
@@ -400,7 +426,7 @@ async def test_client_eof_seen_during_the_connect_is_forwarded(
     make_tunnel: Any,
 ) -> None:
     t = await make_tunnel()
-    t.server._client_eof = True
+    t.tunnel.client_eof = True
     await t.started(early=b"last words")
     await recv_eof(t.target)
     t.target.sendall(b"reply")
@@ -456,7 +482,7 @@ async def test_target_lost_before_the_takeover_ends_the_client(
     assert isinstance(await t.outbound.lost, error.ConnectionAborted)
     assert relay.stopped and not relay.started
     assert_closed(relay.pipe_fds)
-    assert [r.type for r in t.server.target_lost] == [error.ConnectionAborted]
+    assert [r.type for r in t.tunnel.target_lost_reasons] == [error.ConnectionAborted]
     await t.server.lost
 
 
@@ -468,7 +494,7 @@ async def test_target_reset_aborts_the_client(make_tunnel: Any) -> None:
     reset(t.target)
     assert await recv_error(t.client) == errno.ECONNRESET
     assert isinstance(await t.server.lost, error.ConnectionAborted)
-    assert t.server.outcome.startswith("target connection lost: ")
+    assert t.tunnel.outcome.startswith("target connection lost: ")
     assert relay.stopped
     assert our_descriptors() == []
 
@@ -486,7 +512,7 @@ async def test_a_hangup_reported_by_the_reactor_aborts_both(
     assert_closed(relay.pipe_fds)
     assert isinstance(await t.server.lost, error.ConnectionAborted)
     assert isinstance(await t.outbound.lost, error.ConnectionAborted)
-    assert t.server.outcome == "relaying"  # the client side: not the target's fault
+    assert t.tunnel.outcome == "relaying"  # the client side: not the target's fault
 
 
 @needs_splice

@@ -9,12 +9,39 @@ runs on the reactor thread, where the connection set is safe to read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List
+import enum
+from typing import Any, Collection, Dict, Iterator, List, Optional, Protocol
 
 from twisted.web import resource, server
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import SOCKS5ServerFactory, SOCKS5ServerProtocol
+from .codec import ReplyCode, Request
+from .limits import ConnectionLimits
+from .relay import RelayCounters
+from .udp import UDPAssociation
+
+
+class Counted(Protocol):
+    """What the metrics read of a connection (the server protocol)."""
+
+    request: Optional[Request]
+    reply: Optional[ReplyCode]
+    started: float
+    counters: RelayCounters
+    udp: Optional[UDPAssociation]
+
+    @property
+    def state(self) -> enum.Enum: ...
+
+
+class CountingFactory(Protocol):
+    """What the metrics read of the server factory."""
+
+    reactor: Any
+    limits: ConnectionLimits
+
+    @property
+    def active(self) -> Collection[Counted]: ...
+
 
 #: Handshake latency buckets, seconds: loopback to slow upstream DNS.
 LATENCY_BUCKETS = (
@@ -48,7 +75,7 @@ def _prometheus() -> Any:
 class Metrics:
     """The server's metrics, registered in their own registry."""
 
-    def __init__(self, factory: SOCKS5ServerFactory, registry: Any = None) -> None:
+    def __init__(self, factory: CountingFactory, registry: Any = None) -> None:
         prom = _prometheus()
         self.factory = factory
         self.registry = registry or prom.CollectorRegistry()
@@ -84,13 +111,13 @@ class Metrics:
 
     # Hooks called by the factory and protocol.
 
-    def replied(self, protocol: SOCKS5ServerProtocol) -> None:
+    def replied(self, protocol: Counted) -> None:
         request = protocol.request
         command = request.command.phrase if request else "none"
         elapsed = self.factory.reactor.seconds() - protocol.started
         self.handshake.labels(command).observe(max(0.0, elapsed))
 
-    def closed(self, protocol: SOCKS5ServerProtocol) -> None:
+    def closed(self, protocol: Counted) -> None:
         request = protocol.request
         command = request.command.phrase if request else "none"
         reply = protocol.reply.phrase if protocol.reply is not None else "none"

@@ -14,7 +14,8 @@ so a truncated transfer is never passed off as a complete one.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -80,6 +81,19 @@ class RelayCounters:
 NEVER = float("inf")
 
 
+class RelayingTunnel(TypingProtocol):
+    """What the copying relay uses of its :class:`~twisted_socks5.tunnel.Tunnel`."""
+
+    client: Any
+    counters: RelayCounters
+
+    def target_eof(self) -> None: ...
+
+    def target_lost(self, reason: Failure) -> None: ...
+
+    def hand_over_to_splice(self) -> None: ...
+
+
 @implementer(IHalfCloseableProtocol)
 class OutboundProtocol(Protocol):
     """
@@ -94,10 +108,9 @@ class OutboundProtocol(Protocol):
     def __init__(self) -> None:
         self.peer: Optional[ITransport] = None
         self.counters: Optional[RelayCounters] = None
-        self.on_lost: Optional[Callable[[Failure], None]] = None
-        self.on_read_closed: Optional[Callable[[], None]] = None
-        #: Called when the counters pass ``splice_at``.
-        self.on_busy: Optional[Callable[[], None]] = None
+        #: The tunnel this side belongs to once relaying (see tunnel.py);
+        #: ``None`` again once the tunnel let go of it.
+        self.tunnel: Optional[RelayingTunnel] = None
 
     #: Fired with this protocol once connected, by the fast connect path.
     connected_deferred: Any = None
@@ -116,19 +129,11 @@ class OutboundProtocol(Protocol):
             # only cost two epoll_ctl calls.
             self.transport.pauseProducing()
 
-    def start_relay(
-        self,
-        peer: Any,
-        counters: RelayCounters,
-        on_read_closed: Callable[[], None],
-        on_lost: Callable[[Failure], None],
-        on_busy: Optional[Callable[[], None]] = None,
-    ) -> None:
-        self.peer = peer
-        self.counters = counters
-        self.on_read_closed = on_read_closed
-        self.on_lost = on_lost
-        self.on_busy = on_busy
+    def start_relay(self, tunnel: RelayingTunnel) -> None:
+        """Copy between this connection and ``tunnel``'s client."""
+        self.tunnel = tunnel
+        peer = self.peer = tunnel.client
+        self.counters = tunnel.counters
         # Each side throttles the other (portforward.ProxyClient).
         peer.registerProducer(self.transport, True)
         self.transport.registerProducer(peer, True)
@@ -142,17 +147,17 @@ class OutboundProtocol(Protocol):
         counters.active = True
         if write_now(self.peer, data) is not None:
             return  # the client is gone (reset): its transport is aborting
-        if counters.due_for_splice() and self.on_busy is not None:
-            self.on_busy()
+        if counters.due_for_splice() and self.tunnel is not None:
+            self.tunnel.hand_over_to_splice()
 
     def readConnectionLost(self) -> None:
-        if self.on_read_closed is not None:
-            self.on_read_closed()
+        if self.tunnel is not None:
+            self.tunnel.target_eof()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        if self.on_lost is not None:
-            callback, self.on_lost = self.on_lost, None
-            callback(reason)
+        tunnel, self.tunnel = self.tunnel, None
+        if tunnel is not None:
+            tunnel.target_lost(reason)

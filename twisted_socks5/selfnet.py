@@ -19,6 +19,8 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, U
 
 from twisted.logger import Logger
 
+from .codec import Address
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -272,3 +274,23 @@ def default_host() -> HostAddresses:
     if _default is None:
         _default = HostAddresses()
     return _default
+
+
+_NORMALIZED: Dict[str, str] = {}
+
+
+def normalize_ip(host: str) -> str:
+    """
+    ``::ffff:a.b.c.d`` becomes ``a.b.c.d``; other addresses are canonical.
+    Cached: it runs for every UDP datagram and every connection.
+    """
+    normal = _NORMALIZED.get(host)
+    if normal is None:
+        try:
+            normal = Address.from_host(host, 0).host
+        except ValueError:
+            normal = host
+        if len(_NORMALIZED) >= 4096:
+            _NORMALIZED.clear()
+        _NORMALIZED[host] = normal
+    return normal

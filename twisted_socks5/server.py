@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import time
-from functools import partial
 from typing import (
     Any,
     Callable,
@@ -34,21 +32,20 @@ from typing import (
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .auth import STATUS_FAILURE, NoAuthAuthenticator
-from .bind import BindWaiter, normalize_ip
+from .bind import BindWaiter
 from .codec import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
     NULL_ADDRESS,
     Address,
-    AddressType,
     Command,
     Method,
     MethodSelection,
@@ -60,37 +57,24 @@ from .codec import (
     parse_greeting,
     parse_request,
 )
-from .connect import (
-    DirectConnector,
-    IOutboundConnector,
-    PolicyDenied,
-    first_allowed,
-    reply_for_failure,
-)
+from .commands import HANDLERS, ICommandHandler
+from .commands.connect import address_of
+from .connect import DirectConnector, IOutboundConnector
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits, checking_client
-from .logs import escape, escape_line
+from .logs import escape, log_connection
 from .metrics import Metrics
-from .relay import OutboundProtocol, RelayCounters, half_close
-from .rules import AllowAll, Decision, IPolicy
-from .selfnet import (
-    SELF_RULE,
-    UNSPECIFIED_RULE,
-    HostAddresses,
-    default_host,
-    reached_from_outside,
-    unspecified,
-)
+from .relay import OutboundProtocol, RelayCounters
+from .rules import AllowAll, IPolicy
+from .selfnet import HostAddresses, default_host, normalize_ip
+from .tunnel import ActivityWatch, Tunnel, Watched, silence_verdict, write_buffered
 from .udp import UDPAssociation
-from .writenow import close_ended, write_now
+from .writenow import write_now
 
-_ALLOWED = Decision(True, "no access rules")
-_UNSPECIFIED = Decision(False, UNSPECIFIED_RULE)
 #: ``protect_host``'s default: the proxy host is no destination for clients
 #: that connected to a non-loopback address of it (the factory cannot know
 #: how it listens; a client that came in on loopback is on this host anyway).
 PROTECT_WHEN_EXPOSED = "when-exposed"
-_SELF_REFUSED = Decision(False, SELF_RULE)
 
 #: Most bytes buffered before the relay starts: pipelined payload that came
 #: with the request.  More means a client that is not speaking SOCKS.
@@ -105,32 +89,6 @@ EARLY_DATA_PAUSE = 64 * 1024
 DEFAULT_SPLICE_AFTER = 64 * 1024
 
 
-class _OutboundFactory(Factory):
-    noisy = False
-    protocol = OutboundProtocol
-    #: Its protocols announce their own connection (``connected_deferred``).
-    fast_connect = True
-
-
-_OUTBOUND_FACTORY = _OutboundFactory()
-
-
-def _unregister_producer(transport: Any) -> None:
-    if getattr(transport, "producer", None):
-        transport.unregisterProducer()
-
-
-def _write_buffered(transport: Any) -> int:
-    """Bytes in a Twisted socket transport's write buffer (0 if unknown)."""
-    try:
-        waiting: int = (
-            len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-        )
-    except (AttributeError, TypeError):
-        return 0
-    return waiting
-
-
 class State(enum.Enum):
     GREETING = "greeting"
     AUTHENTICATING = "authenticating"
@@ -142,16 +100,8 @@ class State(enum.Enum):
     CLOSING = "closing"
 
 
-def address_of(ip_address: Any) -> Optional[Address]:
-    """The SOCKS address of a Twisted IPv4Address/IPv6Address, or None."""
-    host = getattr(ip_address, "host", None)
-    port = getattr(ip_address, "port", None)
-    if not isinstance(host, str) or not isinstance(port, int):
-        return None
-    try:
-        return Address.from_host(host, port)
-    except ValueError:
-        return None
+#: The state of each value (a command handler names its phase by value).
+_PHASES: Dict[Optional[str], State] = {state.value: state for state in State}
 
 
 @implementer(IHalfCloseableProtocol)
@@ -172,15 +122,16 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._checking: Optional[defer.Deferred[Any]] = None
         #: Waiting for a check from the same address to end.
         self._parked = False
-        self._connecting: Optional[defer.Deferred[Any]] = None
-        self._outbound: Optional[OutboundProtocol] = None
+        #: The look-up or connect under way (cancelled if the client goes).
+        self.pending: Optional[defer.Deferred[Any]] = None
         self._client_eof = False
         #: The rules' answer to the request (its route, when final).
-        self._decision: Any = None
+        self.decision: Any = None
         self._silent_since = 0.0
-        #: The zero-copy relay, when one took over (see splice.py).
-        self._splice: Any = None
-        self._binding: Optional[BindWaiter] = None
+        #: The relaying pair, once the request succeeded (see tunnel.py).
+        self.tunnel: Optional[Tunnel] = None
+        #: A BIND's wait for its peer.
+        self.binding: Optional[BindWaiter] = None
         #: The UDP relay of an UDP ASSOCIATE.
         self.udp: Optional[UDPAssociation] = None
         #: The peer that connected to a BIND.
@@ -194,7 +145,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         #: PROXY header still to come).
         self.identified = False
         #: Holds a UDP association's extra descriptors in the limits.
-        self._udp_counted = False
+        self.udp_counted = False
         self.started = 0.0
         self.client: Optional[Address] = None
         self.method: Optional[int] = None
@@ -202,7 +153,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.request: Optional[Request] = None
         self.reply: Optional[ReplyCode] = None
         self.bound: Optional[Address] = None
-        self.outcome = "closed during handshake"
+        #: What ended the connection, when it was told (see ``outcome``).
+        self._why: Optional[str] = None
         #: The access rule that denied this connection, if one did.
         self.rule: Optional[str] = None
 
@@ -267,15 +219,16 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.RELAYING:
+            tunnel = self.tunnel
             counters = self.counters
             counters.bytes_up += len(data)
             counters.active = True
-            failed = write_now(self._outbound.transport, data)  # type: ignore[union-attr]
+            failed = write_now(tunnel.outbound.transport, data)  # type: ignore[union-attr]
             if failed is not None:
-                self.outcome = f"target connection lost: {failed.strerror}"
+                tunnel.target_failed(str(failed.strerror))  # type: ignore[union-attr]
                 return
             if counters.due_for_splice():
-                self._hand_over_to_splice()
+                tunnel.hand_over_to_splice()  # type: ignore[union-attr]
             return
         if self.state is State.CLOSING:
             return
@@ -297,7 +250,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """The client sent EOF (half-close)."""
         self._client_eof = True
         if self.state is State.RELAYING:
-            self._forward_client_eof()
+            self.tunnel.client_ended()  # type: ignore[union-attr]
         elif self.state is State.ASSOCIATED:
             self.outcome = "association ended by the client"
             self._close()
@@ -323,31 +276,20 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.factory.stop_waiting_for_check(self)
         if self._checking is not None:
             self._checking.cancel()
-        if self._splice is not None:
-            self._splice.stop()
-        if self._binding is not None:
-            waiter, self._binding = self._binding, None
+        if self.binding is not None:
+            waiter, self.binding = self.binding, None
             waiter.cancel()
         if self.udp is not None:
             self.udp.close()
-            if self._udp_counted:
-                self._udp_counted = False
+            if self.udp_counted:
+                self.udp_counted = False
                 self.factory.limits.udp_ended()
-            if self.outcome == "associated":
-                self.outcome = "association ended"
-        if self._connecting is not None:
+        if self.pending is not None:
             self.outcome = "client went away while connecting"
-            d, self._connecting = self._connecting, None
+            d, self.pending = self.pending, None
             d.cancel()
-        if self._outbound is not None:
-            outbound, self._outbound = self._outbound, None
-            outbound.on_lost = None
-            if isinstance(reason.value, ConnectionDone):
-                outbound.transport.loseConnection()
-            else:
-                outbound.transport.abortConnection()
-        if self.outcome == "relaying":
-            self.outcome = "closed"
+        if self.tunnel is not None:
+            self.tunnel.close(reason)
         self.factory.connection_closed(self, reason)
 
     def timeoutConnection(self) -> None:
@@ -505,11 +447,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         request, used = parsed
         del self._buffer[:used]
         self.request = request
-        if request.command not in self.factory.commands:
-            self._fail(
-                ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.phrase} not enabled"
-            )
-            return False
+        self._dispatch(request)
+        return False
         policy = self.factory.policy
         if policy is not None:
             # A UDP ASSOCIATE names the client's own source, not a destination:
@@ -535,441 +474,108 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         return False
 
     # ------------------------------------------------------------------
-    # CONNECT
+    # Dispatch: the rules' first answer, then the command's handler
 
-    def _connect(self, request: Request) -> None:
-        self.state = State.CONNECTING
-        # The client has done its part; the connect timeout bounds the rest,
-        # and its expiry is answered (0x06) rather than cut short.
-        self.setTimeout(None)
-        check = None
-        address = request.address
-        route = None
+    def _dispatch(self, request: Request) -> None:
+        handler = self.factory.handlers.get(request.command)
+        if handler is None or request.command not in self.factory.commands:
+            self.fail(
+                ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.phrase} not enabled"
+            )
+            return
         policy = self.factory.policy
-        decision = self._decision
-        if address.type is not AddressType.DOMAIN:
-            decision = self._resolved_decision(address, address.host)
+        if policy is not None:
+            decision = policy.check_request(
+                self.policy_ip,
+                self.user,
+                request.command,
+                handler.rules_destination(request),
+            )
+            self.decision = decision
             if not decision.allowed:
-                self._deny(decision.rule)
+                self.deny(decision.rule)
                 return
-            route = decision.via
-        elif policy is not None and not decision.final:
-            # Which rule allows the name, and so its route, depends on the
-            # addresses: resolve here, check each, connect by IP.
-            self._hold()
-            resolving = self.factory.connector.resolve(address.host)
-            self._connecting = resolving
-            resolving.addCallback(self._route_resolved, address)
-            resolving.addCallbacks(self._connected, self._connect_failed)
-            return
-        else:
-            # The route is known: the connector checks each address the
-            # name resolves to and uses only the allowed ones (with
-            # HostnameEndpoint's fallback among them).  One check per name,
-            # here or in _route_resolved, never both.  Without rules, an
-            # upstream resolves names on its own host: nothing to guard.
-            route = decision.via if decision is not None else None
-            if policy is not None or isinstance(
-                self.factory.connector_for(route), DirectConnector
-            ):
-                check = partial(self._resolved_denial, address)
-        connector = self.factory.connector_for(route)
-        self._hold()
-        if check is None:
-            d = connector.connect(address, _OUTBOUND_FACTORY)
-        else:
-            d = connector.connect(address, _OUTBOUND_FACTORY, check)
-        self._connecting = d
-        d.addCallbacks(self._connected, self._connect_failed)
-
-    def _route_resolved(
-        self, addresses: List[str], address: Address
-    ) -> defer.Deferred[IProtocol]:
-        """Connect to the first allowed address, by the route its rule names."""
-        decisions = {}
-
-        def check(ip: str) -> Optional[str]:
-            decision = decisions[ip] = self._resolved_decision(address, ip)
-            return None if decision.allowed else decision.rule
-
-        ip = first_allowed(addresses, check)
-        d = self.factory.connector_for(decisions[ip].via).connect(
-            Address.from_host(ip, address.port), _OUTBOUND_FACTORY
-        )
-        self._connecting = d
-        return d
-
-    def _connected(self, protocol: IProtocol) -> None:
-        self._connecting = None
-        if not isinstance(protocol, OutboundProtocol):  # pragma: no cover
-            raise TypeError(f"unexpected outbound protocol {protocol!r}")
-        self._outbound = protocol
-        # Through an upstream, the address that matters is the upstream's.
-        bound = getattr(protocol.transport, "bound", None)
-        self.bound = bound if isinstance(bound, Address) else None
-        if self.bound is None:
-            self.bound = address_of(protocol.transport.getHost())
-        self._send_reply(ReplyCode.SUCCEEDED, self.bound)
-        self._start_relay(protocol)
-
-    def _start_relay(self, peer: OutboundProtocol) -> None:
-        """Both ends are connected and the reply is queued: move bytes."""
-        self.state = State.RELAYING
-        self.outcome = "relaying"
-        self.setTimeout(None)
-        early = bytes(self._buffer)
-        self._buffer = bytearray()
-        self._watch_activity()
-        if self.factory.splice:
-            if self.factory.splice_after <= 0:
-                self._start_splice(peer, early)
-                if self._splice is not None:
-                    return
-            else:
-                self.counters.splice_at = self.factory.splice_after
-        peer.start_relay(
-            self.transport,
-            self.counters,
-            self._target_eof,
-            self._target_lost,
-            self._hand_over_to_splice,
-        )
-        counters = self.counters
-        if early:
-            counters.bytes_up += len(early)
-            peer.transport.write(early)
-        if self._client_eof:
-            self._forward_client_eof()
-            return
-        self._unwait(None)
-        if counters.due_for_splice():  # early data alone may be enough
-            self._hand_over_to_splice()
-
-    def _start_splice(
-        self, peer: OutboundProtocol, early: bytes = b"", handover: bool = False
-    ) -> None:
-        """Let the zero-copy relay take over, if the descriptors allow."""
-        limits = self.factory.limits
-        if not limits.may_splice():
-            return
-        from .splice import start_splice_relay
-
-        relay = start_splice_relay(self, peer, early, handover)
-        if relay is not None:
-            limits.splice_started()
-            relay.on_stop = limits.splice_ended
-            self._splice = relay
-
-    def _hand_over_to_splice(self) -> None:
-        """The tunnel moved ``splice_after`` bytes: worth a pair of pipes."""
-        peer = self._outbound
-        if (
-            peer is None
-            or self._splice is not None
-            or self.state is not State.RELAYING
-            or self.counters.up_closed
-            or self.counters.down_closed
-        ):
-            return
-        self._start_splice(peer, handover=True)
-
-    def _splice_called_off(self) -> None:
-        """The hand-over timed out (see splice.py): back to copying."""
-        self._splice = None
-        peer = self._outbound
-        if peer is None or self.state is not State.RELAYING:
-            return
-        peer.start_relay(
-            self.transport, self.counters, self._target_eof, self._target_lost
-        )
-        self.transport.resumeProducing()
-
-    def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        if self.transport.disconnected:
-            # The client left and cancelled the attempt; its connectionLost
-            # said so (HostnameEndpoint reports a cancelled look-up as a DNS
-            # failure, not as a cancellation).
-            return
-        code = reply_for_failure(failure)
-        if failure.check(PolicyDenied):
-            self.rule = failure.value.rule  # type: ignore[union-attr]
-        self._fail(code, f"connect failed: {failure.getErrorMessage()}")
-
-    # ------------------------------------------------------------------
-    # Access rules
+        if handler.phase is not None:
+            self.state = _PHASES[handler.phase]
+            # The client has done its part; the command's own timeouts bound
+            # the rest (a connect's expiry is answered, 0x06, not cut short).
+            self.setTimeout(None)
+        handler.handle(self, request)
 
     @property
     def policy_ip(self) -> str:
         """The client IP the rules see (UNIX-socket clients are local)."""
         return self.client_ip or "127.0.0.1"
 
-    def _resolved_decision(self, destination: Address, ip: str) -> Any:
-        """
-        The final word on using ``ip`` for this request: never an
-        unspecified address, whatever the rules say; then the rules; and on
-        a server listening beyond loopback (``protect_host``), never the
-        proxy host itself unless the allowing rule names ``self``.
-        """
-        if unspecified(ip):
-            return _UNSPECIFIED
-        policy = self.factory.policy
-        request = self.request
-        decision = _ALLOWED
-        if policy is not None and request is not None:
-            decision = policy.check_resolved(
-                self.policy_ip, self.user, request.command, destination, ip
-            )
-        host = self.factory.protect_host
-        if (
-            host is not None
-            and decision.allowed
-            and not getattr(decision, "names_self", False)
-            and ip in host
-            and (not self.factory.protect_when_exposed or self._reached_from_outside())
-        ):
-            return _SELF_REFUSED
-        return decision
+    @property
+    def closing(self) -> bool:
+        """Whether the connection is closing (a command's work is moot)."""
+        return self.state is State.CLOSING
 
-    def _reached_from_outside(self) -> bool:
-        """Whether this client came in on an address other hosts can reach."""
-        return reached_from_outside(getattr(self.transport.getHost(), "host", None))
+    @property
+    def outcome(self) -> str:
+        """The connection log's text: what ended it, else its state's."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            return tunnel.outcome
+        if self._why is not None:
+            return self._why
+        if self.udp is not None:
+            if self.state is State.ASSOCIATED:
+                return "associated"
+            return "association ended"
+        return "closed during handshake"
 
-    def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
-        """None when the rules allow using ``ip`` for this request, else the rule."""
-        decision = self._resolved_decision(destination, ip)
-        return None if decision.allowed else str(decision.rule)
+    @outcome.setter
+    def outcome(self, text: str) -> None:
+        if self.tunnel is not None:
+            self.tunnel.why = text
+        else:
+            self._why = text
 
-    def _udp_allowed(self, destination: Address, ip: str) -> bool:
-        """
-        May this datagram go to ``ip``?  The association's first refusal is
-        logged (a name's next address may still take the datagram).
-        """
-        policy = self.factory.policy
-        decision = None
-        if policy is not None:
-            decision = policy.check_request(
-                self.policy_ip, self.user, Command.UDP_ASSOCIATE, destination
-            )
-        if decision is None or decision.allowed:
-            decision = self._resolved_decision(destination, ip)
-            if decision.allowed:
-                return True
-        if self.rule is None:
-            # One line per association: a client must not flood the log.
-            self.rule = decision.rule
-            self.log.info(
-                "UDP destination {destination} ({ip}) refused for {client}: "
-                "denied by {rule}",
-                event="socks5.udp_denied",
-                client=self.client_ip,
-                # A name from the wire: escaped, never a raw newline or ESC.
-                destination=repr(str(destination))[1:-1],
-                ip=ip,
-                rule=decision.rule,
-            )
-        return False
-
-    def _deny(self, rule: str) -> None:
+    def deny(self, rule: str) -> None:
         self.rule = rule
-        self._fail(ReplyCode.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
+        self.fail(ReplyCode.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
 
-    # ------------------------------------------------------------------
-    # BIND
-
-    def _local_host(self) -> str:
-        """The address the client reached us on, IPv4-mapped made plain."""
-        return normalize_ip(self.transport.getHost().host)
-
-    def _bind(self, request: Request) -> None:
-        self.state = State.BINDING
+    def start_tunnel(self, peer: OutboundProtocol) -> None:
+        """Both ends are connected and the reply is queued: move bytes."""
+        self.state = State.RELAYING
         self.setTimeout(None)
-        address = request.address
-        if address.type is AddressType.DOMAIN:
-            self._wait()
-            d = self.factory.connector.resolve(address.host)
-            self._connecting = d
-            d.addCallbacks(self._bind_listen, self._bind_failed)
-            d.addBoth(self._unwait)
-        elif address.is_unspecified:
-            self._bind_listen(None)  # 0.0.0.0 or :: exactly: any peer (RFC 1928)
-        else:
-            self._bind_listen([address.host])
-
-    def _bind_listen(self, allowed: Optional[List[str]]) -> None:
-        self._connecting = None
-        if self.state is not State.BINDING:
-            return
-        if allowed is not None:
-            # No peer comes from 0.1.2.3 or from a name's 0.0.0.0: a client
-            # naming one is probing, not binding.
-            allowed = [ip for ip in allowed if not unspecified(ip)]
-            if not allowed:
-                self._deny(UNSPECIFIED_RULE)
-                return
-        check_peer = None
-        if self.request is not None:
-            check_peer = partial(self._bind_peer_allowed, self.request.address)
-        waiter = BindWaiter(
-            self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
+        early = bytes(self._buffer)
+        self._buffer = bytearray()
+        tunnel = self.tunnel = Tunnel(
+            self.factory, self.transport, peer, self.counters, self._client_eof
         )
-        requested = self.request.address  # type: ignore[union-attr]
-        wanted = self.factory.bind_port_for(requested)
-        try:
-            first = waiter.listen(self._local_host(), wanted)
-        except Exception as e:  # noqa: BLE001 - CannotListenError and kin
-            self._fail(ReplyCode.GENERAL_FAILURE, f"bind failed: {e}")
-            return
-        self._binding = waiter
-        self.bound = first
-        self._send_reply(ReplyCode.SUCCEEDED, first)
-        waiter.accepted.addCallbacks(self._bind_accepted, self._bind_failed)
+        if tunnel.start(early, self.factory.reactor.seconds()):
+            self.unwait(None)
+            if self.counters.due_for_splice():  # early data alone may be enough
+                tunnel.hand_over_to_splice()
 
-    def _bind_peer_allowed(self, destination: Address, ip: str) -> bool:
-        rule = self._resolved_denial(destination, ip)
-        if rule is not None:
-            self.log.info("BIND peer {peer} denied by {rule}", peer=ip, rule=rule)
-        return rule is None
-
-    def _bind_accepted(self, peer: OutboundProtocol) -> None:
-        self._binding = None
-        self._outbound = peer
-        remote = address_of(peer.transport.getPeer())
-        self.peer = remote
-        self._send_reply(ReplyCode.SUCCEEDED, remote)
-        self._wait()
-        self._start_relay(peer)
-
-    def _bind_failed(self, failure: Failure) -> None:
-        self._binding = None
-        self._connecting = None
-        if failure.check(defer.CancelledError) or self.state is State.CLOSING:
-            return
-        self._fail(
-            reply_for_failure(failure), f"bind failed: {failure.getErrorMessage()}"
-        )
-
-    # ------------------------------------------------------------------
-    # UDP ASSOCIATE
-
-    def _associate(self, request: Request) -> None:
-        limits = self.factory.limits
-        if not limits.may_associate():
-            self._fail(ReplyCode.GENERAL_FAILURE, "udp associate: out of descriptors")
-            return
-        client = self.transport.getPeer()
-        association = UDPAssociation(
-            self.factory.reactor,
-            getattr(client, "host", ""),
-            request.address,
-            self.factory.connector.resolve,
-            allow_unknown_sources=self.factory.udp_allow_unknown_sources,
-            check_destination=self._udp_allowed,
-            on_activity=self._udp_activity,
-        )
-        try:
-            bound = association.listen(self._local_host())
-        except Exception as e:  # noqa: BLE001 - CannotListenError and kin
-            self._fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
-            return
-        self.udp = association
-        # Counted as the four descriptors it may come to hold, before it does.
-        limits.udp_started()
-        self._udp_counted = True
-        self.bound = bound
+    def associated(self) -> None:
+        """The UDP association is up: the control connection only waits."""
         self.state = State.ASSOCIATED
-        self.outcome = "associated"
         self.setTimeout(None)
-        self._send_reply(ReplyCode.SUCCEEDED, bound)
         self._buffer.clear()
-        self._watch_activity()
-
-    def _udp_activity(self) -> None:
-        self.counters.active = True
-
-    # ------------------------------------------------------------------
-    # Relay
-
-    def _forward_client_eof(self) -> None:
-        self.counters.up_closed = True
-        if self._outbound is not None and not half_close(self._outbound.transport):
-            # TLS toward the destination (an upstream over TLS) has no
-            # half-close: keep the tunnel open for the answer instead.
-            return
-        self._maybe_finished()
-
-    def _target_eof(self) -> None:
-        self.counters.down_closed = True
-        if not half_close(self.transport):
-            # A TLS client cannot be half-closed; all the destination had to
-            # say is queued, so end the tunnel cleanly (close_notify).
-            self.counters.up_closed = True
-        self._maybe_finished()
-
-    def _maybe_finished(self) -> None:
-        if self.counters.up_closed and self.counters.down_closed:
-            self._unlink_producers()
-            # Ours to close, not connectionLost's (which would close it the
-            # ordinary way) nor _target_lost's.
-            outbound, self._outbound = self._outbound, None
-            if outbound is not None:
-                outbound.on_lost = None
-            close_ended(self.transport)
-            if outbound is not None:
-                close_ended(outbound.transport)
-
-    def _unlink_producers(self) -> None:
-        """
-        Undo the mutual producer registration before a clean close: a TLS
-        transport waits for its producer to go before sending close_notify,
-        and a closing transport stops its producer, which for a TLS
-        transport means a bare TCP close the peer sees as truncation.
-        """
-        _unregister_producer(self.transport)
-        if self._outbound is not None:
-            _unregister_producer(self._outbound.transport)
-
-    def _target_lost(self, reason: Failure) -> None:
-        """The destination connection is gone: end the client side too."""
-        self._outbound = None
-        if isinstance(reason.value, ConnectionDone):
-            _unregister_producer(self.transport)
-            self.transport.loseConnection()
-        else:
-            if self.outcome == "relaying":  # not already told by a failed write
-                self.outcome = f"target connection lost: {reason.getErrorMessage()}"
-            self.transport.abortConnection()
-
-    def _watch_activity(self) -> None:
-        """
-        Put the tunnel under the factory's idle/stall watch: one timer for
-        all tunnels, every ``min(idle_timeout, stall_timeout)`` seconds,
-        checks whether a byte moved (a flag the relay sets).  Nothing runs
-        per chunk, and nothing is scheduled or cancelled per tunnel.
-        """
         factory = self.factory
-        if not (factory.idle_timeout or factory.stall_timeout or self._udp_idle()):
-            return
-        self._silent_since = factory.reactor.seconds()
-        factory.watch_activity(self)
+        if factory.idle_timeout or factory.stall_timeout or self._udp_idle():
+            self._silent_since = factory.reactor.seconds()
+            factory.watch_activity(self)
 
     def check_activity(self, now: float) -> None:
-        """The factory's watch looks: close the tunnel if silent or stalled too long."""
-        if self.counters.active:
-            self.counters.active = False
-            self._silent_since = now
-        silent = now - self._silent_since
-        idle, stall = (
+        """The watch looks at a UDP association (tunnels: Tunnel's)."""
+        self._silent_since, verdict = silence_verdict(
+            self.counters,
+            self._silent_since,
+            now,
             self._udp_idle() or self.factory.idle_timeout,
             self.factory.stall_timeout,
+            self._stalled,
         )
-        if idle and silent >= idle:
-            self._watch_abort("idle timeout")
-        elif stall and silent >= stall and self._stalled():
-            # Flow control stopped reading one side while the other does not
-            # read: nothing watches the paused socket any more, so a peer
-            # that went away would never be noticed.  Reclaim the tunnel.
-            self._watch_abort("stalled: no progress with data waiting")
+        if verdict is not None:
+            # The watch gives up on it (its close comes a turn later).
+            self.factory.unwatch_activity(self)
+            self.outcome = verdict
+            self.transport.abortConnection()
 
     def _udp_idle(self) -> Optional[float]:
         """An association's idle limit: the shorter of the two timeouts."""
@@ -980,42 +586,31 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         ]
         return min(limits) if limits else None
 
-    def _watch_abort(self, outcome: str) -> None:
-        """The watch gives up on this tunnel (its close comes a turn later)."""
-        self.factory.unwatch_activity(self)
-        self.outcome = outcome
-        self.transport.abortConnection()
-
     def _stalled(self) -> bool:
-        """Bytes are waiting for a peer that does not take them."""
-        if self._splice is not None:
-            return bool(getattr(self._splice, "buffered", 0))
-        outbound = self._outbound
-        transports = [self.transport, outbound.transport if outbound else None]
-        return any(_write_buffered(t) for t in transports if t is not None)
+        return bool(write_buffered(self.transport))
 
     # ------------------------------------------------------------------
     # Helpers
 
-    def _send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
+    def send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
         first = self.reply is None
         self.reply = code
         if first and self.factory.metrics is not None:
             self.factory.metrics.replied(self)
         write_now(self.transport, Reply(code, address or NULL_ADDRESS).to_bytes())
 
-    def _fail(self, code: ReplyCode, outcome: str) -> None:
+    def fail(self, code: ReplyCode, outcome: str) -> None:
         """Answer the request with a failure code, then close (RFC 1928 s. 6)."""
         self.outcome = outcome
-        self._send_reply(code)
+        self.send_reply(code)
         self._close()
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
         """Stop reading the client while something asynchronous runs."""
         self._waiting = True
         self.transport.pauseProducing()
 
-    def _hold(self) -> None:
+    def hold(self) -> None:
         """
         Stop parsing while the outbound connection is made, but keep reading:
         a client that resets meanwhile cancels the attempt at once (a paused
@@ -1026,13 +621,19 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """
         self._waiting = True
 
-    def _unwait(self, result: Any) -> Any:
+    def unwait(self, result: Any) -> Any:
         self._waiting = False
         if self.state is not State.CLOSING and not self.transport.disconnected:
             self.transport.resumeProducing()
             if self.state is not State.RELAYING:
                 self._process()
         return result
+
+    # The handshake's names for the steps above.
+    _send_reply = send_reply
+    _fail = fail
+    _hold = hold
+    _unwait = unwait
 
     def _close(self) -> None:
         """Close after the queued reply has been written."""
@@ -1162,6 +763,8 @@ class SOCKS5ServerFactory(Factory):
         self.udp_idle_timeout = udp_idle_timeout
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
         self.commands = frozenset(commands)
+        #: The handler of each command (see :mod:`twisted_socks5.commands`).
+        self.handlers: Dict[Command, ICommandHandler] = dict(HANDLERS)
         self.active: set[SOCKS5ServerProtocol] = set()
         self.limits = limits or ConnectionLimits(reactor.seconds)
         #: Connections waiting for their client's credential checks, by the
@@ -1183,9 +786,8 @@ class SOCKS5ServerFactory(Factory):
         self.protect_host: Optional[HostAddresses] = protect_host
         self.draining = False
         self._drained: List[defer.Deferred[None]] = []
-        #: Tunnels under the idle/stall watch, and its timer while any are.
-        self._watching: set[SOCKS5ServerProtocol] = set()
-        self._watch_call: Any = None
+        #: Tunnels and associations under the idle/stall watch.
+        self.watch = ActivityWatch(reactor, self._watch_periods)
         #: Prometheus metrics, once :meth:`enable_metrics` was called.
         self.metrics: Optional[Metrics] = None
 
@@ -1197,37 +799,17 @@ class SOCKS5ServerFactory(Factory):
     def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
         return SOCKS5ServerProtocol(self)
 
-    def watch_activity(self, protocol: SOCKS5ServerProtocol) -> None:
-        """Check ``protocol``'s tunnel for silence and stalls from now on."""
-        self._watching.add(protocol)
-        if self._watch_call is None:
-            self._schedule_watch()
+    def watch_activity(self, watched: Watched) -> None:
+        """Check ``watched`` (a UDP association's protocol) for silence."""
+        self.watch.add(watched)
 
-    def unwatch_activity(self, protocol: SOCKS5ServerProtocol) -> None:
-        """Stop checking ``protocol``; the timer goes with the last tunnel."""
-        self._watching.discard(protocol)
-        if not self._watching and self._watch_call is not None:
-            self._watch_call.cancel()
-            self._watch_call = None
+    def unwatch_activity(self, watched: Watched) -> None:
+        """Stop checking ``watched``; the timer goes with the last one."""
+        self.watch.discard(watched)
 
-    def _schedule_watch(self) -> None:
-        periods = [
-            t
-            for t in (self.idle_timeout, self.stall_timeout, self.udp_idle_timeout)
-            if t
-        ]
-        if periods:
-            self._watch_call = self.reactor.callLater(min(periods), self._watch)
-
-    def _watch(self) -> None:
-        """One look at every watched tunnel, then the next in one period."""
-        self._watch_call = None
-        now = self.reactor.seconds()
-        for protocol in list(self._watching):
-            if protocol in self._watching:  # not closed meanwhile
-                protocol.check_activity(now)
-        if self._watching:
-            self._schedule_watch()
+    def _watch_periods(self) -> List[float]:
+        timeouts = (self.idle_timeout, self.stall_timeout, self.udp_idle_timeout)
+        return [t for t in timeouts if t]
 
     def admit(self, ip: Optional[str]) -> bool:
         """
@@ -1457,55 +1039,4 @@ class SOCKS5ServerFactory(Factory):
             drained, self._drained = self._drained, []
             for d in drained:
                 d.callback(None)
-        request = protocol.request
-        # Names, users and error messages come from the network: escaped
-        # here, once, so no observer (text, JSON, a worker's relay) shows a
-        # forged line or a terminal escape.
-        client = escape(protocol.client) if protocol.client else None
-        user = escape(protocol.user) if protocol.user is not None else None
-        command = request.command.phrase if request else None
-        target = escape(request.address) if request else None
-        outcome = escape_line(protocol.outcome)
-        rule = escape(protocol.rule) if protocol.rule is not None else None
-        reply = protocol.reply
-        reply_text = reply.phrase if reply is not None else "-"
-        counters = protocol.counters
-        duration = self.reactor.seconds() - protocol.started
-        # The line for text logs is rendered here, with an f-string: Twisted
-        # would otherwise run its pure-Python formatter over a dozen fields,
-        # a tenth of what a short connection costs.  Every field stays in
-        # the event for structured observers (JSON logs).  The event is the
-        # one Logger.info would build (the keys twisted.logger documents):
-        # Logger.emit would first check its level against a sorted list of
-        # LogLevel constants, for every connection.
-        log = self.log
-        log.observer(
-            {
-                "log_logger": log,
-                "log_level": LogLevel.info,
-                "log_namespace": log.namespace,
-                "log_source": log.source,
-                "log_format": "{summary}",
-                "log_time": time.time(),
-                "summary": f"{client or '-'} {user or '-'} {command or '-'} "
-                f"{target or '-'} -> {reply_text}: {outcome}; "
-                f"up {counters.bytes_up} B, down {counters.bytes_down} B "
-                f"in {duration:.3f} s",
-                "event": "socks5.connection",
-                "client": client,
-                "user": user,
-                "method": protocol.method,
-                "command": command,
-                "target": target,
-                "reply": int(reply) if reply is not None else None,
-                "reply_text": reply_text,
-                "bound": str(protocol.bound) if protocol.bound else None,
-                "peer": str(protocol.peer) if protocol.peer else None,
-                "udp": protocol.udp.counters.as_dict() if protocol.udp else None,
-                "outcome": outcome,
-                "rule": rule,
-                "bytes_up": counters.bytes_up,
-                "bytes_down": counters.bytes_down,
-                "duration": duration,
-            }
-        )
+        log_connection(self.log, protocol, self.reactor.seconds() - protocol.started)

@@ -54,7 +54,7 @@ import os
 import socket
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, cast
+from typing import Any, Callable, List, Optional, Protocol, cast
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import (
@@ -68,11 +68,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .relay import OutboundProtocol, RelayCounters
 from .writenow import connection_done
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .relay import OutboundProtocol
-    from .server import SOCKS5ServerProtocol
 
 #: Pipe capacity asked for; the kernel may refuse (pipe-max-size, per-user
 #: pipe quotas), and then the default (64 KiB) is used.  128 KiB measured
@@ -91,6 +88,21 @@ SPLICES_PER_WAKEUP = 16
 #: Seconds a hand-over from the ordinary relay may wait for Twisted's write
 #: buffers to drain before it is called off (see the module docstring).
 HANDOVER_GRACE = 0.5
+
+
+class SplicedTunnel(Protocol):
+    """What the splice relay uses of its :class:`~twisted_socks5.tunnel.Tunnel`."""
+
+    client: Any
+    outbound: Optional[OutboundProtocol]
+    counters: RelayCounters
+    client_eof: bool
+
+    def target_failed(self, why: str) -> None: ...
+
+    def target_lost(self, reason: Failure) -> None: ...
+
+    def splice_called_off(self) -> None: ...
 
 
 def _no_splice(*args: Any) -> int:
@@ -153,15 +165,10 @@ def _make_pipe() -> tuple[int, int, int]:
     return read_fd, write_fd, size
 
 
-def can_splice(
-    server: SOCKS5ServerProtocol,
-    outbound: OutboundProtocol,
-    producer_allowed: bool = False,
-) -> bool:
-    """Whether both ends of the tunnel are sockets this module can drive."""
+def can_splice(client: Any, target: Any, producer_allowed: bool = False) -> bool:
+    """Whether both transports of a tunnel are sockets this module can drive."""
     if not splice_available():
         return False
-    client, target = server.transport, outbound.transport
     if not (
         plain_tcp(client, producer_allowed) and plain_tcp(target, producer_allowed)
     ):
@@ -171,17 +178,17 @@ def can_splice(
 
 
 def start_splice_relay(
-    server: SOCKS5ServerProtocol,
-    outbound: OutboundProtocol,
-    early: bytes = b"",
-    handover: bool = False,
+    tunnel: SplicedTunnel, early: bytes = b"", handover: bool = False
 ) -> Optional[SpliceRelay]:
     """
     Take over the tunnel's byte moving, or return ``None`` (having changed
     nothing) so that the ordinary relay runs (or goes on, for a ``handover``
     from a running ordinary relay).
     """
-    if not can_splice(server, outbound, producer_allowed=handover):
+    outbound = tunnel.outbound
+    if outbound is None or not can_splice(
+        tunnel.client, outbound.transport, producer_allowed=handover
+    ):
         return None
     try:
         up_pipe = _make_pipe()
@@ -193,7 +200,7 @@ def start_splice_relay(
         os.close(up_pipe[0])
         os.close(up_pipe[1])
         return None
-    relay = SpliceRelay(server.transport.reactor, server, outbound, up_pipe, down_pipe)
+    relay = SpliceRelay(tunnel.client.reactor, tunnel, outbound, up_pipe, down_pipe)
     if handover:
         relay.hand_over()
     else:
@@ -347,19 +354,19 @@ class SpliceRelay:
     def __init__(
         self,
         reactor: Any,
-        server: SOCKS5ServerProtocol,
+        tunnel: SplicedTunnel,
         outbound: OutboundProtocol,
         up_pipe: tuple[int, int, int],
         down_pipe: tuple[int, int, int],
     ) -> None:
         self.reactor = reactor
-        # A weak back-reference: the protocol holds the relay (``_splice``),
+        # A weak back-reference: the tunnel holds the relay (``splice``),
         # and a strong one back would make every spliced tunnel a reference
         # cycle, freed by the cyclic garbage collector instead of at close.
-        self.server = cast("SOCKS5ServerProtocol", weakref.proxy(server))
+        self.tunnel = cast(SplicedTunnel, weakref.proxy(tunnel))
         self.outbound = outbound
-        self.counters = server.counters
-        self.client = _SocketEnd(self, server.transport, is_target=False)
+        self.counters = tunnel.counters
+        self.client = _SocketEnd(self, tunnel.client, is_target=False)
         self.target = _SocketEnd(self, outbound.transport, is_target=True)
         self.up = _Direction(self.client, self.target, up_pipe, up=True)
         self.down = _Direction(self.target, self.client, down_pipe, up=False)
@@ -382,7 +389,7 @@ class SpliceRelay:
 
     def start(self, early: bytes) -> None:
         """Send what must go first through Twisted, then take over."""
-        if self.server._client_eof:
+        if self.tunnel.client_eof:
             # Twisted already read the client's EOF during the connect.
             self.up.eof = True
             self.counters.up_closed = True
@@ -395,9 +402,8 @@ class SpliceRelay:
     def hand_over(self) -> None:
         """
         Take over from the running ordinary relay (see the module docstring
-        for the grace period).
+        for the grace period); the tunnel ignores the target's EOF meanwhile.
         """
-        self.outbound.on_read_closed = None
         self._take_over_once_flushed()
         self._grace = self.reactor.callLater(HANDOVER_GRACE, self._call_off)
 
@@ -407,7 +413,6 @@ class SpliceRelay:
         them (the reply, early data, what the ordinary relay queued), then
         splice: nothing is read that could overtake it.
         """
-        self.outbound.on_lost = self._target_lost
         transports = [self.client.transport, self.target.transport]
         for transport in transports:
             transport.unregisterProducer()  # the ordinary relay's cross-links
@@ -421,7 +426,7 @@ class SpliceRelay:
         if self.started or self.stopped:
             return
         self.stop()
-        self.server._splice_called_off()
+        self.tunnel.splice_called_off()
 
     def _flushed(self) -> None:
         self._unflushed -= 1
@@ -508,7 +513,6 @@ class SpliceRelay:
         server would then abort the target with a reset.
         """
         self.stop()
-        self.outbound.on_lost = None
         for transport in (self.target.transport, self.client.transport):
             if transport.connected:
                 try:
@@ -521,16 +525,10 @@ class SpliceRelay:
         if self.stopped:
             return
         if end.is_target:
-            self.server.outcome = f"target connection lost: {why}"
+            self.tunnel.target_failed(why)
         self.stop()
-        self.outbound.on_lost = None
         self.client.transport.abortConnection()
         self.target.transport.abortConnection()
-
-    def _target_lost(self, reason: Failure) -> None:
-        """Twisted lost the target before we took over (e.g. writing early data)."""
-        self.stop()
-        self.server._target_lost(reason)
 
     def stop(self) -> None:
         """Unregister our descriptors and close the pipes; idempotent."""

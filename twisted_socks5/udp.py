@@ -22,7 +22,6 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bind import normalize_ip
 from .codec import (
     MAX_UDP_PAYLOAD,
     Address,
@@ -30,6 +29,7 @@ from .codec import (
     ProtocolError,
     parse_udp_datagram,
 )
+from .selfnet import normalize_ip
 
 #: Read buffer for datagrams: larger than any UDP payload, so none is cut.
 MAX_PACKET_SIZE = 65535

@@ -106,8 +106,8 @@ async def test_slow_receiver_keeps_proxy_buffers_bounded(
         total = 0
         for p in factory.active:
             total += buffered(p.transport)
-            if p._outbound is not None:
-                total += buffered(p._outbound.transport)
+            if p.tunnel is not None and p.tunnel.outbound is not None:
+                total += buffered(p.tunnel.outbound.transport)
         return total
 
     def on_progress() -> None:

@@ -65,13 +65,13 @@ async def test_a_closed_tunnel_leaves_no_reference_cycle(
         opened(p)
 
     factory.connection_opened = tracked  # type: ignore[method-assign]
-    start_relay = SOCKS5ServerProtocol._start_relay
+    start_tunnel = SOCKS5ServerProtocol.start_tunnel
 
     def tracked_relay(self: Any, peer: Any) -> None:  # the destination's side
         refs.extend([weakref.ref(peer), weakref.ref(peer.transport)])
-        start_relay(self, peer)
+        start_tunnel(self, peer)
 
-    monkeypatch.setattr(SOCKS5ServerProtocol, "_start_relay", tracked_relay)
+    monkeypatch.setattr(SOCKS5ServerProtocol, "start_tunnel", tracked_relay)
     request = Request(
         Command.CONNECT, Address(AddressType.IPV4, "127.0.0.1", target.getHost().port)
     )

@@ -77,7 +77,7 @@ class Proxy:
         relayed = [p for p in self.protocols if p.request is not None]
         assert relayed, "no tunnel was relayed"
         for p in relayed:
-            took_splice = p._splice is not None
+            took_splice = p.tunnel is not None and p.tunnel.splice is not None
             assert took_splice is self.factory.splice, p.outcome
         if not self.factory.active:
             assert self.factory.limits.spliced == 0, "pipes not accounted back"
@@ -337,13 +337,17 @@ def _user_space(proxy: Proxy) -> int:
     total = 0
     for p in proxy.factory.active:
         total += buffered(p.transport)
-        if p._outbound is not None:
-            total += buffered(p._outbound.transport)
+        if p.tunnel is not None and p.tunnel.outbound is not None:
+            total += buffered(p.tunnel.outbound.transport)
     return total
 
 
 def _in_pipes(proxy: Proxy) -> int:
-    return sum(p._splice.buffered for p in proxy.factory.active if p._splice)
+    return sum(
+        p.tunnel.splice.buffered
+        for p in proxy.factory.active
+        if p.tunnel is not None and p.tunnel.splice
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -366,9 +370,9 @@ async def test_stalled_target_stops_the_upload_without_buffering_it(
     assert sender.sent < TOTAL, "everything fit in kernel buffers: test is void"
     (server,) = proxy.factory.active
     assert server.counters.bytes_up < TOTAL
-    if server._splice is not None:
+    if server.tunnel.splice is not None:
         # Stalled the splice way: bytes wait in the pipe, the client is not read.
-        relay = server._splice
+        relay = server.tunnel.splice
         assert relay.up.pending > 0
         assert relay.target.writing and not relay.client.reading
     assert peak[0] <= BOUND, f"proxy buffered {peak[0]} bytes"
@@ -423,8 +427,8 @@ async def test_stalled_client_stops_the_download_without_buffering_it(
     await until(lambda: server.counters.bytes_down > 0, "the download started")
     await _wait_until_still(lambda: server.counters.bytes_down, on_progress)
     assert server.counters.bytes_down < TOTAL, "everything fit in kernel buffers"
-    if server._splice is not None:
-        relay = server._splice
+    if server.tunnel.splice is not None:
+        relay = server.tunnel.splice
         assert relay.down.pending > 0
         assert relay.client.writing and not relay.target.reading
     assert peak[0] <= BOUND, f"proxy buffered {peak[0]} bytes"
@@ -454,8 +458,8 @@ def _collect_garbage_while_paused(proxy: Proxy) -> None:
     fds = fd_count()
     gc.collect()
     assert fd_count() == fds, "a collected transport closed its socket"
-    assert server.transport.connected and server._outbound is not None
-    assert server._outbound.transport.connected
+    assert server.transport.connected and server.tunnel.outbound is not None
+    assert server.tunnel.outbound.transport.connected
 
 
 async def _wait_until_still(state: Callable[[], Any], on_progress: Any) -> None:

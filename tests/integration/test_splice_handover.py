@@ -55,7 +55,7 @@ async def test_short_tunnels_copy_and_hold_two_descriptors_long_ones_splice(
     await short.eof.addTimeout(30, reactor)
     (server,) = proxy.factory.active
     assert bytes(short.data) == pattern_chunk(0)[:1000]
-    assert server._splice is None
+    assert server.tunnel.splice is None
     # Our client's socket and the proxy's two (the target closed its own).
     assert fd_count() - before == 3
     short.transport.loseConnection()
@@ -67,7 +67,7 @@ async def test_short_tunnels_copy_and_hold_two_descriptors_long_ones_splice(
     long = await connect(proxy, Client(proxy.request(source), early=b"%d\n" % size))
     await long.eof.addTimeout(60, reactor)
     (server,) = proxy.factory.active
-    assert server._splice is not None and server._splice.started
+    assert server.tunnel.splice is not None and server.tunnel.splice.started
     assert len(long.data) == size
     assert hashlib.sha256(long.data).hexdigest() == pattern_sha256(size)
     # The copying relay carried the first bytes, the splice relay the rest.
@@ -108,12 +108,12 @@ async def test_a_hand_over_that_cannot_drain_is_called_off(
     client = await connect(proxy, Client(proxy.request(source), early=b"%d\n" % size))
     await client.relaying
     (server,) = proxy.factory.active
-    relay = server._splice
+    relay = server.tunnel.splice
     assert relay is not None and not relay.started, "no hand-over began"
     assert proxy.factory.limits.spliced == 1
     await client.eof.addTimeout(60, reactor)
     assert relay.stopped and not relay.started
-    assert server._splice is None
+    assert server.tunnel.splice is None
     assert proxy.factory.limits.spliced == 0
     assert hashlib.sha256(client.data).hexdigest() == pattern_sha256(size)
     # Our client's socket and the proxy's two; the pipes were closed.
@@ -135,7 +135,7 @@ async def test_no_pipes_when_descriptors_run_short(
     client = await connect(proxy, Client(proxy.request(source), early=b"%d\n" % size))
     await client.eof.addTimeout(60, reactor)
     (server,) = proxy.factory.active
-    assert server._splice is None
+    assert server.tunnel.splice is None
     assert hashlib.sha256(client.data).hexdigest() == pattern_sha256(size)
     client.transport.loseConnection()
     await client.lost

@@ -1,0 +1,158 @@
+"""
+What a command handler is, and what it may use of the connection.
+
+A handler is stateless and shared by every connection (no object per
+request): its state lives on the connection (:class:`RequestContext`), which
+it receives with the validated request.  The rules' checks on resolved
+addresses, shared by every command, live here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ..codec import Address, ReplyCode, Request
+from ..relay import OutboundProtocol, RelayCounters
+from ..rules import Decision
+from ..selfnet import (
+    SELF_RULE,
+    UNSPECIFIED_RULE,
+    normalize_ip,
+    reached_from_outside,
+    unspecified,
+)
+from ..udp import UDPAssociation
+
+_ALLOWED = Decision(True, "no access rules")
+_UNSPECIFIED = Decision(False, UNSPECIFIED_RULE)
+_SELF_REFUSED = Decision(False, SELF_RULE)
+
+
+class RequestContext(Protocol):
+    """
+    The connection a request came on (the server protocol), as its handler
+    sees it: the facts for the log, the rules' first answer, and the steps
+    a handler takes (reply, fail, hold the client, start a tunnel).
+    """
+
+    log: Logger
+    factory: Any
+    transport: Any
+    counters: RelayCounters
+    user: Optional[str]
+    client_ip: str
+    request: Optional[Request]
+    #: The rules' answer to the request (its route, when final).
+    decision: Any
+    #: The access rule that denied this connection, if one did.
+    rule: Optional[str]
+    bound: Optional[Address]
+    peer: Optional[Address]
+    udp: Optional[UDPAssociation]
+    #: Holds a UDP association's extra descriptors in the limits.
+    udp_counted: bool
+    #: The look-up or connect under way (cancelled if the client goes).
+    pending: Optional[defer.Deferred[Any]]
+    #: A BIND's wait for its peer (a
+    #: :class:`~twisted_socks5.commands.bind.BindWaiter`).
+    binding: Any
+    outcome: str
+
+    @property
+    def policy_ip(self) -> str: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
+        """Queue the reply (the first one counts for the metrics)."""
+
+    def fail(self, code: ReplyCode, outcome: str) -> None:
+        """Answer with a failure code, then close (RFC 1928 s. 6)."""
+
+    def deny(self, rule: str) -> None:
+        """Answer 0x02 for ``rule``, then close."""
+
+    def hold(self) -> None:
+        """Stop parsing while something asynchronous runs; keep reading."""
+
+    def wait(self) -> None:
+        """Stop reading the client while something asynchronous runs."""
+
+    def unwait(self, result: Any) -> Any:
+        """Read and parse again (a Deferred callback: passes ``result`` on)."""
+
+    def start_tunnel(self, peer: OutboundProtocol) -> None:
+        """Both ends are connected and the reply is queued: relay."""
+
+    def associated(self) -> None:
+        """A UDP association is up: the control connection only waits."""
+
+
+class ICommandHandler(Protocol):
+    """
+    One SOCKS command: receives the validated request, does its work and
+    sends its reply(ies).  Registered by command in
+    :data:`twisted_socks5.commands.HANDLERS`.
+    """
+
+    #: The server protocol's state (``State`` value) while the command
+    #: runs, entered with the handshake timeout off; ``None``: the handler
+    #: moves on itself.
+    phase: Optional[str]
+
+    def rules_destination(self, request: Request) -> Address:
+        """The address the rules check the request against."""
+
+    def handle(self, ctx: RequestContext, request: Request) -> None:
+        """Run the command (the rules allowed the request)."""
+
+
+def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Any:
+    """
+    The final word on using ``ip`` for this request: never an unspecified
+    address, whatever the rules say; then the rules; and on a server
+    listening beyond loopback (``protect_host``), never the proxy host
+    itself unless the allowing rule names ``self``.
+    """
+    if unspecified(ip):
+        return _UNSPECIFIED
+    factory = ctx.factory
+    policy = factory.policy
+    request = ctx.request
+    decision = _ALLOWED
+    if policy is not None and request is not None:
+        decision = policy.check_resolved(
+            ctx.policy_ip, ctx.user, request.command, destination, ip
+        )
+    host = factory.protect_host
+    if (
+        host is not None
+        and decision.allowed
+        and not getattr(decision, "names_self", False)
+        and ip in host
+        and (not factory.protect_when_exposed or reached_from_outside_of(ctx))
+    ):
+        return _SELF_REFUSED
+    return decision
+
+
+def reached_from_outside_of(ctx: RequestContext) -> bool:
+    """Whether this client came in on an address other hosts can reach."""
+    return reached_from_outside(getattr(ctx.transport.getHost(), "host", None))
+
+
+def resolved_denial(
+    ctx: RequestContext, destination: Address, ip: str
+) -> Optional[str]:
+    """None when the rules allow using ``ip`` for this request, else the rule."""
+    decision = resolved_decision(ctx, destination, ip)
+    return None if decision.allowed else str(decision.rule)
+
+
+def local_host(ctx: RequestContext) -> str:
+    """The address the client reached us on, IPv4-mapped made plain."""
+    return normalize_ip(ctx.transport.getHost().host)

@@ -1,0 +1,143 @@
+"""
+CONNECT (RFC 1928 section 4): route by the rules, connect out, reply, and
+hand both connections to a :class:`~twisted_socks5.tunnel.Tunnel`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, List, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocol
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from ..codec import Address, AddressType, ReplyCode, Request
+from ..connect import DirectConnector, PolicyDenied, first_allowed, reply_for_failure
+from ..relay import OutboundProtocol
+from .base import RequestContext, resolved_decision, resolved_denial
+
+
+class _OutboundFactory(Factory):
+    noisy = False
+    protocol = OutboundProtocol
+    #: Its protocols announce their own connection (``connected_deferred``).
+    fast_connect = True
+
+
+OUTBOUND_FACTORY = _OutboundFactory()
+
+
+def address_of(ip_address: Any) -> Optional[Address]:
+    """The SOCKS address of a Twisted IPv4Address/IPv6Address, or None."""
+    host = getattr(ip_address, "host", None)
+    port = getattr(ip_address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    try:
+        return Address.from_host(host, port)
+    except ValueError:
+        return None
+
+
+class ConnectHandler:
+    """CONNECT: the destination is the request's address."""
+
+    phase: Optional[str] = "connecting"
+
+    def rules_destination(self, request: Request) -> Address:
+        return request.address
+
+    def handle(self, ctx: RequestContext, request: Request) -> None:
+        factory = ctx.factory
+        check = None
+        address = request.address
+        route = None
+        policy = factory.policy
+        decision = ctx.decision
+        if address.type is not AddressType.DOMAIN:
+            decision = resolved_decision(ctx, address, address.host)
+            if not decision.allowed:
+                ctx.deny(decision.rule)
+                return
+            route = decision.via
+        elif policy is not None and not decision.final:
+            # Which rule allows the name, and so its route, depends on the
+            # addresses: resolve here, check each, connect by IP.
+            ctx.hold()
+            resolving = factory.connector.resolve(address.host)
+            ctx.pending = resolving
+            resolving.addCallback(_route_resolved, ctx, address)
+            resolving.addCallbacks(
+                _connected, _connect_failed, callbackArgs=(ctx,), errbackArgs=(ctx,)
+            )
+            return
+        else:
+            # The route is known: the connector checks each address the
+            # name resolves to and uses only the allowed ones (with
+            # HostnameEndpoint's fallback among them).  One check per name,
+            # here or in _route_resolved, never both.  Without rules, an
+            # upstream resolves names on its own host: nothing to guard.
+            route = decision.via if decision is not None else None
+            if policy is not None or isinstance(
+                factory.connector_for(route), DirectConnector
+            ):
+                check = partial(resolved_denial, ctx, address)
+        connector = factory.connector_for(route)
+        ctx.hold()
+        if check is None:
+            d = connector.connect(address, OUTBOUND_FACTORY)
+        else:
+            d = connector.connect(address, OUTBOUND_FACTORY, check)
+        ctx.pending = d
+        d.addCallbacks(
+            _connected, _connect_failed, callbackArgs=(ctx,), errbackArgs=(ctx,)
+        )
+
+
+def _route_resolved(
+    addresses: List[str], ctx: RequestContext, address: Address
+) -> defer.Deferred[IProtocol]:
+    """Connect to the first allowed address, by the route its rule names."""
+    decisions = {}
+
+    def check(ip: str) -> Optional[str]:
+        decision = decisions[ip] = resolved_decision(ctx, address, ip)
+        return None if decision.allowed else decision.rule
+
+    ip = first_allowed(addresses, check)
+    d: defer.Deferred[IProtocol] = ctx.factory.connector_for(decisions[ip].via).connect(
+        Address.from_host(ip, address.port), OUTBOUND_FACTORY
+    )
+    ctx.pending = d
+    return d
+
+
+def _connected(protocol: IProtocol, ctx: RequestContext) -> None:
+    ctx.pending = None
+    if not isinstance(protocol, OutboundProtocol):  # pragma: no cover
+        raise TypeError(f"unexpected outbound protocol {protocol!r}")
+    # Through an upstream, the address that matters is the upstream's.
+    bound = getattr(protocol.transport, "bound", None)
+    ctx.bound = bound if isinstance(bound, Address) else None
+    if ctx.bound is None:
+        ctx.bound = address_of(protocol.transport.getHost())
+    ctx.send_reply(ReplyCode.SUCCEEDED, ctx.bound)
+    ctx.start_tunnel(protocol)
+
+
+def _connect_failed(failure: Failure, ctx: RequestContext) -> None:
+    ctx.pending = None
+    if ctx.transport.disconnected:
+        # The client left and cancelled the attempt; its connectionLost
+        # said so (HostnameEndpoint reports a cancelled look-up as a DNS
+        # failure, not as a cancellation).
+        return
+    code = reply_for_failure(failure)
+    if failure.check(PolicyDenied):
+        ctx.rule = failure.value.rule  # type: ignore[union-attr]
+    ctx.fail(code, f"connect failed: {failure.getErrorMessage()}")
+
+
+CONNECT = ConnectHandler()

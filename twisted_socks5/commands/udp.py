@@ -1,0 +1,93 @@
+"""
+UDP ASSOCIATE (RFC 1928 section 7): open the association's relay
+(:class:`~twisted_socks5.udp.UDPAssociation`) and name its port; the rules
+check each datagram's destination, and the control connection only waits.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+from ..codec import NULL_ADDRESS, Address, Command, ReplyCode, Request
+from ..relay import RelayCounters
+from ..udp import UDPAssociation
+from .base import RequestContext, local_host, resolved_decision
+
+
+class AssociateHandler:
+    """UDP ASSOCIATE: the request names the client's own source."""
+
+    #: Stays in the request state until the association is up.
+    phase: Optional[str] = None
+
+    def rules_destination(self, request: Request) -> Address:
+        # Not a destination: those are checked datagram by datagram.
+        return NULL_ADDRESS
+
+    def handle(self, ctx: RequestContext, request: Request) -> None:
+        factory = ctx.factory
+        limits = factory.limits
+        if not limits.may_associate():
+            ctx.fail(ReplyCode.GENERAL_FAILURE, "udp associate: out of descriptors")
+            return
+        client = ctx.transport.getPeer()
+        association = UDPAssociation(
+            factory.reactor,
+            getattr(client, "host", ""),
+            request.address,
+            factory.connector.resolve,
+            allow_unknown_sources=factory.udp_allow_unknown_sources,
+            check_destination=partial(udp_allowed, ctx),
+            on_activity=partial(_active, ctx.counters),
+        )
+        try:
+            bound = association.listen(local_host(ctx))
+        except Exception as e:  # noqa: BLE001 - CannotListenError and kin
+            ctx.fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
+            return
+        ctx.udp = association
+        # Counted as the four descriptors it may come to hold, before it does.
+        limits.udp_started()
+        ctx.udp_counted = True
+        ctx.bound = bound
+        ctx.send_reply(ReplyCode.SUCCEEDED, bound)
+        ctx.associated()
+
+
+def _active(counters: RelayCounters) -> None:
+    counters.active = True
+
+
+def udp_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
+    """
+    May this datagram go to ``ip``?  The association's first refusal is
+    logged (a name's next address may still take the datagram).
+    """
+    policy = ctx.factory.policy
+    decision = None
+    if policy is not None:
+        decision = policy.check_request(
+            ctx.policy_ip, ctx.user, Command.UDP_ASSOCIATE, destination
+        )
+    if decision is None or decision.allowed:
+        decision = resolved_decision(ctx, destination, ip)
+        if decision.allowed:
+            return True
+    if ctx.rule is None:
+        # One line per association: a client must not flood the log.
+        ctx.rule = decision.rule
+        ctx.log.info(
+            "UDP destination {destination} ({ip}) refused for {client}: "
+            "denied by {rule}",
+            event="socks5.udp_denied",
+            client=ctx.client_ip,
+            # A name from the wire: escaped, never a raw newline or ESC.
+            destination=repr(str(destination))[1:-1],
+            ip=ip,
+            rule=decision.rule,
+        )
+    return False
+
+
+ASSOCIATE = AssociateHandler()
