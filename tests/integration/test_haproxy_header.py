@@ -46,7 +46,9 @@ async def test_behind_a_proxy_header_the_host_is_protected_by_default(
     haproxy: Any,  # noqa: F811 - the fixture
     tcp_target: Any,
 ) -> None:
-    factory, port = await haproxy(max_connections=10, max_per_client=0)
+    factory, port = await haproxy(
+        protect_host="when-exposed", max_connections=10, max_per_client=0
+    )
     target = tcp_target(Greet)
     # The header claims the client connected to 127.0.0.1: it may not be so.
     out = await exchange(
