@@ -66,6 +66,16 @@ def escape(value: object) -> str:
     return "".join(map(_escape_char, text))
 
 
+def escape_word(value: object) -> str:
+    """
+    :func:`escape`, and spaces too (``\\x20``): for the fields of a log
+    line that the network chooses (client, user, target), so that none can
+    forge the fields after it on the same line.
+    """
+    text = escape(value)
+    return text.replace(" ", "\\x20") if " " in text else text
+
+
 def escape_line(text: str) -> str:
     """Control characters of a line escaped, the rest (tabs too) kept."""
     if text.isprintable():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import ipaddress
 import time
 from functools import partial
 from typing import (
@@ -69,7 +70,7 @@ from .connect import (
 )
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits, checking_client
-from .logs import escape, escape_line
+from .logs import escape, escape_line, escape_word
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .rules import AllowAll, Decision, IPolicy
@@ -78,6 +79,7 @@ from .selfnet import (
     UNSPECIFIED_RULE,
     HostAddresses,
     default_host,
+    local_literal,
     reached_from_outside,
     unspecified,
 )
@@ -140,6 +142,14 @@ class State(enum.Enum):
     ASSOCIATED = "associated"
     RELAYING = "relaying"
     CLOSING = "closing"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def address_of(ip_address: Any) -> Optional[Address]:
@@ -209,6 +219,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     #: The parser of each handshake state, by method name: bound methods
     #: kept on the instance would make every connection a reference cycle,
     #: left for the cyclic garbage collector instead of freed at close.
+    #: Whether a PROXY header (``haproxy:``) names the client: set only then,
+    #: so other connections pay nothing for it.
+    _behind_proxy = False
+
     _HANDLERS: ClassVar[Dict[State, str]] = {
         State.GREETING: "_on_greeting",
         State.AUTHENTICATING: "_on_auth_data",
@@ -230,6 +244,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # PROXY header arrives: counted from now against the server's
             # limits (a silent client holds a slot too); the client's own
             # limits and the rules wait for the header to name it.
+            self._behind_proxy = True
             self._admit(identified=False)
             return
         self._admit()
@@ -573,6 +588,15 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 self.factory.connector_for(route), DirectConnector
             ):
                 check = partial(self._resolved_denial, address)
+            elif self.factory.protect_host is not None:
+                # An upstream on this host would read a numeric or loopback
+                # name as this host: those need no resolver to refuse.
+                literal = local_literal(address.host)
+                if literal is not None:
+                    refused = self._resolved_decision(address, literal)
+                    if not refused.allowed:
+                        self._deny(refused.rule)
+                        return
         connector = self.factory.connector_for(route)
         self._hold()
         if check is None:
@@ -732,7 +756,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         return decision
 
     def _reached_from_outside(self) -> bool:
-        """Whether this client came in on an address other hosts can reach."""
+        """
+        Whether this client came in on an address other hosts can reach.
+        Behind a PROXY header the local address is the header's claim, which
+        the client may forge: such a client counts as from outside.
+        """
+        if self._behind_proxy:
+            return True
         return reached_from_outside(getattr(self.transport.getHost(), "host", None))
 
     def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
@@ -762,7 +792,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 "UDP destination {destination} ({ip}) refused for {client}: "
                 "denied by {rule}",
                 event="socks5.udp_denied",
-                client=self.client_ip,
+                client=escape_word(self.client_ip),
                 # A name from the wire: escaped, never a raw newline or ESC.
                 destination=repr(str(destination))[1:-1],
                 ip=ip,
@@ -828,7 +858,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _bind_peer_allowed(self, destination: Address, ip: str) -> bool:
         rule = self._resolved_denial(destination, ip)
         if rule is not None:
-            self.log.info("BIND peer {peer} denied by {rule}", peer=ip, rule=rule)
+            self.log.info(
+                "BIND peer {peer} denied by {rule}", peer=escape_word(ip), rule=rule
+            )
         return rule is None
 
     def _bind_accepted(self, peer: OutboundProtocol) -> None:
@@ -1249,7 +1281,12 @@ class SOCKS5ServerFactory(Factory):
         own limits and the rules now.  Refused, it is no longer counted.
         """
         ip = protocol.client_ip
-        refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
+        if _is_ip(ip):
+            refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
+        else:
+            # Twisted's PROXY v1 parser takes any text as the source: a
+            # header that names no IP address names no client.
+            refusal = ("bad_proxy_header", "the PROXY header names no IP address")
         if self._admitted(ip, refusal):
             self.limits.identified(ip)
             return True
@@ -1272,7 +1309,7 @@ class SOCKS5ServerFactory(Factory):
             self.log.info(
                 "refused {client}: {reason}",
                 event="socks5.refused",
-                client=escape(ip),
+                client=escape_word(ip),
                 kind=kind,
                 reason=why,
             )
@@ -1345,7 +1382,7 @@ class SOCKS5ServerFactory(Factory):
         self.log.info(
             "refused login from {client}: throttled",
             event="socks5.refused",
-            client=protocol.client_ip,
+            client=escape_word(protocol.client_ip),
             kind="throttled",
             reason=f"throttled after {self.limits.auth_failures} failed logins",
         )
@@ -1461,10 +1498,10 @@ class SOCKS5ServerFactory(Factory):
         # Names, users and error messages come from the network: escaped
         # here, once, so no observer (text, JSON, a worker's relay) shows a
         # forged line or a terminal escape.
-        client = escape(protocol.client) if protocol.client else None
-        user = escape(protocol.user) if protocol.user is not None else None
+        client = escape_word(protocol.client) if protocol.client else None
+        user = escape_word(protocol.user) if protocol.user is not None else None
         command = request.command.phrase if request else None
-        target = escape(request.address) if request else None
+        target = escape_word(request.address) if request else None
         outcome = escape_line(protocol.outcome)
         rule = escape(protocol.rule) if protocol.rule is not None else None
         reply = protocol.reply
