@@ -19,7 +19,13 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
-from twisted_socks5.logs import TextLogObserver, escape, escape_line, text_observer
+from twisted_socks5.logs import (
+    TextLogObserver,
+    escape,
+    escape_line,
+    escape_word,
+    text_observer,
+)
 
 _texts = st.text(max_size=40)
 _times = st.one_of(
@@ -223,3 +229,16 @@ def test_escape_examples() -> None:
     assert escape("\u202eevil") == "\\u202eevil"
     assert escape("é") == "é"
     assert escape(None) == "-" and escape("-") == "\\x2d" and escape("") == '""'
+
+
+@given(st.one_of(st.none(), st.text()))
+def test_escaped_words_have_no_space_and_stay_unambiguous(value: Optional[str]) -> None:
+    """User and target fields cannot forge the fields after them on a line."""
+    word = escape_word(value)
+    assert " " not in word and word.isprintable()
+    assert _unescape(word) == value
+
+
+def test_a_user_name_cannot_fake_the_rest_of_the_line() -> None:
+    forged = "bob connect 10.0.0.1:22 -> succeeded"
+    assert escape_word(forged) == "bob\\x20connect\\x2010.0.0.1:22\\x20->\\x20succeeded"

@@ -92,14 +92,24 @@ def test_the_message_names_the_open_range(tmp_path: Any) -> None:
 
 def test_wide_public_networks_are_no_client_list() -> None:
     rules = RuleSet.parse(
-        "allow from 0.0.0.0/0, 10.0.0.0/8, 12.0.0.0/7, fc00::/7, 2000::/3, 2001::/16\n"
+        "allow from 0.0.0.0/0, 10.0.0.0/8, 12.0.0.0/7, fc00::/7, 2000::/3, 2001::/16,"
+        " 2001:db8::/32\n"
         "deny from 192.0.2.0/24\n"
     )
+    # A global IPv6 /16 is a good part of the IPv6 Internet: no client list.
     assert [str(n) for n in client_allow_list(rules)] == [
         "10.0.0.0/8",
         "fc00::/7",
-        "2001::/16",
+        "2001:db8::/32",
     ]
+
+
+def test_a_global_ipv6_slash_16_is_an_open_relay(tmp_path: Any) -> None:
+    from twisted.python import usage
+
+    with pytest.raises(usage.UsageError, match="open proxy"):
+        start(tmp_path, "allow from 2001::/16\ndefault deny\n")
+    start(tmp_path, "allow from 2001:db8::/32\ndefault deny\n")
 
 
 # --------------------------------------------------------------------------
@@ -168,3 +178,35 @@ def test_every_ipv6_piece_is_checked() -> None:
         ipaddress.ip_address("::"),
         ipaddress.ip_address("::fffe:ffff:ffff"),
     )
+
+
+def test_sighup_cannot_turn_an_exposed_server_into_an_open_relay(
+    tmp_path: Any,
+) -> None:
+    """The guard runs on every reload: an open rules file keeps the old rules."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_socks5.tap import build_factory
+
+    options = start(tmp_path, "allow from 10.0.0.0/8\ndefault deny\n")
+    factory = build_factory(options, MemoryReactorClock())
+    path = tmp_path / "rules"
+    assert path.exists()
+    path.write_text("deny to self\ndefault allow\n")
+    factory.reload()
+    assert not options.policy.check_client("198.51.100.7").allowed
+    # A closed file still reloads.
+    path.write_text("allow from 10.0.0.0/8, 192.168.0.0/16\ndefault deny\n")
+    factory.reload()
+    assert options.policy.check_client("192.168.1.1").allowed
+
+
+def test_reload_of_a_loopback_server_is_not_guarded(tmp_path: Any) -> None:
+    """On loopback only an open rule set is fine, at start and on reload."""
+    path = tmp_path / "rules"
+    path.write_text("allow from 10.0.0.0/8\ndefault deny\n")
+    options = Options()
+    options.parseOptions(["--rules", str(path)])
+    path.write_text("default allow\n")
+    options.policy.reload()
+    assert options.policy.check_client("198.51.100.7").allowed

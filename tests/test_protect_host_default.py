@@ -25,7 +25,7 @@ from twisted_socks5.codec import (
 )
 from twisted_socks5.commands.base import reached_from_outside_of
 from twisted_socks5.rules import RuleSet
-from twisted_socks5.selfnet import HostAddresses, reached_from_outside
+from twisted_socks5.selfnet import HostAddresses, local_literal, reached_from_outside
 from twisted_socks5.server import PROTECT_WHEN_EXPOSED, SOCKS5ServerFactory
 
 GREET = b"\x05\x01\x00"
@@ -119,3 +119,37 @@ def test_reached_from_outside(local: Any, outside: bool) -> None:
 def test_a_unix_socket_client_is_local() -> None:
     h = Harness(local=UNIXAddress(b"/run/socks5.sock"))
     assert not reached_from_outside_of(h.protocol)
+
+
+def _name_request(name: str, port: int = 8080) -> bytes:
+    return Request(Command.CONNECT, Address(AddressType.DOMAIN, name, port)).to_bytes()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["localhost", "LOCALHOST.", "a.localhost", "ip6-localhost", "127.1", "0x7f.1",
+     "2130706433", "0177.0.0.1", "::1", "0", "0x0"],
+)  # fmt: skip
+def test_names_an_upstream_would_read_as_this_host_are_refused(name: str) -> None:
+    """A route that resolves remotely (not a DirectConnector) still refuses
+    names that need no resolver to mean this host."""
+    h = Harness(protect_host=_host())  # FakeConnector: not a DirectConnector
+    h.send(GREET + _name_request(name))
+    assert h.take() == b"\x05\x00" + DENIED
+    assert h.connector.calls == []
+
+
+def test_other_names_go_to_an_upstream_as_names() -> None:
+    h = Harness(protect_host=_host())
+    h.send(GREET + _name_request("example.com"))
+    assert [c[0].host for c in h.connector.calls] == ["example.com"]
+
+
+@pytest.mark.parametrize(
+    ("name", "ip"),
+    [("localhost", "127.0.0.1"), ("x.localhost.", "127.0.0.1"), ("127.1", "127.0.0.1"),
+     ("2130706433", "127.0.0.1"), ("::1", "::1"), ("example.com", None),
+     ("localhost.example.com", None), ("", None)],
+)  # fmt: skip
+def test_local_literal(name: str, ip: Any) -> None:
+    assert local_literal(name) == ip

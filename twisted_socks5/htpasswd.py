@@ -17,7 +17,7 @@ import collections
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -77,6 +77,12 @@ def bcrypt_cost(hashed: bytes) -> Optional[int]:
         return None
     cost = int(field[:2])
     return cost if 4 <= cost <= 31 else None
+
+
+def mixed_costs(users: Dict[bytes, bytes]) -> List[bytes]:
+    """The users whose hash cost differs from the dummy hash's (the usual one)."""
+    usual = bcrypt_cost(dummy_hash(users))
+    return [user for user, hashed in users.items() if bcrypt_cost(hashed) != usual]
 
 
 def dummy_hash(users: Dict[bytes, bytes]) -> bytes:
@@ -306,6 +312,22 @@ class HtpasswdChecker:
         self._users = users
         self.dummy_hash = dummy_hash(users)
         self._mtime = mtime
+        odd = mixed_costs(users)
+        if odd:
+            # Unknown users cost what most users cost: the others can be
+            # told apart (and found to exist) by how long a wrong password takes.
+            self.log.warn(
+                "{path}: {count} user(s) have a bcrypt cost other than the "
+                "file's usual {cost} ({users}): rehash them with that cost, "
+                "or their existence shows in how long a login takes",
+                path=self.path,
+                count=len(odd),
+                cost=bcrypt_cost(self.dummy_hash),
+                users=", ".join(
+                    sorted(u.decode("utf-8", "backslashreplace") for u in odd)[:10]
+                ),
+                event="socks5.htpasswd_mixed_costs",
+            )
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:  # type: ignore[override]
         self._load()

@@ -69,6 +69,16 @@ def escape(value: object) -> str:
     return "".join(map(_escape_char, text))
 
 
+def escape_word(value: object) -> str:
+    """
+    :func:`escape`, and spaces too (``\\x20``): for the fields of a log
+    line that the network chooses (client, user, target), so that none can
+    forge the fields after it on the same line.
+    """
+    text = escape(value)
+    return text.replace(" ", "\\x20") if " " in text else text
+
+
 def escape_line(text: str) -> str:
     """Control characters of a line escaped, the rest (tabs too) kept."""
     if text.isprintable():
@@ -161,10 +171,10 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
     # Names, users and error messages come from the network: escaped
     # here, once, so no observer (text, JSON, a worker's relay) shows a
     # forged line or a terminal escape.
-    client = escape(protocol.client) if protocol.client else None
-    user = escape(protocol.user) if protocol.user is not None else None
+    client = escape_word(protocol.client) if protocol.client else None
+    user = escape_word(protocol.user) if protocol.user is not None else None
     command = request.command.phrase if request else None
-    target = escape(request.address) if request else None
+    target = escape_word(request.address) if request else None
     outcome = escape_line(protocol.outcome)
     rule = escape(protocol.rule) if protocol.rule is not None else None
     reply = protocol.reply

@@ -977,7 +977,7 @@ class RuleSet:
 
 #: ``from`` networks of public addresses wider than this prefix length (by
 #: IP version) name much of the Internet, not a list of clients.
-WIDEST_CLIENT_LIST = {4: 8, 6: 16}
+WIDEST_CLIENT_LIST = {4: 8, 6: 32}
 
 _SPACES = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
 

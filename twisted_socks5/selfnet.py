@@ -250,6 +250,32 @@ class HostAddresses:
         return f"<self: loopback, unspecified and {len(self.addresses)} addresses>"
 
 
+#: Names every resolver answers with loopback (RFC 6761, /etc/hosts).
+_LOOPBACK_NAMES = frozenset(["localhost", "ip6-localhost", "ip6-loopback"])
+
+
+def local_literal(name: str) -> Optional[str]:
+    """
+    The address a name stands for on any resolver, without asking one: an
+    IP literal in any form ``inet_aton`` reads (``127.1``, ``0x7f.1``,
+    ``2130706433``), an IPv6 literal, or a loopback name (``localhost``,
+    ``*.localhost``).  ``None`` for other names: only a resolver knows.
+    For routes that hand names to another host (an upstream), whose
+    resolver would read these the same way.
+    """
+    lowered = name.rstrip(".").lower()
+    if lowered in _LOOPBACK_NAMES or lowered.endswith(".localhost"):
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(lowered.split("%", 1)[0]))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(lowered))
+    except (OSError, ValueError):
+        return None
+
+
 def reached_from_outside(local_ip: object) -> bool:
     """
     Whether a connection accepted on ``local_ip`` (the server's end) may

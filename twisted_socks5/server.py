@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import ipaddress
 from typing import (
     Any,
     Callable,
@@ -62,7 +63,7 @@ from .commands.connect import address_of
 from .connect import DirectConnector, IOutboundConnector
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits, checking_client
-from .logs import escape, log_connection
+from .logs import escape_word, log_connection
 from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters
 from .rules import AllowAll, IPolicy
@@ -98,6 +99,14 @@ class State(enum.Enum):
     ASSOCIATED = "associated"
     RELAYING = "relaying"
     CLOSING = "closing"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 #: The state of each value (a command handler names its phase by value).
@@ -161,6 +170,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     #: The parser of each handshake state, by method name: bound methods
     #: kept on the instance would make every connection a reference cycle,
     #: left for the cyclic garbage collector instead of freed at close.
+    #: Whether a PROXY header (``haproxy:``) names the client: set only then,
+    #: so other connections pay nothing for it.
+    behind_proxy = False
+
     _HANDLERS: ClassVar[Dict[State, str]] = {
         State.GREETING: "_on_greeting",
         State.AUTHENTICATING: "_on_auth_data",
@@ -182,6 +195,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # PROXY header arrives: counted from now against the server's
             # limits (a silent client holds a slot too); the client's own
             # limits and the rules wait for the header to name it.
+            self.behind_proxy = True
             self._admit(identified=False)
             return
         self._admit()
@@ -831,7 +845,12 @@ class SOCKS5ServerFactory(Factory):
         own limits and the rules now.  Refused, it is no longer counted.
         """
         ip = protocol.client_ip
-        refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
+        if _is_ip(ip):
+            refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
+        else:
+            # Twisted's PROXY v1 parser takes any text as the source: a
+            # header that names no IP address names no client.
+            refusal = ("bad_proxy_header", "the PROXY header names no IP address")
         if self._admitted(ip, refusal):
             self.limits.identified(ip)
             return True
@@ -854,7 +873,7 @@ class SOCKS5ServerFactory(Factory):
             self.log.info(
                 "refused {client}: {reason}",
                 event="socks5.refused",
-                client=escape(ip),
+                client=escape_word(ip),
                 kind=kind,
                 reason=why,
             )
@@ -927,7 +946,7 @@ class SOCKS5ServerFactory(Factory):
         self.log.info(
             "refused login from {client}: throttled",
             event="socks5.refused",
-            client=protocol.client_ip,
+            client=escape_word(protocol.client_ip),
             kind="throttled",
             reason=f"throttled after {self.limits.auth_failures} failed logins",
         )

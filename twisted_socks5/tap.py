@@ -398,27 +398,27 @@ class Options(usage.Options, AuthOptionMixin):
     )
 
     def _refuse_open_relay(self) -> None:
-        """Never become an open proxy by accident."""
+        """Never become an open proxy by accident, at start or on SIGHUP."""
         exposed = [d for d in self["listen"] if _exposed(d)]
         if not exposed:
             return
         anonymous = any(a.method == 0 for a in build_authenticators(self))
         if not anonymous:
             return
-        who = "anyone"
-        if self.policy is not None:
-            outside = open_relay_clients(self.policy.rules)
-            if outside is None:
-                return
-            first, last = outside
-            who = f"clients from {first} to {last} (outside 'allow from' networks)"
-        raise usage.UsageError(
-            f"refusing to start an open proxy: {', '.join(exposed)} can be reached "
-            f"from other hosts, and {who} may use it without a password.  Require "
-            "one (--auth ...), or allow only your clients (--rules FILE with "
-            "'allow from YOUR/NET' and 'default deny'), or listen on loopback; "
-            "--allow-open-relay starts it anyway."
-        )
+        rules = self.policy.rules if self.policy is not None else None
+        who = _open_to(rules)
+        if who is not None:
+            raise usage.UsageError(
+                f"refusing to start an open proxy: {', '.join(exposed)} can be "
+                f"reached from other hosts, and {who} may use it without a "
+                "password.  Require one (--auth ...), or allow only your clients "
+                "(--rules FILE with 'allow from YOUR/NET' and 'default deny'), or "
+                "listen on loopback; --allow-open-relay starts it anyway."
+            )
+        if isinstance(self.policy, RulesFile):
+            # The same guard on every reload: a rules file edited into an
+            # open relay is refused, and the rules in force stay.
+            self.policy.guard = _refuse_open_rules
 
     def opt_auth(self, description: str) -> None:
         problem = unusable_credentials(description)
@@ -739,22 +739,50 @@ def _describe(address: Any) -> str:
     return str(address)
 
 
+def _open_to(rules: Optional[RuleSet]) -> Optional[str]:
+    """Who may relay without a password under ``rules`` (``None``: nobody)."""
+    if rules is None:
+        return "anyone"
+    outside = open_relay_clients(rules)
+    if outside is None:
+        return None
+    first, last = outside
+    return f"clients from {first} to {last} (outside 'allow from' networks)"
+
+
+def _refuse_open_rules(rules: RuleSet) -> None:
+    """The open-relay guard for a reloaded rules file: raises RulesError."""
+    who = _open_to(rules)
+    if who is not None:
+        raise RulesError(
+            f"would make an open proxy ({who} may use it without a password); "
+            "the rules in force stay",
+            rules.source,
+        )
+
+
 class RulesFile:
     """
     An access-rules file as an :class:`~twisted_socks5.rules.IPolicy` that
     :meth:`reload` re-reads; a file that fails to parse keeps the old rules.
     ``host`` is the ``self`` network, whose addresses a reload reads again.
+    ``guard``, when set, sees each reloaded rule set first and raises to
+    keep the old one (the open-relay guard of an exposed server).
     """
 
     def __init__(self, path: str, host: Optional[HostAddresses] = None) -> None:
         self.path = path
         self.host = host
+        self.guard: Optional[Callable[[RuleSet], None]] = None
         self.rules = RuleSet.from_file(path, host)
 
     def reload(self) -> None:
         if self.host is not None:
             self.host.reload()
-        self.rules = RuleSet.from_file(self.path, self.host)  # raises: old stay
+        rules = RuleSet.from_file(self.path, self.host)  # raises: old stay
+        if self.guard is not None:
+            self.guard(rules)
+        self.rules = rules
 
     def check_client(self, client: Any) -> Any:
         return self.rules.check_client(client)

@@ -437,3 +437,19 @@ async def test_one_client_cannot_fill_the_hash_pool_queue(
     for client, _ in flood:
         client.transport.loseConnection()
     victim.transport.loseConnection()
+
+
+def test_a_file_of_mixed_costs_is_one_warning_naming_the_odd_users(
+    tmp_path: Any, log_events: Any
+) -> None:
+    """Users off the usual cost could be found by timing: the operator is told."""
+    path = tmp_path / "users"
+    _write(path, (b"a", b"x", 5), (b"b", b"x", 5), (b"odd", b"x", 4))
+    HtpasswdChecker(str(path), pool=HashPool())
+    (event,) = [
+        e for e in log_events if e.get("event") == "socks5.htpasswd_mixed_costs"
+    ]
+    assert event["users"] == "odd" and event["cost"] == 5 and event["count"] == 1
+    _write(path, (b"a", b"x", 5), (b"b", b"x", 5))
+    HtpasswdChecker(str(path), pool=HashPool())
+    assert len([e for e in log_events if e.get("event") == event["event"]]) == 1

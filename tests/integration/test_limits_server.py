@@ -56,8 +56,12 @@ class Silent(protocol.Protocol):
 def haproxy() -> Iterator[Any]:
     ports: List[Any] = []
 
-    async def listen(**limits: Any) -> Tuple[SOCKS5ServerFactory, int]:
-        factory = SOCKS5ServerFactory(reactor=reactor)
+    async def listen(
+        protect_host: Any = None, **limits: Any
+    ) -> Tuple[SOCKS5ServerFactory, int]:
+        # The destinations here are on loopback: no host protection unless
+        # a test asks (behind a PROXY header every client is from outside).
+        factory = SOCKS5ServerFactory(reactor=reactor, protect_host=protect_host)
         factory.limits = ConnectionLimits(reactor.seconds, **limits)
         endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
         port = await endpoint.listen(factory)

@@ -36,6 +36,9 @@ from twisted_socks5.workers import _WorkerProcess
 #: A username that would start a line of its own, then turn the terminal red.
 EVIL = "eve\n2026-01-01T00:00:00+0000 [-] forged \x1b[31mred"
 EVIL_ESCAPED = "eve\\n2026-01-01T00:00:00+0000 [-] forged \\x1b[31mred"
+#: The same as a field of the line (client, user, target): spaces escaped too,
+#: so the value cannot fake the fields after it.
+EVIL_WORD = EVIL_ESCAPED.replace(" ", "\\x20")
 FORGED = "\n2026-01-01T00:00:00+0000 [-] forged"
 
 
@@ -81,12 +84,12 @@ async def test_a_hostile_user_and_name_are_escaped_in_text_and_json(
     await all_closed(_)
     text, js = (out.getvalue() for out in logs)
     _assert_safe(text)
-    assert "127.0.0.1:" in text and f" {EVIL_ESCAPED} - - -> -: " in text
-    assert f" - connect {EVIL_ESCAPED.replace('eve', 'host')}:80 -> " in text
+    assert "127.0.0.1:" in text and f" {EVIL_WORD} - - -> -: " in text
+    assert f" - connect {EVIL_WORD.replace('eve', 'host')}:80 -> " in text
     parsed = [json.loads(line) for line in js.split("\x1e") if line.strip()]
     connections = [e for e in parsed if e.get("event") == "socks5.connection"]
-    assert [e["user"] for e in connections] == [EVIL_ESCAPED, None]
-    assert connections[1]["target"] == EVIL_ESCAPED.replace("eve", "host") + ":80"
+    assert [e["user"] for e in connections] == [EVIL_WORD, None]
+    assert connections[1]["target"] == EVIL_WORD.replace("eve", "host") + ":80"
     for e in connections:
         assert "\n" not in e["summary"] and "\x1b" not in e["summary"]
         assert " None " not in e["summary"]
@@ -109,7 +112,7 @@ async def test_a_hostile_user_is_escaped_through_the_workers_relay(
     output = b"".join(process.output).decode()
     _assert_safe(output)
     (line,) = [x for x in output.splitlines() if "authentication failed" in x]
-    assert "[worker " in line and EVIL_ESCAPED in line
+    assert "[worker " in line and EVIL_WORD in line
 
 
 def test_the_workers_relay_escapes_what_a_worker_prints(log_events: Any) -> None:

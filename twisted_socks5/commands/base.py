@@ -41,6 +41,8 @@ class RequestContext(Protocol):
     log: Logger
     factory: Any
     transport: Any
+    #: Whether a PROXY header named the client (its claims are its own).
+    behind_proxy: bool
     counters: RelayCounters
     user: Optional[str]
     client_ip: str
@@ -141,7 +143,13 @@ def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Any
 
 
 def reached_from_outside_of(ctx: RequestContext) -> bool:
-    """Whether this client came in on an address other hosts can reach."""
+    """
+    Whether this client came in on an address other hosts can reach.
+    Behind a PROXY header the local address is the header's claim, which
+    the client may forge: such a client counts as from outside.
+    """
+    if ctx.behind_proxy:
+        return True
     return reached_from_outside(getattr(ctx.transport.getHost(), "host", None))
 
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from ..codec import Address, AddressType, ReplyCode, Request
 from ..connect import reply_for_failure
+from ..logs import escape_word
 from ..relay import OutboundProtocol
 from ..selfnet import UNSPECIFIED_RULE, normalize_ip, unspecified
 from .base import RequestContext, local_host, resolved_denial
@@ -186,7 +187,9 @@ def _listen(allowed: Optional[List[str]], ctx: RequestContext) -> None:
 def _peer_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
     rule = resolved_denial(ctx, destination, ip)
     if rule is not None:
-        ctx.log.info("BIND peer {peer} denied by {rule}", peer=ip, rule=rule)
+        ctx.log.info(
+            "BIND peer {peer} denied by {rule}", peer=escape_word(ip), rule=rule
+        )
     return rule is None
 
 

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from ..codec import Address, AddressType, ReplyCode, Request
 from ..connect import DirectConnector, PolicyDenied, first_allowed, reply_for_failure
 from ..relay import OutboundProtocol
+from ..selfnet import local_literal
 from .base import RequestContext, resolved_decision, resolved_denial
 
 
@@ -84,6 +85,15 @@ class ConnectHandler:
                 factory.connector_for(route), DirectConnector
             ):
                 check = partial(resolved_denial, ctx, address)
+            elif factory.protect_host is not None:
+                # An upstream on this host would read a numeric or loopback
+                # name as this host: those need no resolver to refuse.
+                literal = local_literal(address.host)
+                if literal is not None:
+                    refused = resolved_decision(ctx, address, literal)
+                    if not refused.allowed:
+                        ctx.deny(refused.rule)
+                        return
         connector = factory.connector_for(route)
         ctx.hold()
         if check is None:

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Optional
 
 from ..codec import NULL_ADDRESS, Address, Command, ReplyCode, Request
+from ..logs import escape_word
 from ..relay import RelayCounters
 from ..udp import UDPAssociation
 from .base import RequestContext, local_host, resolved_decision
@@ -81,7 +82,7 @@ def udp_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
             "UDP destination {destination} ({ip}) refused for {client}: "
             "denied by {rule}",
             event="socks5.udp_denied",
-            client=ctx.client_ip,
+            client=escape_word(ctx.client_ip),
             # A name from the wire: escaped, never a raw newline or ESC.
             destination=repr(str(destination))[1:-1],
             ip=ip,
