@@ -41,6 +41,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._twisted import awaiting_proxy_header
+from ._twisted import unregister_producer as _unregister_producer
+from ._twisted import write_buffered as _write_buffered
 from .auth import STATUS_FAILURE, NoAuthAuthenticator
 from .bind import BindWaiter, normalize_ip
 from .codec import (
@@ -113,22 +116,6 @@ class _OutboundFactory(Factory):
 
 
 _OUTBOUND_FACTORY = _OutboundFactory()
-
-
-def _unregister_producer(transport: Any) -> None:
-    if getattr(transport, "producer", None):
-        transport.unregisterProducer()
-
-
-def _write_buffered(transport: Any) -> int:
-    """Bytes in a Twisted socket transport's write buffer (0 if unknown)."""
-    try:
-        waiting: int = (
-            len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-        )
-    except (AttributeError, TypeError):
-        return 0
-    return waiting
 
 
 class State(enum.Enum):
@@ -225,7 +212,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self.started = self.factory.reactor.seconds()
         self.setTimeout(self.factory.handshake_timeout)
-        if getattr(self.transport, "_proxyInfo", False) is None:
+        if awaiting_proxy_header(self.transport):
             # Behind the haproxy: endpoint the wrapper connects us before the
             # PROXY header arrives: counted from now against the server's
             # limits (a silent client holds a slot too); the client's own
