@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any, Iterator, List, Tuple
 
 import pytest
-from twisted.internet import defer, tcp
+from twisted.internet import defer, ssl, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
 from twisted_socks5 import _twisted, writenow
+from twisted_socks5.splice import plain_tcp
 from twisted_socks5.tap import ListeningService, _exposed
 from twisted_socks5.tcpconnect import OutboundConnection
 from twisted_socks5.workers import tcp_listener
@@ -165,6 +166,19 @@ def test_a_4_tuple_peer_is_an_ipv6_address(
         assert (got.host, got.port) == peer[:2]  # type: ignore[union-attr]
     finally:
         sock.close()
+
+
+# Twisted's own TLS certificate, as its tests use it.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_start_tls_marks_the_transport_for_the_splice_check(
+    transport: tcp.Server,
+) -> None:
+    """splice.plain_tcp refuses TLS by this public mark (no private TLS flag)."""
+    pem = Path(ssl.__file__).parent.parent / "test" / "server.pem"
+    certificate = ssl.PrivateCertificate.loadPEM(pem.read_bytes())
+    transport.startTLS(certificate.options())
+    assert ISSLTransport.providedBy(transport)
+    assert not plain_tcp(transport)
 
 
 # Fallbacks: a Twisted that renamed something keeps working, safely.

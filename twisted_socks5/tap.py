@@ -587,6 +587,22 @@ def build_authenticators(options: Options) -> List[IAuthenticator]:
     return authenticators
 
 
+class TwistdOptions(Options):
+    """
+    The options as ``twistd socks5`` parses them: a usage error ends twistd
+    with status 1 on every Twisted (twistd itself exits 0 after printing
+    one before Twisted 26.10, so a refused configuration, an open relay
+    among them, looked like a clean stop to systemd and scripts).
+    """
+
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            print(self)
+            raise SystemExit(f"{' '.join(sys.argv[0:2])}: {e}") from None
+
+
 class SOCKS5Service(service.MultiService):
     """
     One listening service per ``--listen``; logs where it actually listens
