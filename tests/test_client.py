@@ -1006,6 +1006,8 @@ def test_parse_proxy_port_defaults_to_1080() -> None:
 
 def test_parse_local_resolution_uses_the_reactors_resolver() -> None:
     reactor = MemoryReactorClock()
+    if not hasattr(reactor, "nameResolver"):  # Twisted < 25.5's memory reactor
+        reactor.nameResolver = object()  # type: ignore[attr-defined]
     endpoint = clientFromString(
         reactor, "socks5:web.test:80:proxy_host=127.0.0.1:resolve=local"
     )

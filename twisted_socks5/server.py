@@ -40,6 +40,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._twisted import awaiting_proxy_header, write_buffered
 from .auth import STATUS_FAILURE, NoAuthAuthenticator
 from .bind import BindWaiter
 from .codec import (
@@ -68,7 +69,7 @@ from .metrics import Metrics
 from .relay import OutboundProtocol, RelayCounters
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host, normalize_ip
-from .tunnel import ActivityWatch, Tunnel, Watched, silence_verdict, write_buffered
+from .tunnel import ActivityWatch, Tunnel, Watched, silence_verdict
 from .udp import UDPAssociation
 from .writenow import write_now
 
@@ -190,7 +191,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self.started = self.factory.reactor.seconds()
         self.setTimeout(self.factory.handshake_timeout)
-        if getattr(self.transport, "_proxyInfo", False) is None:
+        if awaiting_proxy_header(self.transport):
             # Behind the haproxy: endpoint the wrapper connects us before the
             # PROXY header arrives: counted from now against the server's
             # limits (a silent client holds a slot too); the client's own

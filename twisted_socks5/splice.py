@@ -135,7 +135,7 @@ def plain_tcp(transport: Any, producer_allowed: bool = False) -> bool:
     if not isinstance(transport, tcp.Connection):
         return False
     # startTLS() keeps the tcp.Connection class but marks the transport.
-    if getattr(transport, "TLS", False) or ISSLTransport.providedBy(transport):
+    if ISSLTransport.providedBy(transport):
         return False
     if not transport.connected or transport.disconnecting:
         return False

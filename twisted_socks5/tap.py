@@ -11,7 +11,6 @@ import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import (
     AllowAnonymousAccess,
     InMemoryUsernamePasswordDatabaseDontUse,
@@ -19,14 +18,21 @@ from twisted.cred.checkers import (
 from twisted.cred.credentials import IAnonymous, IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.cred.strcred import AuthOptionMixin
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import classImplements
 
+from ._twisted import endpoint_address
 from .auth import (
     NoAuthAuthenticator,
     ProxyRealm,
@@ -602,6 +608,22 @@ def build_authenticators(options: Options) -> List[IAuthenticator]:
     return authenticators
 
 
+class TwistdOptions(Options):
+    """
+    The options as ``twistd socks5`` parses them: a usage error ends twistd
+    with status 1 on every Twisted (twistd itself exits 0 after printing
+    one before Twisted 26.10, so a refused configuration, an open relay
+    among them, looked like a clean stop to systemd and scripts).
+    """
+
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            print(self)
+            raise SystemExit(f"{' '.join(sys.argv[0:2])}: {e}") from None
+
+
 class SOCKS5Service(service.MultiService):
     """
     One listening service per ``--listen``; logs where it actually listens
@@ -620,14 +642,12 @@ class SOCKS5Service(service.MultiService):
         self.ports: List[Any] = []
         #: --upstream URLs by route name (``None``: the default route).
         self.upstreams: Dict[Optional[str], str] = {}
-        self._listeners: List[StreamServerEndpointService] = []
+        self._listeners: List[ListeningService] = []
         for description in listen:
             endpoint = serverFromString(
                 factory.reactor, escape_ipv6_interface(description)
             )
-            child = StreamServerEndpointService(endpoint, factory)
-            # Fail at start-up (twistd exits non-zero) when a port is taken.
-            child._raiseSynchronously = True
+            child = ListeningService(endpoint, factory)
             child.setServiceParent(self)
             self._listeners.append(child)
 
@@ -638,7 +658,7 @@ class SOCKS5Service(service.MultiService):
     def startService(self) -> None:
         super().startService()
         install_reload_signal(self.factory)
-        waiting: List[Any] = [child._waitingForPort for child in self._listeners]
+        waiting: List[Any] = [child.listening for child in self._listeners]
         gatherResults(waiting, consumeErrors=True).addCallback(self._listening)
 
     def stopService(self) -> Any:
@@ -653,7 +673,7 @@ class SOCKS5Service(service.MultiService):
         return gatherResults([stopped, drained], consumeErrors=True)
 
     def _listening(self, ports: List[Any]) -> None:
-        self.ports = ports
+        self.ports = ports = [port for port in ports if port is not None]
         where = ", ".join(_describe(port.getHost()) for port in ports)
         methods = ", ".join(
             f"0x{a.method:02x} ({a.name})" for a in self.factory.authenticators
@@ -681,6 +701,60 @@ class SOCKS5Service(service.MultiService):
             log.info("access rules: {rules}", rules=policy.describe())
             for warning in getattr(getattr(policy, "rules", policy), "warnings", []):
                 log.warn("access rules: {warning}", warning=warning)
+
+
+class ListeningService(service.Service):
+    """
+    Listens on one endpoint while running, with public API only (Twisted's
+    ``StreamServerEndpointService`` needs two private attributes for this):
+    a port that cannot be had raises at start-up, so twistd exits non-zero,
+    and :attr:`listening` fires with the port.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        #: Fires with the listening port once the endpoint listens.
+        self.listening: Optional[Deferred[IListeningPort]] = None
+
+    def privilegedStartService(self) -> None:
+        """Listen before twistd drops privileges (ports below 1024)."""
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.listening is None:  # started without privilegedStartService
+            self._listen()
+
+    def _listen(self) -> None:
+        listening = self.endpoint.listen(self.factory)
+        at_once: List[Failure] = []
+
+        def failed(reason: Failure) -> None:
+            if self.listening is None:  # at once: fail the start-up with it
+                at_once.append(reason)
+            elif not reason.check(CancelledError):  # later: as Twisted does
+                log.failure("cannot listen: {e}", reason, e=self.endpoint)
+
+        listening.addErrback(failed)
+        if at_once:
+            at_once[0].raiseException()
+        self.listening = listening
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        listening, self.listening = self.listening, None
+        if listening is None:
+            return succeed(None)
+        listening.cancel()  # still waiting: do not listen after all
+
+        def stop(port: Optional[IListeningPort]) -> Any:
+            return port.stopListening() if port is not None else None
+
+        return listening.addCallback(stop)
 
 
 @contextlib.contextmanager
@@ -880,9 +954,10 @@ def _exposed(description: str) -> bool:
     endpoint = serverFromString(reactor, description)
     if type(endpoint).__name__ == "UNIXServerEndpoint":
         return False
-    interface = getattr(endpoint, "_interface", None)
-    if interface is None:  # systemd, haproxy, ...: cannot tell, assume so
+    address = endpoint_address(endpoint)
+    if address is None:  # systemd, haproxy, ...: cannot tell, assume so
         return True
+    interface = address[0]
     try:
         return not ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
     except ValueError:  # "" (all interfaces) or a name
@@ -957,7 +1032,5 @@ def makeService(options: Options) -> service.IService:
         site = metrics_site(factory.enable_metrics())
         warn_if_metrics_exposed(options["metrics"])
         endpoint = serverFromString(reactor, escape_ipv6_interface(options["metrics"]))
-        metrics_service = StreamServerEndpointService(endpoint, site)
-        metrics_service._raiseSynchronously = True
-        metrics_service.setServiceParent(top)
+        ListeningService(endpoint, site).setServiceParent(top)
     return top

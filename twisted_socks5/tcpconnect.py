@@ -58,7 +58,9 @@ class OutboundConnection(tcp.Server):
 
     ``tcp.Server`` is the transport of an accepted socket, and
     ``adoptStreamConnection`` gives it sockets connected elsewhere: only the
-    listening port it would name in its ``repr`` is missing here.
+    listening port it would name in its ``repr`` is missing here.  An IPv6
+    ``peer`` is a 4-tuple (as ``accept`` returns it), from which Twisted
+    itself makes ``getPeer()`` and ``getHost()`` IPv6 addresses.
     """
 
     def __init__(
@@ -69,9 +71,9 @@ class OutboundConnection(tcp.Server):
         reactor: Any,
     ) -> None:
         super().__init__(sock, protocol, peer, None, 0, reactor)  # type: ignore[arg-type]
-        if ":" in peer[0]:  # cheaper than sock.family, an enum built per call
-            self._addressType = IPv6Address
-        self.repstr = f"<{type(protocol).__name__} to {peer[0]}:{peer[1]}>"
+
+    def __repr__(self) -> str:
+        return f"<{type(self.protocol).__name__} to {self.client[0]}:{self.client[1]}>"
 
 
 @implementer(IWriteDescriptor)
@@ -123,7 +125,7 @@ class _Attempt:
             self.sock.close()
             self.d.errback(Failure(error.ConnectError(string="no protocol built")))
             return
-        transport = OutboundConnection(self.sock, protocol, peer[:2], self.reactor)
+        transport = OutboundConnection(self.sock, protocol, peer, self.reactor)
         d = self.d
         # The server's OutboundProtocol fires this itself from connectionMade,
         # before anything can be read (see _FastClientFactory): keep that.
@@ -191,7 +193,11 @@ def connect_tcp(
     Connect to the IP address ``host`` (not a name) and ``port``; the
     Deferred fires with the protocol ``factory`` built once it is connected.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    peer: Tuple[Any, ...]
+    if ":" in host:
+        family, peer = socket.AF_INET6, (host, port, 0, 0)
+    else:
+        family, peer = socket.AF_INET, (host, port)
     try:
         sock = socket.socket(family, socket.SOCK_STREAM | _FLAGS)
     except OSError as e:
@@ -206,5 +212,5 @@ def connect_tcp(
     if code and code not in _IN_PROGRESS:
         sock.close()
         return defer.fail(_connect_error(code))
-    attempt = _Attempt(reactor, sock, factory, (host, port), timeout)
+    attempt = _Attempt(reactor, sock, factory, peer, timeout)
     return attempt.d

@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional, Protocol, Set, Tuple
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from ._twisted import unregister_producer as _unregister_producer
+from ._twisted import write_buffered
 from .limits import ConnectionLimits
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .splice import SpliceRelay, start_splice_relay
@@ -56,22 +58,6 @@ class TunnelSettings(Protocol):
 
     @property
     def watch(self) -> ActivityWatch: ...
-
-
-def _unregister_producer(transport: Any) -> None:
-    if getattr(transport, "producer", None):
-        transport.unregisterProducer()
-
-
-def write_buffered(transport: Any) -> int:
-    """Bytes in a Twisted socket transport's write buffer (0 if unknown)."""
-    try:
-        waiting: int = (
-            len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-        )
-    except (AttributeError, TypeError):
-        return 0
-    return waiting
 
 
 def silence_verdict(

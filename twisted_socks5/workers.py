@@ -26,6 +26,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from ._twisted import endpoint_address
 from .logs import escape_line
 
 log = Logger()
@@ -50,13 +51,20 @@ def tcp_listener(reactor: Any, description: str) -> Listener:
         raise ValueError(
             f"--workers needs plain tcp: endpoints; {description!r} is not one"
         )
+    address = endpoint_address(endpoint)
+    if address is None:  # a Twisted that renamed them: say so, do not guess
+        raise ValueError(
+            f"--workers cannot read the address of {description!r} "
+            "from this version of Twisted"
+        )
+    interface, port, backlog = address
     family = (
         socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
     )
-    host = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
     if ":" in host:
         family = socket.AF_INET6
-    return host, endpoint._port, family, endpoint._backlog
+    return host, port, family, backlog
 
 
 def open_sockets(listeners: List[Listener], count: int) -> List[List[socket.socket]]:

@@ -17,43 +17,22 @@ down, two ``epoll_ctl``, an empty ``send`` and a reactor turn.
 spare a tunnel that ended cleanly both ways a failing ``shutdown(2)`` and a
 new ``Failure`` per socket at close (4-5 % of a short connection's cost).
 
-They read Twisted's write-buffer attributes (``dataBuffer``, ``offset``,
-``_tempDataLen``, ``_writeDisconnecting``), which are not public API: the
-check :func:`supported` runs once per class, and any transport it does not
-recognise (TLS, UNIX, a test double, a Twisted that renamed them) simply
-gets ``transport.write``.
+They read Twisted's write-buffer attributes, which are not public API,
+through :mod:`twisted_socks5._twisted`: the check :func:`supported` runs
+once per class, and any transport it does not recognise (TLS, UNIX, a test
+double, a Twisted that renamed them) simply gets ``transport.write``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
-from twisted.internet import error, main, tcp
+from twisted.internet import error, main
 from twisted.python.failure import Failure
 
-#: The private attributes relied on (the public ones come with tcp.Connection).
-_ATTRIBUTES = (
-    "dataBuffer",
-    "offset",
-    "_tempDataLen",
-    "_writeDisconnecting",
-    "_writeDisconnected",
-    "_closeWriteConnection",
-    "_shouldShutdown",
-    "TLS",
-)
-_supported: Dict[type, bool] = {}
+from ._twisted import shut_write, skip_shutdown, supported, write_idle, write_shut
 
-
-def supported(transport: Any) -> bool:
-    """Whether ``transport``'s class is a plain Twisted TCP connection we know."""
-    cls = type(transport)
-    known = _supported.get(cls)
-    if known is None:
-        known = _supported[cls] = issubclass(cls, tcp.Connection) and all(
-            hasattr(transport, name) for name in _ATTRIBUTES
-        )
-    return known
+__all__ = ["close_ended", "connection_done", "shut_write_now", "supported", "write_now"]
 
 
 def write_now(transport: Any, data: bytes) -> Optional[OSError]:
@@ -66,7 +45,7 @@ def write_now(transport: Any, data: bytes) -> Optional[OSError]:
     error, so Twisted's next read would see a clean EOF and a reset tunnel
     would be passed on as a complete one.
     """
-    if supported(transport) and _idle(transport):
+    if write_idle(transport):
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):
@@ -88,16 +67,12 @@ def shut_write_now(transport: Any) -> None:
     (state first, then ``shutdown(SHUT_WR)``, then the protocol's
     ``writeConnectionLost``), without the reactor turn.
     """
-    if (
-        supported(transport)
-        and _idle(transport)
+    if write_idle(transport) and (
         # Twisted's doWrite would resume a paused producer instead.
-        and (transport.producer is None or not transport.producerPaused)
+        transport.producer is None or not transport.producerPaused
     ):
         transport.stopWriting()  # a no-op unless a stray registration is left
-        transport._writeDisconnecting = True
-        transport._writeDisconnected = True
-        transport._closeWriteConnection()
+        shut_write(transport)
         return
     transport.loseWriteConnection()
 
@@ -118,8 +93,7 @@ def connection_done(transport: Any) -> None:
     ``shutdown(SHUT_RDWR)`` Twisted makes before closing (only "to be safe",
     its comment says), which could only fail with ``ENOTCONN``.
     """
-    if supported(transport):
-        transport._shouldShutdown = False
+    skip_shutdown(transport)
     transport.connectionLost(_CLEAN_CLOSE)
 
 
@@ -132,8 +106,7 @@ def close_ended(transport: Any) -> None:
     other transports, a write side still open).
     """
     if (
-        supported(transport)
-        and transport._writeDisconnected
+        write_shut(transport)
         and transport.connected
         and not transport.disconnecting
         and not transport.TLS
@@ -141,15 +114,3 @@ def close_ended(transport: Any) -> None:
         connection_done(transport)
         return
     transport.loseConnection()
-
-
-def _idle(transport: Any) -> bool:
-    """Connected, writable by us, and nothing queued in Twisted's buffers."""
-    return bool(
-        transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnecting
-        and not transport.TLS
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    )
