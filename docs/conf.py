@@ -49,6 +49,8 @@ API_MODULES = [
     "interfaces",
     "auth",
     "server",
+    "outbound",
+    "replies",
     "connect",
     "limits",
     "metrics",

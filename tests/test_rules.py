@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
 from twisted_socks5.codec import NULL_ADDRESS, Address, AddressType, Command
-from twisted_socks5.connect import PolicyDenied, first_allowed
+from twisted_socks5.outbound import first_allowed
+from twisted_socks5.replies import PolicyDenied
 from twisted_socks5.rules import (
     AllowAll,
     Decision,

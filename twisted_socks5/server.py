@@ -60,18 +60,13 @@ from .codec import (
     parse_greeting,
     parse_request,
 )
-from .connect import (
-    DirectConnector,
-    IOutboundConnector,
-    PolicyDenied,
-    first_allowed,
-    reply_for_failure,
-)
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .logs import escape, escape_line
 from .metrics import Metrics
+from .outbound import DirectConnector, IOutboundConnector, first_allowed
 from .relay import OutboundProtocol, RelayCounters, half_close
+from .replies import PolicyDenied, reply_for_failure
 from .rules import AllowAll, Decision, IPolicy
 from .selfnet import (
     SELF_RULE,
@@ -1052,7 +1047,7 @@ class SOCKS5ServerFactory(Factory):
         preference; a client gets the first one it also offers.  Default:
         no authentication only.
     :param connector: opens outbound connections; default
-        :class:`~twisted_socks5.connect.DirectConnector`.
+        :class:`~twisted_socks5.outbound.DirectConnector`.
     :param handshake_timeout: seconds from accept to the start of the relay.
     :param connect_timeout: seconds for an outbound connect, name
         resolution included.

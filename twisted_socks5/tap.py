@@ -335,7 +335,7 @@ class Options(usage.Options, AuthOptionMixin):
     def opt_upstream(self, spec: str) -> None:
         from twisted.internet import reactor
 
-        from .upstream import parse_upstream
+        from .outbound import parse_upstream
 
         name: Optional[str] = None
         head, sep, rest = spec.partition("=")
@@ -755,7 +755,7 @@ classImplements(RulesFile, IPolicy)
 
 
 def _upstream(options: Options, reactor: Any, spec: str) -> Any:
-    from .upstream import UpstreamConnector, parse_upstream
+    from .outbound import UpstreamConnector, parse_upstream
 
     proxy, username, password = parse_upstream(reactor, spec)
     return UpstreamConnector(

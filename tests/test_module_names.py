@@ -1,0 +1,83 @@
+"""
+Names that moved keep their old import paths for one release (issue 12):
+the alias modules and re-exports must hand out the very same objects.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pathlib
+
+import pytest
+
+import twisted_socks5
+
+PACKAGE = pathlib.Path(twisted_socks5.__file__).parent
+
+#: (old module, name, new module)
+MOVED = [
+    ("connect", "DirectConnector", "outbound"),
+    ("connect", "IOutboundConnector", "outbound"),
+    ("connect", "first_allowed", "outbound"),
+    ("connect", "PolicyDenied", "replies"),
+    ("connect", "reply_for_failure", "replies"),
+    ("upstream", "UpstreamConnector", "outbound"),
+    ("upstream", "UpstreamUnavailable", "outbound"),
+    ("upstream", "parse_upstream", "outbound"),
+    ("upstream", "Upstream", "outbound"),
+    *[
+        ("client", name, "replies")
+        for name in (
+            "REPLY_ERRORS",
+            "SOCKS5Error",
+            "SOCKS5ReplyError",
+            "GeneralServerFailure",
+            "ConnectionNotAllowed",
+            "NetworkUnreachable",
+            "HostUnreachable",
+            "ConnectionRefused",
+            "TTLExpired",
+            "CommandNotSupported",
+            "AddressTypeNotSupported",
+            "reply_error",
+            "NoAcceptableMethods",
+            "AuthenticationFailed",
+            "MalformedReply",
+            "ProxyConnectionLost",
+            "HandshakeTimeout",
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(("old", "name", "new"), MOVED)
+def test_old_import_path_gives_the_same_object(old: str, name: str, new: str) -> None:
+    old_module = importlib.import_module(f"twisted_socks5.{old}")
+    new_module = importlib.import_module(f"twisted_socks5.{new}")
+    assert getattr(old_module, name) is getattr(new_module, name)
+    assert name in old_module.__all__
+
+
+@pytest.mark.parametrize("old", ["connect", "upstream"])
+def test_alias_modules_say_they_are_deprecated(old: str) -> None:
+    module = importlib.import_module(f"twisted_socks5.{old}")
+    assert (module.__doc__ or "").lstrip().startswith("Deprecated alias")
+
+
+def _imports(module: str) -> set[str]:
+    """The package modules ``module`` imports, at any depth of its code."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_replies_imports_neither_client_nor_outbound() -> None:
+    """The reply table and the client's errors need no lazy import any more."""
+    assert _imports("replies") <= {"codec"}
