@@ -527,6 +527,7 @@ def test_reply_code_table_matches_reply_for_failure() -> None:
 
 API_MODULES = [
     "codec",
+    "addresses",
     "interfaces",
     "auth",
     "server",

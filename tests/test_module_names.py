@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import ipaddress
 import pathlib
 
 import pytest
@@ -57,6 +58,32 @@ def test_old_import_path_gives_the_same_object(old: str, name: str, new: str) ->
     new_module = importlib.import_module(f"twisted_socks5.{new}")
     assert getattr(old_module, name) is getattr(new_module, name)
     assert name in old_module.__all__
+
+
+@pytest.mark.parametrize(
+    ("old", "name", "new", "new_name"),
+    [
+        ("bind", "normalize_ip", "addresses", "canonical_ip_text"),
+        ("rules", "normalise_ip", "addresses", "parse_ip"),
+    ],
+)
+def test_renamed_functions_keep_their_old_names(
+    old: str, name: str, new: str, new_name: str
+) -> None:
+    old_module = importlib.import_module(f"twisted_socks5.{old}")
+    new_module = importlib.import_module(f"twisted_socks5.{new}")
+    assert getattr(old_module, name) is getattr(new_module, new_name)
+
+
+def test_the_two_ip_helpers_return_what_their_names_say() -> None:
+    from twisted_socks5.addresses import canonical_ip_text, parse_ip
+
+    assert canonical_ip_text("::ffff:192.0.2.1") == "192.0.2.1"
+    assert canonical_ip_text("::0:1") == "::1"
+    assert canonical_ip_text("not an address") == "not an address"
+    assert parse_ip("::ffff:192.0.2.1") == ipaddress.IPv4Address("192.0.2.1")
+    with pytest.raises(ValueError):
+        parse_ip("not an address")
 
 
 @pytest.mark.parametrize("old", ["connect", "upstream"])

@@ -10,33 +10,19 @@ on timeout, or when the client leaves first.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Dict, Optional
+from typing import Any, Callable, Collection, Optional
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from .addresses import canonical_ip_text
 from .codec import Address
 from .relay import OutboundProtocol
 
-_NORMALIZED: Dict[str, str] = {}
-
-
-def normalize_ip(host: str) -> str:
-    """
-    ``::ffff:a.b.c.d`` becomes ``a.b.c.d``; other addresses are canonical.
-    Cached: it runs for every UDP datagram and every connection.
-    """
-    normal = _NORMALIZED.get(host)
-    if normal is None:
-        try:
-            normal = Address.from_host(host, 0).host
-        except ValueError:
-            normal = host
-        if len(_NORMALIZED) >= 4096:
-            _NORMALIZED.clear()
-        _NORMALIZED[host] = normal
-    return normal
+#: Deprecated name of :func:`~twisted_socks5.addresses.canonical_ip_text`
+#: (it returns text, unlike the rules' ``normalise_ip``), kept for one release.
+normalize_ip = canonical_ip_text
 
 
 class _BoundPeer(OutboundProtocol):
@@ -70,7 +56,9 @@ class BindWaiter(Factory):
         check_peer: Optional[Callable[[str], bool]] = None,
     ) -> None:
         self.reactor = reactor
-        self.allowed = None if allowed is None else {normalize_ip(a) for a in allowed}
+        self.allowed = (
+            None if allowed is None else {canonical_ip_text(a) for a in allowed}
+        )
         self.timeout = timeout
         self.check_peer = check_peer
         self.refused = 0
@@ -98,7 +86,7 @@ class BindWaiter(Factory):
     def buildProtocol(self, addr: Any) -> Optional[_BoundPeer]:  # type: ignore[override]
         if self._done:
             return None
-        host = normalize_ip(getattr(addr, "host", ""))
+        host = canonical_ip_text(getattr(addr, "host", ""))
         if (self.allowed is not None and host not in self.allowed) or (
             self.check_peer is not None and not self.check_peer(host)
         ):

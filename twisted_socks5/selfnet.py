@@ -19,6 +19,8 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, U
 
 from twisted.logger import Logger
 
+from .addresses import unmapped
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -42,12 +44,6 @@ SELF_RULE = (
 )
 
 
-def _plain(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def unspecified(ip: Union[IPAddress, str]) -> bool:
     """
     Whether ``ip`` is unspecified: ``0.0.0.0/8`` or ``::``, also IPv4-mapped.
@@ -63,7 +59,7 @@ def unspecified(ip: Union[IPAddress, str]) -> bool:
             ip = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
-    ip = _plain(ip)
+    ip = unmapped(ip)
     if isinstance(ip, ipaddress.IPv4Address):
         return int(ip) >> 24 == 0
     return ip.is_unspecified
@@ -210,7 +206,7 @@ class HostAddresses:
 
     def reload(self) -> None:
         """Read the interface addresses again (a reader that raises keeps the old)."""
-        self.addresses = frozenset(_plain(ip) for ip in self._read())
+        self.addresses = frozenset(unmapped(ip) for ip in self._read())
         self._seen = {}
 
     @property
@@ -237,7 +233,7 @@ class HostAddresses:
         return False
 
     def _contains(self, ip: IPAddress) -> bool:
-        ip = _plain(ip)
+        ip = unmapped(ip)
         if ip in self.addresses:
             return True
         if isinstance(ip, ipaddress.IPv4Address):
@@ -260,7 +256,7 @@ def reached_from_outside(local_ip: object) -> bool:
         ip = ipaddress.ip_address(local_ip.split("%", 1)[0])
     except ValueError:
         return True
-    return not _plain(ip).is_loopback
+    return not unmapped(ip).is_loopback
 
 
 _default: Optional[HostAddresses] = None

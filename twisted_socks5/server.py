@@ -41,8 +41,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .addresses import canonical_ip_text
 from .auth import STATUS_FAILURE, NoAuthAuthenticator
-from .bind import BindWaiter, normalize_ip
+from .bind import BindWaiter
 from .codec import (
     MAX_GREETING_SIZE,
     MAX_REQUEST_SIZE,
@@ -233,7 +234,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """The limits and the rules' client check; False if refused."""
         peer = self.transport.getPeer()
         if identified:
-            self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+            self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
         if not self.factory.admit(self.client_ip if identified else None):
             self._refuse()
             return False
@@ -246,7 +247,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _identify(self) -> bool:
         """The PROXY header named the client: its own limits and the rules."""
         peer = self.transport.getPeer()
-        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
         if not self.factory.identify(self):
             self._refuse()
             return False
@@ -766,7 +767,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _local_host(self) -> str:
         """The address the client reached us on, IPv4-mapped made plain."""
-        return normalize_ip(self.transport.getHost().host)
+        return canonical_ip_text(self.transport.getHost().host)
 
     def _bind(self, request: Request) -> None:
         self.state = State.BINDING

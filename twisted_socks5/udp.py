@@ -22,7 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bind import normalize_ip
+from .addresses import canonical_ip_text
 from .codec import (
     MAX_UDP_PAYLOAD,
     Address,
@@ -132,7 +132,7 @@ class UDPAssociation:
         on_activity: Optional[Callable[[], None]] = None,
     ) -> None:
         self.reactor = reactor
-        self.client_ip = normalize_ip(client_ip)
+        self.client_ip = canonical_ip_text(client_ip)
         self.client_port: Optional[int] = None
         if declared.type is not AddressType.DOMAIN and declared.port:
             self.client_port = declared.port
@@ -192,7 +192,7 @@ class UDPAssociation:
     # Client → destination
 
     def from_client(self, datagram: bytes, addr: Any) -> None:
-        host, port = normalize_ip(addr[0]), addr[1]
+        host, port = canonical_ip_text(addr[0]), addr[1]
         if host != self.client_ip or (
             self.client_port is not None and port != self.client_port
         ):
@@ -270,14 +270,14 @@ class UDPAssociation:
         """
         check = self.check_destination
         for ip in addresses:
-            ip = normalize_ip(ip)
+            ip = canonical_ip_text(ip)
             if check is None or check(destination, ip):
                 self._deliver(destination, ip, data)
                 return
         self.counters.drops["denied"] += 1
 
     def _send(self, destination: Address, ip: str, data: bytes) -> None:
-        ip = normalize_ip(ip)
+        ip = canonical_ip_text(ip)
         if self.check_destination is not None and not self.check_destination(
             destination, ip
         ):
@@ -323,7 +323,7 @@ class UDPAssociation:
     # Destination → client
 
     def from_target(self, datagram: bytes, addr: Any) -> None:
-        host, port = normalize_ip(addr[0]), addr[1]
+        host, port = canonical_ip_text(addr[0]), addr[1]
         if not self.allow_unknown_sources and (host, port) not in self._peers:
             self.counters.drops["unknown_source"] += 1
             return
