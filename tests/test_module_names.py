@@ -8,7 +8,10 @@ from __future__ import annotations
 import ast
 import importlib
 import ipaddress
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -108,3 +111,20 @@ def _imports(module: str) -> set[str]:
 def test_replies_imports_neither_client_nor_outbound() -> None:
     """The reply table and the client's errors need no lazy import any more."""
     assert _imports("replies") <= {"codec"}
+
+
+def test_the_worker_entry_point_answers_under_both_names() -> None:
+    """``python -m twisted_socks5.worker`` (the old name) still starts one."""
+    from twisted_socks5 import worker, workerprocess
+
+    assert worker.main is workerprocess.main
+    for name in ("workerprocess", "worker"):
+        done = subprocess.run(
+            [sys.executable, "-m", f"twisted_socks5.{name}", "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+        )
+        assert done.returncode == 0, done.stderr
+        assert "--fd FD:FAMILY" in done.stdout
