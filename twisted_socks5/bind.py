@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from .addresses import canonical_ip_text
 from .codec import Address
 from .relay import OutboundProtocol
+from .rules import Decision, allows
 
 #: Deprecated name of :func:`~twisted_socks5.addresses.canonical_ip_text`
 #: (it returns text, unlike the rules' ``normalise_ip``), kept for one release.
@@ -43,6 +44,9 @@ class BindWaiter(Factory):
 
     :param allowed: the peer IPs allowed to connect (normalized), or ``None``
         to accept any peer (DST.ADDR all zeros).
+    :param check_peer: a policy hook: its
+        :class:`~twisted_socks5.rules.Decision` on a connecting peer's IP.  A
+        hook answering a bool, as before 0.1.0, is still understood.
     """
 
     noisy = False
@@ -53,7 +57,7 @@ class BindWaiter(Factory):
         reactor: Any,
         allowed: Optional[Collection[str]],
         timeout: float,
-        check_peer: Optional[Callable[[str], bool]] = None,
+        check_peer: Optional[Callable[[str], Decision]] = None,
     ) -> None:
         self.reactor = reactor
         self.allowed = (
@@ -88,7 +92,7 @@ class BindWaiter(Factory):
             return None
         host = canonical_ip_text(getattr(addr, "host", ""))
         if (self.allowed is not None and host not in self.allowed) or (
-            self.check_peer is not None and not self.check_peer(host)
+            self.check_peer is not None and not allows(self.check_peer(host))
         ):
             # Returning None makes Twisted close the connection at once.
             self.refused += 1

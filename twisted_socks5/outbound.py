@@ -57,25 +57,64 @@ from . import tcpconnect
 from .client import SOCKS5ClientEndpoint
 from .codec import Address, AddressType
 from .replies import PolicyDenied, SOCKS5Error
+from .rules import Decision
 
 _T = TypeVar("_T")
+
+
+def pick_allowed(
+    addresses: Iterable[str], decide: Callable[[str], Decision]
+) -> Tuple[str, Decision]:
+    """
+    The first of a name's ``addresses`` that ``decide`` allows, with its
+    :class:`~twisted_socks5.rules.Decision` (the route is the allowing
+    rule's); :class:`PolicyDenied`, naming the first denying rule, when none
+    is allowed.
+    """
+    first_denial = None
+    for ip in addresses:
+        decision = decide(ip)
+        if decision.allowed:
+            return ip, decision
+        if first_denial is None:
+            first_denial = decision.rule
+    raise PolicyDenied(first_denial if first_denial is not None else "no address")
+
+
+def denial_check(decide: Callable[[str], Decision]) -> Callable[[str], Optional[str]]:
+    """
+    ``decide`` in the shape :meth:`IOutboundConnector.connect`'s ``check``
+    has (a public API): ``None`` to allow an address, else the denying rule.
+    """
+
+    def check(ip: str) -> Optional[str]:
+        decision = decide(ip)
+        return None if decision.allowed else str(decision.rule)
+
+    return check
+
+
+def _decider(check: Callable[[str], Optional[str]]) -> Callable[[str], Decision]:
+    """The other way round: a connector's ``check`` as a Decision."""
+
+    def decide(ip: str) -> Decision:
+        rule = check(ip)
+        return _CHECK_ALLOWED if rule is None else Decision(False, rule)
+
+    return decide
+
+
+_CHECK_ALLOWED = Decision(True, "the server's check")
 
 
 def first_allowed(
     addresses: Iterable[str], check: Callable[[str], Optional[str]]
 ) -> str:
     """
-    The first of a name's ``addresses`` that ``check`` allows (it returns
-    ``None``, or the rule that denies); :class:`PolicyDenied`, naming the
-    first denying rule, when none is allowed.
+    The first of a name's ``addresses`` that a connector's ``check`` allows
+    (see :func:`pick_allowed`).
     """
-    denials = []
-    for ip in addresses:
-        rule = check(ip)
-        if rule is None:
-            return ip
-        denials.append(rule)
-    raise PolicyDenied(denials[0] if denials else "no address")
+    return pick_allowed(addresses, _decider(check))[0]
 
 
 class IOutboundConnector(Interface):

@@ -189,6 +189,15 @@ class Decision:
         return f"{'allowed' if self.allowed else 'denied'} by {self.rule}"
 
 
+def allows(answer: Union[Decision, bool]) -> bool:
+    """
+    Whether a policy hook's answer allows.  Hooks answer a :class:`Decision`;
+    a bool, from a hook written before 0.1.0, is still understood (one
+    release).
+    """
+    return answer if isinstance(answer, bool) else answer.allowed
+
+
 class IPolicy(Interface):
     """
     Decides which clients may use the proxy and where they may go.

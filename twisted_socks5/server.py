@@ -65,7 +65,7 @@ from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits
 from .logs import escape, escape_line
 from .metrics import Metrics
-from .outbound import DirectConnector, IOutboundConnector, first_allowed
+from .outbound import DirectConnector, IOutboundConnector, denial_check, pick_allowed
 from .relay import OutboundProtocol, RelayCounters, half_close
 from .replies import PolicyDenied, reply_for_failure
 from .rules import AllowAll, Decision, IPolicy
@@ -560,7 +560,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             if policy is not None or isinstance(
                 self.factory.connector_for(route), DirectConnector
             ):
-                check = partial(self._resolved_denial, address)
+                check = denial_check(partial(self._resolved_decision, address))
         connector = self.factory.connector_for(route)
         self._hold()
         if check is None:
@@ -574,14 +574,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self, addresses: List[str], address: Address
     ) -> defer.Deferred[IProtocol]:
         """Connect to the first allowed address, by the route its rule names."""
-        decisions = {}
-
-        def check(ip: str) -> Optional[str]:
-            decision = decisions[ip] = self._resolved_decision(address, ip)
-            return None if decision.allowed else decision.rule
-
-        ip = first_allowed(addresses, check)
-        d = self.factory.connector_for(decisions[ip].via).connect(
+        ip, decision = pick_allowed(
+            addresses, partial(self._resolved_decision, address)
+        )
+        d = self.factory.connector_for(decision.via).connect(
             Address.from_host(ip, address.port), _OUTBOUND_FACTORY
         )
         self._connecting = d
@@ -692,7 +688,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """The client IP the rules see (UNIX-socket clients are local)."""
         return self.client_ip or "127.0.0.1"
 
-    def _resolved_decision(self, destination: Address, ip: str) -> Any:
+    def _resolved_decision(self, destination: Address, ip: str) -> Decision:
         """
         The final word on using ``ip`` for this request: never an
         unspecified address, whatever the rules say; then the rules; and on
@@ -723,12 +719,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """Whether this client came in on an address other hosts can reach."""
         return reached_from_outside(getattr(self.transport.getHost(), "host", None))
 
-    def _resolved_denial(self, destination: Address, ip: str) -> Optional[str]:
-        """None when the rules allow using ``ip`` for this request, else the rule."""
-        decision = self._resolved_decision(destination, ip)
-        return None if decision.allowed else str(decision.rule)
-
-    def _udp_allowed(self, destination: Address, ip: str) -> bool:
+    def _udp_decision(self, destination: Address, ip: str) -> Decision:
         """
         May this datagram go to ``ip``?  The association's first refusal is
         logged (a name's next address may still take the datagram).
@@ -742,7 +733,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if decision is None or decision.allowed:
             decision = self._resolved_decision(destination, ip)
             if decision.allowed:
-                return True
+                return decision
         if self.rule is None:
             # One line per association: a client must not flood the log.
             self.rule = decision.rule
@@ -756,7 +747,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 ip=ip,
                 rule=decision.rule,
             )
-        return False
+        return decision
 
     def _deny(self, rule: str) -> None:
         self.rule = rule
@@ -797,7 +788,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 return
         check_peer = None
         if self.request is not None:
-            check_peer = partial(self._bind_peer_allowed, self.request.address)
+            check_peer = partial(self._bind_peer_decision, self.request.address)
         waiter = BindWaiter(
             self.factory.reactor, allowed, self.factory.bind_timeout, check_peer
         )
@@ -813,11 +804,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._send_reply(ReplyCode.SUCCEEDED, first)
         waiter.accepted.addCallbacks(self._bind_accepted, self._bind_failed)
 
-    def _bind_peer_allowed(self, destination: Address, ip: str) -> bool:
-        rule = self._resolved_denial(destination, ip)
-        if rule is not None:
-            self.log.info("BIND peer {peer} denied by {rule}", peer=ip, rule=rule)
-        return rule is None
+    def _bind_peer_decision(self, destination: Address, ip: str) -> Decision:
+        decision = self._resolved_decision(destination, ip)
+        if not decision.allowed:
+            self.log.info(
+                "BIND peer {peer} denied by {rule}", peer=ip, rule=decision.rule
+            )
+        return decision
 
     def _bind_accepted(self, peer: OutboundProtocol) -> None:
         self._binding = None
@@ -852,7 +845,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             request.address,
             self.factory.connector.resolve,
             allow_unknown_sources=self.factory.udp_allow_unknown_sources,
-            check_destination=self._udp_allowed,
+            check_destination=self._udp_decision,
             on_activity=self._udp_activity,
         )
         try:

@@ -30,6 +30,7 @@ from .codec import (
     ProtocolError,
     parse_udp_datagram,
 )
+from .rules import Decision, allows
 
 #: Read buffer for datagrams: larger than any UDP payload, so none is cut.
 MAX_PACKET_SIZE = 65535
@@ -114,7 +115,10 @@ class UDPAssociation:
     :param declared: the DST.ADDR/DST.PORT of the request: the address the
         client says it will send from (zeros when it does not know).
     :param resolve: resolves a name to IP strings without blocking.
-    :param check_destination: a policy hook; returns False to drop a datagram.
+    :param check_destination: a policy hook: its
+        :class:`~twisted_socks5.rules.Decision` on a datagram to an IP (one
+        that does not allow drops the datagram).  A hook answering a bool,
+        as before 0.1.0, is still understood.
     :param on_activity: called on each relayed datagram (idle timeout).
     """
 
@@ -128,7 +132,7 @@ class UDPAssociation:
         resolve: Callable[[str], defer.Deferred[List[str]]],
         *,
         allow_unknown_sources: bool = False,
-        check_destination: Optional[Callable[[Address, str], bool]] = None,
+        check_destination: Optional[Callable[[Address, str], Decision]] = None,
         on_activity: Optional[Callable[[], None]] = None,
     ) -> None:
         self.reactor = reactor
@@ -271,15 +275,15 @@ class UDPAssociation:
         check = self.check_destination
         for ip in addresses:
             ip = canonical_ip_text(ip)
-            if check is None or check(destination, ip):
+            if check is None or allows(check(destination, ip)):
                 self._deliver(destination, ip, data)
                 return
         self.counters.drops["denied"] += 1
 
     def _send(self, destination: Address, ip: str, data: bytes) -> None:
         ip = canonical_ip_text(ip)
-        if self.check_destination is not None and not self.check_destination(
-            destination, ip
+        if self.check_destination is not None and not allows(
+            self.check_destination(destination, ip)
         ):
             self.counters.drops["denied"] += 1
             return
