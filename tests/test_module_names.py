@@ -128,3 +128,16 @@ def test_the_worker_entry_point_answers_under_both_names() -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "--fd FD:FAMILY" in done.stdout
+
+
+def test_a_missing_extra_names_the_extra_that_installs_it() -> None:
+    from twisted_socks5._extras import available, missing
+
+    assert available("twisted")
+    assert not available("twisted_socks5_no_such_module")
+    assert missing("bcrypt", "htpasswd checking needs") == (
+        "htpasswd checking needs bcrypt: pip install 'twisted-socks5[bcrypt]'"
+    )
+    assert missing("prometheus_client", "--metrics needs") == (
+        "--metrics needs prometheus_client: pip install 'twisted-socks5[metrics]'"
+    )

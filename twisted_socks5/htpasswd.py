@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from ._extras import optional_import
+
 _BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
 #: bcrypt of a random string; its cost field is replaced by the file's cost.
 _DUMMY_HASH = b"$2b$12$eUrmJJnmTS/TtgXfaX9I/..8bKyuzIk.TZmnhrIvNZCW03epEou/u"
@@ -42,13 +44,7 @@ DEFAULT_HASH_QUEUE = 256
 
 
 def _bcrypt() -> Any:
-    try:
-        import bcrypt
-    except ImportError:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "htpasswd checking needs bcrypt: pip install 'twisted-socks5[bcrypt]'"
-        ) from None
-    return bcrypt
+    return optional_import("bcrypt", "htpasswd checking needs")
 
 
 def check_bcrypt(password: bytes, hashed: bytes) -> bool:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List
 
 from twisted.web import resource, server
 
+from ._extras import optional_import
+
 if TYPE_CHECKING:  # pragma: no cover
     from .server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 
@@ -36,13 +38,7 @@ LATENCY_BUCKETS = (
 
 
 def _prometheus() -> Any:
-    try:
-        import prometheus_client
-    except ImportError:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "metrics need prometheus_client: pip install 'twisted-socks5[metrics]'"
-        ) from None
-    return prometheus_client
+    return optional_import("prometheus_client", "metrics need")
 
 
 class Metrics:

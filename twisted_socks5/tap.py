@@ -521,12 +521,10 @@ Options.optParameters = [
 
 def _metrics_endpoint(description: str) -> str:
     """A usable --metrics endpoint, or a usage error that says why not."""
-    import importlib.util
+    from ._extras import available, missing
 
-    if importlib.util.find_spec("prometheus_client") is None:
-        raise usage.UsageError(
-            "--metrics needs prometheus_client: pip install 'twisted-socks5[metrics]'"
-        )
+    if not available("prometheus_client"):
+        raise usage.UsageError(missing("prometheus_client", "--metrics needs"))
     from twisted.internet import reactor
 
     escaped = escape_ipv6_interface(description)
