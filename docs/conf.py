@@ -46,9 +46,12 @@ html_title = f"twisted-socks5 {release}"
 #: The modules of the API reference (docs/api/*.rst).
 API_MODULES = [
     "codec",
+    "addresses",
     "interfaces",
     "auth",
     "server",
+    "outbound",
+    "replies",
     "connect",
     "limits",
     "metrics",
@@ -133,7 +136,7 @@ nitpick_ignore_regex = [
     (r"py:.*", r".*\._[A-Za-z]\w*"),
     # Modules in progress (and internals) without an API page: the zero-copy
     # relay and the worker process's entry point.
-    (r"py:.*", r"twisted_socks5\.(splice|worker)(\..*)?"),
+    (r"py:.*", r"twisted_socks5\.(splice|worker|workerprocess)(\..*)?"),
 ]
 # ...and the names they define, used bare in the documented modules' annotations.
 nitpick_ignore_regex += [

@@ -58,8 +58,8 @@ from twisted_socks5.codec import (
     ReplyCode,
     Request,
 )
-from twisted_socks5.connect import IOutboundConnector
 from twisted_socks5.htpasswd import parse_htpasswd
+from twisted_socks5.outbound import IOutboundConnector
 from twisted_socks5.rules import RulesError, RuleSet
 from twisted_socks5.selfnet import unspecified
 from twisted_socks5.server import MAX_EARLY_DATA, SOCKS5ServerFactory, State

@@ -34,8 +34,8 @@ from twisted.internet import reactor, stdio  # noqa: E402
 from twisted.logger import globalLogBeginner  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402
 
-from twisted_socks5.connect import DirectConnector  # noqa: E402
 from twisted_socks5.limits import ConnectionLimits  # noqa: E402
+from twisted_socks5.outbound import DirectConnector  # noqa: E402
 from twisted_socks5.server import SOCKS5ServerFactory  # noqa: E402
 from twisted_socks5.testing import LoopbackResolver  # noqa: E402
 

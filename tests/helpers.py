@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from twisted_socks5.codec import Address
-from twisted_socks5.connect import IOutboundConnector
+from twisted_socks5.outbound import IOutboundConnector
 from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 from twisted_socks5.testing import HalfCloseTransport
 

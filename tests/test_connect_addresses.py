@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from twisted_socks5.codec import Address
-from twisted_socks5.connect import (
+from twisted_socks5.outbound import (
     MAX_ADDRESSES_PER_FAMILY,
     DirectConnector,
     interleave_families,

@@ -50,12 +50,13 @@ from twisted_socks5.codec import (
     Request,
     UserPassRequest,
 )
-from twisted_socks5.connect import IOutboundConnector, reply_for_failure
 from twisted_socks5.interfaces import (
     IAuthenticator,
     IAuthenticatorFactory,
     IAuthNegotiation,
 )
+from twisted_socks5.outbound import IOutboundConnector
+from twisted_socks5.replies import reply_for_failure
 from twisted_socks5.server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 from twisted_socks5.tap import Options, SOCKS5Service, build_authenticators
 
@@ -526,9 +527,12 @@ def test_reply_code_table_matches_reply_for_failure() -> None:
 
 API_MODULES = [
     "codec",
+    "addresses",
     "interfaces",
     "auth",
     "server",
+    "outbound",
+    "replies",
     "connect",
     "limits",
     "metrics",

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_rules import ips, networks, queries
 
+from twisted_socks5.addresses import parse_ip
 from twisted_socks5.codec import Command
 from twisted_socks5.rules import (
     Rule,
     RuleSet,
     client_allow_list,
-    normalise_ip,
     open_relay_clients,
 )
 from twisted_socks5.tap import Options
@@ -150,7 +150,7 @@ def test_the_guard_agrees_with_brute_force(
         for net in rule.clients or ():
             clients += [net.network_address, net.broadcast_address]
     found = open_relay_clients(rules)
-    for client in map(normalise_ip, clients):
+    for client in map(parse_ip, clients):
         if _inside(client, listed):
             continue
         for _, _, command, destination, resolved in requests:

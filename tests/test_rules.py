@@ -18,8 +18,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
+from twisted_socks5.addresses import parse_ip
 from twisted_socks5.codec import NULL_ADDRESS, Address, AddressType, Command
-from twisted_socks5.connect import PolicyDenied, first_allowed
+from twisted_socks5.outbound import first_allowed
+from twisted_socks5.replies import PolicyDenied
 from twisted_socks5.rules import (
     AllowAll,
     Decision,
@@ -28,7 +30,6 @@ from twisted_socks5.rules import (
     RulesError,
     RuleSet,
     name_forms,
-    normalise_ip,
     normalise_network,
 )
 
@@ -615,12 +616,10 @@ def test_ipv6_network_never_matches_ipv4() -> None:
     assert not allowed(rules, "2001:db8::1")
 
 
-def test_normalise_ip() -> None:
-    assert normalise_ip("::ffff:1.2.3.4") == ipaddress.IPv4Address("1.2.3.4")
-    assert normalise_ip("::1") == ipaddress.IPv6Address("::1")
-    assert normalise_ip(ipaddress.ip_address("1.2.3.4")) == ipaddress.IPv4Address(
-        "1.2.3.4"
-    )
+def test_parse_ip() -> None:
+    assert parse_ip("::ffff:1.2.3.4") == ipaddress.IPv4Address("1.2.3.4")
+    assert parse_ip("::1") == ipaddress.IPv6Address("::1")
+    assert parse_ip(ipaddress.ip_address("1.2.3.4")) == ipaddress.IPv4Address("1.2.3.4")
 
 
 # --------------------------------------------------------------------------
@@ -924,7 +923,7 @@ def test_allow_list_never_lets_an_outside_address_out(
     """Only ``allow to CIDR`` rules, then deny: nothing outside gets out."""
     text = "".join(f"allow to {net}\n" for net in allowed_networks)
     rules = RuleSet.parse(text + ("deny\n" if explicit_deny else ""))
-    plain = normalise_ip(ip)
+    plain = parse_ip(ip)
     inside = any(plain in normalise_network(net) for net in allowed_networks)
     spellings = {str(ip), str(plain)}
     if plain.version == 4:

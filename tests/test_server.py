@@ -25,13 +25,13 @@ from twisted_socks5.codec import (
     Request,
     UserPassRequest,
 )
-from twisted_socks5.connect import reply_for_failure
 from twisted_socks5.interfaces import (
     AuthResult,
     AuthStep,
     IAuthenticator,
     IAuthNegotiation,
 )
+from twisted_socks5.replies import reply_for_failure
 from twisted_socks5.server import EARLY_DATA_PAUSE, MAX_EARLY_DATA, State
 
 GREET_NOAUTH = b"\x05\x01\x00"

@@ -11,7 +11,6 @@ from .client import (
     SOCKS5ReplyError,
 )
 from .codec import Address, AddressType, Command, ReplyCode
-from .connect import DirectConnector, IOutboundConnector
 from .interfaces import (
     AuthResult,
     AuthStep,
@@ -19,13 +18,15 @@ from .interfaces import (
     IAuthenticatorFactory,
     IAuthNegotiation,
 )
-from .rules import AllowAll, IPolicy, RulesError, RuleSet
+from .outbound import DirectConnector, IOutboundConnector
+from .rules import AllowAll, Decision, IPolicy, RulesError, RuleSet
 from .server import SOCKS5ServerFactory, SOCKS5ServerProtocol
 
 __all__ = [
     "REPLY_ERRORS",
     "Address",
     "AllowAll",
+    "Decision",
     "IPolicy",
     "RuleSet",
     "RulesError",

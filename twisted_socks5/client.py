@@ -29,7 +29,8 @@ reply are delivered to the application right after ``connect()`` fires.
 A server's failure reply raises the :class:`SOCKS5ReplyError` subclass for its
 REP code (``ConnectionRefused`` for 0x05, ...; see :data:`REPLY_ERRORS`);
 every error the handshake can end with is a :class:`SOCKS5Error`, which is a
-``twisted.internet.error.ConnectError``.
+``twisted.internet.error.ConnectError``.  They are defined in
+:mod:`twisted_socks5.replies` and importable from here.
 """
 
 from __future__ import annotations
@@ -41,11 +42,8 @@ from typing import (
     ClassVar,
     Dict,
     List,
-    Mapping,
     Optional,
-    Sequence,
     Tuple,
-    Type,
     TypeVar,
     Union,
 )
@@ -53,7 +51,6 @@ from typing import (
 from twisted.internet import defer
 from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address
 from twisted.internet.error import (
-    ConnectError,
     ConnectionDone,
     DNSLookupError,
     NoProtocol,
@@ -90,7 +87,28 @@ from .codec import (
     parse_reply,
     parse_userpass_status,
 )
+from .replies import (
+    REPLY_ERRORS,
+    AddressTypeNotSupported,
+    AuthenticationFailed,
+    CommandNotSupported,
+    ConnectionNotAllowed,
+    ConnectionRefused,
+    GeneralServerFailure,
+    HandshakeTimeout,
+    HostUnreachable,
+    MalformedReply,
+    NetworkUnreachable,
+    NoAcceptableMethods,
+    ProxyConnectionLost,
+    SOCKS5Error,
+    SOCKS5ReplyError,
+    TTLExpired,
+    reply_error,
+)
 
+# The error classes live in twisted_socks5.replies (beside the
+# server's reply table); they are re-exported here, where clients import them.
 __all__ = [
     "REPLY_ERRORS",
     "AddressTypeNotSupported",
@@ -119,141 +137,6 @@ T = TypeVar("T")
 
 #: The port a ``proxy_host=`` description uses when it names no port (IANA).
 DEFAULT_PROXY_PORT = 1080
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class SOCKS5Error(ConnectError):
-    """
-    The SOCKS5 handshake failed.  A ``ConnectError``, so code that handles
-    failed connections in general handles these too.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(string=message)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class SOCKS5ReplyError(SOCKS5Error):
-    """
-    The server answered the request with a failure REP code.  Known codes
-    raise the subclass for that code; unknown ones (Tor's 0xF0-0xF7, say)
-    raise this class with ``code`` set.
-    """
-
-    code: int
-
-    def __init__(self, code: Optional[int] = None) -> None:
-        if code is None:
-            code = getattr(type(self), "code", None)
-            if code is None:
-                raise TypeError("SOCKS5ReplyError needs a reply code")
-        self.code = code
-        try:
-            phrase = ReplyCode(code).phrase
-        except ValueError:
-            phrase = "unknown reply code"
-        super().__init__(f"SOCKS5 server replied 0x{code:02x}: {phrase}")
-
-
-class GeneralServerFailure(SOCKS5ReplyError):
-    code = ReplyCode.GENERAL_FAILURE
-
-
-class ConnectionNotAllowed(SOCKS5ReplyError):
-    code = ReplyCode.CONNECTION_NOT_ALLOWED
-
-
-class NetworkUnreachable(SOCKS5ReplyError):
-    code = ReplyCode.NETWORK_UNREACHABLE
-
-
-class HostUnreachable(SOCKS5ReplyError):
-    code = ReplyCode.HOST_UNREACHABLE
-
-
-class ConnectionRefused(SOCKS5ReplyError):
-    """The target refused the proxy's connection (not the proxy refusing ours)."""
-
-    code = ReplyCode.CONNECTION_REFUSED
-
-
-class TTLExpired(SOCKS5ReplyError):
-    code = ReplyCode.TTL_EXPIRED
-
-
-class CommandNotSupported(SOCKS5ReplyError):
-    code = ReplyCode.COMMAND_NOT_SUPPORTED
-
-
-class AddressTypeNotSupported(SOCKS5ReplyError):
-    code = ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED
-
-
-#: REP code -> the exception class raised for it.
-REPLY_ERRORS: Mapping[int, Type[SOCKS5ReplyError]] = {
-    cls.code: cls
-    for cls in (
-        GeneralServerFailure,
-        ConnectionNotAllowed,
-        NetworkUnreachable,
-        HostUnreachable,
-        ConnectionRefused,
-        TTLExpired,
-        CommandNotSupported,
-        AddressTypeNotSupported,
-    )
-}
-
-
-def reply_error(code: int) -> SOCKS5ReplyError:
-    """The exception for a failure REP code, known or not."""
-    cls = REPLY_ERRORS.get(code)
-    return cls() if cls is not None else SOCKS5ReplyError(code)
-
-
-class NoAcceptableMethods(SOCKS5Error):
-    """The server accepts none of the offered methods (it answered ``05 FF``)."""
-
-    def __init__(self, offered: Sequence[int]) -> None:
-        self.offered = tuple(offered)
-        names = ", ".join(f"0x{m:02x}" for m in self.offered)
-        super().__init__(f"SOCKS5 server accepts none of the methods offered ({names})")
-
-
-class AuthenticationFailed(SOCKS5Error):
-    """The server rejected the username and password (RFC 1929 status != 0)."""
-
-    def __init__(self, status: int) -> None:
-        self.status = status
-        super().__init__(f"SOCKS5 authentication failed (status 0x{status:02x})")
-
-
-class MalformedReply(SOCKS5Error):
-    """The server sent something RFC 1928/1929 does not allow."""
-
-
-class ProxyConnectionLost(SOCKS5Error):
-    """The proxy connection ended before the handshake completed."""
-
-    def __init__(self, reason: Failure) -> None:
-        self.reason = reason
-        super().__init__(
-            "SOCKS5 proxy connection lost during the handshake: "
-            + reason.getErrorMessage()
-        )
-
-
-class HandshakeTimeout(SOCKS5Error):
-    """No successful reply within the endpoint's timeout."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        super().__init__(f"SOCKS5 connection not established within {timeout:g} s")
 
 
 # --------------------------------------------------------------------------

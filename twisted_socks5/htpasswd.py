@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from ._extras import optional_import
 from .auth import CheckerBusy
 from .limits import checking_client
 
@@ -48,13 +49,7 @@ DEFAULT_HASH_QUEUE_PER_CLIENT = 4
 
 
 def _bcrypt() -> Any:
-    try:
-        import bcrypt
-    except ImportError:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "htpasswd checking needs bcrypt: pip install 'twisted-socks5[bcrypt]'"
-        ) from None
-    return bcrypt
+    return optional_import("bcrypt", "htpasswd checking needs")
 
 
 def check_bcrypt(password: bytes, hashed: bytes) -> bool:

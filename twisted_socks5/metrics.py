@@ -14,6 +14,7 @@ from typing import Any, Collection, Dict, Iterator, List, Optional, Protocol
 
 from twisted.web import resource, server
 
+from ._extras import optional_import
 from .codec import ReplyCode, Request
 from .limits import ConnectionLimits
 from .relay import RelayCounters
@@ -63,13 +64,7 @@ LATENCY_BUCKETS = (
 
 
 def _prometheus() -> Any:
-    try:
-        import prometheus_client
-    except ImportError:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "metrics need prometheus_client: pip install 'twisted-socks5[metrics]'"
-        ) from None
-    return prometheus_client
+    return optional_import("prometheus_client", "metrics need")
 
 
 class Metrics:

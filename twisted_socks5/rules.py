@@ -145,6 +145,7 @@ from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from zope.interface import Interface, implementer
 
+from twisted_socks5.addresses import parse_ip
 from twisted_socks5.codec import Address, AddressType, Command
 from twisted_socks5.selfnet import HostAddresses, default_host
 
@@ -186,6 +187,15 @@ class Decision:
         if not self.final:
             return f"undecided ({self.rule})"
         return f"{'allowed' if self.allowed else 'denied'} by {self.rule}"
+
+
+def allows(answer: Union[Decision, bool]) -> bool:
+    """
+    Whether a policy hook's answer allows.  Hooks answer a :class:`Decision`;
+    a bool, from a hook written before 0.1.0, is still understood (one
+    release).
+    """
+    return answer if isinstance(answer, bool) else answer.allowed
 
 
 class IPolicy(Interface):
@@ -290,13 +300,9 @@ class AllowAll:
 # Normalisation, shared by the parser and the checks
 
 
-def normalise_ip(ip: IPLike) -> IPAddress:
-    """Parse ``ip`` if needed; an IPv4-mapped IPv6 address becomes IPv4."""
-    if isinstance(ip, str):
-        ip = ipaddress.ip_address(ip)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+#: Deprecated name of :func:`~twisted_socks5.addresses.parse_ip` (it returns
+#: an ``ipaddress`` object, unlike BIND's ``normalize_ip``), kept for one release.
+normalise_ip = parse_ip
 
 
 def normalise_network(net: IPNetwork) -> IPNetwork:
@@ -905,7 +911,7 @@ class RuleSet:
         return first_undecided._pending
 
     def check_client(self, client: IPLike) -> Decision:
-        return self._decide(_Facts(normalise_ip(client)))
+        return self._decide(_Facts(parse_ip(client)))
 
     def check_request(
         self,
@@ -915,7 +921,7 @@ class RuleSet:
         destination: Address,
     ) -> Decision:
         facts = _Facts(
-            normalise_ip(client_ip),
+            parse_ip(client_ip),
             user_known=True,
             user=user,
             command=command,
@@ -928,10 +934,10 @@ class RuleSet:
                 # A name that is an IP literal is that IP (patterns never
                 # match IP-like names, so nothing is lost).
                 with contextlib.suppress(ValueError):
-                    facts.ip = normalise_ip(destination.host)
+                    facts.ip = parse_ip(destination.host)
                     facts.names = None
         else:
-            facts.ip = normalise_ip(destination.host)
+            facts.ip = parse_ip(destination.host)
         if command is not Command.CONNECT:
             # BIND and UDP ASSOCIATE requests may not name a destination yet.
             if facts.ip is not None and facts.ip.is_unspecified:
@@ -954,14 +960,14 @@ class RuleSet:
             names = name_forms(destination.host)
         return self._decide(
             _Facts(
-                normalise_ip(client_ip),
+                parse_ip(client_ip),
                 user_known=True,
                 user=user,
                 command=command,
                 port=destination.port,
                 destination_known=True,
                 names=names,
-                ip=normalise_ip(resolved_ip),
+                ip=parse_ip(resolved_ip),
             )
         )
 
@@ -972,7 +978,7 @@ class RuleSet:
         Like :meth:`check_client`, for a client that did not authenticate:
         denied when no request it could make would be allowed.
         """
-        return self._decide(_Facts(normalise_ip(client), user_known=True))
+        return self._decide(_Facts(parse_ip(client), user_known=True))
 
 
 #: ``from`` networks of public addresses wider than this prefix length (by

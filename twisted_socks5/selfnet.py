@@ -19,7 +19,7 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple, U
 
 from twisted.logger import Logger
 
-from .codec import Address
+from .addresses import canonical_ip_text, unmapped
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -44,12 +44,6 @@ SELF_RULE = (
 )
 
 
-def _plain(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def unspecified(ip: Union[IPAddress, str]) -> bool:
     """
     Whether ``ip`` is unspecified: ``0.0.0.0/8`` or ``::``, also IPv4-mapped.
@@ -65,7 +59,7 @@ def unspecified(ip: Union[IPAddress, str]) -> bool:
             ip = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
-    ip = _plain(ip)
+    ip = unmapped(ip)
     if isinstance(ip, ipaddress.IPv4Address):
         return int(ip) >> 24 == 0
     return ip.is_unspecified
@@ -212,7 +206,7 @@ class HostAddresses:
 
     def reload(self) -> None:
         """Read the interface addresses again (a reader that raises keeps the old)."""
-        self.addresses = frozenset(_plain(ip) for ip in self._read())
+        self.addresses = frozenset(unmapped(ip) for ip in self._read())
         self._seen = {}
 
     @property
@@ -239,7 +233,7 @@ class HostAddresses:
         return False
 
     def _contains(self, ip: IPAddress) -> bool:
-        ip = _plain(ip)
+        ip = unmapped(ip)
         if ip in self.addresses:
             return True
         if isinstance(ip, ipaddress.IPv4Address):
@@ -288,7 +282,7 @@ def reached_from_outside(local_ip: object) -> bool:
         ip = ipaddress.ip_address(local_ip.split("%", 1)[0])
     except ValueError:
         return True
-    return not _plain(ip).is_loopback
+    return not unmapped(ip).is_loopback
 
 
 _default: Optional[HostAddresses] = None
@@ -302,21 +296,6 @@ def default_host() -> HostAddresses:
     return _default
 
 
-_NORMALIZED: Dict[str, str] = {}
-
-
-def normalize_ip(host: str) -> str:
-    """
-    ``::ffff:a.b.c.d`` becomes ``a.b.c.d``; other addresses are canonical.
-    Cached: it runs for every UDP datagram and every connection.
-    """
-    normal = _NORMALIZED.get(host)
-    if normal is None:
-        try:
-            normal = Address.from_host(host, 0).host
-        except ValueError:
-            normal = host
-        if len(_NORMALIZED) >= 4096:
-            _NORMALIZED.clear()
-        _NORMALIZED[host] = normal
-    return normal
+#: The old name of :func:`twisted_socks5.addresses.canonical_ip_text`, kept
+#: for one release.
+normalize_ip = canonical_ip_text

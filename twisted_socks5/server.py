@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._twisted import awaiting_proxy_header, write_buffered
+from .addresses import canonical_ip_text
 from .auth import STATUS_FAILURE, NoAuthAuthenticator
 from .bind import BindWaiter
 from .codec import (
@@ -61,14 +62,14 @@ from .codec import (
 )
 from .commands import HANDLERS, ICommandHandler
 from .commands.connect import address_of
-from .connect import DirectConnector, IOutboundConnector
 from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
 from .limits import ConnectionLimits, checking_client
 from .logs import escape_word, log_connection
 from .metrics import Metrics
+from .outbound import DirectConnector, IOutboundConnector
 from .relay import OutboundProtocol, RelayCounters
 from .rules import AllowAll, IPolicy
-from .selfnet import HostAddresses, default_host, normalize_ip
+from .selfnet import HostAddresses, default_host
 from .tunnel import ActivityWatch, Tunnel, Watched, silence_verdict
 from .udp import UDPAssociation
 from .writenow import write_now
@@ -205,7 +206,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """The limits and the rules' client check; False if refused."""
         peer = self.transport.getPeer()
         if identified:
-            self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+            self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
         if not self.factory.admit(self.client_ip if identified else None):
             self._refuse()
             return False
@@ -218,7 +219,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _identify(self) -> bool:
         """The PROXY header named the client: its own limits and the rules."""
         peer = self.transport.getPeer()
-        self.client_ip = normalize_ip(getattr(peer, "host", "") or "")
+        self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
         if not self.factory.identify(self):
             self._refuse()
             return False
@@ -676,7 +677,7 @@ class SOCKS5ServerFactory(Factory):
         preference; a client gets the first one it also offers.  Default:
         no authentication only.
     :param connector: opens outbound connections; default
-        :class:`~twisted_socks5.connect.DirectConnector`.
+        :class:`~twisted_socks5.outbound.DirectConnector`.
     :param handshake_timeout: seconds from accept to the start of the relay.
     :param connect_timeout: seconds for an outbound connect, name
         resolution included.

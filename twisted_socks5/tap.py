@@ -362,7 +362,7 @@ class Options(usage.Options, AuthOptionMixin):
     def opt_upstream(self, spec: str) -> None:
         from twisted.internet import reactor
 
-        from .upstream import parse_upstream
+        from .outbound import parse_upstream
 
         name: Optional[str] = None
         head, sep, rest = spec.partition("=")
@@ -548,12 +548,10 @@ Options.optParameters = [
 
 def _metrics_endpoint(description: str) -> str:
     """A usable --metrics endpoint, or a usage error that says why not."""
-    import importlib.util
+    from ._extras import available, missing
 
-    if importlib.util.find_spec("prometheus_client") is None:
-        raise usage.UsageError(
-            "--metrics needs prometheus_client: pip install 'twisted-socks5[metrics]'"
-        )
+    if not available("prometheus_client"):
+        raise usage.UsageError(missing("prometheus_client", "--metrics needs"))
     from twisted.internet import reactor
 
     escaped = escape_ipv6_interface(description)
@@ -878,7 +876,7 @@ classImplements(RulesFile, IPolicy)
 
 
 def _upstream(options: Options, reactor: Any, spec: str) -> Any:
-    from .upstream import UpstreamConnector, parse_upstream
+    from .outbound import UpstreamConnector, parse_upstream
 
     proxy, username, password = parse_upstream(reactor, spec)
     return UpstreamConnector(

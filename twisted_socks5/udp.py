@@ -22,6 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .addresses import canonical_ip_text
 from .codec import (
     MAX_UDP_PAYLOAD,
     Address,
@@ -29,7 +30,7 @@ from .codec import (
     ProtocolError,
     parse_udp_datagram,
 )
-from .selfnet import normalize_ip
+from .rules import Decision, allows
 
 #: Read buffer for datagrams: larger than any UDP payload, so none is cut.
 MAX_PACKET_SIZE = 65535
@@ -114,7 +115,10 @@ class UDPAssociation:
     :param declared: the DST.ADDR/DST.PORT of the request: the address the
         client says it will send from (zeros when it does not know).
     :param resolve: resolves a name to IP strings without blocking.
-    :param check_destination: a policy hook; returns False to drop a datagram.
+    :param check_destination: a policy hook: its
+        :class:`~twisted_socks5.rules.Decision` on a datagram to an IP (one
+        that does not allow drops the datagram).  A hook answering a bool,
+        as before 0.1.0, is still understood.
     :param on_activity: called on each relayed datagram (idle timeout).
     """
 
@@ -128,11 +132,11 @@ class UDPAssociation:
         resolve: Callable[[str], defer.Deferred[List[str]]],
         *,
         allow_unknown_sources: bool = False,
-        check_destination: Optional[Callable[[Address, str], bool]] = None,
+        check_destination: Optional[Callable[[Address, str], Decision]] = None,
         on_activity: Optional[Callable[[], None]] = None,
     ) -> None:
         self.reactor = reactor
-        self.client_ip = normalize_ip(client_ip)
+        self.client_ip = canonical_ip_text(client_ip)
         self.client_port: Optional[int] = None
         if declared.type is not AddressType.DOMAIN and declared.port:
             self.client_port = declared.port
@@ -192,7 +196,7 @@ class UDPAssociation:
     # Client → destination
 
     def from_client(self, datagram: bytes, addr: Any) -> None:
-        host, port = normalize_ip(addr[0]), addr[1]
+        host, port = canonical_ip_text(addr[0]), addr[1]
         if host != self.client_ip or (
             self.client_port is not None and port != self.client_port
         ):
@@ -270,16 +274,16 @@ class UDPAssociation:
         """
         check = self.check_destination
         for ip in addresses:
-            ip = normalize_ip(ip)
-            if check is None or check(destination, ip):
+            ip = canonical_ip_text(ip)
+            if check is None or allows(check(destination, ip)):
                 self._deliver(destination, ip, data)
                 return
         self.counters.drops["denied"] += 1
 
     def _send(self, destination: Address, ip: str, data: bytes) -> None:
-        ip = normalize_ip(ip)
-        if self.check_destination is not None and not self.check_destination(
-            destination, ip
+        ip = canonical_ip_text(ip)
+        if self.check_destination is not None and not allows(
+            self.check_destination(destination, ip)
         ):
             self.counters.drops["denied"] += 1
             return
@@ -323,7 +327,7 @@ class UDPAssociation:
     # Destination → client
 
     def from_target(self, datagram: bytes, addr: Any) -> None:
-        host, port = normalize_ip(addr[0]), addr[1]
+        host, port = canonical_ip_text(addr[0]), addr[1]
         if not self.allow_unknown_sources and (host, port) not in self._peers:
             self.counters.drops["unknown_source"] += 1
             return

@@ -4,7 +4,7 @@
 The supervisor (the twistd process) opens the listening sockets itself, one
 per worker and port with ``SO_REUSEPORT`` where the kernel has it (so the
 kernel spreads connections evenly), else one shared socket per port.  Each
-worker is ``python -m twisted_socks5.worker``, which adopts its inherited
+worker is ``python -m twisted_socks5.workerprocess``, which adopts its inherited
 sockets with ``adoptStreamPort`` and runs an ordinary server.  A worker that
 dies is restarted (with a back-off if it keeps dying); SIGTERM stops all of
 them gracefully (each drains its tunnels) and SIGHUP is passed on.  A UDP
@@ -187,7 +187,7 @@ class WorkerSupervisor(service.Service):
 
     def _spawn(self, index: int) -> None:
         fds = [s.fileno() for s in self.sockets[index]]
-        args = [sys.executable, "-m", "twisted_socks5.worker"]
+        args = [sys.executable, "-m", "twisted_socks5.workerprocess"]
         for fd, (_, _, family, _) in zip(fds, self.listeners):
             args += ["--fd", f"{fd}:{6 if family == socket.AF_INET6 else 4}"]
         args += ["--", *self.worker_argv]

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
 from twisted.web import resource, server
 from zope.interface import implementer
 
-from twisted_socks5.connect import DirectConnector
+from twisted_socks5.outbound import DirectConnector
 from twisted_socks5.server import SOCKS5ServerFactory
 from twisted_socks5.testing import LoopbackResolver as _LoopbackResolver
 from twisted_socks5.testing import pattern_chunk

@@ -21,7 +21,7 @@ from twisted_socks5.codec import (
     Request,
     parse_reply,
 )
-from twisted_socks5.connect import DirectConnector
+from twisted_socks5.outbound import DirectConnector
 
 
 class RawClient(protocol.Protocol):

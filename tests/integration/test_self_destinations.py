@@ -35,7 +35,7 @@ from twisted_socks5.codec import (
     Request,
     UDPDatagram,
 )
-from twisted_socks5.connect import DirectConnector
+from twisted_socks5.outbound import DirectConnector
 from twisted_socks5.rules import RuleSet
 from twisted_socks5.selfnet import SELF_RULE, UNSPECIFIED_RULE, HostAddresses
 from twisted_socks5.tap import Options, makeService

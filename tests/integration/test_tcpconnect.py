@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from twisted_socks5 import tcpconnect
 from twisted_socks5.codec import Address
-from twisted_socks5.connect import DirectConnector
+from twisted_socks5.outbound import DirectConnector
 from twisted_socks5.relay import OutboundProtocol
 from twisted_socks5.splice import plain_tcp
 from twisted_socks5.writenow import supported

@@ -18,9 +18,9 @@ from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
 
 from twisted_socks5.codec import ReplyCode
+from twisted_socks5.outbound import UpstreamConnector, parse_upstream
 from twisted_socks5.server import SOCKS5ServerFactory
 from twisted_socks5.testing import pattern_sha256
-from twisted_socks5.upstream import UpstreamConnector, parse_upstream
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -191,7 +191,7 @@ async def test_rules_route_requests_through_named_upstreams(
     """'via up' sends what a rule allows through the upstream; others go direct."""
     from conftest import Echo, LoopbackResolver
 
-    from twisted_socks5.connect import DirectConnector
+    from twisted_socks5.outbound import DirectConnector
     from twisted_socks5.rules import RuleSet
 
     upstream = SOCKS5ServerFactory(reactor=reactor)

@@ -14,13 +14,13 @@ from typing import Any, Optional, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from ..addresses import canonical_ip_text
 from ..codec import Address, ReplyCode, Request
 from ..relay import OutboundProtocol, RelayCounters
 from ..rules import Decision
 from ..selfnet import (
     SELF_RULE,
     UNSPECIFIED_RULE,
-    normalize_ip,
     reached_from_outside,
     unspecified,
 )
@@ -113,7 +113,7 @@ class ICommandHandler(Protocol):
         """Run the command (the rules allowed the request)."""
 
 
-def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Any:
+def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Decision:
     """
     The final word on using ``ip`` for this request: never an unspecified
     address, whatever the rules say; then the rules; and on a server
@@ -153,14 +153,6 @@ def reached_from_outside_of(ctx: RequestContext) -> bool:
     return reached_from_outside(getattr(ctx.transport.getHost(), "host", None))
 
 
-def resolved_denial(
-    ctx: RequestContext, destination: Address, ip: str
-) -> Optional[str]:
-    """None when the rules allow using ``ip`` for this request, else the rule."""
-    decision = resolved_decision(ctx, destination, ip)
-    return None if decision.allowed else str(decision.rule)
-
-
 def local_host(ctx: RequestContext) -> str:
     """The address the client reached us on, IPv4-mapped made plain."""
-    return normalize_ip(ctx.transport.getHost().host)
+    return canonical_ip_text(ctx.transport.getHost().host)

@@ -19,12 +19,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..addresses import canonical_ip_text
 from ..codec import Address, AddressType, ReplyCode, Request
-from ..connect import reply_for_failure
 from ..logs import escape_word
 from ..relay import OutboundProtocol
-from ..selfnet import UNSPECIFIED_RULE, normalize_ip, unspecified
-from .base import RequestContext, local_host, resolved_denial
+from ..replies import reply_for_failure
+from ..rules import Decision, allows
+from ..selfnet import UNSPECIFIED_RULE, unspecified
+from .base import RequestContext, local_host, resolved_decision
 from .connect import address_of
 
 
@@ -46,6 +48,9 @@ class BindWaiter(Factory):
 
     :param allowed: the peer IPs allowed to connect (normalized), or ``None``
         to accept any peer (DST.ADDR all zeros).
+    :param check_peer: a policy hook: its
+        :class:`~twisted_socks5.rules.Decision` on a connecting peer's IP.  A
+        hook answering a bool, as before 0.1.0, is still understood.
     """
 
     noisy = False
@@ -56,10 +61,12 @@ class BindWaiter(Factory):
         reactor: Any,
         allowed: Optional[Collection[str]],
         timeout: float,
-        check_peer: Optional[Callable[[str], bool]] = None,
+        check_peer: Optional[Callable[[str], Decision]] = None,
     ) -> None:
         self.reactor = reactor
-        self.allowed = None if allowed is None else {normalize_ip(a) for a in allowed}
+        self.allowed = (
+            None if allowed is None else {canonical_ip_text(a) for a in allowed}
+        )
         self.timeout = timeout
         self.check_peer = check_peer
         self.refused = 0
@@ -87,9 +94,9 @@ class BindWaiter(Factory):
     def buildProtocol(self, addr: Any) -> Optional[_BoundPeer]:  # type: ignore[override]
         if self._done:
             return None
-        host = normalize_ip(getattr(addr, "host", ""))
+        host = canonical_ip_text(getattr(addr, "host", ""))
         if (self.allowed is not None and host not in self.allowed) or (
-            self.check_peer is not None and not self.check_peer(host)
+            self.check_peer is not None and not allows(self.check_peer(host))
         ):
             # Returning None makes Twisted close the connection at once.
             self.refused += 1
@@ -168,7 +175,7 @@ def _listen(allowed: Optional[List[str]], ctx: RequestContext) -> None:
             return
     factory = ctx.factory
     requested = ctx.request.address  # type: ignore[union-attr]
-    check_peer = partial(_peer_allowed, ctx, requested)
+    check_peer = partial(_peer_decision, ctx, requested)
     waiter = BindWaiter(factory.reactor, allowed, factory.bind_timeout, check_peer)
     wanted = factory.bind_port_for(requested)
     try:
@@ -184,13 +191,15 @@ def _listen(allowed: Optional[List[str]], ctx: RequestContext) -> None:
     )
 
 
-def _peer_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
-    rule = resolved_denial(ctx, destination, ip)
-    if rule is not None:
+def _peer_decision(ctx: RequestContext, destination: Address, ip: str) -> Decision:
+    decision = resolved_decision(ctx, destination, ip)
+    if not decision.allowed:
         ctx.log.info(
-            "BIND peer {peer} denied by {rule}", peer=escape_word(ip), rule=rule
+            "BIND peer {peer} denied by {rule}",
+            peer=escape_word(ip),
+            rule=decision.rule,
         )
-    return rule is None
+    return decision
 
 
 def _accepted(peer: OutboundProtocol, ctx: RequestContext) -> None:

@@ -14,10 +14,11 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from ..codec import Address, AddressType, ReplyCode, Request
-from ..connect import DirectConnector, PolicyDenied, first_allowed, reply_for_failure
+from ..outbound import DirectConnector, denial_check, pick_allowed
 from ..relay import OutboundProtocol
+from ..replies import PolicyDenied, reply_for_failure
 from ..selfnet import local_literal
-from .base import RequestContext, resolved_decision, resolved_denial
+from .base import RequestContext, resolved_decision
 
 
 class _OutboundFactory(Factory):
@@ -84,7 +85,7 @@ class ConnectHandler:
             if policy is not None or isinstance(
                 factory.connector_for(route), DirectConnector
             ):
-                check = partial(resolved_denial, ctx, address)
+                check = denial_check(partial(resolved_decision, ctx, address))
             elif factory.protect_host is not None:
                 # An upstream on this host would read a numeric or loopback
                 # name as this host: those need no resolver to refuse.
@@ -110,14 +111,8 @@ def _route_resolved(
     addresses: List[str], ctx: RequestContext, address: Address
 ) -> defer.Deferred[IProtocol]:
     """Connect to the first allowed address, by the route its rule names."""
-    decisions = {}
-
-    def check(ip: str) -> Optional[str]:
-        decision = decisions[ip] = resolved_decision(ctx, address, ip)
-        return None if decision.allowed else decision.rule
-
-    ip = first_allowed(addresses, check)
-    d: defer.Deferred[IProtocol] = ctx.factory.connector_for(decisions[ip].via).connect(
+    ip, decision = pick_allowed(addresses, partial(resolved_decision, ctx, address))
+    d: defer.Deferred[IProtocol] = ctx.factory.connector_for(decision.via).connect(
         Address.from_host(ip, address.port), OUTBOUND_FACTORY
     )
     ctx.pending = d

@@ -12,6 +12,7 @@ from typing import Optional
 from ..codec import NULL_ADDRESS, Address, Command, ReplyCode, Request
 from ..logs import escape_word
 from ..relay import RelayCounters
+from ..rules import Decision
 from ..udp import UDPAssociation
 from .base import RequestContext, local_host, resolved_decision
 
@@ -39,7 +40,7 @@ class AssociateHandler:
             request.address,
             factory.connector.resolve,
             allow_unknown_sources=factory.udp_allow_unknown_sources,
-            check_destination=partial(udp_allowed, ctx),
+            check_destination=partial(udp_decision, ctx),
             on_activity=partial(_active, ctx.counters),
         )
         try:
@@ -60,7 +61,7 @@ def _active(counters: RelayCounters) -> None:
     counters.active = True
 
 
-def udp_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
+def udp_decision(ctx: RequestContext, destination: Address, ip: str) -> Decision:
     """
     May this datagram go to ``ip``?  The association's first refusal is
     logged (a name's next address may still take the datagram).
@@ -74,7 +75,7 @@ def udp_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
     if decision is None or decision.allowed:
         decision = resolved_decision(ctx, destination, ip)
         if decision.allowed:
-            return True
+            return decision
     if ctx.rule is None:
         # One line per association: a client must not flood the log.
         ctx.rule = decision.rule
@@ -88,7 +89,7 @@ def udp_allowed(ctx: RequestContext, destination: Address, ip: str) -> bool:
             ip=ip,
             rule=decision.rule,
         )
-    return False
+    return decision
 
 
 ASSOCIATE = AssociateHandler()
