@@ -117,7 +117,7 @@ def server(*authenticators: Any) -> ServerHandshake:
                 return by_method[method]
         return None
 
-    return ServerHandshake(select, CLIENT, AuthResult)
+    return ServerHandshake(select, AuthResult, CLIENT)
 
 
 def events(machine: Any) -> List[Any]:

@@ -205,7 +205,8 @@ class ServerHandshake:
 
     ``select(methods)`` picks an authenticator (an ``IAuthenticator``) for
     the METHODs a greeting offers, or ``None``; its ``negotiate(client)``
-    sub-negotiation is run here.  Only an instance of ``result_type`` (the
+    sub-negotiation is run here (``client``: the peer's address, set by the
+    glue once it knows it).  Only an instance of ``result_type`` (the
     ``AuthResult`` class) whose ``done`` and ``success`` are ``True`` lets a
     client in: anything else, or a method that raises, refuses it.
     """
@@ -214,8 +215,8 @@ class ServerHandshake:
         "state",
         "buffer",
         "method",
+        "client",
         "_select",
-        "_client",
         "_result_type",
         "_negotiation",
         "_queued",
@@ -224,16 +225,16 @@ class ServerHandshake:
     def __init__(
         self,
         select: Callable[[Sequence[int]], Any],
-        client: Any,
         result_type: Type[Any],
+        client: Any = None,
     ) -> None:
         self.state = ServerState.GREETING
         #: Bytes received and not yet parsed (after DONE: early data).
         self.buffer = bytearray()
         #: The METHOD chosen (0xFF when none was acceptable), once known.
         self.method: Optional[int] = None
+        self.client = client
         self._select = select
-        self._client = client
         self._result_type = result_type
         self._negotiation: Any = None
         #: An event decided ahead of its turn (a method's start() result).
@@ -317,7 +318,7 @@ class ServerHandshake:
         method = self.method = authenticator.method
         event = self._emit(MethodChosen(method, MethodSelection(method).to_bytes()))
         try:
-            self._negotiation = authenticator.negotiate(self._client)
+            self._negotiation = authenticator.negotiate(self.client)
             result = self._negotiation.start()
         except Exception as e:  # noqa: BLE001 - a method's bug lets nobody in
             self._queued = AuthFailed(error=e)
