@@ -97,6 +97,10 @@ class Event:
 
 
 class ServerState(enum.Enum):
+    # Identity hash: the table lookup per event stays in C (Enum's own
+    # __hash__ is a Python function).
+    __hash__ = object.__hash__
+
     GREETING = "greeting"
     AUTHENTICATING = "authenticating"
     #: A method's asynchronous check is under way: fed back by auth_result().
@@ -316,7 +320,8 @@ class ServerHandshake:
             self.method = Method.NO_ACCEPTABLE_METHODS
             return self._emit(Rejected("no acceptable methods", _NO_METHODS))
         method = self.method = authenticator.method
-        event = self._emit(MethodChosen(method, MethodSelection(method).to_bytes()))
+        # MethodSelection(method).to_bytes(), without the dataclass.
+        event = self._emit(MethodChosen(method, bytes((SOCKS_VERSION, method))))
         try:
             self._negotiation = authenticator.negotiate(self.client)
             result = self._negotiation.start()
@@ -374,6 +379,8 @@ class ServerHandshake:
 
 
 class ClientState(enum.Enum):
+    __hash__ = object.__hash__
+
     METHOD = "waiting for the method selection"
     AUTH = "waiting for the authentication status"
     REPLY = "waiting for the reply"

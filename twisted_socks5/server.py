@@ -381,9 +381,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """Act on the handshake's events until it needs more input."""
         handshake = self.handshake
         while not self._waiting and self.state in _HANDSHAKING:
-            if handshake.auth_data_waiting and not self._may_check():
-                return
             before = handshake.state
+            if (
+                before is ServerState.AUTHENTICATING
+                and handshake.auth_data_waiting
+                and not self._may_check()
+            ):
+                return
             try:
                 event = handshake.next_event()
             except ProtocolError as e:
