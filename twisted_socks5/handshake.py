@@ -321,7 +321,10 @@ class ServerHandshake:
             return self._emit(Rejected("no acceptable methods", _NO_METHODS))
         method = self.method = authenticator.method
         # MethodSelection(method).to_bytes(), without the dataclass.
-        event = self._emit(MethodChosen(method, bytes((SOCKS_VERSION, method))))
+        event = MethodChosen(method, bytes((SOCKS_VERSION, method)))
+        # The table's entry, looked up in line: next_event only comes here
+        # in GREETING (the same below for REQUEST).
+        self.state = SERVER_TRANSITIONS[ServerState.GREETING, MethodChosen]
         try:
             self._negotiation = authenticator.negotiate(self.client)
             result = self._negotiation.start()
@@ -371,7 +374,8 @@ class ServerHandshake:
             return None
         request, used = parsed
         del buffer[:used]
-        return self._emit(RequestReceived(request))
+        self.state = SERVER_TRANSITIONS[ServerState.REQUEST, RequestReceived]
+        return RequestReceived(request)
 
 
 # --------------------------------------------------------------------------

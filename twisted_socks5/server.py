@@ -476,7 +476,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if self.factory.limits.throttled(self.client_ip):
             self._refuse_throttled()
             return
-        self._auth_said(event)
+        if event.data:
+            self.transport.write(event.data)
+        if event.user is not None:
+            self.user = event.user
         self.state = State.REQUEST
 
     def _auth_failed(self, event: AuthFailed) -> None:
