@@ -47,6 +47,7 @@ html_title = f"twisted-socks5 {release}"
 API_MODULES = [
     "codec",
     "addresses",
+    "handshake",
     "interfaces",
     "auth",
     "server",

@@ -14,17 +14,14 @@ socket, another ``SOCKS5ClientEndpoint`` for a chain).  Host names are sent to
 the proxy as DOMAINNAME, so the proxy resolves them and nothing leaks to the
 local DNS, unless a ``resolver`` is given.
 
-One connection walks this machine (``_State``)::
-
-    METHOD --(05 00)--> REPLY --(REP 00)--> CONNECTED
-    METHOD --(05 02)--> AUTH --(01 00)--> REPLY
-    any state before CONNECTED --(error, EOF, cancel, timeout)--> FAILED
-
-Every message goes through :mod:`twisted_socks5.codec`.  Once connected, the
-application protocol gets a :class:`SOCKS5Transport`: the proxy connection
-itself (writes, producers and half-close pass straight through), plus the
-reply's BND address as ``transport.bound``.  Bytes that arrived with the
-reply are delivered to the application right after ``connect()`` fires.
+The handshake is :class:`twisted_socks5.handshake.ClientHandshake` (sans-IO,
+its transition table documented there); this protocol feeds it and acts on
+its events.  Every message goes through :mod:`twisted_socks5.codec`.  Once
+connected, the application protocol gets a :class:`SOCKS5Transport`: the
+proxy connection itself (writes, producers and half-close pass straight
+through), plus the reply's BND address as ``transport.bound``.  Bytes that
+arrived with the reply are delivered to the application right after
+``connect()`` fires.
 
 A server's failure reply raises the :class:`SOCKS5ReplyError` subclass for its
 REP code (``ConnectionRefused`` for 0x05, ...; see :data:`REPLY_ERRORS`);
@@ -35,11 +32,9 @@ every error the handshake can end with is a :class:`SOCKS5Error`, which is a
 
 from __future__ import annotations
 
-import enum
 from typing import (
     Any,
     Callable,
-    ClassVar,
     Dict,
     List,
     Optional,
@@ -71,21 +66,26 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from .codec import (
-    SOCKS_VERSION,
     Address,
     AddressType,
-    Buffer,
     Command,
     Greeting,
     Method,
-    ProtocolError,
     Reply,
-    ReplyCode,
     Request,
     UserPassRequest,
-    parse_method_selection,
-    parse_reply,
-    parse_userpass_status,
+)
+from .handshake import (
+    AuthAccepted,
+    AuthRejected,
+    AuthStarted,
+    ClientHandshake,
+    ClientState,
+    Event,
+    HandshakeError,
+    MethodAccepted,
+    NoMethod,
+    RequestRejected,
 )
 from .replies import (
     REPLY_ERRORS,
@@ -221,22 +221,6 @@ class SOCKS5Transport:
 # The handshake protocol
 
 
-class _State(enum.Enum):
-    METHOD = "waiting for the method selection"
-    AUTH = "waiting for the authentication status"
-    REPLY = "waiting for the reply"
-    CONNECTED = "connected"
-    FAILED = "failed"
-
-
-def _parse(parser: Callable[[Buffer], Optional[Tuple[T, int]]], buf: Buffer) -> Any:
-    """Run a codec parser; a protocol error is the server's fault here."""
-    try:
-        return parser(buf)
-    except ProtocolError as e:
-        raise MalformedReply(f"malformed SOCKS5 server message: {e}") from None
-
-
 @implementer(IHalfCloseableProtocol)
 class SOCKS5ClientProtocol(Protocol):
     """
@@ -255,20 +239,19 @@ class SOCKS5ClientProtocol(Protocol):
 
     def __init__(self, factory: _HandshakeFactory) -> None:
         self.factory = factory
-        self.state = _State.METHOD
+        #: The sans-IO handshake (see :mod:`twisted_socks5.handshake`).
+        self.handshake = ClientHandshake(
+            factory.methods, factory.credentials, factory.request
+        )
         self.app: Optional[IProtocol] = None
         self.tunnel: Optional[SOCKS5Transport] = None
-        self._buffer = bytearray()
         self._held: List[bytes] = []
         self._lost = False
 
-    #: The parser of each handshake state, by method name (bound methods on
-    #: the instance would make each connection a reference cycle).
-    _HANDLERS: ClassVar[Dict[_State, str]] = {
-        _State.METHOD: "_on_method_selection",
-        _State.AUTH: "_on_auth_status",
-        _State.REPLY: "_on_reply",
-    }
+    @property
+    def state(self) -> ClientState:
+        """Where the handshake stands."""
+        return self.handshake.state
 
     def logPrefix(self) -> str:
         if self.app is not None:
@@ -281,35 +264,60 @@ class SOCKS5ClientProtocol(Protocol):
     def connectionMade(self) -> None:
         if self.factory.abandoned:
             # Cancelled while the proxy connection was being made.
-            self.state = _State.FAILED
+            self.handshake.fail()
             self.transport.abortConnection()
             return
         self.transport.write(self.factory.greeting)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state is _State.CONNECTED:
+        handshake = self.handshake
+        state = handshake.state
+        if state is ClientState.CONNECTED:
             self._deliver(data)
             return
-        if self.state is _State.FAILED:
+        if state is ClientState.FAILED:
             return
-        self._buffer += data
+        handshake.receive_data(data)
         try:
-            handlers = self._HANDLERS
-            while self.state in handlers and getattr(self, handlers[self.state])():
-                pass
+            while True:
+                event = handshake.next_event()
+                if event is None:
+                    return
+                error = self._on_event(event)
+                if error is not None:
+                    raise error
+                if handshake.state is ClientState.CONNECTED:
+                    self._connected(event.reply)  # type: ignore[attr-defined]
+                    return
+        except HandshakeError as e:
+            self._fail(MalformedReply(str(e)))
         except SOCKS5Error as e:
             self._fail(e)
 
+    def _on_event(self, event: Event) -> Optional[SOCKS5Error]:
+        """Send what the event says to send; the error it stands for, if any."""
+        kind = type(event)
+        if kind is MethodAccepted or kind is AuthStarted or kind is AuthAccepted:
+            self.transport.write(event.data)  # type: ignore[attr-defined]
+        elif kind is NoMethod:
+            return NoAcceptableMethods(self.factory.methods)
+        elif kind is AuthRejected:
+            return AuthenticationFailed(event.status)  # type: ignore[attr-defined]
+        elif kind is RequestRejected:
+            return reply_error(event.code)  # type: ignore[attr-defined]
+        return None
+
     def readConnectionLost(self) -> None:
         """The proxy sent EOF."""
-        if self.state is _State.CONNECTED:
+        state = self.handshake.state
+        if state is ClientState.CONNECTED:
             self._flush(force=True)
             half_closeable = IHalfCloseableProtocol(self.app, None)
             if half_closeable is not None:
                 half_closeable.readConnectionLost()
             else:
                 self.transport.loseConnection()
-        elif self.state is not _State.FAILED:
+        elif state is not ClientState.FAILED:
             self._fail(ProxyConnectionLost(Failure(ConnectionDone())))
 
     def writeConnectionLost(self) -> None:
@@ -319,85 +327,23 @@ class SOCKS5ClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self._lost = True
-        if self.state is _State.CONNECTED:
+        state = self.handshake.state
+        if state is ClientState.CONNECTED:
             self._flush(force=True)
             if self.app is not None:
                 self.app.connectionLost(reason)
             return
-        if self.state is not _State.FAILED:
-            self.state = _State.FAILED
-            self._buffer.clear()
+        if state is not ClientState.FAILED:
+            self.handshake.fail()
             self._errback(ProxyConnectionLost(reason))
-
-    # ------------------------------------------------------------------
-    # Handshake steps: each returns True when it consumed a message.
-
-    def _on_method_selection(self) -> bool:
-        parsed = _parse(parse_method_selection, self._buffer)
-        if parsed is None:
-            return False
-        selection, used = parsed
-        del self._buffer[:used]
-        method = selection.method
-        if method == Method.NO_ACCEPTABLE_METHODS:
-            raise NoAcceptableMethods(self.factory.methods)
-        if method not in self.factory.methods:
-            raise MalformedReply(
-                f"SOCKS5 server chose method 0x{method:02x}, which was not offered"
-            )
-        credentials = self.factory.credentials
-        if method == Method.USERNAME_PASSWORD and credentials is not None:
-            self.transport.write(credentials.to_bytes())
-            self.state = _State.AUTH
-        else:
-            self._send_request()
-        return True
-
-    def _on_auth_status(self) -> bool:
-        parsed = _parse(parse_userpass_status, self._buffer)
-        if parsed is None:
-            return False
-        status, used = parsed
-        del self._buffer[:used]
-        if not status.ok:
-            raise AuthenticationFailed(status.status)
-        self._send_request()
-        return True
-
-    def _send_request(self) -> None:
-        self.transport.write(self.factory.request.to_bytes())
-        self.state = _State.REPLY
-
-    def _on_reply(self) -> bool:
-        try:
-            parsed = parse_reply(self._buffer)
-        except ProtocolError as e:
-            buf = self._buffer
-            if (
-                len(buf) > 1
-                and buf[0] == SOCKS_VERSION
-                and buf[1] not in _KNOWN_REPLY_CODES
-            ):
-                # A whole reply with a code the RFC does not define: still
-                # the server saying no, and saying which way.
-                raise reply_error(buf[1]) from None
-            raise MalformedReply(f"malformed SOCKS5 server message: {e}") from None
-        if parsed is None:
-            return False
-        reply, used = parsed
-        del self._buffer[:used]
-        if reply.reply != ReplyCode.SUCCEEDED:
-            raise reply_error(reply.reply)
-        self._connected(reply)
-        return False
 
     # ------------------------------------------------------------------
     # Connected
 
     def _connected(self, reply: Reply) -> None:
-        self.state = _State.CONNECTED
-        early = bytes(self._buffer)
-        self._buffer = bytearray()
+        buffer = self.handshake.buffer
+        early = bytes(buffer)
+        buffer.clear()
         target = self.factory.request.address
         try:
             app = self.factory.app_factory.buildProtocol(_address_of(target))
@@ -448,21 +394,17 @@ class SOCKS5ClientProtocol(Protocol):
 
     def _fail(self, reason: Union[BaseException, Failure]) -> None:
         """End the handshake: close (our side has nothing left to say)."""
-        self.state = _State.FAILED
-        self._buffer.clear()
+        self.handshake.fail()
         self.transport.loseConnection()
         self._errback(reason)
 
     def abort(self) -> None:
         """Cancel the handshake: drop the connection at once."""
-        if self.state is _State.CONNECTED or self.state is _State.FAILED:
+        state = self.handshake.state
+        if state is ClientState.CONNECTED or state is ClientState.FAILED:
             return
-        self.state = _State.FAILED
-        self._buffer.clear()
+        self.handshake.fail()
         self.transport.abortConnection()
-
-
-_KNOWN_REPLY_CODES = frozenset(int(code) for code in ReplyCode)
 
 
 class _HandshakeFactory(Factory):

@@ -8,6 +8,9 @@ One connection walks this machine (``State``)::
     REQUEST --(CONNECT)--> CONNECTING --(connected)--> RELAYING
     any state --(error, refusal, timeout)--> CLOSING
 
+The handshake itself (greeting, method, sub-negotiation, request) is
+:class:`twisted_socks5.handshake.ServerHandshake`, sans-IO: the protocol
+feeds it bytes and acts on its events, mirroring its progress in ``state``.
 Every state before RELAYING is covered by the handshake timeout and by a
 bound on buffered input; input is parsed greedily so that a client may
 pipeline its greeting, credentials, request and first payload in one segment.
@@ -45,24 +48,33 @@ from .addresses import canonical_ip_text
 from .auth import STATUS_FAILURE, NoAuthAuthenticator
 from .bind import BindWaiter
 from .codec import (
-    MAX_GREETING_SIZE,
-    MAX_REQUEST_SIZE,
     NULL_ADDRESS,
     Address,
     Command,
     Method,
-    MethodSelection,
     ProtocolError,
     Reply,
     ReplyCode,
     Request,
     UserPassStatus,
-    parse_greeting,
-    parse_request,
 )
 from .commands import HANDLERS, ICommandHandler
 from .commands.connect import address_of
-from .interfaces import AuthResult, AuthStep, IAuthenticator, IAuthNegotiation
+from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
+from .handshake import (
+    AuthContinue,
+    Authenticated,
+    AuthFailed,
+    AuthPending,
+    BufferOverflow,
+    Event,
+    MethodChosen,
+    Rejected,
+    RequestReceived,
+    ServerHandshake,
+    ServerState,
+)
+from .interfaces import AuthResult, IAuthenticator
 from .limits import ConnectionLimits, checking_client
 from .logs import escape_word, log_connection
 from .metrics import Metrics
@@ -78,10 +90,6 @@ from .writenow import write_now
 #: that connected to a non-loopback address of it (the factory cannot know
 #: how it listens; a client that came in on loopback is on this host anyway).
 PROTECT_WHEN_EXPOSED = "when-exposed"
-
-#: Most bytes buffered before the relay starts: pipelined payload that came
-#: with the request.  More means a client that is not speaking SOCKS.
-MAX_EARLY_DATA = 256 * 1024
 
 #: While a CONNECT is being connected the client is still read (so that one
 #: that resets or leaves is noticed at once and the attempt cancelled), and
@@ -101,6 +109,10 @@ class State(enum.Enum):
     ASSOCIATED = "associated"
     RELAYING = "relaying"
     CLOSING = "closing"
+
+
+#: The protocol states in which the handshake runs.
+_HANDSHAKING = frozenset((State.GREETING, State.AUTHENTICATING, State.REQUEST))
 
 
 def _is_ip(text: str) -> bool:
@@ -126,9 +138,11 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def __init__(self, factory: SOCKS5ServerFactory) -> None:
         self.factory = factory
         self.state = State.GREETING
-        self._buffer = bytearray()
+        #: The sans-IO handshake (see :mod:`twisted_socks5.handshake`).
+        self.handshake = ServerHandshake(factory.select_authenticator, AuthResult)
+        #: Its buffer: after the request, early data for the relay.
+        self._buffer = self.handshake.buffer
         self._waiting = False
-        self._negotiation: Optional[IAuthNegotiation] = None
         #: A credential check under way (dropped if the client goes).
         self._checking: Optional[defer.Deferred[Any]] = None
         #: Waiting for a check from the same address to end.
@@ -169,17 +183,21 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         #: The access rule that denied this connection, if one did.
         self.rule: Optional[str] = None
 
-    #: The parser of each handshake state, by method name: bound methods
-    #: kept on the instance would make every connection a reference cycle,
-    #: left for the cyclic garbage collector instead of freed at close.
     #: Whether a PROXY header (``haproxy:``) names the client: set only then,
     #: so other connections pay nothing for it.
     behind_proxy = False
 
-    _HANDLERS: ClassVar[Dict[State, str]] = {
-        State.GREETING: "_on_greeting",
-        State.AUTHENTICATING: "_on_auth_data",
-        State.REQUEST: "_on_request",
+    #: The handler of each handshake event, by method name: bound methods
+    #: kept on the instance would make every connection a reference cycle,
+    #: left for the cyclic garbage collector instead of freed at close.
+    _ON_EVENT: ClassVar[Dict[type, str]] = {
+        MethodChosen: "_method_chosen",
+        Rejected: "_rejected",
+        AuthContinue: "_auth_said",
+        AuthPending: "_auth_pending",
+        Authenticated: "_authenticated",
+        AuthFailed: "_auth_failed",
+        RequestReceived: "_on_request",
     }
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
@@ -205,6 +223,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     def _admit(self, identified: bool = True) -> bool:
         """The limits and the rules' client check; False if refused."""
         peer = self.transport.getPeer()
+        self.handshake.client = peer
         if identified:
             self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
         if not self.factory.admit(self.client_ip if identified else None):
@@ -218,7 +237,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
 
     def _identify(self) -> bool:
         """The PROXY header named the client: its own limits and the rules."""
-        peer = self.transport.getPeer()
+        peer = self.handshake.client = self.transport.getPeer()
         self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
         if not self.factory.identify(self):
             self._refuse()
@@ -254,11 +273,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # RFC 1928 gives the control connection nothing more to carry.
             self.counters.bytes_up += len(data)
             return
-        self._buffer += data
-        if len(self._buffer) > MAX_EARLY_DATA:
-            self._abort("too much data before the relay started")
+        handshake = self.handshake
+        try:
+            handshake.receive_data(data)
+        except BufferOverflow as e:
+            self._abort(str(e))
             return
-        if self._waiting and len(self._buffer) >= EARLY_DATA_PAUSE:
+        if self._waiting and len(handshake.buffer) >= EARLY_DATA_PAUSE:
             self.transport.pauseProducing()  # back-pressure until the relay
         self._process()
 
@@ -315,52 +336,47 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     # Handshake
 
     def _process(self) -> None:
-        """Parse as many messages as the buffer holds, one state at a time."""
-        handlers = self._HANDLERS
-        while not self._waiting and self.state in handlers and self._buffer:
+        """Act on the handshake's events until it needs more input."""
+        handshake = self.handshake
+        while not self._waiting and self.state in _HANDSHAKING:
+            before = handshake.state
+            checking = None
+            if before is ServerState.AUTHENTICATING and handshake.auth_data_waiting:
+                if not self._may_check():
+                    return
+                # Whom a check started now is for: a hash pool's fair share.
+                checking = checking_client.set(self.factory.limits.key(self.client_ip))
             try:
-                progressed = getattr(self, handlers[self.state])()
+                event = handshake.next_event()
             except ProtocolError as e:
-                self._protocol_error(e)
+                self._protocol_error(e, before)
                 return
-            if not progressed:
+            finally:
+                if checking is not None:
+                    checking_client.reset(checking)
+            if event is None:
                 return
+            getattr(self, self._ON_EVENT[type(event)])(event)
 
-    def _protocol_error(self, e: ProtocolError) -> None:
+    def _protocol_error(self, e: ProtocolError, state: ServerState) -> None:
         self.outcome = f"protocol error: {e}"
-        if self.state is State.REQUEST and e.reply is not None:
+        if state is ServerState.REQUEST and e.reply is not None:
             self._send_reply(e.reply)
         self._close()
 
-    def _on_greeting(self) -> bool:
-        parsed = parse_greeting(self._buffer[:MAX_GREETING_SIZE])
-        if parsed is None:
-            return False
-        greeting, used = parsed
-        del self._buffer[:used]
-        authenticator = self.factory.select_authenticator(greeting.methods)
-        if authenticator is None:
-            self.method = Method.NO_ACCEPTABLE_METHODS
-            self.outcome = "no acceptable methods"
-            self.transport.write(
-                MethodSelection(Method.NO_ACCEPTABLE_METHODS).to_bytes()
-            )
-            self._close()
-            return False
-        self.method = authenticator.method
-        write_now(self.transport, MethodSelection(authenticator.method).to_bytes())
+    def _method_chosen(self, event: MethodChosen) -> None:
+        self.method = event.method
+        write_now(self.transport, event.data)
         self.state = State.AUTHENTICATING
-        try:
-            self._negotiation = authenticator.negotiate(self.transport.getPeer())
-            result = self._negotiation.start()
-        except Exception:  # noqa: BLE001 - a method's bug lets nobody in
-            self._auth_error(Failure())
-            return False
-        if result is not None:
-            self._auth_result(result)
-        return True
 
-    def _on_auth_data(self) -> bool:
+    def _rejected(self, event: Rejected) -> None:
+        self.method = Method.NO_ACCEPTABLE_METHODS
+        self.outcome = event.reason
+        self.transport.write(event.data)
+        self._close()
+
+    def _may_check(self) -> bool:
+        """The login limits of this address, before a method sees its bytes."""
         factory = self.factory
         if not factory.limits.may_check(self.client_ip):
             # As many checks from this address as it may have run already:
@@ -371,80 +387,77 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if factory.limits.throttled(self.client_ip):
             self._refuse_throttled()
             return False
-        negotiation = self._negotiation
-        limit = negotiation.max_message_size  # type: ignore[union-attr]
-        # Whom a check started now is for: a hash pool's fair share.
-        client = checking_client.set(factory.limits.key(self.client_ip))
-        try:
-            step: Optional[AuthStep] = negotiation.data_received(  # type: ignore[union-attr]
-                bytes(self._buffer[:limit])
-            )
-        except ProtocolError:
-            raise
-        except Exception:  # noqa: BLE001 - a method's bug lets nobody in
-            self._auth_error(Failure())
-            return False
-        finally:
-            checking_client.reset(client)
-        if step is None:
-            if len(self._buffer) >= limit:
-                raise ProtocolError("authentication message too long")
-            return False
-        del self._buffer[: step.consumed]
-        result = step.result
-        if isinstance(result, defer.Deferred):
-            # Held, not paused: a client that goes away is noticed, and its
-            # check is dropped if it has not started (see connectionLost).
-            self._hold()
-            self._checking = result
-            factory.limits.check_started(self.client_ip)
-            result.addCallbacks(self._auth_result, self._auth_error)
-            # Only once a failure is counted may the next check begin.
-            result.addBoth(self._check_ended)
-            result.addBoth(self._unwait)
-            return True
-        self._auth_result(result)
         return True
+
+    def _auth_pending(self, event: AuthPending) -> None:
+        result = event.result
+        if not isinstance(result, defer.Deferred):
+            self._on_event(self.handshake.auth_result(result))  # refused
+            return
+        # Held, not paused: a client that goes away is noticed, and its
+        # check is dropped if it has not started (see connectionLost).
+        self._hold()
+        self._checking = result
+        self.factory.limits.check_started(self.client_ip)
+        result.addCallbacks(self._auth_result, self._auth_error)
+        # Only once a failure is counted may the next check begin.
+        result.addBoth(self._check_ended)
+        result.addBoth(self._unwait)
+
+    def _on_event(self, event: Event) -> None:
+        getattr(self, self._ON_EVENT[type(event)])(event)
 
     def _check_ended(self, result: Any) -> Any:
         self._checking = None
         self.factory.check_ended(self.client_ip)
         return result
 
-    def _auth_result(self, result: AuthResult) -> None:
+    def _auth_result(self, result: Any) -> None:
+        """A method's asynchronous check answered."""
         if self.state is State.CLOSING or self.transport.disconnected:
             return
-        if not isinstance(result, AuthResult):
-            self._auth_error(Failure(TypeError(f"not an AuthResult: {result!r}")))
-            return
-        granted = result.done is True and result.success is True
-        # Failures from other connections may have throttled this address
-        # while this check ran: a right password is refused too.
-        if granted and self.factory.limits.throttled(self.client_ip):
-            self._refuse_throttled()
-            return
-        if result.reply:
-            self.transport.write(result.reply)
-        if result.user is not None:
-            self.user = result.user
-        if result.done is False:
-            return
-        if not granted:
-            if result.busy:  # not the client's fault: not counted
-                self.outcome = "login refused: busy, too many checks waiting"
-                self.factory.login_busy(self)
-            else:
-                self.outcome = "authentication failed"
-                self.factory.authentication_failed(self)
-            self._close()
-            return
-        self.state = State.REQUEST
+        self._on_event(self.handshake.auth_result(result))
 
     def _auth_error(self, failure: Failure) -> None:
         if self.state is State.CLOSING or self.transport.disconnected:
             return  # the check was dropped with the connection
         self.log.failure("authenticator failed", failure)
-        self.outcome = "authenticator error"
+        self.handshake.auth_error(failure.value)  # type: ignore[arg-type]
+        self._authentication_failed("authenticator error")
+
+    def _auth_said(self, event: Union[AuthContinue, Authenticated, AuthFailed]) -> None:
+        if event.data:
+            self.transport.write(event.data)
+        if event.user is not None:
+            self.user = event.user
+
+    def _authenticated(self, event: Authenticated) -> None:
+        # Failures from other connections may have throttled this address
+        # while this check ran: a right password is refused too.
+        if self.factory.limits.throttled(self.client_ip):
+            self._refuse_throttled()
+            return
+        if event.data:
+            self.transport.write(event.data)
+        if event.user is not None:
+            self.user = event.user
+        self.state = State.REQUEST
+
+    def _auth_failed(self, event: AuthFailed) -> None:
+        if event.error is not None:
+            self.log.failure("authenticator failed", Failure(event.error))
+            self._authentication_failed("authenticator error")
+            return
+        self._auth_said(event)
+        if event.busy:  # not the client's fault: not counted
+            self.outcome = "login refused: busy, too many checks waiting"
+            self.factory.login_busy(self)
+            self._close()
+            return
+        self._authentication_failed("authentication failed")
+
+    def _authentication_failed(self, outcome: str) -> None:
+        self.outcome = outcome
         self.factory.authentication_failed(self)
         self._close()
 
@@ -456,38 +469,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.factory.login_throttled(self)
         self._close()
 
-    def _on_request(self) -> bool:
-        parsed = parse_request(self._buffer[:MAX_REQUEST_SIZE])
-        if parsed is None:
-            return False
-        request, used = parsed
-        del self._buffer[:used]
-        self.request = request
+    def _on_request(self, event: RequestReceived) -> None:
+        request = self.request = event.request
         self._dispatch(request)
-        return False
-        policy = self.factory.policy
-        if policy is not None:
-            # A UDP ASSOCIATE names the client's own source, not a destination:
-            # its destinations are checked datagram by datagram.
-            destination = (
-                NULL_ADDRESS
-                if request.command is Command.UDP_ASSOCIATE
-                else request.address
-            )
-            decision = policy.check_request(
-                self.policy_ip, self.user, request.command, destination
-            )
-            self._decision = decision
-            if not decision.allowed:
-                self._deny(decision.rule)
-                return False
-        if request.command is Command.CONNECT:
-            self._connect(request)
-        elif request.command is Command.BIND:
-            self._bind(request)
-        else:
-            self._associate(request)
-        return False
 
     # ------------------------------------------------------------------
     # Dispatch: the rules' first answer, then the command's handler
