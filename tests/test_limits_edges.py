@@ -1,0 +1,55 @@
+"""
+Connection limits at their edges: the descriptor budget's last connection,
+a budget too small for one connection, and a descriptor limit that is only
+ever raised.  (Found by mutation testing: docs/reliability.rst.)
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Iterator
+
+import pytest
+
+from twisted_socks5.limits import (
+    ConnectionLimits,
+    default_max_connections,
+    raise_fd_limit,
+)
+
+
+@pytest.fixture
+def nofile() -> Iterator[int]:
+    """The soft descriptor limit, restored afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        yield soft
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _soft() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def test_the_descriptor_limit_is_raised_never_lowered(nofile: int) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile // 2, hard))
+    assert raise_fd_limit(ceiling=nofile) == nofile == _soft()
+    assert raise_fd_limit(ceiling=nofile // 4) == nofile == _soft()
+
+
+def test_a_budget_below_one_connection_still_limits() -> None:
+    # 0 would mean "no limit": a tiny budget must not turn into that.
+    assert default_max_connections(fds_per_connection=1 << 40) == 1
+
+
+def test_the_last_connection_the_descriptors_hold_is_admitted() -> None:
+    limits = ConnectionLimits(lambda: 0.0, max_connections=1000, fds_per_connection=3)
+    limits.fd_budget = 6  # two connections' worth
+    assert limits.refusal("192.0.2.1") is None
+    limits.opened("192.0.2.1")
+    assert limits.refusal("192.0.2.1") is None
+    limits.opened("192.0.2.1")
+    refusal = limits.refusal("192.0.2.1")
+    assert refusal is not None and refusal[0] == "server_full"
