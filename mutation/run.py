@@ -53,6 +53,7 @@ CACHE = HERE / ".cache"
 COPIED = (
     "twisted_socks5",
     "twisted",
+    "mutation",
     "tests",
     "docs",
     "stress",
@@ -459,14 +460,29 @@ class Result:
     tests: int
 
 
-def tests_for(mutant: Mutant, cov: Dict[str, Any]) -> List[str]:
+def tests_for(mutant: Mutant, cov: Dict[str, Any], budget: float) -> List[str]:
+    """
+    The tests that run the mutated lines, fastest first, as many as fit in
+    ``budget`` seconds (0: all): a line every connection runs is reached by
+    hundreds of tests, and a survivor would run them all.
+    """
     by_line = cov["lines"].get(mutant.path, {})
     failing = set(cov["failed"])
     chosen: Set[str] = set()
     for line in range(mutant.line, mutant.end_line + 1):
         chosen.update(by_line.get(str(line), ()))
     durations = cov["durations"]
-    return sorted(chosen - failing, key=lambda t: (durations.get(t, 0.0), t))
+    ordered = sorted(chosen - failing, key=lambda t: (durations.get(t, 0.0), t))
+    if not budget:
+        return ordered
+    taken: List[str] = []
+    spent = 0.0
+    for test in ordered:
+        spent += durations.get(test, 0.0)
+        if taken and spent > budget:
+            break
+        taken.append(test)
+    return taken
 
 
 def run_mutant(
@@ -621,6 +637,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max", type=int, metavar="N", help="at most N mutants")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs (2)")
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="run a mutant's fastest covering tests up to S seconds (20; 0: all)",
+    )
+    parser.add_argument(
         "--fresh",
         action="store_true",
         help="ignore the cache: recollect coverage, rerun every mutant",
@@ -683,7 +706,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 copy_dir = copies.get()
                 try:
-                    result = run_mutant(mutant, tests_for(mutant, cov), copy_dir, cov)
+                    tests = tests_for(mutant, cov, options.budget)
+                    result = run_mutant(mutant, tests, copy_dir, cov)
                 finally:
                     copies.put(copy_dir)
             with lock:

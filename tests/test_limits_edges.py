@@ -11,6 +11,7 @@ from typing import Iterator
 
 import pytest
 
+from twisted_socks5 import limits as limits_module
 from twisted_socks5.limits import (
     ConnectionLimits,
     default_max_connections,
@@ -53,3 +54,46 @@ def test_the_last_connection_the_descriptors_hold_is_admitted() -> None:
     limits.opened("192.0.2.1")
     refusal = limits.refusal("192.0.2.1")
     assert refusal is not None and refusal[0] == "server_full"
+
+
+def test_a_closed_connection_frees_exactly_one_slot() -> None:
+    limits = ConnectionLimits(
+        lambda: 0.0, max_connections=2, max_per_client=2, auth_failures=0
+    )
+    for ip in ("192.0.2.1", "192.0.2.1"):
+        assert limits.refusal(ip) is None
+        limits.opened(ip)
+    assert limits.refusal("192.0.2.9") is not None  # full
+    limits.closed("192.0.2.1")
+    assert limits.refusal("192.0.2.1") is None
+    limits.opened("192.0.2.1")
+    assert limits.refusal("192.0.2.9") is not None  # full again
+    limits.max_connections = 0  # no total limit: the per-client one holds
+    refusal = limits.refusal("192.0.2.1")
+    assert refusal is not None and refusal[0] == "client_limit"
+
+
+def test_a_client_whose_connections_all_closed_may_come_back() -> None:
+    limits = ConnectionLimits(lambda: 0.0, max_connections=0, max_per_client=1)
+    for _ in range(3):
+        assert limits.refusal("192.0.2.1") is None
+        limits.opened("192.0.2.1")
+        assert limits.refusal("192.0.2.1") is not None
+        limits.closed("192.0.2.1")
+
+
+def test_the_failure_table_forgets_the_least_recent_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits_module, "MAX_TRACKED_CLIENTS", 3)
+    limits = ConnectionLimits(lambda: 0.0, max_connections=0, auth_failures=1)
+    for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        limits.auth_failed(ip)
+    limits.auth_failed("192.0.2.1")  # fails again: now the most recent
+    limits.auth_failed("192.0.2.4")  # a fourth client: .2 is forgotten
+    throttled = {
+        ip
+        for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4")
+        if limits.refusal(ip) is not None
+    }
+    assert throttled == {"192.0.2.1", "192.0.2.3", "192.0.2.4"}
