@@ -97,3 +97,32 @@ def test_the_failure_table_forgets_the_least_recent_client(
         if limits.refusal(ip) is not None
     }
     assert throttled == {"192.0.2.1", "192.0.2.3", "192.0.2.4"}
+
+
+def test_the_throttle_counts_only_failures_inside_the_window() -> None:
+    now = [0.0]
+    limits = ConnectionLimits(
+        lambda: now[0], max_connections=0, auth_failures=2, auth_window=60.0
+    )
+    assert limits.refusal("192.0.2.1") is None
+    limits.auth_failed("192.0.2.1")  # at 0
+    now[0] = 50.0
+    limits.auth_failed("192.0.2.1")  # at 50: two in the window
+    assert limits.refusal("192.0.2.1") is not None
+    now[0] = 70.0  # the first has aged out
+    assert limits.refusal("192.0.2.1") is None
+    now[0] = 120.0  # both have
+    assert limits.refusal("192.0.2.1") is None
+
+
+def test_one_failure_throttles_when_one_is_the_limit() -> None:
+    now = [0.0]
+    limits = ConnectionLimits(
+        lambda: now[0], max_connections=0, auth_failures=1, auth_window=60.0
+    )
+    assert limits.refusal("192.0.2.1") is None  # no failure yet
+    limits.auth_failed("192.0.2.1")
+    assert limits.refusal("192.0.2.1") is not None
+    assert limits.refusal("192.0.2.2") is None
+    now[0] = 61.0
+    assert limits.refusal("192.0.2.1") is None  # aged out
