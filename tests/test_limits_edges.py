@@ -126,3 +126,28 @@ def test_one_failure_throttles_when_one_is_the_limit() -> None:
     assert limits.refusal("192.0.2.2") is None
     now[0] = 61.0
     assert limits.refusal("192.0.2.1") is None  # aged out
+
+
+def test_the_descriptor_budget_keeps_a_reserve(nofile: int) -> None:
+    assert 1 <= limits_module.descriptor_budget() < nofile
+
+
+def test_the_last_splice_the_descriptors_hold_is_allowed() -> None:
+    limits = ConnectionLimits(lambda: 0.0, max_connections=0, fds_per_connection=3)
+    limits.opened("192.0.2.1")
+    limits.fd_budget = 3 + limits_module.PIPE_FDS  # one tunnel, one splice
+    assert limits.may_splice()
+    limits.splice_started()
+    assert not limits.may_splice()
+    limits.splice_ended()
+    assert limits.may_splice()
+
+
+def test_a_failure_counts_for_the_whole_window() -> None:
+    now = [0.0]
+    limits = ConnectionLimits(
+        lambda: now[0], max_connections=0, auth_failures=1, auth_window=60.0
+    )
+    limits.auth_failed("192.0.2.1")
+    now[0] = 60.0  # the window's last moment
+    assert limits.refusal("192.0.2.1") is not None
