@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import configparser
+import contextlib
 import copy
 import fnmatch
 import hashlib
@@ -421,6 +422,13 @@ def collect(output: str, targets: List[str]) -> int:
     return 0
 
 
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """End a test run's session: pytest and any server a test left running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def coverage_map(base: Path, targets: List[str], fresh: bool) -> Dict[str, Any]:
     cached = CACHE / f"coverage-{tree_hash()}.json"
     if cached.exists() and not fresh:
@@ -428,13 +436,18 @@ def coverage_map(base: Path, targets: List[str], fresh: bool) -> Dict[str, Any]:
     print("collecting per-test coverage (the whole suite, once) ...", flush=True)
     started = time.monotonic()
     out = base / "coverage.json"
-    subprocess.run(  # noqa: S603 - our own interpreter and script
+    process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
         [sys.executable, str(Path(__file__).resolve()), "--_collect", str(out)]
         + targets,
         cwd=base,
         env=environment(base),
-        check=True,
+        start_new_session=True,
     )
+    try:
+        if process.wait():
+            raise SystemExit("the test suite could not run under coverage")
+    finally:
+        _kill_group(process)
     data: Dict[str, Any] = json.loads(out.read_text())
     print(
         f"coverage collected in {time.monotonic() - started:.0f}s "
@@ -510,9 +523,9 @@ def run_mutant(
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             return Result(mutant, "timeout", time.monotonic() - started, len(tests))
+        finally:
+            _kill_group(process)
     finally:
         target.write_bytes(original)
     # 1: a test failed; 2, 3 and signals: the run broke (an import error,
@@ -659,6 +672,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return collect(options._collect, options.targets)
 
     started = time.monotonic()
+    # Stopped (kill PID): leave no test process and no scratch copy behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     targets = load_targets()
     all_targets = list(targets)
     if options.module:
@@ -730,8 +745,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     save_cache(cache)
             return result
 
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
             list(pool.map(one, mutants))
+        finally:  # stopped: finish the runs under way, start no other
+            pool.shutdown(wait=True, cancel_futures=True)
         save_cache(cache)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
