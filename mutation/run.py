@@ -552,6 +552,22 @@ def prepare_copy(copy_dir: Path, targets: List[str]) -> None:
             pyc.unlink()
 
 
+def check_the_copy_runs(
+    copy_dir: Path, targets: List[str], cov: Dict[str, Any]
+) -> None:
+    """
+    Break each target module in the copy: its fastest test must fail, or
+    the tests import the package from somewhere else (an installed copy)
+    and every mutant would survive.
+    """
+    for target in targets:
+        broken = Mutant(target, 0, 0, "check", "module broken", b"raise ImportError\n")
+        covering = {t for tests in cov["lines"].get(target, {}).values() for t in tests}
+        tests = sorted(covering, key=lambda t: cov["durations"].get(t, 0.0))[:1]
+        if tests and run_mutant(broken, tests, copy_dir, cov).status != "killed":
+            raise SystemExit(f"the tests do not run the copy of {target}: {tests[0]}")
+
+
 # ----------------------------------------------------------------------
 # Selection, cache, report
 
@@ -709,6 +725,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             copy_dir = scratch / f"job{i}"
             prepare_copy(copy_dir, all_targets)
             copies.put(copy_dir)
+        check_the_copy_runs(scratch / "job0", all_targets, cov)
         results: List[Result] = []
         lock = threading.Lock()
 
