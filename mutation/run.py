@@ -386,7 +386,7 @@ class _Contexts:
         self.cov.switch_context("")
 
 
-def collect(output: str, targets: List[str]) -> int:
+def collect(output: str, targets: List[str], tests: List[str]) -> int:
     """Run inside a copy: the whole suite under coverage, one context a test."""
     import coverage
     import pytest
@@ -398,7 +398,9 @@ def collect(output: str, targets: List[str]) -> int:
     )
     cov.start()
     plugin = _Contexts(cov)
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=line"], plugins=[plugin])
+    code = pytest.main(
+        ["-q", "-p", "no:cacheprovider", "--tb=line", *tests], plugins=[plugin]
+    )
     cov.stop()
     data = cov.get_data()
     lines: Dict[str, Dict[str, List[str]]] = {}
@@ -429,8 +431,11 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
-def coverage_map(base: Path, targets: List[str], fresh: bool) -> Dict[str, Any]:
-    cached = CACHE / f"coverage-{tree_hash()}.json"
+def coverage_map(
+    base: Path, targets: List[str], tests: List[str], fresh: bool
+) -> Dict[str, Any]:
+    selection = hashlib.sha256("\0".join(tests).encode()).hexdigest()[:8]
+    cached = CACHE / f"coverage-{tree_hash()}-{selection}.json"
     if cached.exists() and not fresh:
         return json.loads(cached.read_text())  # type: ignore[no-any-return]
     print("collecting per-test coverage (the whole suite, once) ...", flush=True)
@@ -438,7 +443,7 @@ def coverage_map(base: Path, targets: List[str], fresh: bool) -> Dict[str, Any]:
     out = base / "coverage.json"
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and script
         [sys.executable, str(Path(__file__).resolve()), "--_collect", str(out)]
-        + targets,
+        + ["--_targets", ",".join(targets), "--tests", *tests],
         cwd=base,
         env=environment(base),
         start_new_session=True,
@@ -682,10 +687,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--report", default=str(HERE / "report.txt"), metavar="FILE")
     parser.add_argument("--_collect", help=argparse.SUPPRESS)
-    parser.add_argument("targets", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--_targets", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tests",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="learn coverage from these tests only (default: the whole suite)",
+    )
     options = parser.parse_args(argv)
     if options._collect:
-        return collect(options._collect, options.targets)
+        return collect(options._collect, options._targets.split(","), options.tests)
 
     started = time.monotonic()
     # Stopped (kill PID): leave no test process and no scratch copy behind.
@@ -717,7 +729,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         base = scratch / "job0"
         make_copy(base)
-        cov = coverage_map(base, all_targets, options.fresh)
+        cov = coverage_map(base, all_targets, options.tests, options.fresh)
         shutil.rmtree(base)
         jobs = max(1, options.jobs)
         copies: queue.Queue[Path] = queue.Queue()
