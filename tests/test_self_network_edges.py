@@ -1,0 +1,39 @@
+"""
+The ``self`` network at its edges: an address of this host with a zone
+(``getaddrinfo`` gives link-local answers as ``fe80::1%eth0``) is still this
+host, and a text that is no address is not.  In memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from twisted_socks5.selfnet import HostAddresses
+
+
+def _host() -> HostAddresses:
+    return HostAddresses(read=lambda: [ipaddress.ip_address("fe80::1")])
+
+
+@pytest.mark.parametrize("text", ["fe80::1%eth0", "fe80::1%2", "fe80::1"])
+def test_a_host_address_with_a_zone_is_the_host(text: str) -> None:
+    host = _host()
+    assert text in host
+    assert text in host  # answered again from the table of texts seen
+
+
+@pytest.mark.parametrize("text", ["fe80::2%eth0", "not an address", "", "%eth0"])
+def test_other_texts_are_not_the_host(text: str) -> None:
+    assert text not in _host()
+
+
+def test_the_table_of_texts_seen_is_bounded() -> None:
+    # Every datagram's target is asked: a client picking fresh addresses
+    # must not grow the table without end.
+    host = _host()
+    for n in range(5000):
+        assert f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}" not in host
+    assert len(host._seen) <= 4096
+    assert "fe80::1%eth0" in host
