@@ -37,3 +37,8 @@ def test_the_table_of_texts_seen_is_bounded() -> None:
         assert f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}" not in host
     assert len(host._seen) <= 4096
     assert "fe80::1%eth0" in host
+
+
+@pytest.mark.parametrize("thing", [None, 0, b"::1", ("127.0.0.1", 80)])
+def test_what_is_no_address_is_not_the_host(thing: object) -> None:
+    assert thing not in _host()
