@@ -10,7 +10,7 @@ import ipaddress
 
 import pytest
 
-from twisted_socks5.selfnet import HostAddresses
+from twisted_socks5.selfnet import HostAddresses, local_literal, reached_from_outside
 
 
 def _host() -> HostAddresses:
@@ -42,3 +42,19 @@ def test_the_table_of_texts_seen_is_bounded() -> None:
 @pytest.mark.parametrize("thing", [None, 0, b"::1", ("127.0.0.1", 80)])
 def test_what_is_no_address_is_not_the_host(thing: object) -> None:
     assert thing not in _host()
+
+
+@pytest.mark.parametrize(
+    ("name", "ip"), [("::1%lo", "::1"), ("fe80::1%eth0", "fe80::1"), ("%lo", None)]
+)
+def test_a_literal_with_a_zone_stands_for_its_address(name: str, ip: str) -> None:
+    # An upstream would read "::1%lo" as its own loopback: it is checked
+    # as ::1, never handed on as a name.
+    assert local_literal(name) == ip
+
+
+@pytest.mark.parametrize(
+    ("local", "outside"), [("::1%lo", False), ("fe80::1%eth0", True)]
+)
+def test_a_local_address_with_a_zone(local: str, outside: bool) -> None:
+    assert reached_from_outside(local) is outside
