@@ -10,7 +10,12 @@ import ipaddress
 
 import pytest
 
-from twisted_socks5.selfnet import HostAddresses, local_literal, reached_from_outside
+from twisted_socks5.selfnet import (
+    HostAddresses,
+    local_literal,
+    reached_from_outside,
+    unspecified,
+)
 
 
 def _host() -> HostAddresses:
@@ -58,3 +63,12 @@ def test_a_literal_with_a_zone_stands_for_its_address(name: str, ip: str) -> Non
 )
 def test_a_local_address_with_a_zone(local: str, outside: bool) -> None:
     assert reached_from_outside(local) is outside
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("::%eth0", True), ("::ffff:0.0.0.0%1", True), ("fe80::1%eth0", False),
+     ("not-an-address", False), ("", False)],
+)  # fmt: skip
+def test_unspecified_with_a_zone_or_no_address(text: str, expected: bool) -> None:
+    assert unspecified(text) is expected
