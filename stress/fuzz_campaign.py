@@ -72,7 +72,12 @@ def shares(names: List[str], total: int) -> Dict[str, int]:
     """Split ``total`` inputs over the targets by weight (each gets one at least)."""
     weights = {name: WEIGHTS.get(name, DEFAULT_WEIGHT) for name in names}
     whole = sum(weights.values())
-    return {name: max(1, int(total * w / whole)) for name, w in weights.items()}
+    plan = {name: max(1, int(total * w / whole)) for name, w in weights.items()}
+    # What rounding down left over goes to the first targets, one each, so
+    # that the shares add up to the total asked for.
+    for name in sorted(plan)[: max(0, total - sum(plan.values()))]:
+        plan[name] += 1
+    return plan
 
 
 def run_target(

@@ -30,3 +30,9 @@ def log_events() -> Iterator[EventLoggingObserver]:
     globalLogPublisher.addObserver(observer)
     yield observer
     globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def events(log_events: EventLoggingObserver) -> EventLoggingObserver:
+    """The same observer under the shorter name many tests use."""
+    return log_events

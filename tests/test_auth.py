@@ -21,7 +21,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from twisted_socks5.auth import (
@@ -160,14 +159,6 @@ def assert_plugin_refused(
     assert h.protocol.outcome == "authenticator error"
     assert [e for e in events if e.get("log_failure") is not None]
     assert h.factory.limits._recent_failures("127.0.0.1") == 1
-
-
-@pytest.fixture
-def events() -> Any:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
 
 
 def test_plugin_that_forgets_the_outcome_is_refused(events: Any) -> None:

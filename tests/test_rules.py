@@ -993,3 +993,17 @@ def test_first_allowed_address_or_the_first_denial(
             first_allowed(addresses, check)
         first_rule = f"deny {addresses[0]}" if addresses else "no address"
         assert caught.value.rule == first_rule
+
+
+@pytest.mark.parametrize("spelling", ["self.", "SELF.", "Self.", "ｓｅｌｆ"])
+def test_self_spelled_as_a_host_name_is_an_error(spelling: str) -> None:
+    """Found by the fuzz campaign: 'to self.' parsed as a host called self
+    (never the proxy host), and rendered back as the keyword self."""
+    with pytest.raises(RulesError, match="host called 'self'"):
+        RuleSet.parse(f"deny to {spelling}\ndefault allow\n")
+
+
+def test_patterns_under_a_self_domain_stay_host_patterns() -> None:
+    rules = RuleSet.parse("deny to .self, *.self\ndefault allow\n")
+    assert RuleSet.parse(rules.render()) == rules
+    assert not rules.rules[0].to_self

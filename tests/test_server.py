@@ -9,8 +9,7 @@ import pytest
 from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -575,14 +574,6 @@ def test_client_reset_aborts_the_target() -> None:
 
 # --------------------------------------------------------------------------
 # Logging
-
-
-@pytest.fixture
-def events() -> Any:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
 
 
 def _connection_events(events: Any) -> list[dict[str, Any]]:

@@ -364,6 +364,13 @@ def _canonical_pattern(pattern: str) -> str:
             + " or ".join(prefix + form for form in forms)
         )
     name = forms[0]
+    if not prefix and name == SELF:
+        # "self." or "SELF" spelled as a name would be a host called self,
+        # not the proxy host: "deny to self." must not silently mean that.
+        raise ValueError(
+            f"{pattern!r} would name a host called 'self'; write self (no dot) "
+            "for the proxy host"
+        )
     labels = name.split(".")
     if (
         not name

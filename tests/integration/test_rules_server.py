@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, List
 
-import pytest
 import pytest_twisted
 from conftest import Echo, all_closed, closed_port
 from test_bind_udp import (
@@ -16,8 +15,6 @@ from test_bind_udp import (
 )
 from test_clients import userpass
 from test_errors import connect_request, exchange, failure
-from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
 
 from twisted_socks5.auth import NoAuthAuthenticator
 from twisted_socks5.codec import (
@@ -33,14 +30,6 @@ from twisted_socks5.rules import RuleSet
 from twisted_socks5.tap import RulesFile
 
 DENIED = b"\x05\x00" + failure(ReplyCode.CONNECTION_NOT_ALLOWED)
-
-
-@pytest.fixture
-def events() -> Any:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
 
 
 def _connection_events(events: Any, factory: Any) -> List[Any]:

@@ -45,14 +45,6 @@ DENIED = b"\x05\x00" + failure(ReplyCode.CONNECTION_NOT_ALLOWED)
 OLD_README_RULES = "deny to 127.0.0.0/8, 10.0.0.0/8, ::1/128\ndefault allow\n"
 
 
-@pytest.fixture
-def events() -> Any:
-    observer = EventLoggingObserver()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-
-
 def _system_resolver_proxy(make_proxy: Any, **kwargs: Any) -> Any:
     """A proxy resolving through getaddrinfo (numeric names only, here)."""
     return make_proxy(connector=DirectConnector(reactor, 5), **kwargs)
