@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import classImplements
 
 from ._twisted import endpoint_address
+from ._version import version_line
 from .auth import (
     NoAuthAuthenticator,
     ProxyRealm,
@@ -560,15 +561,6 @@ def _metrics_endpoint(description: str) -> str:
     except Exception as e:  # noqa: BLE001 - any parser error is a usage error
         raise usage.UsageError(f"--metrics {description!r}: {e}") from None
     return escaped
-
-
-def version_line() -> str:
-    """twisted-socks5's version, and Twisted's."""
-    import twisted
-
-    from ._version import __version__
-
-    return f"twisted-socks5 {__version__} (Twisted {twisted.__version__})"
 
 
 def _bytes_memory_checkers(checkers: List[Any]) -> None:

@@ -27,6 +27,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ._twisted import endpoint_address
+from ._version import version_line
 from .logs import escape_line
 
 log = Logger()
@@ -164,8 +165,6 @@ class WorkerSupervisor(service.Service):
         if not self.sockets:
             self.sockets = open_sockets(self.listeners, self.count)
         where = ", ".join(_describe(s) for s in self.sockets[0])
-        from .tap import version_line
-
         log.info(
             "{version} listening on {listen} with {count} workers",
             version=version_line(),
