@@ -30,7 +30,6 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.failure import Failure
-from zope.interface import classImplements
 
 from ._twisted import endpoint_address
 from .auth import (
@@ -42,7 +41,7 @@ from .auth import (
 from .codec import Command
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import DEFAULT_IPV6_CLIENT_PREFIX, ConnectionLimits
-from .rules import IPolicy, RulesError, RuleSet, open_relay_clients
+from .rules import RulesError, RuleSet, RulesFile, open_relay_clients
 from .selfnet import HostAddresses, default_host
 from .server import DEFAULT_SPLICE_AFTER, SOCKS5ServerFactory
 from .workers import worker_count
@@ -831,48 +830,6 @@ def _refuse_open_rules(rules: RuleSet) -> None:
             "the rules in force stay",
             rules.source,
         )
-
-
-class RulesFile:
-    """
-    An access-rules file as an :class:`~twisted_socks5.rules.IPolicy` that
-    :meth:`reload` re-reads; a file that fails to parse keeps the old rules.
-    ``host`` is the ``self`` network, whose addresses a reload reads again.
-    ``guard``, when set, sees each reloaded rule set first and raises to
-    keep the old one (the open-relay guard of an exposed server).
-    """
-
-    def __init__(self, path: str, host: Optional[HostAddresses] = None) -> None:
-        self.path = path
-        self.host = host
-        self.guard: Optional[Callable[[RuleSet], None]] = None
-        self.rules = RuleSet.from_file(path, host)
-
-    def reload(self) -> None:
-        if self.host is not None:
-            self.host.reload()
-        rules = RuleSet.from_file(self.path, self.host)  # raises: old stay
-        if self.guard is not None:
-            self.guard(rules)
-        self.rules = rules
-
-    def check_client(self, client: Any) -> Any:
-        return self.rules.check_client(client)
-
-    def check_request(self, *args: Any) -> Any:
-        return self.rules.check_request(*args)
-
-    def check_resolved(self, *args: Any) -> Any:
-        return self.rules.check_resolved(*args)
-
-    def describe(self) -> str:
-        return self.rules.describe()
-
-    def __repr__(self) -> str:
-        return f"<rules {self.path}>"
-
-
-classImplements(RulesFile, IPolicy)
 
 
 def _upstream(options: Options, reactor: Any, spec: str) -> Any:
