@@ -64,6 +64,8 @@ API_MODULES = [
     "client",
     "upstream",
     "workers",
+    "options",
+    "exposure",
     "tap",
     "logs",
     "testing",
