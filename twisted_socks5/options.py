@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from typing import Any, Callable, List, Optional, Tuple, cast
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.cred.checkers import (
     AllowAnonymousAccess,
@@ -139,6 +139,188 @@ def find_authenticator_factory(name: str) -> IAuthenticatorFactory:
     raise KeyError(name)
 
 
+def _naming(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``coerce``, whose errors name the option: "--handshake-timeout: ..."."""
+
+    def coerce_named(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            why = str(e)
+            if why.startswith(("could not convert", "invalid literal")):
+                why = f"not a number: {value!r}"
+            raise usage.UsageError(f"--{name}: {why}") from None
+
+    coerce_named.coerceDoc = getattr(coerce, "coerceDoc", "")  # type: ignore[attr-defined]
+    return coerce_named
+
+
+def _with_named_errors(specs: List[List[Any]]) -> List[List[Any]]:
+    """The option table with each value check's errors naming its option."""
+    return [
+        [*spec[:4], _naming(spec[0], spec[4])] if len(spec) > 4 and spec[4] else spec
+        for spec in specs
+    ]
+
+
+#: ``usage.Options.optParameters``: name, short, default, help, value check.
+_PARAMETERS: List[List[Any]] = [
+    [
+        "handshake-timeout",
+        None,
+        10.0,
+        "Seconds a client has from connecting to a working tunnel "
+        "(greeting, authentication, request and connect).",
+        _positive,
+    ],
+    [
+        "connect-timeout",
+        None,
+        10.0,
+        "Seconds for the outbound connection, name resolution included; "
+        "expiry answers 0x06 (TTL expired).",
+        _positive,
+    ],
+    [
+        "idle-timeout",
+        None,
+        None,
+        "Close a tunnel after this many seconds without traffic either way "
+        "(default: never)",
+        _timeout_or_off,
+    ],
+    [
+        "stall-timeout",
+        None,
+        300.0,
+        "Close a tunnel that moved nothing for this many seconds while data "
+        "waits for a peer that does not read (such a peer may be gone "
+        "unnoticed); 0 or 'off' never does.",
+        _timeout_or_off,
+    ],
+    [
+        "bind-timeout",
+        None,
+        120.0,
+        "Seconds a BIND waits for its peer to connect; expiry answers 0x06.",
+        _positive,
+    ],
+    [
+        "max-connections",
+        None,
+        None,
+        "Client connections open at once, all clients together; over it a "
+        "new client is closed at once (default: the descriptor limit, "
+        "raised to its hard maximum at start, less a reserve, divided by "
+        "3; UDP associations count the four they may hold, busy tunnels' "
+        "splice pipes only use descriptors left over, and new clients are "
+        "refused before the process runs out; 0: no limit)",
+        _count,
+    ],
+    [
+        "splice-after",
+        None,
+        DEFAULT_SPLICE_AFTER,
+        "Bytes (both ways together) a tunnel relays by copying before the "
+        "zero-copy splice relay takes over; short tunnels never pay for its "
+        "pipes. 0: splice from the first byte.",
+        _count,
+    ],
+    [
+        "max-connections-per-client",
+        None,
+        None,
+        "Connections open at once from one client (see --ipv6-client-prefix; "
+        "default: a quarter of "
+        "--max-connections, so that no one client holds every slot; 0: no "
+        "limit).",
+        _count,
+    ],
+    [
+        "udp-idle-timeout",
+        None,
+        300.0,
+        "Close a UDP association after this many seconds without a datagram "
+        "either way; 0 or 'off' never does.",
+        _timeout_or_off,
+    ],
+    [
+        "bind-ports",
+        None,
+        None,
+        "The ports, as LOW-HIGH, a BIND for 0.0.0.0:PORT may listen on as "
+        "the client asks (some clients, such as Dante's, need the port they "
+        "ask for); by default, and outside the range, the system picks one.",
+        _port_range,
+    ],
+    [
+        "auth-failures",
+        None,
+        5,
+        "Failed logins from one client (see --ipv6-client-prefix), within "
+        "--auth-failure-window, after which that client is refused until "
+        "they age out, at connect and on the connections it holds open "
+        "(0: never).",
+        _count,
+    ],
+    [
+        "auth-failure-window",
+        None,
+        60.0,
+        "Seconds a failed login counts for --auth-failures.",
+        _positive,
+    ],
+    [
+        "ipv6-client-prefix",
+        None,
+        DEFAULT_IPV6_CLIENT_PREFIX,
+        "IPv6 clients in one network of this prefix length count as one "
+        "client for --max-connections-per-client, --auth-failures and the "
+        "one-check-at-a-time rule (128: each address on its own).",
+        _prefix_length,
+    ],
+    [
+        "drain-timeout",
+        None,
+        10.0,
+        "On stop: seconds open tunnels may take to finish before they are "
+        "cut (new clients are refused meanwhile).",
+        _positive,
+    ],
+    [
+        "rules",
+        None,
+        None,
+        "Access rules file (first match wins; see the docs for the format). "
+        "Re-read on SIGHUP; a broken file keeps the rules in force.",
+    ],
+    [
+        "metrics",
+        None,
+        None,
+        "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+        "tcp:9180:interface=127.0.0.1 (needs prometheus_client: "
+        "pip install 'twisted-socks5[metrics]').",
+    ],
+    [
+        "workers",
+        None,
+        1,
+        "Reactor processes serving the same ports (tcp: endpoints only); "
+        "'auto' starts one per CPU.  Dead workers are restarted.",
+        worker_count,
+    ],
+    [
+        "commands",
+        None,
+        "connect,bind,udp",
+        "The commands served, comma-separated, from connect, bind and udp; "
+        "the others are answered 0x07.",
+        _commands,
+    ],
+]
+
+
 class Options(usage.Options, AuthOptionMixin):
     """Options for ``twistd socks5``."""
 
@@ -155,161 +337,7 @@ class Options(usage.Options, AuthOptionMixin):
     #: Whether parsing failed (twistd then prints a short usage).
     _failed = False
 
-    optParameters = [
-        [
-            "handshake-timeout",
-            None,
-            10.0,
-            "Seconds a client has from connecting to a working tunnel "
-            "(greeting, authentication, request and connect).",
-            _positive,
-        ],
-        [
-            "connect-timeout",
-            None,
-            10.0,
-            "Seconds for the outbound connection, name resolution included; "
-            "expiry answers 0x06 (TTL expired).",
-            _positive,
-        ],
-        [
-            "idle-timeout",
-            None,
-            None,
-            "Close a tunnel after this many seconds without traffic either way "
-            "(default: never)",
-            _timeout_or_off,
-        ],
-        [
-            "stall-timeout",
-            None,
-            300.0,
-            "Close a tunnel that moved nothing for this many seconds while data "
-            "waits for a peer that does not read (such a peer may be gone "
-            "unnoticed); 0 or 'off' never does.",
-            _timeout_or_off,
-        ],
-        [
-            "bind-timeout",
-            None,
-            120.0,
-            "Seconds a BIND waits for its peer to connect; expiry answers 0x06.",
-            _positive,
-        ],
-        [
-            "max-connections",
-            None,
-            None,
-            "Client connections open at once, all clients together; over it a "
-            "new client is closed at once (default: the descriptor limit, "
-            "raised to its hard maximum at start, less a reserve, divided by "
-            "3; UDP associations count the four they may hold, busy tunnels' "
-            "splice pipes only use descriptors left over, and new clients are "
-            "refused before the process runs out; 0: no limit)",
-            _count,
-        ],
-        [
-            "splice-after",
-            None,
-            DEFAULT_SPLICE_AFTER,
-            "Bytes (both ways together) a tunnel relays by copying before the "
-            "zero-copy splice relay takes over; short tunnels never pay for its "
-            "pipes. 0: splice from the first byte.",
-            _count,
-        ],
-        [
-            "max-connections-per-client",
-            None,
-            None,
-            "Connections open at once from one client (see --ipv6-client-prefix; "
-            "default: a quarter of "
-            "--max-connections, so that no one client holds every slot; 0: no "
-            "limit).",
-            _count,
-        ],
-        [
-            "udp-idle-timeout",
-            None,
-            300.0,
-            "Close a UDP association after this many seconds without a datagram "
-            "either way; 0 or 'off' never does.",
-            _timeout_or_off,
-        ],
-        [
-            "bind-ports",
-            None,
-            None,
-            "The ports, as LOW-HIGH, a BIND for 0.0.0.0:PORT may listen on as "
-            "the client asks (some clients, such as Dante's, need the port they "
-            "ask for); by default, and outside the range, the system picks one.",
-            _port_range,
-        ],
-        [
-            "auth-failures",
-            None,
-            5,
-            "Failed logins from one client (see --ipv6-client-prefix), within "
-            "--auth-failure-window, after which that client is refused until "
-            "they age out, at connect and on the connections it holds open "
-            "(0: never).",
-            _count,
-        ],
-        [
-            "auth-failure-window",
-            None,
-            60.0,
-            "Seconds a failed login counts for --auth-failures.",
-            _positive,
-        ],
-        [
-            "ipv6-client-prefix",
-            None,
-            DEFAULT_IPV6_CLIENT_PREFIX,
-            "IPv6 clients in one network of this prefix length count as one "
-            "client for --max-connections-per-client, --auth-failures and the "
-            "one-check-at-a-time rule (128: each address on its own).",
-            _prefix_length,
-        ],
-        [
-            "drain-timeout",
-            None,
-            10.0,
-            "On stop: seconds open tunnels may take to finish before they are "
-            "cut (new clients are refused meanwhile).",
-            _positive,
-        ],
-        [
-            "rules",
-            None,
-            None,
-            "Access rules file (first match wins; see the docs for the format). "
-            "Re-read on SIGHUP; a broken file keeps the rules in force.",
-        ],
-        [
-            "metrics",
-            None,
-            None,
-            "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
-            "tcp:9180:interface=127.0.0.1 (needs prometheus_client: "
-            "pip install 'twisted-socks5[metrics]').",
-        ],
-        [
-            "workers",
-            None,
-            1,
-            "Reactor processes serving the same ports (tcp: endpoints only); "
-            "'auto' starts one per CPU.  Dead workers are restarted.",
-            worker_count,
-        ],
-        [
-            "commands",
-            None,
-            "connect,bind,udp",
-            "The commands served, comma-separated, from connect, bind and udp; "
-            "the others are answered 0x07.",
-            _commands,
-        ],
-    ]
+    optParameters = _with_named_errors(_PARAMETERS)
 
     optFlags = [
         [
@@ -489,29 +517,6 @@ class Options(usage.Options, AuthOptionMixin):
     def _anonymous(self) -> bool:
         """Whether a client may use the proxy without a password."""
         return any(a.method == 0 for a in build_authenticators(self))
-
-
-def _naming(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``coerce``, whose errors name the option: "--handshake-timeout: ..."."""
-
-    def coerce_named(value: str) -> Any:
-        try:
-            return coerce(value)
-        except ValueError as e:
-            why = str(e)
-            if why.startswith(("could not convert", "invalid literal")):
-                why = f"not a number: {value!r}"
-            raise usage.UsageError(f"--{name}: {why}") from None
-
-    coerce_named.coerceDoc = getattr(coerce, "coerceDoc", "")  # type: ignore[attr-defined]
-    return coerce_named
-
-
-_SPECS = cast(List[List[Any]], Options.optParameters)
-Options.optParameters = [
-    [*spec[:4], _naming(spec[0], spec[4])] if len(spec) > 4 and spec[4] else spec
-    for spec in _SPECS
-]
 
 
 def _metrics_endpoint(description: str) -> str:
