@@ -64,6 +64,8 @@ API_MODULES = [
     "client",
     "upstream",
     "workers",
+    "options",
+    "exposure",
     "tap",
     "logs",
     "testing",
@@ -163,18 +165,34 @@ def _interface_names(app, what, name, obj, options, signature, annotation):
 def _unqualified(app, env, node, contnode):
     """
     Resolve a bare name (``:class:`IAuthenticatorFactory``` in a module that
-    only imports it) to the one object of that name in the package.
+    only imports it) to the one object of that name in the package, and a
+    name in a subpackage's module to where the subpackage documents it.
     """
     from sphinx.util.nodes import make_refnode
 
     target = node.get("reftarget", "")
-    if node.get("refdomain") != "py" or "." in target:
+    if node.get("refdomain") != "py":
         return None
     objects = env.get_domain("py").objects
+    if target.startswith("twisted_socks5.") and target.count(".") > 2:
+        # A name as its defining module spells it (``rules.decision.IPolicy``)
+        # where the package documents it (``rules.IPolicy``).
+        package, _, name = target.rpartition(".")
+        public = f"{package.rpartition('.')[0]}.{name}"
+        if public in objects:
+            entry = objects[public]
+            return make_refnode(
+                app.builder, node["refdoc"], entry.docname, entry.node_id, contnode
+            )
+        return None
+    if "." in target:
+        return None
     found = [
         name
         for name in objects
-        if name.startswith("twisted_socks5.") and name.rsplit(".", 1)[1] == target
+        if name.startswith("twisted_socks5.")
+        and name.rsplit(".", 1)[1] == target
+        and not objects[name].aliased  # the same object by its defining module
     ]
     if len(found) != 1:
         return None

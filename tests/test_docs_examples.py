@@ -555,7 +555,9 @@ def test_api_page_documents_the_module_and_its_interfaces(name: str) -> None:
     interfaces = [
         attribute
         for attribute, value in vars(module).items()
-        if isinstance(value, InterfaceClass) and value.__module__ == module_name
+        if isinstance(value, InterfaceClass)
+        # A package's own, or one of its modules' that it re-exports.
+        and (value.__module__ + ".").startswith(module_name + ".")
     ]
     for interface in interfaces:
         assert f".. autointerface:: {module_name}.{interface}" in page

@@ -29,8 +29,9 @@ from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
 from twisted_socks5 import _twisted, writenow
+from twisted_socks5.exposure import exposed
 from twisted_socks5.splice import plain_tcp
-from twisted_socks5.tap import ListeningService, _exposed
+from twisted_socks5.tap import ListeningService
 from twisted_socks5.tcpconnect import OutboundConnection
 from twisted_socks5.workers import tcp_listener
 
@@ -285,11 +286,11 @@ def test_an_unreadable_endpoint_is_refused_or_taken_as_exposed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_twisted, "endpoint_address", lambda endpoint: None)
-    monkeypatch.setattr("twisted_socks5.tap.endpoint_address", lambda e: None)
+    monkeypatch.setattr("twisted_socks5.exposure.endpoint_address", lambda e: None)
     monkeypatch.setattr("twisted_socks5.workers.endpoint_address", lambda e: None)
     with pytest.raises(ValueError, match="cannot read the address"):
         tcp_listener(MemoryReactor(), "tcp:1080:interface=127.0.0.1")
-    assert _exposed("tcp:1080:interface=127.0.0.1")
+    assert exposed("tcp:1080:interface=127.0.0.1")
     assert _twisted.endpoint_address(object()) is None
 
 

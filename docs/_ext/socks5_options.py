@@ -2,7 +2,7 @@
 A Sphinx directive that documents a ``twisted.python.usage.Options`` class
 from the class itself, so the option reference never drifts from the code::
 
-    .. usage-options:: twisted_socks5.tap.Options
+    .. usage-options:: twisted_socks5.options.Options
        :program: twistd socks5
        :auth-types:
 

@@ -1,0 +1,124 @@
+"""
+Whether ``twistd socks5`` starts exposed, and what it refuses then: an open
+proxy (no password, no client allow-list) on an endpoint other hosts can
+reach, at start and on every rules reload; metrics without a password; and
+clients reaching the proxy host itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Optional, Sequence
+
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ._twisted import endpoint_address
+from .rules import RulesError, RuleSet, RulesFile, open_relay_clients
+from .selfnet import HostAddresses, default_host
+
+# The namespace these warnings had before this module was split from tap.py.
+log = Logger(namespace="twisted_socks5.tap")
+
+
+def exposed(description: str) -> bool:
+    """Whether a --listen endpoint may be reached from beyond this host."""
+    from twisted.internet import reactor
+
+    endpoint = serverFromString(reactor, description)
+    if type(endpoint).__name__ == "UNIXServerEndpoint":
+        return False
+    address = endpoint_address(endpoint)
+    if address is None:  # systemd, haproxy, ...: cannot tell, assume so
+        return True
+    interface = address[0]
+    try:
+        return not ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
+    except ValueError:  # "" (all interfaces) or a name
+        return True
+
+
+def open_to(rules: Optional[RuleSet]) -> Optional[str]:
+    """Who may relay without a password under ``rules`` (``None``: nobody)."""
+    if rules is None:
+        return "anyone"
+    outside = open_relay_clients(rules)
+    if outside is None:
+        return None
+    first, last = outside
+    return f"clients from {first} to {last} (outside 'allow from' networks)"
+
+
+def refuse_open_rules(rules: RuleSet) -> None:
+    """The open-relay guard for a reloaded rules file: raises RulesError."""
+    who = open_to(rules)
+    if who is not None:
+        raise RulesError(
+            f"would make an open proxy ({who} may use it without a password); "
+            "the rules in force stay",
+            rules.source,
+        )
+
+
+def refuse_open_relay(
+    listen: Sequence[str], anonymous: Callable[[], bool], policy: Any
+) -> None:
+    """
+    Never become an open proxy by accident, at start or on SIGHUP: raise a
+    usage error when an endpoint in ``listen`` is exposed, ``anonymous()``
+    (asked only then) says a client may go without a password, and
+    ``policy`` (the --rules file, or ``None``) lets some client outside its
+    allow-list through.
+    """
+    reachable = [d for d in listen if exposed(d)]
+    if not reachable:
+        return
+    if not anonymous():
+        return
+    rules = policy.rules if policy is not None else None
+    who = open_to(rules)
+    if who is not None:
+        raise usage.UsageError(
+            f"refusing to start an open proxy: {', '.join(reachable)} can be "
+            f"reached from other hosts, and {who} may use it without a "
+            "password.  Require one (--auth ...), or allow only your clients "
+            "(--rules FILE with 'allow from YOUR/NET' and 'default deny'), or "
+            "listen on loopback; --allow-open-relay starts it anyway."
+        )
+    if isinstance(policy, RulesFile):
+        # The same guard on every reload: a rules file edited into an
+        # open relay is refused, and the rules in force stay.
+        policy.guard = refuse_open_rules
+
+
+def warn_if_metrics_exposed(description: str) -> bool:
+    """
+    Metrics have no authentication: say so when their endpoint can be
+    reached from other hosts (``tcp:9180`` listens on every interface).
+    """
+    if not exposed(description):
+        return False
+    log.warn(
+        "--metrics {endpoint} can be reached from other hosts, without a "
+        "password; give it interface=127.0.0.1 (or a management network)",
+        endpoint=description,
+        event="socks5.metrics_exposed",
+    )
+    return True
+
+
+def protected_host(
+    allow_self: bool, listen: Sequence[str], host: Optional[HostAddresses]
+) -> Optional[HostAddresses]:
+    """
+    The proxy host's addresses to refuse as destinations (``host``, or this
+    host's): when a listener is reachable from other hosts, unless
+    ``allow_self`` (--allow-self-destinations).  On loopback only, clients
+    are on this host already.
+    """
+    if allow_self:
+        return None
+    if not any(exposed(d) for d in listen):
+        return None
+    return host or default_host()

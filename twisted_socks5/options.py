@@ -1,0 +1,571 @@
+"""
+The command line of ``twistd socks5``: the options, their checks and
+defaults, and the authentication methods they choose.  The service they
+build is :mod:`twisted_socks5.tap`'s.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Any, Callable, List, Optional, Tuple
+
+from twisted.cred.checkers import (
+    AllowAnonymousAccess,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import IAnonymous, IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.cred.strcred import AuthOptionMixin
+from twisted.internet.endpoints import serverFromString
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from ._version import version_line
+from .auth import (
+    NoAuthAuthenticator,
+    ProxyRealm,
+    UsernamePasswordAuthenticator,
+    unusable_credentials,
+)
+from .codec import Command
+from .exposure import refuse_open_relay
+from .interfaces import IAuthenticator, IAuthenticatorFactory
+from .limits import DEFAULT_IPV6_CLIENT_PREFIX
+from .rules import RulesError, RulesFile
+from .selfnet import default_host
+from .server import DEFAULT_SPLICE_AFTER
+from .workers import worker_count
+
+DEFAULT_LISTEN = "tcp:1080:interface=127.0.0.1"
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be positive")
+    return number
+
+
+def _timeout_or_off(value: str) -> Optional[float]:
+    if value.lower() in ("0", "off", "none"):
+        return None
+    return _positive(value)
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _prefix_length(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 128:
+        raise ValueError("must be an IPv6 prefix length, 0 to 128")
+    return number
+
+
+_prefix_length.coerceDoc = "0 to 128."  # type: ignore[attr-defined]
+
+
+def _port_range(value: str) -> Tuple[int, int]:
+    low, sep, high = value.partition("-")
+    ports = (int(low), int(high if sep else low))
+    if not 1 <= ports[0] <= ports[1] <= 65535:
+        raise ValueError("must be LOW-HIGH with 1 <= LOW <= HIGH <= 65535")
+    return ports
+
+
+_port_range.coerceDoc = "LOW-HIGH, e.g. 40000-40999, or one port."  # type: ignore[attr-defined]
+
+_COMMANDS = {
+    "connect": Command.CONNECT,
+    "bind": Command.BIND,
+    "udp": Command.UDP_ASSOCIATE,
+}
+
+
+def _commands(value: str) -> List[Command]:
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _COMMANDS]
+    if unknown or not names:
+        raise ValueError(f"unknown command(s) {unknown}; use connect, bind, udp")
+    return [_COMMANDS[n] for n in names]
+
+
+_positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+_timeout_or_off.coerceDoc = "Seconds; 0 or 'off' disables it."  # type: ignore[attr-defined]
+
+
+def escape_ipv6_interface(description: str) -> str:
+    """
+    Escape the colons of an IPv6 literal given as ``interface=``, so that
+    ``tcp:1080:interface=::`` means what it says (Twisted's endpoint syntax
+    would otherwise read each colon as a separator).
+    """
+    key = "interface="
+    start = description.find(key)
+    if start < 0:
+        return description
+    start += len(key)
+    rest = description[start:]
+    if "\\" in rest or ":" not in rest:
+        return description
+    best = None
+    for end in range(1, len(rest) + 1):
+        if end < len(rest) and rest[end] != ":":
+            continue
+        candidate = rest[:end]
+        try:
+            ipaddress.IPv6Address(candidate.split("%", 1)[0])
+        except ValueError:
+            continue
+        best = candidate
+    if best is None:
+        return description
+    escaped = best.replace(":", "\\:")
+    return description[:start] + escaped + rest[len(best) :]
+
+
+def find_authenticator_factory(name: str) -> IAuthenticatorFactory:
+    """Find an :class:`IAuthenticatorFactory` plugin by its name."""
+    for factory in getPlugins(IAuthenticatorFactory):
+        if factory.name == name:
+            return factory
+    raise KeyError(name)
+
+
+def _naming(name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``coerce``, whose errors name the option: "--handshake-timeout: ..."."""
+
+    def coerce_named(value: str) -> Any:
+        try:
+            return coerce(value)
+        except ValueError as e:
+            why = str(e)
+            if why.startswith(("could not convert", "invalid literal")):
+                why = f"not a number: {value!r}"
+            raise usage.UsageError(f"--{name}: {why}") from None
+
+    coerce_named.coerceDoc = getattr(coerce, "coerceDoc", "")  # type: ignore[attr-defined]
+    return coerce_named
+
+
+def _with_named_errors(specs: List[List[Any]]) -> List[List[Any]]:
+    """The option table with each value check's errors naming its option."""
+    return [
+        [*spec[:4], _naming(spec[0], spec[4])] if len(spec) > 4 and spec[4] else spec
+        for spec in specs
+    ]
+
+
+#: ``usage.Options.optParameters``: name, short, default, help, value check.
+_PARAMETERS: List[List[Any]] = [
+    [
+        "handshake-timeout",
+        None,
+        10.0,
+        "Seconds a client has from connecting to a working tunnel "
+        "(greeting, authentication, request and connect).",
+        _positive,
+    ],
+    [
+        "connect-timeout",
+        None,
+        10.0,
+        "Seconds for the outbound connection, name resolution included; "
+        "expiry answers 0x06 (TTL expired).",
+        _positive,
+    ],
+    [
+        "idle-timeout",
+        None,
+        None,
+        "Close a tunnel after this many seconds without traffic either way "
+        "(default: never)",
+        _timeout_or_off,
+    ],
+    [
+        "stall-timeout",
+        None,
+        300.0,
+        "Close a tunnel that moved nothing for this many seconds while data "
+        "waits for a peer that does not read (such a peer may be gone "
+        "unnoticed); 0 or 'off' never does.",
+        _timeout_or_off,
+    ],
+    [
+        "bind-timeout",
+        None,
+        120.0,
+        "Seconds a BIND waits for its peer to connect; expiry answers 0x06.",
+        _positive,
+    ],
+    [
+        "max-connections",
+        None,
+        None,
+        "Client connections open at once, all clients together; over it a "
+        "new client is closed at once (default: the descriptor limit, "
+        "raised to its hard maximum at start, less a reserve, divided by "
+        "3; UDP associations count the four they may hold, busy tunnels' "
+        "splice pipes only use descriptors left over, and new clients are "
+        "refused before the process runs out; 0: no limit)",
+        _count,
+    ],
+    [
+        "splice-after",
+        None,
+        DEFAULT_SPLICE_AFTER,
+        "Bytes (both ways together) a tunnel relays by copying before the "
+        "zero-copy splice relay takes over; short tunnels never pay for its "
+        "pipes. 0: splice from the first byte.",
+        _count,
+    ],
+    [
+        "max-connections-per-client",
+        None,
+        None,
+        "Connections open at once from one client (see --ipv6-client-prefix; "
+        "default: a quarter of "
+        "--max-connections, so that no one client holds every slot; 0: no "
+        "limit).",
+        _count,
+    ],
+    [
+        "udp-idle-timeout",
+        None,
+        300.0,
+        "Close a UDP association after this many seconds without a datagram "
+        "either way; 0 or 'off' never does.",
+        _timeout_or_off,
+    ],
+    [
+        "bind-ports",
+        None,
+        None,
+        "The ports, as LOW-HIGH, a BIND for 0.0.0.0:PORT may listen on as "
+        "the client asks (some clients, such as Dante's, need the port they "
+        "ask for); by default, and outside the range, the system picks one.",
+        _port_range,
+    ],
+    [
+        "auth-failures",
+        None,
+        5,
+        "Failed logins from one client (see --ipv6-client-prefix), within "
+        "--auth-failure-window, after which that client is refused until "
+        "they age out, at connect and on the connections it holds open "
+        "(0: never).",
+        _count,
+    ],
+    [
+        "auth-failure-window",
+        None,
+        60.0,
+        "Seconds a failed login counts for --auth-failures.",
+        _positive,
+    ],
+    [
+        "ipv6-client-prefix",
+        None,
+        DEFAULT_IPV6_CLIENT_PREFIX,
+        "IPv6 clients in one network of this prefix length count as one "
+        "client for --max-connections-per-client, --auth-failures and the "
+        "one-check-at-a-time rule (128: each address on its own).",
+        _prefix_length,
+    ],
+    [
+        "drain-timeout",
+        None,
+        10.0,
+        "On stop: seconds open tunnels may take to finish before they are "
+        "cut (new clients are refused meanwhile).",
+        _positive,
+    ],
+    [
+        "rules",
+        None,
+        None,
+        "Access rules file (first match wins; see the docs for the format). "
+        "Re-read on SIGHUP; a broken file keeps the rules in force.",
+    ],
+    [
+        "metrics",
+        None,
+        None,
+        "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+        "tcp:9180:interface=127.0.0.1 (needs prometheus_client: "
+        "pip install 'twisted-socks5[metrics]').",
+    ],
+    [
+        "workers",
+        None,
+        1,
+        "Reactor processes serving the same ports (tcp: endpoints only); "
+        "'auto' starts one per CPU.  Dead workers are restarted.",
+        worker_count,
+    ],
+    [
+        "commands",
+        None,
+        "connect,bind,udp",
+        "The commands served, comma-separated, from connect, bind and udp; "
+        "the others are answered 0x07.",
+        _commands,
+    ],
+]
+
+
+class Options(usage.Options, AuthOptionMixin):
+    """Options for ``twistd socks5``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A SOCKS5 proxy server (RFC 1928, RFC 1929).  Without --auth it offers "
+        "no authentication; with --auth it requires a username and password "
+        "(checked by the twisted.cred checkers named with --auth), unless "
+        "--auth anonymous is given too."
+    )
+    supportedInterfaces = (IUsernamePassword, IAnonymous)
+    #: The --rules file, once parsed.
+    policy: Any = None
+    #: Whether parsing failed (twistd then prints a short usage).
+    _failed = False
+
+    optParameters = _with_named_errors(_PARAMETERS)
+
+    optFlags = [
+        [
+            "no-splice",
+            None,
+            "Relay through user space only (no os.splice zero-copy path, which "
+            "is otherwise used for plain TCP tunnels on Linux).",
+        ],
+        [
+            "allow-open-relay",
+            None,
+            "Start even when listening beyond loopback with neither a password "
+            "nor a client allow-list in --rules (an open proxy for anyone).",
+        ],
+        [
+            "allow-self-destinations",
+            None,
+            "Let clients reach the proxy host itself (loopback, its own "
+            "addresses) when listening beyond loopback; by default only rules "
+            "that name 'self' (allow ... to self) can allow it.",
+        ],
+        [
+            "udp-allow-unknown-sources",
+            None,
+            "Relay UDP datagrams to a client from addresses it never sent to "
+            "(needed by some NAT traversal); by default they are dropped.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["methods"] = []
+        #: Upstream servers by route name; ``None`` is the default route.
+        self["upstreams"] = {}
+
+    def opt_upstream(self, spec: str) -> None:
+        from twisted.internet import reactor
+
+        from .outbound import parse_upstream
+
+        name: Optional[str] = None
+        head, sep, rest = spec.partition("=")
+        if sep and head and "://" not in head and ":" not in head:
+            name, spec = head, rest
+        if name in self["upstreams"]:
+            raise usage.UsageError(f"--upstream {name or '(default)'} given twice")
+        try:
+            parse_upstream(reactor, spec)
+        except Exception as e:  # noqa: BLE001 - any parse error is a usage error
+            raise usage.UsageError(f"--upstream: {e}") from None
+        self["upstreams"][name] = spec
+
+    opt_upstream.__doc__ = (
+        "Send CONNECT requests through this SOCKS5 server: "
+        "socks5://[USER:PASS@]HOST:PORT, socks5+tls://...[?ca=CA.pem"
+        "&servername=NAME] (certificate and name verified), or a client "
+        "endpoint string.  As NAME=URL (repeatable) it is a route that access "
+        "rules choose with 'via NAME'; without NAME, the default route."
+    )
+
+    def opt_listen(self, endpoint: str) -> None:
+        description = escape_ipv6_interface(endpoint)
+        from twisted.internet import reactor
+
+        try:
+            serverFromString(reactor, description)
+        except Exception as e:  # noqa: BLE001 - any parser error is a usage error
+            raise usage.UsageError(f"--listen {endpoint!r}: {e!r}") from None
+        self["listen"].append(description)
+
+    # One line each: usage.Options prints docstrings' indentation as is.
+    opt_listen.__doc__ = (
+        "Listen on this Twisted server endpoint string; may be repeated.  "
+        "Examples: tcp:1080:interface=:: "
+        "ssl:1080:privateKey=key.pem:certKey=cert.pem unix:/run/socks5.sock "
+        "systemd:domain=INET6:index=0 haproxy:tcp:1080 "
+        "(default: tcp:1080:interface=127.0.0.1)."
+    )
+
+    def opt_auth(self, description: str) -> None:
+        problem = unusable_credentials(description)
+        if problem is not None:
+            kind = description.partition(":")[0]
+            raise usage.UsageError(f"--auth {kind}: {problem}")
+        AuthOptionMixin.opt_auth(self, description)
+
+    opt_auth.__doc__ = AuthOptionMixin.opt_auth.__doc__
+
+    def opt_method(self, spec: str) -> None:
+        name, _, argument = spec.partition(":")
+        try:
+            factory = find_authenticator_factory(name)
+        except KeyError:
+            raise usage.UsageError(
+                f"unknown authentication method plugin {name!r} (see --help-methods)"
+            ) from None
+        self["methods"].append((factory, argument))
+
+    opt_method.__doc__ = (
+        "Offer an authentication method provided by an IAuthenticatorFactory "
+        "plugin, as NAME or NAME:ARGUMENT; may be repeated, in order of "
+        "preference (offered before the built-in ones)."
+    )
+
+    def opt_help_methods(self) -> None:
+        """List the authentication method plugins that --method can use."""
+        factories = list(getPlugins(IAuthenticatorFactory))
+        for factory in factories:
+            sys.stdout.write(f"  {factory.name:<12} {factory.description}\n")
+        if not factories:
+            sys.stdout.write(
+                "No authentication method plugins are installed: --method has "
+                "nothing to offer (an IAuthenticatorFactory plugin in a "
+                "twisted/plugins directory adds one).\n"
+            )
+        raise SystemExit(0)
+
+    def opt_version(self) -> None:
+        """Display twisted-socks5's version and Twisted's, and exit."""
+        sys.stdout.write(version_line() + "\n")
+        raise SystemExit(0)
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        # twistd prints this above a usage error: the whole help would bury
+        # the one line that says what is wrong.
+        if self._failed:
+            return "Usage: twistd [options] socks5 [options] (--help lists them)\n"
+        return str(super().getUsage(width))
+
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        # Kept for --workers, whose processes get the same options again.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._failed = True
+            raise
+
+    def postOptions(self) -> None:
+        if self["workers"] > 1:
+            from twisted.internet import reactor
+
+            from .workers import tcp_listener
+
+            for description in self["listen"] or [DEFAULT_LISTEN]:
+                try:
+                    tcp_listener(reactor, description)
+                except ValueError as e:
+                    raise usage.UsageError(str(e)) from None
+            if self["metrics"]:
+                raise usage.UsageError(
+                    "--metrics is per process: it cannot be combined with --workers"
+                )
+        if self["metrics"]:
+            self["metrics"] = _metrics_endpoint(self["metrics"])
+        #: The ``self`` network, read now and on SIGHUP.
+        self.host = default_host()
+        if self["rules"]:
+            try:
+                self.policy = RulesFile(self["rules"], self.host)
+            except RulesError as e:
+                raise usage.UsageError(f"--rules: {e}") from None
+            named = {name for name in self["upstreams"] if name is not None}
+            unknown = sorted(self.policy.rules.routes - named - {"direct"})
+            if unknown:
+                raise usage.UsageError(
+                    f"--rules: 'via {unknown[0]}' names no --upstream {unknown[0]}=URL"
+                )
+        if isinstance(self["commands"], str):
+            self["commands"] = _commands(self["commands"])
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if not self["allow-open-relay"]:
+            refuse_open_relay(self["listen"], self._anonymous, self.policy)
+
+    def _anonymous(self) -> bool:
+        """Whether a client may use the proxy without a password."""
+        return any(a.method == 0 for a in build_authenticators(self))
+
+
+def _metrics_endpoint(description: str) -> str:
+    """A usable --metrics endpoint, or a usage error that says why not."""
+    from ._extras import available, missing
+
+    if not available("prometheus_client"):
+        raise usage.UsageError(missing("prometheus_client", "--metrics needs"))
+    from twisted.internet import reactor
+
+    escaped = escape_ipv6_interface(description)
+    try:
+        serverFromString(reactor, escaped)
+    except Exception as e:  # noqa: BLE001 - any parser error is a usage error
+        raise usage.UsageError(f"--metrics {description!r}: {e}") from None
+    return escaped
+
+
+def _bytes_memory_checkers(checkers: List[Any]) -> None:
+    """
+    strcred's ``memory:`` checker stores text, but RFC 1929 credentials are
+    octets: store bytes so both compare alike.
+    """
+    for checker in checkers:
+        if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+            checker.users = {
+                (k.encode("utf-8") if isinstance(k, str) else k): (
+                    v.encode("utf-8") if isinstance(v, str) else v
+                )
+                for k, v in checker.users.items()
+            }
+
+
+def build_authenticators(options: Options) -> List[IAuthenticator]:
+    """Turn --auth and --method into the ordered list of methods offered."""
+    interfaces = options.get("credInterfaces", {})
+    password_checkers = list(interfaces.get(IUsernamePassword, []))
+    anonymous = bool(interfaces.get(IAnonymous))
+    _bytes_memory_checkers(password_checkers)
+    portal = None
+    if password_checkers:
+        checkers = password_checkers + ([AllowAnonymousAccess()] if anonymous else [])
+        portal = Portal(ProxyRealm(), checkers)
+    authenticators: List[IAuthenticator] = [
+        factory.build(argument, portal) for factory, argument in options["methods"]
+    ]
+    if portal is not None:
+        authenticators.append(UsernamePasswordAuthenticator(portal))
+    if anonymous or not (password_checkers or options["methods"]):
+        authenticators.append(NoAuthAuthenticator())
+    return authenticators
