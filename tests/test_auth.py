@@ -428,7 +428,7 @@ def test_parallel_wrong_passwords_are_not_all_evaluated() -> None:
     assert all(_said(p) == REFUSED for p in clients)
     assert all(p.state is State.CLOSING for p in clients)
     assert h.factory.limits.checks == {}
-    assert h.factory._check_waiters == {}
+    assert h.factory.admission.check_waiters == {}
 
 
 def test_per_client_cap_lets_the_next_login_go_on_in_turn() -> None:
@@ -459,7 +459,7 @@ def test_a_waiting_login_that_goes_away_frees_its_place() -> None:
     assert len(checker.pending) == 1  # third's, not second's
     checker.answer()
     assert _said(third) == OK
-    assert h.factory._check_waiters == {}
+    assert h.factory.admission.check_waiters == {}
 
 
 def test_a_running_check_is_cancelled_when_its_client_goes() -> None:
@@ -563,7 +563,7 @@ def test_one_check_at_a_time_per_ipv6_network_and_the_next_goes_on() -> None:
     checker.answer()
     checker.answer()
     assert _said(second) == OK and _said(elsewhere) == OK
-    assert h.factory._check_waiters == {} and h.factory.limits.checks == {}
+    assert h.factory.admission.check_waiters == {} and h.factory.limits.checks == {}
 
 
 def test_a_busy_checker_refuses_without_counting_a_failure(events: Any) -> None:

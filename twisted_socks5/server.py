@@ -18,14 +18,11 @@ pipeline its greeting, credentials, request and first payload in one segment.
 
 from __future__ import annotations
 
-import collections
 import enum
-import ipaddress
 from typing import (
     Any,
     Callable,
     ClassVar,
-    Deque,
     Dict,
     List,
     Optional,
@@ -43,9 +40,11 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from . import admission
 from ._twisted import awaiting_proxy_header, write_buffered
 from .addresses import canonical_ip_text
-from .auth import STATUS_FAILURE, NoAuthAuthenticator
+from .admission import Admission
+from .auth import NoAuthAuthenticator
 from .bind import BindWaiter
 from .codec import (
     NULL_ADDRESS,
@@ -56,7 +55,6 @@ from .codec import (
     Reply,
     ReplyCode,
     Request,
-    UserPassStatus,
 )
 from .commands import HANDLERS, ICommandHandler
 from .commands.connect import address_of
@@ -76,7 +74,7 @@ from .handshake import (
 )
 from .interfaces import AuthResult, IAuthenticator
 from .limits import ConnectionLimits, checking_client
-from .logs import escape_word, log_connection
+from .logs import log_connection
 from .metrics import Metrics
 from .outbound import DirectConnector, IOutboundConnector
 from .relay import OutboundProtocol, RelayCounters
@@ -115,14 +113,6 @@ class State(enum.Enum):
 _HANDSHAKING = frozenset((State.GREETING, State.AUTHENTICATING, State.REQUEST))
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 #: The state of each value (a command handler names its phase by value).
 _PHASES: Dict[Optional[str], State] = {state.value: state for state in State}
 
@@ -144,9 +134,9 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._buffer = self.handshake.buffer
         self._waiting = False
         #: A credential check under way (dropped if the client goes).
-        self._checking: Optional[defer.Deferred[Any]] = None
+        self.checking: Optional[defer.Deferred[Any]] = None
         #: Waiting for a check from the same address to end.
-        self._parked = False
+        self.parked = False
         #: The look-up or connect under way (cancelled if the client goes).
         self.pending: Optional[defer.Deferred[Any]] = None
         self._client_eof = False
@@ -187,19 +177,6 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     #: so other connections pay nothing for it.
     behind_proxy = False
 
-    #: The handler of each handshake event, by method name: bound methods
-    #: kept on the instance would make every connection a reference cycle,
-    #: left for the cyclic garbage collector instead of freed at close.
-    _ON_EVENT: ClassVar[Dict[type, str]] = {
-        MethodChosen: "_method_chosen",
-        Rejected: "_rejected",
-        AuthContinue: "_auth_said",
-        AuthPending: "_auth_pending",
-        Authenticated: "_authenticated",
-        AuthFailed: "_auth_failed",
-        RequestReceived: "_on_request",
-    }
-
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
         return self.factory.reactor.callLater(delay, f, *a)
@@ -226,7 +203,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.handshake.client = peer
         if identified:
             self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
-        if not self.factory.admit(self.client_ip if identified else None):
+        if not self.factory.admission.admit(self.client_ip if identified else None):
             self._refuse()
             return False
         if identified:
@@ -290,15 +267,15 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             self.tunnel.client_ended()  # type: ignore[union-attr]
         elif self.state is State.ASSOCIATED:
             self.outcome = "association ended by the client"
-            self._close()
+            self.close()
         elif self.state is State.BINDING:
             self.outcome = "client went away while binding"
-            self._close()
+            self.close()
         elif self.state is not State.CONNECTING:
             # EOF before a request is complete: nothing will follow.
             if self.state is not State.CLOSING:
                 self.outcome = "client closed during handshake"
-            self._close()
+            self.close()
 
     def writeConnectionLost(self) -> None:
         """Our EOF to the client has been sent."""
@@ -309,10 +286,10 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         if self.refused:
             return
         self.factory.unwatch_activity(self)
-        if self._parked:
-            self.factory.stop_waiting_for_check(self)
-        if self._checking is not None:
-            self._checking.cancel()
+        if self.parked:
+            self.factory.admission.stop_waiting_for_check(self)
+        if self.checking is not None:
+            self.checking.cancel()
         if self.binding is not None:
             waiter, self.binding = self.binding, None
             waiter.cancel()
@@ -342,7 +319,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             before = handshake.state
             checking = None
             if before is ServerState.AUTHENTICATING and handshake.auth_data_waiting:
-                if not self._may_check():
+                if not admission.may_check(self):
                     return
                 # Whom a check started now is for: a hash pool's fair share.
                 checking = checking_client.set(self.factory.limits.key(self.client_ip))
@@ -356,13 +333,13 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                     checking_client.reset(checking)
             if event is None:
                 return
-            getattr(self, self._ON_EVENT[type(event)])(event)
+            self._ON_EVENT[type(event)](self, event)
 
     def _protocol_error(self, e: ProtocolError, state: ServerState) -> None:
         self.outcome = f"protocol error: {e}"
         if state is ServerState.REQUEST and e.reply is not None:
-            self._send_reply(e.reply)
-        self._close()
+            self.send_reply(e.reply)
+        self.close()
 
     def _method_chosen(self, event: MethodChosen) -> None:
         self.method = event.method
@@ -373,105 +350,32 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.method = Method.NO_ACCEPTABLE_METHODS
         self.outcome = event.reason
         self.transport.write(event.data)
-        self._close()
-
-    def _may_check(self) -> bool:
-        """The login limits of this address, before a method sees its bytes."""
-        factory = self.factory
-        if not factory.limits.may_check(self.client_ip):
-            # As many checks from this address as it may have run already:
-            # wait for one to end (and be counted) before this one starts.
-            self._hold()
-            factory.wait_for_check(self)
-            return False
-        if factory.limits.throttled(self.client_ip):
-            self._refuse_throttled()
-            return False
-        return True
-
-    def _auth_pending(self, event: AuthPending) -> None:
-        result = event.result
-        if not isinstance(result, defer.Deferred):
-            self._on_event(self.handshake.auth_result(result))  # refused
-            return
-        # Held, not paused: a client that goes away is noticed, and its
-        # check is dropped if it has not started (see connectionLost).
-        self._hold()
-        self._checking = result
-        self.factory.limits.check_started(self.client_ip)
-        result.addCallbacks(self._auth_result, self._auth_error)
-        # Only once a failure is counted may the next check begin.
-        result.addBoth(self._check_ended)
-        result.addBoth(self._unwait)
-
-    def _on_event(self, event: Event) -> None:
-        getattr(self, self._ON_EVENT[type(event)])(event)
-
-    def _check_ended(self, result: Any) -> Any:
-        self._checking = None
-        self.factory.check_ended(self.client_ip)
-        return result
-
-    def _auth_result(self, result: Any) -> None:
-        """A method's asynchronous check answered."""
-        if self.state is State.CLOSING or self.transport.disconnected:
-            return
-        self._on_event(self.handshake.auth_result(result))
-
-    def _auth_error(self, failure: Failure) -> None:
-        if self.state is State.CLOSING or self.transport.disconnected:
-            return  # the check was dropped with the connection
-        self.log.failure("authenticator failed", failure)
-        self.handshake.auth_error(failure.value)  # type: ignore[arg-type]
-        self._authentication_failed("authenticator error")
-
-    def _auth_said(self, event: Union[AuthContinue, Authenticated, AuthFailed]) -> None:
-        if event.data:
-            self.transport.write(event.data)
-        if event.user is not None:
-            self.user = event.user
+        self.close()
 
     def _authenticated(self, event: Authenticated) -> None:
-        # Failures from other connections may have throttled this address
-        # while this check ran: a right password is refused too.
-        if self.factory.limits.throttled(self.client_ip):
-            self._refuse_throttled()
-            return
-        if event.data:
-            self.transport.write(event.data)
-        if event.user is not None:
-            self.user = event.user
-        self.state = State.REQUEST
+        if admission.authenticated(self, event):
+            self.state = State.REQUEST
 
-    def _auth_failed(self, event: AuthFailed) -> None:
-        if event.error is not None:
-            self.log.failure("authenticator failed", Failure(event.error))
-            self._authentication_failed("authenticator error")
-            return
-        self._auth_said(event)
-        if event.busy:  # not the client's fault: not counted
-            self.outcome = "login refused: busy, too many checks waiting"
-            self.factory.login_busy(self)
-            self._close()
-            return
-        self._authentication_failed("authentication failed")
-
-    def _authentication_failed(self, outcome: str) -> None:
-        self.outcome = outcome
-        self.factory.authentication_failed(self)
-        self._close()
-
-    def _refuse_throttled(self) -> None:
-        """Refuse a login from an address over its failed-login budget."""
-        self.outcome = "login refused: too many failed logins"
-        if self.method == Method.USERNAME_PASSWORD:
-            self.transport.write(UserPassStatus(STATUS_FAILURE).to_bytes())
-        self.factory.login_throttled(self)
-        self._close()
+    def handle_event(self, event: Event) -> None:
+        """Act on a handshake event (also one a check answered later)."""
+        self._ON_EVENT[type(event)](self, event)
 
     def _on_request(self, event: RequestReceived) -> None:
         request = self.request = event.request
         self._dispatch(request)
+
+    #: The handler of each handshake event: plain functions (bound methods
+    #: kept on the instance would make every connection a reference cycle,
+    #: left for the cyclic garbage collector instead of freed at close).
+    _ON_EVENT: ClassVar[Dict[type, Callable[[Any, Any], None]]] = {
+        MethodChosen: _method_chosen,
+        Rejected: _rejected,
+        AuthContinue: admission.auth_said,
+        AuthPending: admission.auth_pending,
+        Authenticated: _authenticated,
+        AuthFailed: admission.auth_failed,
+        RequestReceived: _on_request,
+    }
 
     # ------------------------------------------------------------------
     # Dispatch: the rules' first answer, then the command's handler
@@ -603,7 +507,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         """Answer the request with a failure code, then close (RFC 1928 s. 6)."""
         self.outcome = outcome
         self.send_reply(code)
-        self._close()
+        self.close()
 
     def wait(self) -> None:
         """Stop reading the client while something asynchronous runs."""
@@ -629,13 +533,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
                 self._process()
         return result
 
-    # The handshake's names for the steps above.
-    _send_reply = send_reply
-    _fail = fail
-    _hold = hold
-    _unwait = unwait
-
-    def _close(self) -> None:
+    def close(self) -> None:
         """Close after the queued reply has been written."""
         self.state = State.CLOSING
         self._buffer.clear()
@@ -767,10 +665,6 @@ class SOCKS5ServerFactory(Factory):
         self.handlers: Dict[Command, ICommandHandler] = dict(HANDLERS)
         self.active: set[SOCKS5ServerProtocol] = set()
         self.limits = limits or ConnectionLimits(reactor.seconds)
-        #: Connections waiting for their client's credential checks, by the
-        #: limits' client key (an IPv6 client is its network).
-        self._check_waiters: Dict[str, Deque[SOCKS5ServerProtocol]] = {}
-        self._waking: set[str] = set()
         #: The access rules; ``None`` allows everything (and costs nothing).
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy
@@ -790,6 +684,8 @@ class SOCKS5ServerFactory(Factory):
         self.watch = ActivityWatch(reactor, self._watch_periods)
         #: Prometheus metrics, once :meth:`enable_metrics` was called.
         self.metrics: Optional[Metrics] = None
+        #: Who gets in: the connection and login gates (admission.py).
+        self.admission = Admission(self)
 
     @property
     def methods(self) -> list[int]:
@@ -811,62 +707,17 @@ class SOCKS5ServerFactory(Factory):
         timeouts = (self.idle_timeout, self.stall_timeout, self.udp_idle_timeout)
         return [t for t in timeouts if t]
 
-    def admit(self, ip: Optional[str]) -> bool:
-        """
-        Whether a new client from ``ip`` may go on: the connection limits,
-        shutdown, and the rules' client check (``ip`` ``None``: a client a
-        PROXY header has yet to name, checked again by :meth:`identify`).
-        A refusal is logged here.
-        """
-        refusal = self.limits.refusal(ip)
-        if refusal is None and self.draining:
-            refusal = ("draining", "server is shutting down")
-        if refusal is None and ip is not None:
-            refusal = self._rules_refusal(ip)
-        return self._admitted(ip, refusal)
-
     def identify(self, protocol: SOCKS5ServerProtocol) -> bool:
         """
         A client counted since accept was named by its PROXY header: its
         own limits and the rules now.  Refused, it is no longer counted.
         """
-        ip = protocol.client_ip
-        if _is_ip(ip):
-            refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
-        else:
-            # Twisted's PROXY v1 parser takes any text as the source: a
-            # header that names no IP address names no client.
-            refusal = ("bad_proxy_header", "the PROXY header names no IP address")
-        if self._admitted(ip, refusal):
-            self.limits.identified(ip)
+        if self.admission.identify(protocol.client_ip):
             return True
         if protocol in self.active:
             self.active.discard(protocol)
             self.limits.closed(None)
         return False
-
-    def _rules_refusal(self, ip: str) -> Optional[tuple[str, str]]:
-        if self.policy is not None:
-            decision = self.policy.check_client(ip or "127.0.0.1")
-            if not decision.allowed:
-                return ("rules", f"denied by {decision.rule}")
-        return None
-
-    def _admitted(self, ip: Optional[str], refusal: Optional[tuple[str, str]]) -> bool:
-        if refusal is not None:
-            # Returning None makes Twisted close the connection at once.
-            kind, why = refusal
-            self.log.info(
-                "refused {client}: {reason}",
-                event="socks5.refused",
-                client=escape_word(ip),
-                kind=kind,
-                reason=why,
-            )
-            if self.metrics is not None:
-                self.metrics.refused_connection(kind)
-            return False
-        return True
 
     def drain(self, timeout: float) -> defer.Deferred[None]:
         """
@@ -921,70 +772,6 @@ class SOCKS5ServerFactory(Factory):
     def connection_opened(self, protocol: SOCKS5ServerProtocol) -> None:
         self.active.add(protocol)
         self.limits.opened(protocol.client_ip if protocol.identified else None)
-
-    def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
-        self.limits.auth_failed(protocol.client_ip)
-        if self.metrics is not None:
-            self.metrics.auth_failed()
-
-    def login_throttled(self, protocol: SOCKS5ServerProtocol) -> None:
-        """A login on an open connection refused: its address is throttled."""
-        self.log.info(
-            "refused login from {client}: throttled",
-            event="socks5.refused",
-            client=escape_word(protocol.client_ip),
-            kind="throttled",
-            reason=f"throttled after {self.limits.auth_failures} failed logins",
-        )
-        if self.metrics is not None:
-            self.metrics.refused_connection("throttled")
-
-    def login_busy(self, protocol: SOCKS5ServerProtocol) -> None:
-        """A login refused unchecked (the checker's queue is full): not a failure."""
-        self.log.info(
-            "refused login from {client}: busy",
-            event="socks5.refused",
-            client=protocol.client_ip,
-            kind="busy",
-            reason="too many credential checks waiting",
-        )
-        if self.metrics is not None:
-            self.metrics.refused_connection("busy")
-
-    def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
-        """Park ``protocol`` until a check from its address ends."""
-        protocol._parked = True
-        key = self.limits.key(protocol.client_ip)
-        self._check_waiters.setdefault(key, collections.deque()).append(protocol)
-
-    def stop_waiting_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
-        protocol._parked = False
-        key = self.limits.key(protocol.client_ip)
-        waiters = self._check_waiters.get(key)
-        if waiters is not None:
-            waiters.remove(protocol)
-            if not waiters:
-                del self._check_waiters[key]
-
-    def check_ended(self, ip: str) -> None:
-        """A credential check from ``ip`` ended: parked ones go on in turn."""
-        self.limits.check_ended(ip)
-        key = self.limits.key(ip)  # the same client as the limits count
-        if key in self._waking:
-            return  # a woken connection's own quick check: the loop goes on
-        self._waking.add(key)
-        try:
-            while self.limits.may_check(ip):
-                waiters = self._check_waiters.get(key)
-                if not waiters:
-                    break
-                protocol = waiters.popleft()
-                if not waiters:
-                    del self._check_waiters[key]
-                protocol._parked = False
-                protocol._unwait(None)
-        finally:
-            self._waking.discard(key)
 
     def reloadables(self) -> List[Any]:
         """
