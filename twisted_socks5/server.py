@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import admission
-from ._twisted import awaiting_proxy_header, write_buffered
+from ._twisted import awaiting_proxy_header
 from .addresses import canonical_ip_text
 from .admission import Admission
 from .auth import NoAuthAuthenticator
@@ -80,7 +80,13 @@ from .outbound import DirectConnector, IOutboundConnector
 from .relay import OutboundProtocol, RelayCounters
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
-from .tunnel import ActivityWatch, Tunnel, Watched, silence_verdict
+from .tunnel import (
+    ActivityWatch,
+    Tunnel,
+    Watched,
+    check_association,
+    watch_association,
+)
 from .udp import UDPAssociation
 from .writenow import write_now
 
@@ -142,7 +148,8 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._client_eof = False
         #: The rules' answer to the request (its route, when final).
         self.decision: Any = None
-        self._silent_since = 0.0
+        #: When a UDP association last saw a datagram (see tunnel.py).
+        self.silent_since = 0.0
         #: The relaying pair, once the request succeeded (see tunnel.py).
         self.tunnel: Optional[Tunnel] = None
         #: A BIND's wait for its peer.
@@ -460,38 +467,11 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self.state = State.ASSOCIATED
         self.setTimeout(None)
         self._buffer.clear()
-        factory = self.factory
-        if factory.idle_timeout or factory.stall_timeout or self._udp_idle():
-            self._silent_since = factory.reactor.seconds()
-            factory.watch_activity(self)
+        watch_association(self)
 
     def check_activity(self, now: float) -> None:
         """The watch looks at a UDP association (tunnels: Tunnel's)."""
-        self._silent_since, verdict = silence_verdict(
-            self.counters,
-            self._silent_since,
-            now,
-            self._udp_idle() or self.factory.idle_timeout,
-            self.factory.stall_timeout,
-            self._stalled,
-        )
-        if verdict is not None:
-            # The watch gives up on it (its close comes a turn later).
-            self.factory.unwatch_activity(self)
-            self.outcome = verdict
-            self.transport.abortConnection()
-
-    def _udp_idle(self) -> Optional[float]:
-        """An association's idle limit: the shorter of the two timeouts."""
-        if self.udp is None:
-            return None
-        limits = [
-            t for t in (self.factory.udp_idle_timeout, self.factory.idle_timeout) if t
-        ]
-        return min(limits) if limits else None
-
-    def _stalled(self) -> bool:
-        return bool(write_buffered(self.transport))
+        check_association(self, now)
 
     # ------------------------------------------------------------------
     # Helpers
