@@ -24,8 +24,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .addresses import address_of, canonical_ip_text
 from .auth import STATUS_FAILURE
-from .codec import Method, UserPassStatus
+from .codec import Address, Method, UserPassStatus
 from .handshake import (
     AuthContinue,
     Authenticated,
@@ -60,6 +61,9 @@ class Applicant(Protocol):
     transport: Any
     handshake: ServerHandshake
     client_ip: str
+    client: Optional[Address]
+    #: Counted by the limits as from ``client_ip``.
+    identified: bool
     method: Optional[int]
     user: Optional[str]
     outcome: str
@@ -79,6 +83,9 @@ class Applicant(Protocol):
 
     def close(self) -> None:
         """Close after what is queued has been written."""
+
+    def refuse(self) -> None:
+        """Drop the connection unanswered (refused, already logged)."""
 
     def handle_event(self, event: Event) -> None:
         """Act on a handshake event."""
@@ -232,6 +239,42 @@ class Admission:
                 applicant.unwait(None)
         finally:
             self._waking.discard(key)
+
+
+# ----------------------------------------------------------------------
+# A connection's steps through the connection gate.
+
+
+def admit_connection(applicant: Applicant, identified: bool = True) -> bool:
+    """
+    At accept: the limits and the rules' client check; False if refused.
+    ``identified`` False: a PROXY header is still to name the client, who
+    is counted against the server's limits only until then.
+    """
+    peer = applicant.handshake.client = applicant.transport.getPeer()
+    if identified:
+        applicant.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
+    factory = applicant.factory
+    if not factory.admission.admit(applicant.client_ip if identified else None):
+        applicant.refuse()
+        return False
+    if identified:
+        applicant.client = address_of(peer)
+    applicant.identified = identified
+    factory.connection_opened(applicant)
+    return True
+
+
+def identify_connection(applicant: Applicant) -> bool:
+    """The PROXY header named the client: its own limits and the rules."""
+    peer = applicant.handshake.client = applicant.transport.getPeer()
+    applicant.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
+    if not applicant.factory.identify(applicant):
+        applicant.refuse()
+        return False
+    applicant.identified = True
+    applicant.client = address_of(peer)
+    return True
 
 
 # ----------------------------------------------------------------------

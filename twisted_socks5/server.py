@@ -42,7 +42,6 @@ from zope.interface import implementer
 
 from . import admission
 from ._twisted import awaiting_proxy_header
-from .addresses import canonical_ip_text
 from .admission import Admission
 from .auth import NoAuthAuthenticator
 from .bind import BindWaiter
@@ -57,7 +56,6 @@ from .codec import (
     Request,
 )
 from .commands import HANDLERS, ICommandHandler
-from .commands.connect import address_of
 from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
 from .handshake import (
     AuthContinue,
@@ -200,37 +198,12 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             # limits (a silent client holds a slot too); the client's own
             # limits and the rules wait for the header to name it.
             self.behind_proxy = True
-            self._admit(identified=False)
+            admission.admit_connection(self, identified=False)
             return
-        self._admit()
+        admission.admit_connection(self)
 
-    def _admit(self, identified: bool = True) -> bool:
-        """The limits and the rules' client check; False if refused."""
-        peer = self.transport.getPeer()
-        self.handshake.client = peer
-        if identified:
-            self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
-        if not self.factory.admission.admit(self.client_ip if identified else None):
-            self._refuse()
-            return False
-        if identified:
-            self.client = address_of(peer)
-        self.identified = identified
-        self.factory.connection_opened(self)
-        return True
-
-    def _identify(self) -> bool:
-        """The PROXY header named the client: its own limits and the rules."""
-        peer = self.handshake.client = self.transport.getPeer()
-        self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
-        if not self.factory.identify(self):
-            self._refuse()
-            return False
-        self.identified = True
-        self.client = address_of(peer)
-        return True
-
-    def _refuse(self) -> None:
+    def refuse(self) -> None:
+        """Drop the connection unanswered (a limit or the rules refused it)."""
         self.refused = True
         self.state = State.CLOSING
         self.setTimeout(None)
@@ -251,7 +224,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
             return
         if self.state is State.CLOSING:
             return
-        if not self.identified and not self._identify():
+        if not self.identified and not admission.identify_connection(self):
             return
         if self.state is State.ASSOCIATED:
             # RFC 1928 gives the control connection nothing more to carry.
