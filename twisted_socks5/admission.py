@@ -45,6 +45,8 @@ Refusal = Tuple[str, str]
 class Server(Protocol):
     """What the gates read of their factory."""
 
+    #: Its logger: refusals are logged as the factory's, as they always were.
+    log: Logger
     limits: ConnectionLimits
     #: The access rules (an :class:`~twisted_socks5.rules.IPolicy`), or None.
     policy: Any
@@ -102,8 +104,6 @@ def _is_ip(text: str) -> bool:
 class Admission:
     """A server's gates, and the logins waiting for a credential check."""
 
-    log = Logger()
-
     def __init__(self, server: Server) -> None:
         self.server = server
         #: Connections waiting for their client's credential checks, by the
@@ -157,7 +157,7 @@ class Admission:
     def _admitted(self, ip: Optional[str], refusal: Optional[Refusal]) -> bool:
         if refusal is not None:
             kind, why = refusal
-            self.log.info(
+            self.server.log.info(
                 "refused {client}: {reason}",
                 event="socks5.refused",
                 client=escape_word(ip),
@@ -184,7 +184,7 @@ class Admission:
 
     def login_throttled(self, applicant: Applicant) -> None:
         """A login on an open connection refused: its address is throttled."""
-        self.log.info(
+        self.server.log.info(
             "refused login from {client}: throttled",
             event="socks5.refused",
             client=escape_word(applicant.client_ip),
@@ -195,7 +195,7 @@ class Admission:
 
     def login_busy(self, applicant: Applicant) -> None:
         """A login refused unchecked (the checker's queue is full): not a failure."""
-        self.log.info(
+        self.server.log.info(
             "refused login from {client}: busy",
             event="socks5.refused",
             client=applicant.client_ip,

@@ -76,6 +76,7 @@ from .logs import log_connection
 from .metrics import Metrics
 from .outbound import DirectConnector, IOutboundConnector
 from .relay import OutboundProtocol, RelayCounters
+from .reloading import reload_all, reloadables
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
 from .tunnel import (
@@ -731,41 +732,14 @@ class SOCKS5ServerFactory(Factory):
         Everything with a ``reload()``: the access rules, authenticators
         (plugins included) and the credential checkers behind them.
         """
-        found: List[Any] = []
-        if self.protect_host is not None:
-            found.append(self.protect_host)
-        if self.policy is not None and hasattr(self.policy, "reload"):
-            found.append(self.policy)
-        for authenticator in self.authenticators:
-            if hasattr(authenticator, "reload"):
-                found.append(authenticator)
-            portal = getattr(authenticator, "portal", None)
-            for checker in getattr(portal, "checkers", {}).values():
-                if hasattr(checker, "reload") and checker not in found:
-                    found.append(checker)
-        return found
+        return reloadables(self.protect_host, self.policy, self.authenticators)
 
     def reload(self) -> None:
         """
         Re-read configuration files (SIGHUP) without touching open tunnels;
         a file that fails to load keeps its old contents, and the log says why.
         """
-        for item in self.reloadables():
-            try:
-                item.reload()
-            except (ValueError, OSError) as e:  # a broken file: RulesError says where
-                self.log.warn(
-                    "reload of {item!r} failed, keeping it as it was: {error}",
-                    item=item,
-                    error=str(e),
-                    event="socks5.reload_failed",
-                )
-            except Exception:  # noqa: BLE001 - keep serving with the old one
-                self.log.failure(
-                    "reload of {item!r} failed; keeping it as it was", item=item
-                )
-            else:
-                self.log.info("reloaded {item!r}", item=item, event="socks5.reloaded")
+        reload_all(self.reloadables(), self.log)
 
     def enable_metrics(self, registry: Any = None) -> Metrics:
         """Start counting for Prometheus (needs ``prometheus_client``)."""
