@@ -144,3 +144,11 @@ def test_a_missing_extra_names_the_extra_that_installs_it() -> None:
     assert missing("prometheus_client", "--metrics needs") == (
         "--metrics needs prometheus_client: pip install 'twisted-socks5[metrics]'"
     )
+
+
+def test_address_of_keeps_its_old_path() -> None:
+    """``address_of`` moved to addresses.py (the server's gates use it too)."""
+    from twisted_socks5.addresses import address_of
+    from twisted_socks5.commands.connect import address_of as old
+
+    assert old is address_of

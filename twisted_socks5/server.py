@@ -55,7 +55,7 @@ from .codec import (
     ReplyCode,
     Request,
 )
-from .commands import HANDLERS, ICommandHandler
+from .commands import HANDLERS, ICommandHandler, handler_for
 from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
 from .handshake import (
     AuthContinue,
@@ -342,8 +342,17 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
         self._ON_EVENT[type(event)](self, event)
 
     def _on_request(self, event: RequestReceived) -> None:
+        """Dispatch: the rules' first answer, then the command's handler."""
         request = self.request = event.request
-        self._dispatch(request)
+        handler = handler_for(self, request)
+        if handler is None:
+            return
+        if handler.phase is not None:
+            self.state = _PHASES[handler.phase]
+            # The client has done its part; the command's own timeouts bound
+            # the rest (a connect's expiry is answered, 0x06, not cut short).
+            self.setTimeout(None)
+        handler.handle(self, request)
 
     #: The handler of each handshake event: plain functions (bound methods
     #: kept on the instance would make every connection a reference cycle,
@@ -359,33 +368,7 @@ class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
     }
 
     # ------------------------------------------------------------------
-    # Dispatch: the rules' first answer, then the command's handler
-
-    def _dispatch(self, request: Request) -> None:
-        handler = self.factory.handlers.get(request.command)
-        if handler is None or request.command not in self.factory.commands:
-            self.fail(
-                ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.phrase} not enabled"
-            )
-            return
-        policy = self.factory.policy
-        if policy is not None:
-            decision = policy.check_request(
-                self.policy_ip,
-                self.user,
-                request.command,
-                handler.rules_destination(request),
-            )
-            self.decision = decision
-            if not decision.allowed:
-                self.deny(decision.rule)
-                return
-        if handler.phase is not None:
-            self.state = _PHASES[handler.phase]
-            # The client has done its part; the command's own timeouts bound
-            # the rest (a connect's expiry is answered, 0x06, not cut short).
-            self.setTimeout(None)
-        handler.handle(self, request)
+    # What a command handler may use (commands.base.RequestContext)
 
     @property
     def policy_ip(self) -> str:
