@@ -591,3 +591,29 @@ def test_only_a_refusal_can_be_busy() -> None:
         AuthResult(success=True, busy=True)
     with pytest.raises(TypeError):
         AuthResult(done=False, busy=True)
+
+
+def test_the_factory_keeps_its_gate_methods_for_one_release(events: Any) -> None:
+    """The gates moved to ``factory.admission``; the old names still work."""
+    h, _ = slow_harness(per_client=1, failures=1)
+    factory = h.factory
+    first, second = open_clients(h, 2)
+    factory.wait_for_check(second)
+    assert second.parked and factory.admission.check_waiters
+    factory.stop_waiting_for_check(second)
+    assert not second.parked and factory.admission.check_waiters == {}
+    factory.limits.check_started("127.0.0.7")
+    factory.check_ended("127.0.0.7")
+    assert factory.limits.checks == {}
+    assert factory.admit("127.0.0.7")
+    factory.authentication_failed(first)
+    assert not factory.admit("127.0.0.7")
+    factory.login_throttled(first)
+    factory.login_busy(first)
+    kinds = [e["kind"] for e in events if e.get("event") == "socks5.refused"]
+    assert kinds == ["throttled", "throttled", "busy"]
+    assert all(
+        e["log_namespace"] == "twisted_socks5.server.SOCKS5ServerFactory"
+        for e in events
+        if e.get("event") == "socks5.refused"
+    )

@@ -724,6 +724,37 @@ class SOCKS5ServerFactory(Factory):
         """
         reload_all(self.reloadables(), self.log)
 
+    # Kept for one release: the gates are the factory's ``admission`` now
+    # (:class:`~twisted_socks5.admission.Admission`), which does not call these.
+
+    def admit(self, ip: Optional[str]) -> bool:
+        """Deprecated: ``admission.admit``."""
+        return self.admission.admit(ip)
+
+    def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.authentication_failed``."""
+        self.admission.authentication_failed(protocol)
+
+    def login_throttled(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.login_throttled``."""
+        self.admission.login_throttled(protocol)
+
+    def login_busy(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.login_busy``."""
+        self.admission.login_busy(protocol)
+
+    def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.wait_for_check``."""
+        self.admission.wait_for_check(protocol)
+
+    def stop_waiting_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.stop_waiting_for_check``."""
+        self.admission.stop_waiting_for_check(protocol)
+
+    def check_ended(self, ip: str) -> None:
+        """Deprecated: ``admission.check_ended``."""
+        self.admission.check_ended(ip)
+
     def enable_metrics(self, registry: Any = None) -> Metrics:
         """Start counting for Prometheus (needs ``prometheus_client``)."""
         self.metrics = Metrics(self, registry)
