@@ -57,7 +57,9 @@ class Server(Protocol):
 class Applicant(Protocol):
     """A client connection (the server protocol), as the gates see it."""
 
-    log: Logger
+    @property
+    def log(self) -> Logger: ...
+
     #: Its factory (whose ``admission`` is the gate it passes).
     factory: Any
     transport: Any

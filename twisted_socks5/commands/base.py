@@ -38,7 +38,9 @@ class RequestContext(Protocol):
     a handler takes (reply, fail, hold the client, start a tunnel).
     """
 
-    log: Logger
+    @property
+    def log(self) -> Logger: ...
+
     factory: Any
     transport: Any
     #: Whether a PROXY header named the client (its claims are its own).
