@@ -122,10 +122,7 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
 
     @property
     def log(self) -> Logger:
-        """
-        Its logger (built on each use, as a class ``Logger()`` would be),
-        in the namespace its events had when it lived in ``server.py``.
-        """
+        """Its logger, per use as ``Logger()``'s, in its ``server.py`` namespace."""
         return Logger("twisted_socks5.server.SOCKS5ServerProtocol", self)
 
     factory: Server
