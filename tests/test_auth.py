@@ -428,7 +428,7 @@ def test_parallel_wrong_passwords_are_not_all_evaluated() -> None:
     assert all(_said(p) == REFUSED for p in clients)
     assert all(p.state is State.CLOSING for p in clients)
     assert h.factory.limits.checks == {}
-    assert h.factory._check_waiters == {}
+    assert h.factory.admission.check_waiters == {}
 
 
 def test_per_client_cap_lets_the_next_login_go_on_in_turn() -> None:
@@ -459,7 +459,7 @@ def test_a_waiting_login_that_goes_away_frees_its_place() -> None:
     assert len(checker.pending) == 1  # third's, not second's
     checker.answer()
     assert _said(third) == OK
-    assert h.factory._check_waiters == {}
+    assert h.factory.admission.check_waiters == {}
 
 
 def test_a_running_check_is_cancelled_when_its_client_goes() -> None:
@@ -563,7 +563,7 @@ def test_one_check_at_a_time_per_ipv6_network_and_the_next_goes_on() -> None:
     checker.answer()
     checker.answer()
     assert _said(second) == OK and _said(elsewhere) == OK
-    assert h.factory._check_waiters == {} and h.factory.limits.checks == {}
+    assert h.factory.admission.check_waiters == {} and h.factory.limits.checks == {}
 
 
 def test_a_busy_checker_refuses_without_counting_a_failure(events: Any) -> None:
@@ -591,3 +591,29 @@ def test_only_a_refusal_can_be_busy() -> None:
         AuthResult(success=True, busy=True)
     with pytest.raises(TypeError):
         AuthResult(done=False, busy=True)
+
+
+def test_the_factory_keeps_its_gate_methods_for_one_release(events: Any) -> None:
+    """The gates moved to ``factory.admission``; the old names still work."""
+    h, _ = slow_harness(per_client=1, failures=1)
+    factory = h.factory
+    first, second = open_clients(h, 2)
+    factory.wait_for_check(second)
+    assert second.parked and factory.admission.check_waiters
+    factory.stop_waiting_for_check(second)
+    assert not second.parked and factory.admission.check_waiters == {}
+    factory.limits.check_started("127.0.0.7")
+    factory.check_ended("127.0.0.7")
+    assert factory.limits.checks == {}
+    assert factory.admit("127.0.0.7")
+    factory.authentication_failed(first)
+    assert not factory.admit("127.0.0.7")
+    factory.login_throttled(first)
+    factory.login_busy(first)
+    kinds = [e["kind"] for e in events if e.get("event") == "socks5.refused"]
+    assert kinds == ["throttled", "throttled", "busy"]
+    assert all(
+        e["log_namespace"] == "twisted_socks5.server.SOCKS5ServerFactory"
+        for e in events
+        if e.get("event") == "socks5.refused"
+    )

@@ -144,3 +144,26 @@ def test_a_missing_extra_names_the_extra_that_installs_it() -> None:
     assert missing("prometheus_client", "--metrics needs") == (
         "--metrics needs prometheus_client: pip install 'twisted-socks5[metrics]'"
     )
+
+
+def test_address_of_keeps_its_old_path() -> None:
+    """``address_of`` moved to addresses.py (the server's gates use it too)."""
+    from twisted_socks5.addresses import address_of
+    from twisted_socks5.commands.connect import address_of as old
+
+    assert old is address_of
+
+
+def test_the_protocol_moved_to_connection_and_keeps_its_names() -> None:
+    """server.py re-exports the protocol; its log events keep their namespace."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_socks5 import connection, server
+
+    for name in ("SOCKS5ServerProtocol", "State", "EARLY_DATA_PAUSE"):
+        assert getattr(server, name) is getattr(connection, name)
+    protocol = server.SOCKS5ServerFactory(reactor=MemoryReactorClock()).buildProtocol(
+        None
+    )
+    assert protocol.log.namespace == "twisted_socks5.server.SOCKS5ServerProtocol"
+    assert protocol.log.source is protocol

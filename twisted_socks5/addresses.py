@@ -11,7 +11,7 @@ object.
 from __future__ import annotations
 
 import ipaddress
-from typing import Dict, Union
+from typing import Any, Dict, Optional, Union
 
 from .codec import Address
 
@@ -54,3 +54,15 @@ def parse_ip(ip: IPLike) -> IPAddress:
     if isinstance(ip, str):
         ip = ipaddress.ip_address(ip)
     return unmapped(ip)
+
+
+def address_of(ip_address: Any) -> Optional[Address]:
+    """The SOCKS address of a Twisted IPv4Address/IPv6Address, or None."""
+    host = getattr(ip_address, "host", None)
+    port = getattr(ip_address, "port", None)
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    try:
+        return Address.from_host(host, port)
+    except ValueError:
+        return None

@@ -1,651 +1,47 @@
 """
-The SOCKS5 server protocol and factory: the Twisted layer that moves bytes
-and state.  Parsing lives in :mod:`twisted_socks5.codec`.
+The SOCKS5 server factory: a server's settings, its open connections and
+their log events, and the owner of what all its connections share: the
+gates (:mod:`twisted_socks5.admission`), the idle/stall watch
+(:mod:`twisted_socks5.tunnel`) and the command handlers.
 
-One connection walks this machine (``State``)::
-
-    GREETING --(method chosen)--> AUTHENTICATING --(success)--> REQUEST
-    REQUEST --(CONNECT)--> CONNECTING --(connected)--> RELAYING
-    any state --(error, refusal, timeout)--> CLOSING
-
-The handshake itself (greeting, method, sub-negotiation, request) is
-:class:`twisted_socks5.handshake.ServerHandshake`, sans-IO: the protocol
-feeds it bytes and acts on its events, mirroring its progress in ``state``.
-Every state before RELAYING is covered by the handshake timeout and by a
-bound on buffered input; input is parsed greedily so that a client may
-pipeline its greeting, credentials, request and first payload in one segment.
+Each connection is a :class:`SOCKS5ServerProtocol`
+(:mod:`twisted_socks5.connection`), importable from here as ever.
 """
 
 from __future__ import annotations
 
-import collections
-import enum
-import ipaddress
-from typing import (
-    Any,
-    Callable,
-    ClassVar,
-    Deque,
-    Dict,
-    List,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from ._twisted import awaiting_proxy_header, write_buffered
-from .addresses import canonical_ip_text
-from .auth import STATUS_FAILURE, NoAuthAuthenticator
-from .bind import BindWaiter
-from .codec import (
-    NULL_ADDRESS,
-    Address,
-    Command,
-    Method,
-    ProtocolError,
-    Reply,
-    ReplyCode,
-    Request,
-    UserPassStatus,
-)
+from .admission import Admission
+from .auth import NoAuthAuthenticator
+from .codec import Address, Command
 from .commands import HANDLERS, ICommandHandler
-from .commands.connect import address_of
+from .connection import EARLY_DATA_PAUSE as EARLY_DATA_PAUSE
+from .connection import SOCKS5ServerProtocol as SOCKS5ServerProtocol
+from .connection import State as State
 from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
-from .handshake import (
-    AuthContinue,
-    Authenticated,
-    AuthFailed,
-    AuthPending,
-    BufferOverflow,
-    Event,
-    MethodChosen,
-    Rejected,
-    RequestReceived,
-    ServerHandshake,
-    ServerState,
-)
-from .interfaces import AuthResult, IAuthenticator
-from .limits import ConnectionLimits, checking_client
-from .logs import escape_word, log_connection
+from .interfaces import IAuthenticator
+from .limits import ConnectionLimits
+from .logs import log_connection
 from .metrics import Metrics
 from .outbound import DirectConnector, IOutboundConnector
-from .relay import OutboundProtocol, RelayCounters
+from .reloading import reload_all, reloadables
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
-from .tunnel import ActivityWatch, Tunnel, Watched, silence_verdict
-from .udp import UDPAssociation
-from .writenow import write_now
+from .tunnel import ActivityWatch, Watched
 
 #: ``protect_host``'s default: the proxy host is no destination for clients
 #: that connected to a non-loopback address of it (the factory cannot know
 #: how it listens; a client that came in on loopback is on this host anyway).
 PROTECT_WHEN_EXPOSED = "when-exposed"
 
-#: While a CONNECT is being connected the client is still read (so that one
-#: that resets or leaves is noticed at once and the attempt cancelled), and
-#: only paused once it has sent this much ahead of the reply.
-EARLY_DATA_PAUSE = 64 * 1024
-
 #: Bytes a tunnel moves by copying before the splice relay takes over.
 DEFAULT_SPLICE_AFTER = 64 * 1024
-
-
-class State(enum.Enum):
-    GREETING = "greeting"
-    AUTHENTICATING = "authenticating"
-    REQUEST = "request"
-    CONNECTING = "connecting"
-    BINDING = "binding"
-    ASSOCIATED = "associated"
-    RELAYING = "relaying"
-    CLOSING = "closing"
-
-
-#: The protocol states in which the handshake runs.
-_HANDSHAKING = frozenset((State.GREETING, State.AUTHENTICATING, State.REQUEST))
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-#: The state of each value (a command handler names its phase by value).
-_PHASES: Dict[Optional[str], State] = {state.value: state for state in State}
-
-
-@implementer(IHalfCloseableProtocol)
-class SOCKS5ServerProtocol(Protocol, TimeoutMixin):
-    """One client connection."""
-
-    log = Logger()
-    factory: SOCKS5ServerFactory
-    transport: Any
-
-    def __init__(self, factory: SOCKS5ServerFactory) -> None:
-        self.factory = factory
-        self.state = State.GREETING
-        #: The sans-IO handshake (see :mod:`twisted_socks5.handshake`).
-        self.handshake = ServerHandshake(factory.select_authenticator, AuthResult)
-        #: Its buffer: after the request, early data for the relay.
-        self._buffer = self.handshake.buffer
-        self._waiting = False
-        #: A credential check under way (dropped if the client goes).
-        self._checking: Optional[defer.Deferred[Any]] = None
-        #: Waiting for a check from the same address to end.
-        self._parked = False
-        #: The look-up or connect under way (cancelled if the client goes).
-        self.pending: Optional[defer.Deferred[Any]] = None
-        self._client_eof = False
-        #: The rules' answer to the request (its route, when final).
-        self.decision: Any = None
-        self._silent_since = 0.0
-        #: The relaying pair, once the request succeeded (see tunnel.py).
-        self.tunnel: Optional[Tunnel] = None
-        #: A BIND's wait for its peer.
-        self.binding: Optional[BindWaiter] = None
-        #: The UDP relay of an UDP ASSOCIATE.
-        self.udp: Optional[UDPAssociation] = None
-        #: The peer that connected to a BIND.
-        self.peer: Optional[Address] = None
-        self.counters = RelayCounters()
-        # Facts for the connection's log event.
-        self.client_ip = ""
-        #: Closed at once by a limit or the rules (logged by the factory).
-        self.refused = False
-        #: Counted by the limits as from ``client_ip`` (not yet, behind a
-        #: PROXY header still to come).
-        self.identified = False
-        #: Holds a UDP association's extra descriptors in the limits.
-        self.udp_counted = False
-        self.started = 0.0
-        self.client: Optional[Address] = None
-        self.method: Optional[int] = None
-        self.user: Optional[str] = None
-        self.request: Optional[Request] = None
-        self.reply: Optional[ReplyCode] = None
-        self.bound: Optional[Address] = None
-        #: What ended the connection, when it was told (see ``outcome``).
-        self._why: Optional[str] = None
-        #: The access rule that denied this connection, if one did.
-        self.rule: Optional[str] = None
-
-    #: Whether a PROXY header (``haproxy:``) names the client: set only then,
-    #: so other connections pay nothing for it.
-    behind_proxy = False
-
-    #: The handler of each handshake event, by method name: bound methods
-    #: kept on the instance would make every connection a reference cycle,
-    #: left for the cyclic garbage collector instead of freed at close.
-    _ON_EVENT: ClassVar[Dict[type, str]] = {
-        MethodChosen: "_method_chosen",
-        Rejected: "_rejected",
-        AuthContinue: "_auth_said",
-        AuthPending: "_auth_pending",
-        Authenticated: "_authenticated",
-        AuthFailed: "_auth_failed",
-        RequestReceived: "_on_request",
-    }
-
-    # TimeoutMixin schedules through this, so tests drive it with a Clock.
-    def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
-        return self.factory.reactor.callLater(delay, f, *a)
-
-    # ------------------------------------------------------------------
-    # Twisted callbacks
-
-    def connectionMade(self) -> None:
-        self.started = self.factory.reactor.seconds()
-        self.setTimeout(self.factory.handshake_timeout)
-        if awaiting_proxy_header(self.transport):
-            # Behind the haproxy: endpoint the wrapper connects us before the
-            # PROXY header arrives: counted from now against the server's
-            # limits (a silent client holds a slot too); the client's own
-            # limits and the rules wait for the header to name it.
-            self.behind_proxy = True
-            self._admit(identified=False)
-            return
-        self._admit()
-
-    def _admit(self, identified: bool = True) -> bool:
-        """The limits and the rules' client check; False if refused."""
-        peer = self.transport.getPeer()
-        self.handshake.client = peer
-        if identified:
-            self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
-        if not self.factory.admit(self.client_ip if identified else None):
-            self._refuse()
-            return False
-        if identified:
-            self.client = address_of(peer)
-        self.identified = identified
-        self.factory.connection_opened(self)
-        return True
-
-    def _identify(self) -> bool:
-        """The PROXY header named the client: its own limits and the rules."""
-        peer = self.handshake.client = self.transport.getPeer()
-        self.client_ip = canonical_ip_text(getattr(peer, "host", "") or "")
-        if not self.factory.identify(self):
-            self._refuse()
-            return False
-        self.identified = True
-        self.client = address_of(peer)
-        return True
-
-    def _refuse(self) -> None:
-        self.refused = True
-        self.state = State.CLOSING
-        self.setTimeout(None)
-        self.transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.state is State.RELAYING:
-            tunnel = self.tunnel
-            counters = self.counters
-            counters.bytes_up += len(data)
-            counters.active = True
-            failed = write_now(tunnel.outbound.transport, data)  # type: ignore[union-attr]
-            if failed is not None:
-                tunnel.target_failed(str(failed.strerror))  # type: ignore[union-attr]
-                return
-            if counters.due_for_splice():
-                tunnel.hand_over_to_splice()  # type: ignore[union-attr]
-            return
-        if self.state is State.CLOSING:
-            return
-        if not self.identified and not self._identify():
-            return
-        if self.state is State.ASSOCIATED:
-            # RFC 1928 gives the control connection nothing more to carry.
-            self.counters.bytes_up += len(data)
-            return
-        handshake = self.handshake
-        try:
-            handshake.receive_data(data)
-        except BufferOverflow as e:
-            self._abort(str(e))
-            return
-        if self._waiting and len(handshake.buffer) >= EARLY_DATA_PAUSE:
-            self.transport.pauseProducing()  # back-pressure until the relay
-        self._process()
-
-    def readConnectionLost(self) -> None:
-        """The client sent EOF (half-close)."""
-        self._client_eof = True
-        if self.state is State.RELAYING:
-            self.tunnel.client_ended()  # type: ignore[union-attr]
-        elif self.state is State.ASSOCIATED:
-            self.outcome = "association ended by the client"
-            self._close()
-        elif self.state is State.BINDING:
-            self.outcome = "client went away while binding"
-            self._close()
-        elif self.state is not State.CONNECTING:
-            # EOF before a request is complete: nothing will follow.
-            if self.state is not State.CLOSING:
-                self.outcome = "client closed during handshake"
-            self._close()
-
-    def writeConnectionLost(self) -> None:
-        """Our EOF to the client has been sent."""
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        self.state = State.CLOSING
-        self.setTimeout(None)
-        if self.refused:
-            return
-        self.factory.unwatch_activity(self)
-        if self._parked:
-            self.factory.stop_waiting_for_check(self)
-        if self._checking is not None:
-            self._checking.cancel()
-        if self.binding is not None:
-            waiter, self.binding = self.binding, None
-            waiter.cancel()
-        if self.udp is not None:
-            self.udp.close()
-            if self.udp_counted:
-                self.udp_counted = False
-                self.factory.limits.udp_ended()
-        if self.pending is not None:
-            self.outcome = "client went away while connecting"
-            d, self.pending = self.pending, None
-            d.cancel()
-        if self.tunnel is not None:
-            self.tunnel.close(reason)
-        self.factory.connection_closed(self, reason)
-
-    def timeoutConnection(self) -> None:
-        self._abort(f"handshake timeout in state {self.state.value}")
-
-    # ------------------------------------------------------------------
-    # Handshake
-
-    def _process(self) -> None:
-        """Act on the handshake's events until it needs more input."""
-        handshake = self.handshake
-        while not self._waiting and self.state in _HANDSHAKING:
-            before = handshake.state
-            checking = None
-            if before is ServerState.AUTHENTICATING and handshake.auth_data_waiting:
-                if not self._may_check():
-                    return
-                # Whom a check started now is for: a hash pool's fair share.
-                checking = checking_client.set(self.factory.limits.key(self.client_ip))
-            try:
-                event = handshake.next_event()
-            except ProtocolError as e:
-                self._protocol_error(e, before)
-                return
-            finally:
-                if checking is not None:
-                    checking_client.reset(checking)
-            if event is None:
-                return
-            getattr(self, self._ON_EVENT[type(event)])(event)
-
-    def _protocol_error(self, e: ProtocolError, state: ServerState) -> None:
-        self.outcome = f"protocol error: {e}"
-        if state is ServerState.REQUEST and e.reply is not None:
-            self._send_reply(e.reply)
-        self._close()
-
-    def _method_chosen(self, event: MethodChosen) -> None:
-        self.method = event.method
-        write_now(self.transport, event.data)
-        self.state = State.AUTHENTICATING
-
-    def _rejected(self, event: Rejected) -> None:
-        self.method = Method.NO_ACCEPTABLE_METHODS
-        self.outcome = event.reason
-        self.transport.write(event.data)
-        self._close()
-
-    def _may_check(self) -> bool:
-        """The login limits of this address, before a method sees its bytes."""
-        factory = self.factory
-        if not factory.limits.may_check(self.client_ip):
-            # As many checks from this address as it may have run already:
-            # wait for one to end (and be counted) before this one starts.
-            self._hold()
-            factory.wait_for_check(self)
-            return False
-        if factory.limits.throttled(self.client_ip):
-            self._refuse_throttled()
-            return False
-        return True
-
-    def _auth_pending(self, event: AuthPending) -> None:
-        result = event.result
-        if not isinstance(result, defer.Deferred):
-            self._on_event(self.handshake.auth_result(result))  # refused
-            return
-        # Held, not paused: a client that goes away is noticed, and its
-        # check is dropped if it has not started (see connectionLost).
-        self._hold()
-        self._checking = result
-        self.factory.limits.check_started(self.client_ip)
-        result.addCallbacks(self._auth_result, self._auth_error)
-        # Only once a failure is counted may the next check begin.
-        result.addBoth(self._check_ended)
-        result.addBoth(self._unwait)
-
-    def _on_event(self, event: Event) -> None:
-        getattr(self, self._ON_EVENT[type(event)])(event)
-
-    def _check_ended(self, result: Any) -> Any:
-        self._checking = None
-        self.factory.check_ended(self.client_ip)
-        return result
-
-    def _auth_result(self, result: Any) -> None:
-        """A method's asynchronous check answered."""
-        if self.state is State.CLOSING or self.transport.disconnected:
-            return
-        self._on_event(self.handshake.auth_result(result))
-
-    def _auth_error(self, failure: Failure) -> None:
-        if self.state is State.CLOSING or self.transport.disconnected:
-            return  # the check was dropped with the connection
-        self.log.failure("authenticator failed", failure)
-        self.handshake.auth_error(failure.value)  # type: ignore[arg-type]
-        self._authentication_failed("authenticator error")
-
-    def _auth_said(self, event: Union[AuthContinue, Authenticated, AuthFailed]) -> None:
-        if event.data:
-            self.transport.write(event.data)
-        if event.user is not None:
-            self.user = event.user
-
-    def _authenticated(self, event: Authenticated) -> None:
-        # Failures from other connections may have throttled this address
-        # while this check ran: a right password is refused too.
-        if self.factory.limits.throttled(self.client_ip):
-            self._refuse_throttled()
-            return
-        if event.data:
-            self.transport.write(event.data)
-        if event.user is not None:
-            self.user = event.user
-        self.state = State.REQUEST
-
-    def _auth_failed(self, event: AuthFailed) -> None:
-        if event.error is not None:
-            self.log.failure("authenticator failed", Failure(event.error))
-            self._authentication_failed("authenticator error")
-            return
-        self._auth_said(event)
-        if event.busy:  # not the client's fault: not counted
-            self.outcome = "login refused: busy, too many checks waiting"
-            self.factory.login_busy(self)
-            self._close()
-            return
-        self._authentication_failed("authentication failed")
-
-    def _authentication_failed(self, outcome: str) -> None:
-        self.outcome = outcome
-        self.factory.authentication_failed(self)
-        self._close()
-
-    def _refuse_throttled(self) -> None:
-        """Refuse a login from an address over its failed-login budget."""
-        self.outcome = "login refused: too many failed logins"
-        if self.method == Method.USERNAME_PASSWORD:
-            self.transport.write(UserPassStatus(STATUS_FAILURE).to_bytes())
-        self.factory.login_throttled(self)
-        self._close()
-
-    def _on_request(self, event: RequestReceived) -> None:
-        request = self.request = event.request
-        self._dispatch(request)
-
-    # ------------------------------------------------------------------
-    # Dispatch: the rules' first answer, then the command's handler
-
-    def _dispatch(self, request: Request) -> None:
-        handler = self.factory.handlers.get(request.command)
-        if handler is None or request.command not in self.factory.commands:
-            self.fail(
-                ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.phrase} not enabled"
-            )
-            return
-        policy = self.factory.policy
-        if policy is not None:
-            decision = policy.check_request(
-                self.policy_ip,
-                self.user,
-                request.command,
-                handler.rules_destination(request),
-            )
-            self.decision = decision
-            if not decision.allowed:
-                self.deny(decision.rule)
-                return
-        if handler.phase is not None:
-            self.state = _PHASES[handler.phase]
-            # The client has done its part; the command's own timeouts bound
-            # the rest (a connect's expiry is answered, 0x06, not cut short).
-            self.setTimeout(None)
-        handler.handle(self, request)
-
-    @property
-    def policy_ip(self) -> str:
-        """The client IP the rules see (UNIX-socket clients are local)."""
-        return self.client_ip or "127.0.0.1"
-
-    @property
-    def closing(self) -> bool:
-        """Whether the connection is closing (a command's work is moot)."""
-        return self.state is State.CLOSING
-
-    @property
-    def outcome(self) -> str:
-        """The connection log's text: what ended it, else its state's."""
-        tunnel = self.tunnel
-        if tunnel is not None:
-            return tunnel.outcome
-        if self._why is not None:
-            return self._why
-        if self.udp is not None:
-            if self.state is State.ASSOCIATED:
-                return "associated"
-            return "association ended"
-        return "closed during handshake"
-
-    @outcome.setter
-    def outcome(self, text: str) -> None:
-        if self.tunnel is not None:
-            self.tunnel.why = text
-        else:
-            self._why = text
-
-    def deny(self, rule: str) -> None:
-        self.rule = rule
-        self.fail(ReplyCode.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
-
-    def start_tunnel(self, peer: OutboundProtocol) -> None:
-        """Both ends are connected and the reply is queued: move bytes."""
-        self.state = State.RELAYING
-        self.setTimeout(None)
-        early = bytes(self._buffer)
-        self._buffer = bytearray()
-        tunnel = self.tunnel = Tunnel(
-            self.factory, self.transport, peer, self.counters, self._client_eof
-        )
-        if tunnel.start(early, self.factory.reactor.seconds()):
-            self.unwait(None)
-            if self.counters.due_for_splice():  # early data alone may be enough
-                tunnel.hand_over_to_splice()
-
-    def associated(self) -> None:
-        """The UDP association is up: the control connection only waits."""
-        self.state = State.ASSOCIATED
-        self.setTimeout(None)
-        self._buffer.clear()
-        factory = self.factory
-        if factory.idle_timeout or factory.stall_timeout or self._udp_idle():
-            self._silent_since = factory.reactor.seconds()
-            factory.watch_activity(self)
-
-    def check_activity(self, now: float) -> None:
-        """The watch looks at a UDP association (tunnels: Tunnel's)."""
-        self._silent_since, verdict = silence_verdict(
-            self.counters,
-            self._silent_since,
-            now,
-            self._udp_idle() or self.factory.idle_timeout,
-            self.factory.stall_timeout,
-            self._stalled,
-        )
-        if verdict is not None:
-            # The watch gives up on it (its close comes a turn later).
-            self.factory.unwatch_activity(self)
-            self.outcome = verdict
-            self.transport.abortConnection()
-
-    def _udp_idle(self) -> Optional[float]:
-        """An association's idle limit: the shorter of the two timeouts."""
-        if self.udp is None:
-            return None
-        limits = [
-            t for t in (self.factory.udp_idle_timeout, self.factory.idle_timeout) if t
-        ]
-        return min(limits) if limits else None
-
-    def _stalled(self) -> bool:
-        return bool(write_buffered(self.transport))
-
-    # ------------------------------------------------------------------
-    # Helpers
-
-    def send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
-        first = self.reply is None
-        self.reply = code
-        if first and self.factory.metrics is not None:
-            self.factory.metrics.replied(self)
-        write_now(self.transport, Reply(code, address or NULL_ADDRESS).to_bytes())
-
-    def fail(self, code: ReplyCode, outcome: str) -> None:
-        """Answer the request with a failure code, then close (RFC 1928 s. 6)."""
-        self.outcome = outcome
-        self.send_reply(code)
-        self._close()
-
-    def wait(self) -> None:
-        """Stop reading the client while something asynchronous runs."""
-        self._waiting = True
-        self.transport.pauseProducing()
-
-    def hold(self) -> None:
-        """
-        Stop parsing while the outbound connection is made, but keep reading:
-        a client that resets meanwhile cancels the attempt at once (a paused
-        socket is not watched), its EOF is remembered for the relay, and
-        data it sends ahead is kept for the destination, the client being
-        paused past ``EARLY_DATA_PAUSE`` bytes.  It also spares two
-        ``epoll_ctl`` calls per tunnel.
-        """
-        self._waiting = True
-
-    def unwait(self, result: Any) -> Any:
-        self._waiting = False
-        if self.state is not State.CLOSING and not self.transport.disconnected:
-            self.transport.resumeProducing()
-            if self.state is not State.RELAYING:
-                self._process()
-        return result
-
-    # The handshake's names for the steps above.
-    _send_reply = send_reply
-    _fail = fail
-    _hold = hold
-    _unwait = unwait
-
-    def _close(self) -> None:
-        """Close after the queued reply has been written."""
-        self.state = State.CLOSING
-        self._buffer.clear()
-        self.transport.loseConnection()
-
-    def _abort(self, why: str) -> None:
-        self.outcome = why
-        self.state = State.CLOSING
-        self._buffer.clear()
-        self.transport.abortConnection()
 
 
 class SOCKS5ServerFactory(Factory):
@@ -767,10 +163,6 @@ class SOCKS5ServerFactory(Factory):
         self.handlers: Dict[Command, ICommandHandler] = dict(HANDLERS)
         self.active: set[SOCKS5ServerProtocol] = set()
         self.limits = limits or ConnectionLimits(reactor.seconds)
-        #: Connections waiting for their client's credential checks, by the
-        #: limits' client key (an IPv6 client is its network).
-        self._check_waiters: Dict[str, Deque[SOCKS5ServerProtocol]] = {}
-        self._waking: set[str] = set()
         #: The access rules; ``None`` allows everything (and costs nothing).
         self.policy: Optional[IPolicy] = (
             None if policy is None or isinstance(policy, AllowAll) else policy
@@ -790,6 +182,8 @@ class SOCKS5ServerFactory(Factory):
         self.watch = ActivityWatch(reactor, self._watch_periods)
         #: Prometheus metrics, once :meth:`enable_metrics` was called.
         self.metrics: Optional[Metrics] = None
+        #: Who gets in: the connection and login gates (admission.py).
+        self.admission = Admission(self)
 
     @property
     def methods(self) -> list[int]:
@@ -811,62 +205,17 @@ class SOCKS5ServerFactory(Factory):
         timeouts = (self.idle_timeout, self.stall_timeout, self.udp_idle_timeout)
         return [t for t in timeouts if t]
 
-    def admit(self, ip: Optional[str]) -> bool:
-        """
-        Whether a new client from ``ip`` may go on: the connection limits,
-        shutdown, and the rules' client check (``ip`` ``None``: a client a
-        PROXY header has yet to name, checked again by :meth:`identify`).
-        A refusal is logged here.
-        """
-        refusal = self.limits.refusal(ip)
-        if refusal is None and self.draining:
-            refusal = ("draining", "server is shutting down")
-        if refusal is None and ip is not None:
-            refusal = self._rules_refusal(ip)
-        return self._admitted(ip, refusal)
-
     def identify(self, protocol: SOCKS5ServerProtocol) -> bool:
         """
         A client counted since accept was named by its PROXY header: its
         own limits and the rules now.  Refused, it is no longer counted.
         """
-        ip = protocol.client_ip
-        if _is_ip(ip):
-            refusal = self.limits.client_refusal(ip) or self._rules_refusal(ip)
-        else:
-            # Twisted's PROXY v1 parser takes any text as the source: a
-            # header that names no IP address names no client.
-            refusal = ("bad_proxy_header", "the PROXY header names no IP address")
-        if self._admitted(ip, refusal):
-            self.limits.identified(ip)
+        if self.admission.identify(protocol.client_ip):
             return True
         if protocol in self.active:
             self.active.discard(protocol)
             self.limits.closed(None)
         return False
-
-    def _rules_refusal(self, ip: str) -> Optional[tuple[str, str]]:
-        if self.policy is not None:
-            decision = self.policy.check_client(ip or "127.0.0.1")
-            if not decision.allowed:
-                return ("rules", f"denied by {decision.rule}")
-        return None
-
-    def _admitted(self, ip: Optional[str], refusal: Optional[tuple[str, str]]) -> bool:
-        if refusal is not None:
-            # Returning None makes Twisted close the connection at once.
-            kind, why = refusal
-            self.log.info(
-                "refused {client}: {reason}",
-                event="socks5.refused",
-                client=escape_word(ip),
-                kind=kind,
-                reason=why,
-            )
-            if self.metrics is not None:
-                self.metrics.refused_connection(kind)
-            return False
-        return True
 
     def drain(self, timeout: float) -> defer.Deferred[None]:
         """
@@ -922,110 +271,50 @@ class SOCKS5ServerFactory(Factory):
         self.active.add(protocol)
         self.limits.opened(protocol.client_ip if protocol.identified else None)
 
-    def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
-        self.limits.auth_failed(protocol.client_ip)
-        if self.metrics is not None:
-            self.metrics.auth_failed()
-
-    def login_throttled(self, protocol: SOCKS5ServerProtocol) -> None:
-        """A login on an open connection refused: its address is throttled."""
-        self.log.info(
-            "refused login from {client}: throttled",
-            event="socks5.refused",
-            client=escape_word(protocol.client_ip),
-            kind="throttled",
-            reason=f"throttled after {self.limits.auth_failures} failed logins",
-        )
-        if self.metrics is not None:
-            self.metrics.refused_connection("throttled")
-
-    def login_busy(self, protocol: SOCKS5ServerProtocol) -> None:
-        """A login refused unchecked (the checker's queue is full): not a failure."""
-        self.log.info(
-            "refused login from {client}: busy",
-            event="socks5.refused",
-            client=protocol.client_ip,
-            kind="busy",
-            reason="too many credential checks waiting",
-        )
-        if self.metrics is not None:
-            self.metrics.refused_connection("busy")
-
-    def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
-        """Park ``protocol`` until a check from its address ends."""
-        protocol._parked = True
-        key = self.limits.key(protocol.client_ip)
-        self._check_waiters.setdefault(key, collections.deque()).append(protocol)
-
-    def stop_waiting_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
-        protocol._parked = False
-        key = self.limits.key(protocol.client_ip)
-        waiters = self._check_waiters.get(key)
-        if waiters is not None:
-            waiters.remove(protocol)
-            if not waiters:
-                del self._check_waiters[key]
-
-    def check_ended(self, ip: str) -> None:
-        """A credential check from ``ip`` ended: parked ones go on in turn."""
-        self.limits.check_ended(ip)
-        key = self.limits.key(ip)  # the same client as the limits count
-        if key in self._waking:
-            return  # a woken connection's own quick check: the loop goes on
-        self._waking.add(key)
-        try:
-            while self.limits.may_check(ip):
-                waiters = self._check_waiters.get(key)
-                if not waiters:
-                    break
-                protocol = waiters.popleft()
-                if not waiters:
-                    del self._check_waiters[key]
-                protocol._parked = False
-                protocol._unwait(None)
-        finally:
-            self._waking.discard(key)
-
     def reloadables(self) -> List[Any]:
         """
         Everything with a ``reload()``: the access rules, authenticators
         (plugins included) and the credential checkers behind them.
         """
-        found: List[Any] = []
-        if self.protect_host is not None:
-            found.append(self.protect_host)
-        if self.policy is not None and hasattr(self.policy, "reload"):
-            found.append(self.policy)
-        for authenticator in self.authenticators:
-            if hasattr(authenticator, "reload"):
-                found.append(authenticator)
-            portal = getattr(authenticator, "portal", None)
-            for checker in getattr(portal, "checkers", {}).values():
-                if hasattr(checker, "reload") and checker not in found:
-                    found.append(checker)
-        return found
+        return reloadables(self.protect_host, self.policy, self.authenticators)
 
     def reload(self) -> None:
         """
         Re-read configuration files (SIGHUP) without touching open tunnels;
         a file that fails to load keeps its old contents, and the log says why.
         """
-        for item in self.reloadables():
-            try:
-                item.reload()
-            except (ValueError, OSError) as e:  # a broken file: RulesError says where
-                self.log.warn(
-                    "reload of {item!r} failed, keeping it as it was: {error}",
-                    item=item,
-                    error=str(e),
-                    event="socks5.reload_failed",
-                )
-            except Exception:  # noqa: BLE001 - keep serving with the old one
-                self.log.failure(
-                    "reload of {item!r} failed; keeping it as it was", item=item
-                )
-            else:
-                self.log.info("reloaded {item!r}", item=item, event="socks5.reloaded")
+        reload_all(self.reloadables(), self.log)
+
+    # Kept for one release: the gates are the factory's ``admission`` now
+    # (:class:`~twisted_socks5.admission.Admission`), which does not call these.
+
+    def admit(self, ip: Optional[str]) -> bool:
+        """Deprecated: ``admission.admit``."""
+        return self.admission.admit(ip)
+
+    def authentication_failed(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.authentication_failed``."""
+        self.admission.authentication_failed(protocol)
+
+    def login_throttled(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.login_throttled``."""
+        self.admission.login_throttled(protocol)
+
+    def login_busy(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.login_busy``."""
+        self.admission.login_busy(protocol)
+
+    def wait_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.wait_for_check``."""
+        self.admission.wait_for_check(protocol)
+
+    def stop_waiting_for_check(self, protocol: SOCKS5ServerProtocol) -> None:
+        """Deprecated: ``admission.stop_waiting_for_check``."""
+        self.admission.stop_waiting_for_check(protocol)
+
+    def check_ended(self, ip: str) -> None:
+        """Deprecated: ``admission.check_ended``."""
+        self.admission.check_ended(ip)
 
     def enable_metrics(self, registry: Any = None) -> Metrics:
         """Start counting for Prometheus (needs ``prometheus_client``)."""

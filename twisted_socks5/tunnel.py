@@ -16,7 +16,9 @@ Its life (``TunnelState``)::
 
 Nothing here runs per chunk: the relays count bytes into
 :class:`~twisted_socks5.relay.RelayCounters` and set its ``active`` flag,
-which one timer per factory (:class:`ActivityWatch`) looks at.
+which one timer per factory (:class:`ActivityWatch`) looks at.  The watch
+also looks at UDP associations' control connections
+(:func:`watch_association`), which relay nothing themselves.
 """
 
 from __future__ import annotations
@@ -58,6 +60,28 @@ class TunnelSettings(Protocol):
 
     @property
     def watch(self) -> ActivityWatch: ...
+
+
+class AssociationSettings(TunnelSettings, Protocol):
+    """What the watch of a UDP association reads of its factory."""
+
+    reactor: Any
+    udp_idle_timeout: Optional[float]
+
+
+class WatchedAssociation(Protocol):
+    """A UDP association's control connection, as the watch sees it."""
+
+    @property
+    def factory(self) -> AssociationSettings: ...
+
+    transport: Any
+    counters: RelayCounters
+    #: When the association last saw a datagram (or was set up).
+    silent_since: float
+    outcome: str
+
+    def check_activity(self, now: float) -> None: ...
 
 
 def silence_verdict(
@@ -356,3 +380,41 @@ class Tunnel:
         outbound = self.outbound
         transports = [self.client, outbound.transport if outbound else None]
         return any(write_buffered(t) for t in transports if t is not None)
+
+
+# ----------------------------------------------------------------------
+# UDP associations under the watch: the control connection is watched, as
+# the tunnel is; the association's datagrams set its counters' flag.
+
+
+def association_idle(settings: AssociationSettings) -> Optional[float]:
+    """An association's idle limit: the shorter of the two timeouts."""
+    limits = [t for t in (settings.udp_idle_timeout, settings.idle_timeout) if t]
+    return min(limits) if limits else None
+
+
+def watch_association(control: WatchedAssociation) -> None:
+    """A UDP association is up: watch it, if a timeout applies."""
+    settings = control.factory
+    if settings.idle_timeout or settings.stall_timeout or association_idle(settings):
+        control.silent_since = settings.reactor.seconds()
+        settings.watch.add(control)
+
+
+def check_association(control: WatchedAssociation, now: float) -> None:
+    """The watch looks: close the association if silent or stalled too long."""
+    settings = control.factory
+    transport = control.transport
+    control.silent_since, verdict = silence_verdict(
+        control.counters,
+        control.silent_since,
+        now,
+        association_idle(settings),
+        settings.stall_timeout,
+        lambda: bool(write_buffered(transport)),
+    )
+    if verdict is not None:
+        # The watch gives up on it (its close comes a turn later).
+        settings.watch.discard(control)
+        control.outcome = verdict
+        transport.abortConnection()

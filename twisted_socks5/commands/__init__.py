@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Dict
 
 from ..codec import Command
-from .base import ICommandHandler, RequestContext
+from .base import ICommandHandler, RequestContext, handler_for
 from .bind import BIND, BindHandler
 from .connect import CONNECT, ConnectHandler
 from .udp import ASSOCIATE, AssociateHandler
@@ -29,6 +29,7 @@ __all__ = [
     "HANDLERS",
     "ICommandHandler",
     "RequestContext",
+    "handler_for",
     "ConnectHandler",
     "BindHandler",
     "AssociateHandler",

@@ -38,7 +38,9 @@ class RequestContext(Protocol):
     a handler takes (reply, fail, hold the client, start a tunnel).
     """
 
-    log: Logger
+    @property
+    def log(self) -> Logger: ...
+
     factory: Any
     transport: Any
     #: Whether a PROXY header named the client (its claims are its own).
@@ -111,6 +113,30 @@ class ICommandHandler(Protocol):
 
     def handle(self, ctx: RequestContext, request: Request) -> None:
         """Run the command (the rules allowed the request)."""
+
+
+def handler_for(ctx: RequestContext, request: Request) -> Optional[ICommandHandler]:
+    """
+    The handler of a request the server serves and the rules allow (their
+    first answer, kept as ``ctx.decision`` for its route); ``None`` once the
+    request was refused: 0x07 for a command not served, 0x02 when denied.
+    """
+    factory = ctx.factory
+    handler: Optional[ICommandHandler] = factory.handlers.get(request.command)
+    if handler is None or request.command not in factory.commands:
+        ctx.fail(
+            ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.phrase} not enabled"
+        )
+        return None
+    policy = factory.policy
+    if policy is not None:
+        decision = ctx.decision = policy.check_request(
+            ctx.policy_ip, ctx.user, request.command, handler.rules_destination(request)
+        )
+        if not decision.allowed:
+            ctx.deny(decision.rule)
+            return None
+    return handler
 
 
 def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Decision:

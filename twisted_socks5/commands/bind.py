@@ -19,7 +19,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..addresses import canonical_ip_text
+from ..addresses import address_of, canonical_ip_text
 from ..codec import Address, AddressType, ReplyCode, Request
 from ..logs import escape_word
 from ..relay import OutboundProtocol
@@ -27,7 +27,6 @@ from ..replies import reply_for_failure
 from ..rules import Decision, allows
 from ..selfnet import UNSPECIFIED_RULE, unspecified
 from .base import RequestContext, local_host, resolved_decision
-from .connect import address_of
 
 
 class _BoundPeer(OutboundProtocol):

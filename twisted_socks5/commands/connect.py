@@ -6,13 +6,14 @@ hand both connections to a :class:`~twisted_socks5.tunnel.Tunnel`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from ..addresses import address_of as address_of  # re-exported: its old home
 from ..codec import Address, AddressType, ReplyCode, Request
 from ..outbound import DirectConnector, denial_check, pick_allowed
 from ..relay import OutboundProtocol
@@ -29,18 +30,6 @@ class _OutboundFactory(Factory):
 
 
 OUTBOUND_FACTORY = _OutboundFactory()
-
-
-def address_of(ip_address: Any) -> Optional[Address]:
-    """The SOCKS address of a Twisted IPv4Address/IPv6Address, or None."""
-    host = getattr(ip_address, "host", None)
-    port = getattr(ip_address, "port", None)
-    if not isinstance(host, str) or not isinstance(port, int):
-        return None
-    try:
-        return Address.from_host(host, port)
-    except ValueError:
-        return None
 
 
 class ConnectHandler:
