@@ -557,3 +557,40 @@ async def test_a_full_hash_pool_warns_once_each_time_it_fills(
     assert warnings() == 2  # full again after it drained: said again
     opened.set()
     await defer.gatherResults(taken)
+
+
+def test_a_checker_uses_the_pool_it_is_given_or_the_shared_one(htfile: Any) -> None:
+    pool = HashPool()
+    assert HtpasswdChecker(str(htfile), pool=pool).pool is pool
+    shared = HtpasswdChecker(str(htfile)).pool
+    assert isinstance(shared, HashPool)
+    assert HtpasswdChecker(str(htfile)).pool is shared
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_rereads_a_file_whose_time_did_not_change(
+    htfile: Any,
+) -> None:
+    """An edit in the same clock tick as the last read: SIGHUP still sees it."""
+    checker = HtpasswdChecker(str(htfile), pool=HashPool())
+    stat = os.stat(htfile)
+    htfile.write_bytes(b"bob:" + _hash(b"builder") + b"\n")  # alice revoked
+    os.utime(htfile, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # Unforced, an unchanged time means an unchanged file (no re-read) ...
+    assert await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+    checker.reload()  # ... but SIGHUP re-reads it whatever its time.
+    with pytest.raises(UnauthorizedLogin):
+        await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+
+
+def test_a_missing_file_is_an_error_at_start_and_on_reload(
+    htfile: Any, tmp_path: Any, log_events: Any
+) -> None:
+    with pytest.raises(OSError):
+        HtpasswdChecker(str(tmp_path / "missing"), pool=HashPool())
+    checker = HtpasswdChecker(str(htfile), pool=HashPool())
+    htfile.unlink()
+    checker._load()  # between reloads: the old users stay, with a warning
+    assert [e for e in log_events if "cannot re-read" in e.get("log_format", "")]
+    with pytest.raises(OSError):
+        checker.reload()  # SIGHUP: the operator is told it failed
