@@ -45,6 +45,16 @@ def test_ending_a_check_that_never_started_leaves_nothing_behind() -> None:
     assert limits.may_check("192.0.2.1")
 
 
+def test_failures_out_of_the_window_count_as_none() -> None:
+    now = [0.0]
+    limits = ConnectionLimits(lambda: now[0], auth_failures=3, auth_window=10.0)
+    limits.auth_failed("192.0.2.1")
+    assert limits._recent_failures("192.0.2.1") == 1
+    now[0] = 11.0
+    assert limits._recent_failures("192.0.2.1") == 0
+    assert limits._recent_failures("192.0.2.1") == 0  # forgotten, still none
+
+
 def test_the_cache_of_address_texts_holds_4096_then_starts_again() -> None:
     host = HostAddresses(read=lambda: [])
     for i in range(4096):
