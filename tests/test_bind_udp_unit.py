@@ -288,6 +288,32 @@ def test_udp_domain_target_is_resolved_once_and_queued_meanwhile() -> None:
     assert len(h.connector.lookups) == 1  # cached for the association
 
 
+def test_udp_finished_lookups_are_forgotten() -> None:
+    """Only lookups still running are kept (to cancel at close): no growth."""
+    h, client_port = associate()
+    for i, outcome in enumerate((["127.0.0.20"], DNSLookupError("no"))):
+        name = Address(AddressType.DOMAIN, f"n{i}.test", 53)
+        from_client(client_port, UDPDatagram(name, b"a").to_bytes())
+        assert len(h.protocol.udp._lookups) == 1
+        d = h.connector.lookups[i][1]
+        if isinstance(outcome, Exception):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
+        assert h.protocol.udp._lookups == []
+
+
+def test_udp_answer_arriving_after_the_close_is_dropped() -> None:
+    """A datagram read in the same reactor turn as the close goes nowhere."""
+    h, client_port = associate(udp_allow_unknown_sources=True)
+    from_client(client_port, UDPDatagram(TARGET, b"q").to_bytes())
+    out = h.reactor.udp_ports[1]
+    h.protocol.udp.close()
+    out.protocol.datagramReceived(b"late", ("127.0.0.20", 53))
+    assert client_port.written == []
+    assert h.protocol.udp.counters.drops["unknown_source"] == 1
+
+
 def test_udp_unresolvable_name_drops_its_queue() -> None:
     h, client_port = associate()
     name = Address(AddressType.DOMAIN, "nowhere.invalid", 53)

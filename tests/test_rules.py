@@ -183,6 +183,8 @@ def test_empty_file_denies_everything() -> None:
         ("allow to " + "a" * 64 + ".com", "invalid host pattern"),
         ("allow port 65536", "invalid port '65536'"),
         ("allow port " + "9" * 5000, "invalid port"),
+        ("allow port 100000", "invalid port '100000'"),  # six digits, small head
+        ("allow port 0000100000", "invalid port '0000100000'"),
         ("allow port 80-", "invalid port ''"),
         ("allow port -1", "invalid port ''"),
         ("allow port 1-2-3", "invalid port '2-3'"),

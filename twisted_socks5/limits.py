@@ -223,11 +223,11 @@ class ConnectionLimits:
         """What a new client may come to hold: a UDP association's descriptors."""
         return self.fds_per_connection + self.udp_extra
 
-    def _fds_in_use(self, spliced: int = 0) -> int:
+    def _fds_in_use(self) -> int:
         return (
             self.total * self.fds_per_connection
             + self.extra_fds
-            + (self.spliced + spliced) * PIPE_FDS
+            + self.spliced * PIPE_FDS
         )
 
     def _room_for(self, descriptors: int) -> bool:

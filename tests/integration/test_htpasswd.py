@@ -453,3 +453,144 @@ def test_a_file_of_mixed_costs_is_one_warning_naming_the_odd_users(
     _write(path, (b"a", b"x", 5), (b"b", b"x", 5))
     HtpasswdChecker(str(path), pool=HashPool())
     assert len([e for e in log_events if e.get("event") == event["event"]]) == 1
+
+
+# --------------------------------------------------------------------------
+# The edges the mutation run found unheld
+
+
+@pytest.mark.parametrize(
+    "hashed, cost",
+    [
+        (b"$2b$04$" + b"x" * 53, 4),
+        (b"$2y$31$" + b"x" * 53, 31),
+        (b"$2a$30$" + b"x" * 53, 30),
+        (b"$2b$03$" + b"x" * 53, None),  # below bcrypt's least
+        (b"$2b$32$" + b"x" * 53, None),  # above its most
+        (b"$2b$12", None),  # no "$" after the cost
+        (b"$2b$1", None),
+        (b"$2b$1x$" + b"x" * 53, None),
+        (b"$2b$12x" + b"x" * 53, None),
+    ],
+)
+def test_bcrypt_cost_reads_only_a_well_formed_cost(hashed: bytes, cost: Any) -> None:
+    assert bcrypt_cost(hashed) == cost
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {"threads": 0},
+        {"max_queued": -1},
+        {"max_queued_per_client": -1},
+        {"threads": 0, "max_queued": 0, "max_queued_per_client": 0},
+    ],
+)
+def test_a_hash_pool_refuses_bounds_it_cannot_keep(bounds: Any) -> None:
+    with pytest.raises(ValueError):
+        HashPool(**bounds)
+
+
+def test_a_hash_pool_takes_the_tightest_bounds_it_can_keep() -> None:
+    pool = HashPool(threads=1, max_queued=0, max_queued_per_client=0)
+    assert (pool.threads, pool.max_queued, pool.max_queued_per_client) == (1, 0, 0)
+
+
+def _refused_at_once(d: Any) -> bool:
+    """Whether ``d`` has already failed as busy (a queued check would hang)."""
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    return bool(failures) and failures[0].check(HashPoolFull) is not None
+
+
+def _run_for(pool: HashPool, client: str, f: Any, name: str) -> Any:
+    token = checking_client.set(client)
+    try:
+        return pool.run(f, name)
+    finally:
+        checking_client.reset(token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_share_of_one_still_lets_each_client_queue_one(gate: Any) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1, max_queued=10, max_queued_per_client=1)
+    running = _run_for(pool, "192.0.2.1", check, "running")
+    first = _run_for(pool, "192.0.2.2", check, "first")  # its first: queued
+    assert not first.called
+    assert _refused_at_once(_run_for(pool, "192.0.2.2", check, "second"))
+    opened.set()
+    assert await defer.gatherResults([running, first]) == ["running", "first"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_share_of_none_refuses_every_client_while_busy(gate: Any) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1, max_queued=10, max_queued_per_client=0)
+    running = _run_for(pool, "192.0.2.1", check, "running")  # a free thread
+    assert _refused_at_once(_run_for(pool, "192.0.2.2", check, "waits"))
+    opened.set()
+    assert await running == "running"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_hash_pool_warns_once_each_time_it_fills(
+    gate: Any, log_events: Any
+) -> None:
+    opened, ran, check = gate
+    pool = HashPool(threads=1, max_queued=1)
+
+    def warnings() -> int:
+        return len([e for e in log_events if "refusing more logins" in e["log_format"]])
+
+    taken = [pool.run(check, "running"), pool.run(check, "queued")]
+    for _ in range(2):
+        with pytest.raises(HashPoolFull):
+            await pool.run(check, "refused")
+    assert warnings() == 1  # once while it stays full
+    opened.set()
+    await defer.gatherResults(taken)
+    opened.clear()
+    taken = [pool.run(check, "running again"), pool.run(check, "queued again")]
+    with pytest.raises(HashPoolFull):
+        await pool.run(check, "refused again")
+    assert warnings() == 2  # full again after it drained: said again
+    opened.set()
+    await defer.gatherResults(taken)
+
+
+def test_a_checker_uses_the_pool_it_is_given_or_the_shared_one(htfile: Any) -> None:
+    pool = HashPool()
+    assert HtpasswdChecker(str(htfile), pool=pool).pool is pool
+    shared = HtpasswdChecker(str(htfile)).pool
+    assert isinstance(shared, HashPool)
+    assert HtpasswdChecker(str(htfile)).pool is shared
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_rereads_a_file_whose_time_did_not_change(
+    htfile: Any,
+) -> None:
+    """An edit in the same clock tick as the last read: SIGHUP still sees it."""
+    checker = HtpasswdChecker(str(htfile), pool=HashPool())
+    stat = os.stat(htfile)
+    htfile.write_bytes(b"bob:" + _hash(b"builder") + b"\n")  # alice revoked
+    os.utime(htfile, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # Unforced, an unchanged time means an unchanged file (no re-read) ...
+    assert await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+    checker.reload()  # ... but SIGHUP re-reads it whatever its time.
+    with pytest.raises(UnauthorizedLogin):
+        await checker.requestAvatarId(UsernamePassword(b"alice", b"wonderland"))
+
+
+def test_a_missing_file_is_an_error_at_start_and_on_reload(
+    htfile: Any, tmp_path: Any, log_events: Any
+) -> None:
+    with pytest.raises(OSError):
+        HtpasswdChecker(str(tmp_path / "missing"), pool=HashPool())
+    checker = HtpasswdChecker(str(htfile), pool=HashPool())
+    htfile.unlink()
+    checker._load()  # between reloads: the old users stay, with a warning
+    assert [e for e in log_events if "cannot re-read" in e.get("log_format", "")]
+    with pytest.raises(OSError):
+        checker.reload()  # SIGHUP: the operator is told it failed
