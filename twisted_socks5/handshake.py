@@ -375,6 +375,8 @@ class ServerHandshake:
 
     def _request(self) -> Optional[Event]:
         buffer = self.buffer
+        if not buffer:  # the usual case right after authentication
+            return None
         parsed = parse_request(buffer[:MAX_REQUEST_SIZE])
         if parsed is None:
             return None
