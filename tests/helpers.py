@@ -107,6 +107,8 @@ class FakeUDPPort:
         self.port = port
         self.written: List[Tuple[bytes, Tuple[str, int]]] = []
         self.listening = True
+        #: Raised by write() when set (a send the kernel refuses).
+        self.fail: Optional[Exception] = None
 
     def getHost(self) -> Any:
         from twisted.internet.address import IPv4Address, IPv6Address
@@ -116,6 +118,8 @@ class FakeUDPPort:
         return IPv4Address("UDP", self.interface, self.port)
 
     def write(self, data: bytes, addr: Tuple[str, int]) -> None:
+        if self.fail is not None:
+            raise self.fail
         self.written.append((data, addr))
 
     def stopListening(self) -> None:

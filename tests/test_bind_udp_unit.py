@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 
+from twisted_socks5 import udp as udp_module
 from twisted_socks5.codec import (
     MAX_UDP_PAYLOAD,
     Address,
@@ -312,6 +314,29 @@ def test_udp_answer_arriving_after_the_close_is_dropped() -> None:
     out.protocol.datagramReceived(b"late", ("127.0.0.20", 53))
     assert client_port.written == []
     assert h.protocol.udp.counters.drops["unknown_source"] == 1
+
+
+@pytest.mark.parametrize("size, reason", [(100, "send_error"), (65500, "oversize")])
+def test_udp_answer_the_client_cannot_take_is_counted(size: int, reason: str) -> None:
+    h, client_port = associate()
+    from_client(client_port, UDPDatagram(TARGET, b"q").to_bytes())
+    client_port.fail = OSError(errno.EMSGSIZE, "Message too long")
+    h.reactor.udp_ports[1].protocol.datagramReceived(b"a" * size, ("127.0.0.20", 53))
+    udp = h.protocol.udp.counters
+    assert udp.drops[reason] == 1 and udp.datagrams_down == 0
+
+
+def test_udp_header_cache_is_bounded_and_stays_right(monkeypatch: Any) -> None:
+    monkeypatch.setattr(udp_module, "MAX_PEERS", 2)
+    h, client_port = associate(udp_allow_unknown_sources=True)
+    from_client(client_port, UDPDatagram(TARGET, b"q").to_bytes())
+    out = h.reactor.udp_ports[1]
+    sources = [("127.0.0.20", 53), ("127.0.0.21", 53), ("127.0.0.22", 53)] * 2
+    for source in sources:
+        out.protocol.datagramReceived(b"a", source)
+        assert len(h.protocol.udp._headers) <= 2
+    answers = [parse_udp_datagram(packet).address for packet, _ in client_port.written]
+    assert answers == [Address.from_host(*source) for source in sources]
 
 
 def test_udp_unresolvable_name_drops_its_queue() -> None:

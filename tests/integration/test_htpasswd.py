@@ -594,3 +594,15 @@ def test_a_missing_file_is_an_error_at_start_and_on_reload(
     assert [e for e in log_events if "cannot re-read" in e.get("log_format", "")]
     with pytest.raises(OSError):
         checker.reload()  # SIGHUP: the operator is told it failed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_hash_pool_starts_again_when_asked() -> None:
+    pool = HashPool(threads=1)
+    assert await pool.run(lambda: "before") == "before"
+    assert pool._executor is not None
+    pool.stop()
+    assert pool._executor is None
+    pool.stop()  # twice: nothing to stop
+    assert await pool.run(lambda: "after") == "after"  # threads again
+    pool.stop()
