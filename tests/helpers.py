@@ -150,10 +150,23 @@ def turn() -> defer.Deferred[None]:
     return d
 
 
+#: How long a test waits for something that should happen at once before
+#: it fails (a bound, never a measure: no test asserts on time).
+GIVE_UP_AFTER = 60.0
+
+
 async def until(predicate: Callable[[], bool], what: str) -> None:
     """Let the reactor run until ``predicate`` holds (bounded, no sleeping)."""
-    for _ in range(500_000):
-        if predicate():
-            return
+    deadline = reactor.seconds() + GIVE_UP_AFTER
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"never happened: {what}")
         await turn()
-    raise AssertionError(f"never happened: {what}")
+
+
+async def within(d: defer.Deferred[Any], what: str) -> Any:
+    """``await d``, failing the test instead of hanging if it never fires."""
+    try:
+        return await d.addTimeout(GIVE_UP_AFTER, reactor)
+    except defer.TimeoutError:
+        raise AssertionError(f"never happened: {what}") from None

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 import socks
 from conftest import LOOPBACKS, all_closed, until
+from helpers import within
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -136,8 +137,8 @@ async def test_bind_end_to_end(make_proxy: Any, host: str) -> None:
     # half-close from the peer: the client sees EOF and can still send
     peer_proto.transport.loseWriteConnection()
     client.transport.loseConnection()
-    await client.closed
-    await peer.closed
+    await within(client.closed, "client closed")
+    await within(peer.closed, "peer closed")
 
 
 @pytest_twisted.ensureDeferred
@@ -150,7 +151,7 @@ async def test_bind_refuses_an_unexpected_peer(make_proxy: Any) -> None:
     first = await client.reply(1)
     wrong, wrong_peer = peer_connect("127.0.0.1", first.address.port, "127.0.0.3")
     await wrong
-    await wrong_peer.closed  # the proxy hung up on it
+    await within(wrong_peer.closed, "wrong peer closed")  # the proxy hung up on it
     assert len(client.replies) == 2  # method + first reply only: still waiting
     right, _ = peer_connect("127.0.0.1", first.address.port, expected)
     await right
@@ -168,7 +169,7 @@ async def test_bind_timeout(make_proxy: Any) -> None:
     first = await client.reply(1)
     second = await client.reply(2)
     assert second.reply is ReplyCode.TTL_EXPIRED
-    await client.closed
+    await within(client.closed, "client closed")
     with pytest.raises(Exception, match="refused"):
         connected, _ = peer_connect("127.0.0.1", first.address.port)
         await connected
@@ -182,7 +183,7 @@ async def test_bind_port_closes_when_the_client_leaves(make_proxy: Any) -> None:
     )
     first = await client.reply(1)
     client.transport.loseConnection()
-    await client.closed
+    await within(client.closed, "client closed")
     await all_closed(factory, 30)
     with pytest.raises(Exception, match="refused"):
         connected, _ = peer_connect("127.0.0.1", first.address.port)
@@ -270,7 +271,7 @@ async def test_udp_associate_echo(make_proxy: Any, udp_ports: Any, host: str) ->
     (server_side,) = factory.active
     assert server_side.udp.counters.datagrams_down == 1
     client.transport.loseConnection()
-    await client.closed
+    await within(client.closed, "client closed")
     await all_closed(factory, 30)
     assert server_side.udp.closed
 
@@ -357,7 +358,7 @@ async def test_bind_never_listens_on_the_port_a_client_picks(make_proxy: Any) ->
     assert first.reply is ReplyCode.SUCCEEDED
     assert first.address.port not in (wanted, 0)
     client.transport.loseConnection()
-    await client.closed
+    await within(client.closed, "client closed")
 
 
 @pytest_twisted.ensureDeferred
@@ -379,7 +380,7 @@ async def test_bind_gets_the_requested_port_or_another(make_proxy: Any) -> None:
     assert second.reply is ReplyCode.SUCCEEDED and second.address.port != wanted
     client.transport.loseConnection()
     other.transport.loseConnection()
-    await client.closed
+    await within(client.closed, "client closed")
     await other.closed
 
 
