@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -79,13 +80,17 @@ def main() -> int:
         procs.append(a)
         b = proxy("b", args.new.resolve(), twistd, pin.proxy, extra)
         procs.append(b)
+        ratios: List[float] = []
         for round_ in range(1, args.rounds + 1):
-            runs = [
-                churn(pin.load, p.port or 0, ports["echo"], args.duration)
-                for p in (a, b)
-            ]
-            ra, rb = (json.loads(run.communicate()[0]) for run in runs)
+            # Whichever load starts first has a head start: take turns.
+            order = (a, b) if round_ % 2 else (b, a)
+            runs = {
+                p.name: churn(pin.load, p.port or 0, ports["echo"], args.duration)
+                for p in order
+            }
+            ra, rb = (json.loads(runs[p.name].communicate()[0]) for p in (a, b))
             ratio = rb["cps"] / ra["cps"] if ra["cps"] else float("nan")
+            ratios.append(ratio)
             errors = ra["errors"] + rb["errors"]
             failed = failed or bool(errors)
             print(
@@ -94,6 +99,7 @@ def main() -> int:
                 f"  B/A {ratio:.3f}  errors {ra['errors']} {rb['errors']}",
                 flush=True,
             )
+        print(f"median B/A {statistics.median(ratios):.3f}", flush=True)
     finally:
         for proc in reversed(procs):
             proc.stop()
