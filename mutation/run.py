@@ -15,7 +15,8 @@ runs each mutant in a fresh pytest process instead:
 3. make mutants of the functions listed in ``mutation/targets.ini`` (one
    change each, spliced into the source at the node's position);
 4. for each mutant, rewrite the module in a job's copy and run only the
-   tests covering the mutated lines (fastest first, ``-x``, with a timeout);
+   tests covering the mutated lines (the module's own test files first, then
+   the fastest; ``-x``, with a timeout);
 5. print the score per module and the survivors, and write them to
    ``mutation/report.txt``.
 
@@ -478,11 +479,26 @@ class Result:
     tests: int
 
 
+def _names_of(path: str) -> Tuple[str, ...]:
+    """What a module's own tests are named after: ``rules/rule.py`` gives
+    ``rule`` and ``rules``; ``htpasswd.py`` gives ``htpasswd``."""
+    parts = Path(path).with_suffix("").parts[1:]  # without "twisted_socks5"
+    return tuple(p for p in reversed(parts) if p != "__init__")
+
+
+def _is_own_test(test: str, names: Tuple[str, ...]) -> bool:
+    stem = Path(test.split("::", 1)[0]).stem
+    return any(name in stem for name in names)
+
+
 def tests_for(mutant: Mutant, cov: Dict[str, Any], budget: float) -> List[str]:
     """
-    The tests that run the mutated lines, fastest first, as many as fit in
-    ``budget`` seconds (0: all): a line every connection runs is reached by
-    hundreds of tests, and a survivor would run them all.
+    The tests that run the mutated lines, as many as fit in ``budget``
+    seconds (0: all): a line every connection runs is reached by hundreds of
+    tests, and a survivor would run them all.  The module's own test files
+    (named after it) come first, then the fastest: a constructor's edge is
+    held by its module's tests, not by the hundred fast tests that merely
+    build one.
     """
     by_line = cov["lines"].get(mutant.path, {})
     failing = set(cov["failed"])
@@ -490,7 +506,11 @@ def tests_for(mutant: Mutant, cov: Dict[str, Any], budget: float) -> List[str]:
     for line in range(mutant.line, mutant.end_line + 1):
         chosen.update(by_line.get(str(line), ()))
     durations = cov["durations"]
-    ordered = sorted(chosen - failing, key=lambda t: (durations.get(t, 0.0), t))
+    names = _names_of(mutant.path)
+    ordered = sorted(
+        chosen - failing,
+        key=lambda t: (not _is_own_test(t, names), durations.get(t, 0.0), t),
+    )
     if not budget:
         return ordered
     taken: List[str] = []

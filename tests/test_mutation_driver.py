@@ -70,3 +70,39 @@ def test_mutants_are_single_changes_that_compile(driver: ModuleType) -> None:
 def test_only_the_functions_asked_for(driver: ModuleType) -> None:
     mutants = driver.mutants_of("m.py", ["C.*"], SOURCE)
     assert {m.line for m in mutants} == {17}
+
+
+def test_a_modules_own_tests_run_first(driver: ModuleType) -> None:
+    """A budget spent on fast tests that merely build the object misses the
+    module's own tests, which hold its edges."""
+    mutant = driver.Mutant(
+        path="twisted_socks5/rules/rule.py",
+        line=3,
+        end_line=3,
+        kind="number",
+        description="0 -> 1",
+        source=b"",
+    )
+    cov = {
+        "lines": {
+            "twisted_socks5/rules/rule.py": {
+                "3": [
+                    "tests/test_fast.py::a",
+                    "tests/test_rules_edges.py::slow",
+                    "tests/test_server.py::b",
+                ]
+            }
+        },
+        "failed": [],
+        "durations": {
+            "tests/test_fast.py::a": 0.1,
+            "tests/test_server.py::b": 0.2,
+            "tests/test_rules_edges.py::slow": 5.0,
+        },
+    }
+    assert driver.tests_for(mutant, cov, 1.0) == ["tests/test_rules_edges.py::slow"]
+    assert driver.tests_for(mutant, cov, 0) == [
+        "tests/test_rules_edges.py::slow",
+        "tests/test_fast.py::a",
+        "tests/test_server.py::b",
+    ]
