@@ -259,20 +259,41 @@ def _upstream(options: Options, reactor: Any, spec: str) -> Any:
 
 def _connector(options: Options, reactor: Any) -> Any:
     spec = options["upstreams"].get(None)
-    return None if spec is None else _upstream(options, reactor, spec)
+    if spec is None:
+        return _direct(options, reactor, None)
+    return _upstream(options, reactor, spec)
 
 
-def _routes(options: Options, reactor: Any) -> Any:
-    return {
+def _routes(options: Options, reactor: Any, default: Any) -> Any:
+    routes = {
         name: _upstream(options, reactor, spec)
         for name, spec in options["upstreams"].items()
         if name is not None
     }
+    for name in options["outgoing"]:
+        if name is None and getattr(default, "outgoing", None) is not None:
+            routes["direct"] = default  # one set, one rotation
+        else:
+            routes[name or "direct"] = _direct(options, reactor, name)
+    return routes
+
+
+def _direct(options: Options, reactor: Any, name: Optional[str]) -> Any:
+    """A direct route leaving from its --outgoing set (the default: ``None``)."""
+    from .outbound import DirectConnector
+    from .outgoing import OutgoingAddresses
+
+    entries = options["outgoing"].get(name)
+    if entries is None:
+        return None
+    outgoing = OutgoingAddresses(entries, options["outgoing-rotation"])
+    return DirectConnector(reactor, options["connect-timeout"], outgoing=outgoing)
 
 
 def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
     """The server factory the options describe."""
     authenticators = build_authenticators(options)
+    connector = _connector(options, reactor)
     return SOCKS5ServerFactory(
         authenticators,
         reactor=reactor,
@@ -293,8 +314,8 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             options["listen"],
             getattr(options, "host", None),
         ),
-        connector=_connector(options, reactor),
-        routes=_routes(options, reactor),
+        connector=connector,
+        routes=_routes(options, reactor, connector),
         limits=ConnectionLimits(
             reactor.seconds,
             max_connections=options["max-connections"],
