@@ -77,6 +77,8 @@ class SOCKS5Service(service.MultiService):
         self.ports: List[Any] = []
         #: --upstream URLs by route name (``None``: the default route).
         self.upstreams: Dict[Optional[str], str] = {}
+        #: --outgoing address lists by route name (``None``: the default set).
+        self.outgoing: Dict[Optional[str], List[str]] = {}
         self._listeners: List[ListeningService] = []
         for description in listen:
             endpoint = serverFromString(
@@ -119,7 +121,7 @@ class SOCKS5Service(service.MultiService):
             version=version_line(),
             listen=where,
             methods=methods,
-            routes=describe_routes(self.upstreams),
+            routes=describe_routes(self.upstreams, self.outgoing),
             event="socks5.listening",
         )
         host = self.factory.protect_host
@@ -214,16 +216,32 @@ def install_reload_signal(factory: SOCKS5ServerFactory) -> None:
             signal.signal(signal.SIGHUP, handler)
 
 
-def describe_routes(upstreams: Dict[Optional[str], str]) -> str:
-    """Where CONNECTs go, for the start-up line; passwords left out."""
+def describe_routes(
+    upstreams: Dict[Optional[str], str],
+    outgoing: Optional[Dict[Optional[str], List[str]]] = None,
+) -> str:
+    """
+    Where CONNECTs go, for the start-up line (with the --outgoing sets they
+    leave from); passwords left out.
+    """
+    outgoing = outgoing or {}
     default = upstreams.get(None)
-    routes = [f"default via {_without_password(default)}" if default else "direct"]
+    direct = "direct" + _from(outgoing.get(None))
+    routes = [f"default via {_without_password(default)}" if default else direct]
+    if default and None in outgoing:
+        routes.append(direct)
+    named = {name: f"via {_without_password(spec)}" for name, spec in upstreams.items()}
+    named.update((name, _from(entries)[1:]) for name, entries in outgoing.items())
     routes += [
-        f"{name} via {_without_password(spec)}"
-        for name, spec in sorted(upstreams.items(), key=lambda item: str(item[0]))
+        f"{name} {where}"
+        for name, where in sorted(named.items(), key=lambda item: str(item[0]))
         if name is not None
     ]
     return ", ".join(routes)
+
+
+def _from(entries: Optional[List[str]]) -> str:
+    return f" from {','.join(entries)}" if entries else ""
 
 
 def _without_password(spec: str) -> str:
@@ -375,6 +393,7 @@ def makeService(options: Options) -> service.IService:
     factory = build_factory(options, reactor)
     top = SOCKS5Service(factory, options["listen"], options["drain-timeout"])
     top.upstreams = dict(options["upstreams"])
+    top.outgoing = dict(options["outgoing"])
     if options["metrics"]:
         from .metrics import metrics_site
 
