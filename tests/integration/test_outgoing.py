@@ -10,10 +10,11 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import pytest_twisted
-from conftest import LoopbackResolver, all_closed, closed_port, needs_ipv6
+from conftest import LoopbackResolver, all_closed, closed_port, needs_ipv6, turn
 from test_bind_udp import UDPClient, control
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import globalLogPublisher
 
 from twisted_socks5.client import SOCKS5ClientEndpoint
@@ -25,7 +26,7 @@ from twisted_socks5.codec import (
     parse_udp_datagram,
 )
 from twisted_socks5.options import Options
-from twisted_socks5.outbound import DirectConnector
+from twisted_socks5.outbound import DirectConnector, _SourcingReactor
 from twisted_socks5.outgoing import OutgoingAddresses
 from twisted_socks5.server import SOCKS5ServerFactory
 from twisted_socks5.tap import build_factory
@@ -329,3 +330,37 @@ async def test_udp_relay_sockets_leave_from_the_rules_set(
     finally:
         await echo.stopListening()
         await mine.stopListening()
+
+
+@needs_ipv6
+@pytest_twisted.ensureDeferred
+async def test_same_as_listen_on_a_dual_stack_listener(
+    servers: Any, target: Any
+) -> None:
+    # IPv4 clients of a listener on :: arrive as ::ffff:127.0.0.4: an IPv4
+    # address all the same, and the IPv4 source.
+    factory = proxy_from(
+        ["--outgoing", ",".join(ALIASES), "--outgoing-rotation", "same-as-listen"]
+    )
+    port = servers(factory, "::")
+    for host in ALIASES[::-1]:
+        assert (await through(port, "127.0.0.1", target(), proxy_host=host))[0] == host
+    await all_closed(factory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_attempt_leaves_nothing_behind(target: Any) -> None:
+    # What HostnameEndpoint does with an attempt it gives up on (the
+    # client left, or another family won): cancel its endpoint's Deferred.
+    view = _SourcingReactor(reactor, OutgoingAddresses(["127.0.0.2"]), None)
+    writers = set(reactor.getWriters())
+    endpoint = TCP4ClientEndpoint(view, "127.0.0.1", target())
+    d = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+    assert set(reactor.getWriters()) > writers  # the attempt, under way
+    failures: List[Any] = []
+    d.addErrback(failures.append)
+    d.cancel()
+    (failure,) = failures
+    assert failure.check(ConnectingCancelledError)
+    assert set(reactor.getWriters()) <= writers
+    await turn()
