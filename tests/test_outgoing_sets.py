@@ -209,3 +209,14 @@ def test_memory_reactor_connects_from_the_source(fast: bool) -> None:
         ("127.0.0.2", 0),
         ("::1", 0),
     ]
+
+
+def test_without_ip_freebind_a_prefix_is_refused_at_start(monkeypatch: Any) -> None:
+    from twisted_socks5 import outgoing
+
+    monkeypatch.setattr(outgoing, "IP_FREEBIND", None)
+    problem = check_on_host(["127.0.0.2", "2001:db8:1::/64"])
+    assert problem == (
+        "2001:db8:1::/64: cannot bind an address of the prefix "
+        "(IP_FREEBIND is Linux only)"
+    )

@@ -13,10 +13,12 @@ Nothing here runs per connection unless a set is configured.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import random
 import secrets
 import socket
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .addresses import canonical_ip_text
@@ -25,8 +27,11 @@ from .addresses import canonical_ip_text
 ROTATIONS = ("none", "round-robin", "random", "same-as-listen")
 
 #: ``IP_FREEBIND`` (Linux): bind an address not (yet) on an interface.  Its
-#: ``SOL_IP`` form serves IPv6 sockets too.
-IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+#: ``SOL_IP`` form serves IPv6 sockets too.  ``None`` where there is none
+#: (the number means something else on other systems).
+IP_FREEBIND: Optional[int] = getattr(
+    socket, "IP_FREEBIND", 15 if sys.platform.startswith("linux") else None
+)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Item = Union[str, Network]
@@ -139,10 +144,17 @@ class OutgoingAddresses:
         return None
 
 
+def set_freebind(sock: socket.socket) -> None:
+    """Let ``sock`` bind an address on no interface (OSError where it cannot)."""
+    if IP_FREEBIND is None:
+        raise OSError(errno.ENOPROTOOPT, "IP_FREEBIND is Linux only")
+    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+
+
 def bind_source(sock: socket.socket, source: Source) -> None:
     """Bind ``sock`` to ``source`` (port 0), with IP_FREEBIND when it needs it."""
     if source[1]:
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        set_freebind(sock)
     sock.bind((source[0], 0))
 
 

@@ -37,7 +37,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .outgoing import IP_FREEBIND
+from .outgoing import set_freebind
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 _FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
@@ -210,7 +210,7 @@ def connect_tcp(
     try:
         if bind_address is not None:
             if freebind:
-                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+                set_freebind(sock)
             sock.bind(bind_address)
         code = sock.connect_ex((host, port))
     except OSError as e:

@@ -364,3 +364,19 @@ async def test_a_cancelled_attempt_leaves_nothing_behind(target: Any) -> None:
     assert failure.check(ConnectingCancelledError)
     assert set(reactor.getWriters()) <= writers
     await turn()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_refuses_an_address_of_another_host(tmp_path: Any) -> None:
+    from test_twistd_errors import _twistd
+
+    output, code = await _twistd(tmp_path, "--outgoing", "127.0.0.2,192.0.2.1")
+    assert code == 1 and "Traceback" not in output
+    assert (
+        output.strip()
+        .splitlines()[-1]
+        .endswith(
+            "--outgoing: 192.0.2.1 is not an address of this host "
+            "(Cannot assign requested address)"
+        )
+    )
