@@ -31,23 +31,29 @@ SCRIPT = textwrap.dedent(
     from twisted_socks5.codec import (
         Address, Command, Request, UDPDatagram, parse_udp_datagram)
     from twisted_socks5.options import Options
+    from twisted_socks5.outbound import DirectConnector
     from twisted_socks5.tap import build_factory
+    from twisted_socks5.testing import LoopbackResolver
     from test_outgoing import Line, ReportPeer, UDPReportPeer
     from test_bind_udp import UDPClient, control
 
     async def main(_):
         options = Options()
         options.parseOptions(["--outgoing", sys.argv[1]])
-        proxy = reactor.listenTCP(
-            0, build_factory(options, reactor), interface="127.0.0.1")
+        factory = build_factory(options, reactor)
+        # Names: localhost is 127.0.0.1 and ::1, with no system resolver.
+        factory.connector = DirectConnector(
+            reactor, 5, resolver=LoopbackResolver(),
+            outgoing=factory.connector.outgoing)
+        proxy = reactor.listenTCP(0, factory, interface="127.0.0.1")
         port = proxy.getHost().port
         target = reactor.listenTCP(
             0, protocol.Factory.forProtocol(ReportPeer), interface="::1")
         seen = []
-        for _ in range(5):
+        for host in ["::1"] * 4 + ["localhost"] * 2:
             endpoint = SOCKS5ClientEndpoint(
                 TCP4ClientEndpoint(reactor, "127.0.0.1", port),
-                "::1", target.getHost().port)
+                host, target.getHost().port)
             line = await endpoint.connect(protocol.Factory.forProtocol(Line))
             host, source_port = (await line.done).decode().split()
             bound = line.transport.bound
@@ -123,6 +129,6 @@ def test_a_random_address_of_the_prefix_per_connection() -> None:
         # BND.ADDR is the address the target saw.
         assert (bound_host, bound_port) == (host, port)
         sources.add(host)
-    # Five draws from 2**64 addresses: all different.
-    assert len(sources) == 5
+    # Six draws from 2**64 addresses (by address, by name): all different.
+    assert len(sources) == 6
     assert ipaddress.IPv6Address(result["udp"]) in network
