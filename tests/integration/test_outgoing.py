@@ -295,7 +295,15 @@ async def test_the_connection_log_names_the_outgoing_address(
 
 
 @pytest.mark.parametrize(
-    ("rule", "expected"), [("allow", "127.0.0.2"), ("allow via eu", "127.0.0.5")]
+    ("rule", "expected"),
+    [
+        ("allow", "127.0.0.2"),
+        ("allow via eu", "127.0.0.5"),
+        ("allow command udp via eu", "127.0.0.5"),
+        # Decided by each datagram's destination, not by the request: the
+        # association's sockets take the default set.
+        ("allow to 127.0.0.0/8 via eu", "127.0.0.2"),
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_udp_relay_sockets_leave_from_the_rules_set(
