@@ -109,7 +109,7 @@ def _rotation(value: str) -> str:
     return value
 
 
-_rotation.coerceDoc = ", ".join(ROTATIONS) + "."  # type: ignore[attr-defined]
+_rotation.coerceDoc = ""  # type: ignore[attr-defined]  # the help lists them
 _timeout_or_off.coerceDoc = "Seconds; 0 or 'off' disables it."  # type: ignore[attr-defined]
 
 
