@@ -180,6 +180,9 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     #: Whether a PROXY header (``haproxy:``) names the client: set only then,
     #: so other connections pay nothing for it.
     behind_proxy = False
+    #: The address an --outgoing set made a connection leave from (for the
+    #: log): set only then.
+    outgoing: Optional[str] = None
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]

@@ -180,6 +180,12 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
     reply = protocol.reply
     reply_text = reply.phrase if reply is not None else "-"
     counters = protocol.counters
+    # Set only by an --outgoing set: other connections' lines stay as they were.
+    outgoing = protocol.outgoing
+    udp = protocol.udp
+    if outgoing is None and udp is not None and udp.outgoing:
+        outgoing = ",".join(udp.outgoing)
+    shown = f"{target or '-'} from {outgoing}" if outgoing else target or "-"
     # The line for text logs is rendered here, with an f-string: Twisted
     # would otherwise run its pure-Python formatter over a dozen fields,
     # a tenth of what a short connection costs.  Every field stays in
@@ -196,7 +202,7 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
             "log_format": "{summary}",
             "log_time": time.time(),
             "summary": f"{client or '-'} {user or '-'} {command or '-'} "
-            f"{target or '-'} -> {reply_text}: {outcome}; "
+            f"{shown} -> {reply_text}: {outcome}; "
             f"up {counters.bytes_up} B, down {counters.bytes_down} B "
             f"in {duration:.3f} s",
             "event": "socks5.connection",
@@ -209,7 +215,8 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
             "reply_text": reply_text,
             "bound": str(protocol.bound) if protocol.bound else None,
             "peer": str(protocol.peer) if protocol.peer else None,
-            "udp": protocol.udp.counters.as_dict() if protocol.udp else None,
+            "outgoing": outgoing,
+            "udp": udp.counters.as_dict() if udp else None,
             "outcome": outcome,
             "rule": rule,
             "bytes_up": counters.bytes_up,

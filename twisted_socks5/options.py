@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.cred.checkers import (
     AllowAnonymousAccess,
@@ -32,7 +32,9 @@ from .codec import Command
 from .exposure import refuse_open_relay
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import DEFAULT_IPV6_CLIENT_PREFIX
+from .outgoing import ROTATIONS, OutgoingAddresses, check_on_host
 from .rules import RulesError, RulesFile
+from .rules.rule import ROUTE_NAME
 from .selfnet import default_host
 from .server import DEFAULT_SPLICE_AFTER
 from .workers import worker_count
@@ -99,6 +101,15 @@ def _commands(value: str) -> List[Command]:
 
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _rotation(value: str) -> str:
+    if value not in ROTATIONS:
+        raise ValueError(f"unknown rotation {value!r}; use {', '.join(ROTATIONS)}")
+    return value
+
+
+_rotation.coerceDoc = ""  # type: ignore[attr-defined]  # the help lists them
 _timeout_or_off.coerceDoc = "Seconds; 0 or 'off' disables it."  # type: ignore[attr-defined]
 
 
@@ -319,6 +330,16 @@ _PARAMETERS: List[List[Any]] = [
         "the others are answered 0x07.",
         _commands,
     ],
+    [
+        "outgoing-rotation",
+        None,
+        "none",
+        "How each connection picks its source among a family's --outgoing "
+        "addresses: none (the first), round-robin, random, or same-as-listen "
+        "(the address the client connected to, when the set holds it; else "
+        "the first).",
+        _rotation,
+    ],
 ]
 
 
@@ -374,6 +395,8 @@ class Options(usage.Options, AuthOptionMixin):
         self["methods"] = []
         #: Upstream servers by route name; ``None`` is the default route.
         self["upstreams"] = {}
+        #: --outgoing address lists by route name; ``None``: the default set.
+        self["outgoing"] = {}
 
     def opt_upstream(self, spec: str) -> None:
         from twisted.internet import reactor
@@ -398,6 +421,34 @@ class Options(usage.Options, AuthOptionMixin):
         "&servername=NAME] (certificate and name verified), or a client "
         "endpoint string.  As NAME=URL (repeatable) it is a route that access "
         "rules choose with 'via NAME'; without NAME, the default route."
+    )
+
+    def opt_outgoing(self, spec: str) -> None:
+        name: Optional[str] = None
+        head, sep, rest = spec.partition("=")
+        if sep:
+            name, spec = head, rest
+            if not ROUTE_NAME.fullmatch(name) or name == "direct":
+                raise usage.UsageError(
+                    f"--outgoing: bad route name {name!r} (letters, digits, '-', "
+                    "'_'; 'direct' is the default set, given without a name)"
+                )
+        if name in self["outgoing"]:
+            raise usage.UsageError(f"--outgoing {name or '(default)'} given twice")
+        entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
+        try:
+            OutgoingAddresses(entries)
+        except ValueError as e:
+            raise usage.UsageError(f"--outgoing {spec!r}: {e}") from None
+        self["outgoing"][name] = entries
+
+    opt_outgoing.__doc__ = (
+        "Source addresses of outbound connections (and UDP relay sockets), "
+        "as ADDRESS[,ADDRESS...]; an IPv6 prefix (2001:db8:1::/64) gives a "
+        "random address of it per connection (IP_FREEBIND).  Each family "
+        "uses its own addresses; a family without any gets the system's "
+        "choice.  As NAME=ADDRESS[,...] (repeatable) it is a route that access "
+        "rules choose with 'via NAME', like --upstream NAME=URL."
     )
 
     def opt_listen(self, endpoint: str) -> None:
@@ -503,11 +554,14 @@ class Options(usage.Options, AuthOptionMixin):
             except RulesError as e:
                 raise usage.UsageError(f"--rules: {e}") from None
             named = {name for name in self["upstreams"] if name is not None}
+            named |= {name for name in self["outgoing"] if name is not None}
             unknown = sorted(self.policy.rules.routes - named - {"direct"})
             if unknown:
                 raise usage.UsageError(
-                    f"--rules: 'via {unknown[0]}' names no --upstream {unknown[0]}=URL"
+                    f"--rules: 'via {unknown[0]}' names no --upstream "
+                    f"{unknown[0]}=URL or --outgoing {unknown[0]}=ADDRESS"
                 )
+        _check_outgoing(self["outgoing"], self["upstreams"])
         if isinstance(self["commands"], str):
             self["commands"] = _commands(self["commands"])
         if not self["listen"]:
@@ -518,6 +572,20 @@ class Options(usage.Options, AuthOptionMixin):
     def _anonymous(self) -> bool:
         """Whether a client may use the proxy without a password."""
         return any(a.method == 0 for a in build_authenticators(self))
+
+
+def _check_outgoing(
+    outgoing: Dict[Optional[str], List[str]], upstreams: Dict[Optional[str], str]
+) -> None:
+    """Each --outgoing address is this host's, and no route has two meanings."""
+    for name in outgoing:
+        if name is not None and name in upstreams:
+            raise usage.UsageError(
+                f"--outgoing {name}= and --upstream {name}= name one route twice"
+            )
+        problem = check_on_host(outgoing[name])
+        if problem is not None:
+            raise usage.UsageError(f"--outgoing: {problem}")
 
 
 def _metrics_endpoint(description: str) -> str:

@@ -32,6 +32,7 @@ import urllib.parse
 from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -40,6 +41,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
+    IConnector,
     IHostnameResolver,
     IProtocol,
     IProtocolFactory,
@@ -56,6 +58,7 @@ from zope.interface import Attribute, Interface, implementer
 from . import tcpconnect
 from .client import SOCKS5ClientEndpoint
 from .codec import Address, AddressType
+from .outgoing import OutgoingAddresses
 from .replies import PolicyDenied, SOCKS5Error
 from .rules import Decision
 
@@ -309,6 +312,79 @@ class _ResolvingReactor:
         return getattr(self._reactor, name)
 
 
+@implementer(IReactorTCP)
+class _SourcingReactor:
+    """
+    A view of a reactor whose ``connectTCP`` leaves from the outgoing set's
+    address for the destination's family (for HostnameEndpoint, whose one
+    ``bindAddress`` would fit only one family).  Connections go through
+    :mod:`twisted_socks5.tcpconnect` on a real reactor (a prefix's address
+    needs IP_FREEBIND set before the bind).
+    """
+
+    def __init__(
+        self, reactor: Any, outgoing: OutgoingAddresses, listen: Optional[str]
+    ) -> None:
+        self._reactor = reactor
+        self._outgoing = outgoing
+        self._listen = listen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: Any,
+        timeout: float = 30,
+        bindAddress: Optional[Tuple[str, int]] = None,
+    ) -> Any:
+        source = self._outgoing.pick(6 if ":" in host else 4, self._listen)
+        if source is None:
+            return self._reactor.connectTCP(host, port, factory, timeout, bindAddress)
+        if not tcpconnect.available(self._reactor):
+            return self._reactor.connectTCP(
+                host, port, factory, timeout, (source[0], 0)
+            )
+        connector: Any = _Connecting(host, port)
+        factory.startedConnecting(connector)
+        d = tcpconnect.connect_tcp(
+            self._reactor, host, port, factory, timeout, (source[0], 0), source[1]
+        )
+        connector.attempt = d
+
+        def failed(reason: Failure) -> None:
+            factory.clientConnectionFailed(connector, reason)
+
+        d.addErrback(failed)
+        return connector
+
+
+@implementer(IConnector)
+class _Connecting:
+    """The ``IConnector`` of a :func:`tcpconnect.connect_tcp` attempt."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.attempt: Optional[defer.Deferred[IProtocol]] = None
+
+    def getDestination(self) -> Any:
+        kind = IPv6Address if ":" in self.host else IPv4Address
+        return kind("TCP", self.host, self.port)
+
+    def stopConnecting(self) -> None:
+        if self.attempt is not None and not self.attempt.called:
+            self.attempt.cancel()
+
+    def disconnect(self) -> None:
+        self.stopConnecting()
+
+    def connect(self) -> None:  # pragma: no cover - endpoints never retry
+        raise NotImplementedError("a new attempt is a new connectTCP")
+
+
 @implementer(IOutboundConnector)
 class DirectConnector:
     """
@@ -324,6 +400,9 @@ class DirectConnector:
     :param addresses_per_family: addresses of each family a name's
         connection tries (alternating families), so that one CONNECT holds
         at most twice that many outbound descriptors while it connects.
+    :param outgoing: the source addresses connections leave from
+        (``--outgoing``; see :mod:`twisted_socks5.outgoing`), instead of
+        ``bind_address``; by family, so happy eyeballs keeps both.
     """
 
     def __init__(
@@ -333,6 +412,7 @@ class DirectConnector:
         bind_address: Optional[Tuple[str, int]] = None,
         resolver: Optional[IHostnameResolver] = None,
         addresses_per_family: int = MAX_ADDRESSES_PER_FAMILY,
+        outgoing: Optional[OutgoingAddresses] = None,
     ) -> None:
         if addresses_per_family < 1:
             raise ValueError("a connection needs at least one address to try")
@@ -340,6 +420,7 @@ class DirectConnector:
         self.timeout = timeout
         self.addresses_per_family = addresses_per_family
         self.bind_address = bind_address
+        self.outgoing = outgoing
         self._name_reactor = (
             reactor if resolver is None else _ResolvingReactor(reactor, resolver)
         )
@@ -349,15 +430,19 @@ class DirectConnector:
         address: Address,
         check: Optional[Callable[[str], Optional[str]]] = None,
         denials: Optional[List[str]] = None,
+        listen: Optional[str] = None,
     ) -> Any:
         timeout = max(1, int(self.timeout + 1))
+        reactor = self.reactor
+        if self.outgoing is not None:
+            reactor = _SourcingReactor(reactor, self.outgoing, listen)
         if address.type is AddressType.IPV4:
             return TCP4ClientEndpoint(
-                self.reactor, address.host, address.port, timeout, self.bind_address
+                reactor, address.host, address.port, timeout, self.bind_address
             )
         if address.type is AddressType.IPV6:
             return TCP6ClientEndpoint(
-                self.reactor, address.host, address.port, timeout, self.bind_address
+                reactor, address.host, address.port, timeout, self.bind_address
             )
         resolver = IReactorPluggableNameResolver(self._name_reactor).nameResolver
         if check is not None:
@@ -367,7 +452,7 @@ class DirectConnector:
         # Capped after the rules' filter: denied addresses take no attempt.
         resolver = _CappingResolver(resolver, self.addresses_per_family)
         return HostnameEndpoint(
-            _ResolvingReactor(self.reactor, resolver),
+            _ResolvingReactor(reactor, resolver),
             address.host.encode("idna") if not address.host.isascii() else address.host,
             address.port,
             timeout=timeout,
@@ -375,8 +460,16 @@ class DirectConnector:
         )
 
     def _connect_tcp(
-        self, address: Address, factory: IProtocolFactory
+        self, address: Address, factory: IProtocolFactory, listen: Optional[str]
     ) -> defer.Deferred[IProtocol]:
+        bind_address = self.bind_address
+        freebind = False
+        if self.outgoing is not None:
+            source = self.outgoing.pick(
+                6 if address.type is AddressType.IPV6 else 4, listen
+            )
+            if source is not None:
+                bind_address, freebind = (source[0], 0), source[1]
         if tcpconnect.available(self.reactor):
             return tcpconnect.connect_tcp(
                 self.reactor,
@@ -384,7 +477,8 @@ class DirectConnector:
                 address.port,
                 factory,
                 self.timeout,
-                self.bind_address,
+                bind_address,
+                freebind,
             )
         connector: Any = None
 
@@ -399,7 +493,7 @@ class DirectConnector:
             address.port,
             _FastClientFactory(factory, d),
             timeout=self.timeout,
-            bindAddress=self.bind_address,
+            bindAddress=bind_address,
         )
         return d
 
@@ -418,14 +512,19 @@ class DirectConnector:
         address: Address,
         factory: IProtocolFactory,
         check: Optional[Callable[[str], Optional[str]]] = None,
+        listen: Optional[str] = None,
     ) -> defer.Deferred[IProtocol]:
+        """
+        :meth:`IOutboundConnector.connect`; ``listen``, the address the
+        client connected to, is for ``--outgoing-rotation same-as-listen``.
+        """
         if address.type is not AddressType.DOMAIN and getattr(
             factory, "fast_connect", False
         ):
-            return self._connect_tcp(address, factory)
+            return self._connect_tcp(address, factory, listen)
         denials: List[str] = []
         try:
-            endpoint = self._endpoint(address, check, denials)
+            endpoint = self._endpoint(address, check, denials, listen)
         except (UnicodeError, ValueError) as e:
             return defer.fail(error.DNSLookupError(str(e)))
         d: defer.Deferred[IProtocol] = defer.maybeDeferred(endpoint.connect, factory)

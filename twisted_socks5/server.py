@@ -30,6 +30,7 @@ from .limits import ConnectionLimits
 from .logs import log_connection
 from .metrics import Metrics
 from .outbound import DirectConnector, IOutboundConnector
+from .outgoing import OutgoingAddresses
 from .reloading import reload_all, reloadables
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
@@ -257,6 +258,18 @@ class SOCKS5ServerFactory(Factory):
         if route is None:
             return self.connector
         return self.routes[route]
+
+    def outgoing_for(self, route: Optional[str]) -> Optional[OutgoingAddresses]:
+        """
+        The source addresses of a route's direct connections (UDP relay
+        sockets): the route's own set, else ``direct``'s (UDP is never
+        chained through an upstream); ``None``: the system's choice.
+        """
+        connector = self.routes.get(route, self.connector) if route else self.connector
+        outgoing = getattr(connector, "outgoing", None)
+        if outgoing is None:
+            outgoing = getattr(self.routes.get("direct"), "outgoing", None)
+        return outgoing
 
     def select_authenticator(self, offered: Sequence[int]) -> Optional[IAuthenticator]:
         """The first of our methods, in our order, that the client offers."""

@@ -77,6 +77,8 @@ class SOCKS5Service(service.MultiService):
         self.ports: List[Any] = []
         #: --upstream URLs by route name (``None``: the default route).
         self.upstreams: Dict[Optional[str], str] = {}
+        #: --outgoing address lists by route name (``None``: the default set).
+        self.outgoing: Dict[Optional[str], List[str]] = {}
         self._listeners: List[ListeningService] = []
         for description in listen:
             endpoint = serverFromString(
@@ -119,7 +121,7 @@ class SOCKS5Service(service.MultiService):
             version=version_line(),
             listen=where,
             methods=methods,
-            routes=describe_routes(self.upstreams),
+            routes=describe_routes(self.upstreams, self.outgoing),
             event="socks5.listening",
         )
         host = self.factory.protect_host
@@ -214,16 +216,32 @@ def install_reload_signal(factory: SOCKS5ServerFactory) -> None:
             signal.signal(signal.SIGHUP, handler)
 
 
-def describe_routes(upstreams: Dict[Optional[str], str]) -> str:
-    """Where CONNECTs go, for the start-up line; passwords left out."""
+def describe_routes(
+    upstreams: Dict[Optional[str], str],
+    outgoing: Optional[Dict[Optional[str], List[str]]] = None,
+) -> str:
+    """
+    Where CONNECTs go, for the start-up line (with the --outgoing sets they
+    leave from); passwords left out.
+    """
+    outgoing = outgoing or {}
     default = upstreams.get(None)
-    routes = [f"default via {_without_password(default)}" if default else "direct"]
+    direct = "direct" + _from(outgoing.get(None))
+    routes = [f"default via {_without_password(default)}" if default else direct]
+    if default and None in outgoing:
+        routes.append(direct)
+    named = {name: f"via {_without_password(spec)}" for name, spec in upstreams.items()}
+    named.update((name, _from(entries)[1:]) for name, entries in outgoing.items())
     routes += [
-        f"{name} via {_without_password(spec)}"
-        for name, spec in sorted(upstreams.items(), key=lambda item: str(item[0]))
+        f"{name} {where}"
+        for name, where in sorted(named.items(), key=lambda item: str(item[0]))
         if name is not None
     ]
     return ", ".join(routes)
+
+
+def _from(entries: Optional[List[str]]) -> str:
+    return f" from {','.join(entries)}" if entries else ""
 
 
 def _without_password(spec: str) -> str:
@@ -259,20 +277,41 @@ def _upstream(options: Options, reactor: Any, spec: str) -> Any:
 
 def _connector(options: Options, reactor: Any) -> Any:
     spec = options["upstreams"].get(None)
-    return None if spec is None else _upstream(options, reactor, spec)
+    if spec is None:
+        return _direct(options, reactor, None)
+    return _upstream(options, reactor, spec)
 
 
-def _routes(options: Options, reactor: Any) -> Any:
-    return {
+def _routes(options: Options, reactor: Any, default: Any) -> Any:
+    routes = {
         name: _upstream(options, reactor, spec)
         for name, spec in options["upstreams"].items()
         if name is not None
     }
+    for name in options["outgoing"]:
+        if name is None and getattr(default, "outgoing", None) is not None:
+            routes["direct"] = default  # one set, one rotation
+        else:
+            routes[name or "direct"] = _direct(options, reactor, name)
+    return routes
+
+
+def _direct(options: Options, reactor: Any, name: Optional[str]) -> Any:
+    """A direct route leaving from its --outgoing set (the default: ``None``)."""
+    from .outbound import DirectConnector
+    from .outgoing import OutgoingAddresses
+
+    entries = options["outgoing"].get(name)
+    if entries is None:
+        return None
+    outgoing = OutgoingAddresses(entries, options["outgoing-rotation"])
+    return DirectConnector(reactor, options["connect-timeout"], outgoing=outgoing)
 
 
 def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
     """The server factory the options describe."""
     authenticators = build_authenticators(options)
+    connector = _connector(options, reactor)
     return SOCKS5ServerFactory(
         authenticators,
         reactor=reactor,
@@ -293,8 +332,8 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             options["listen"],
             getattr(options, "host", None),
         ),
-        connector=_connector(options, reactor),
-        routes=_routes(options, reactor),
+        connector=connector,
+        routes=_routes(options, reactor, connector),
         limits=ConnectionLimits(
             reactor.seconds,
             max_connections=options["max-connections"],
@@ -354,6 +393,7 @@ def makeService(options: Options) -> service.IService:
     factory = build_factory(options, reactor)
     top = SOCKS5Service(factory, options["listen"], options["drain-timeout"])
     top.upstreams = dict(options["upstreams"])
+    top.outgoing = dict(options["outgoing"])
     if options["metrics"]:
         from .metrics import metrics_site
 

@@ -37,6 +37,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .outgoing import set_freebind
+
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 _FLAGS = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 
@@ -188,10 +190,13 @@ def connect_tcp(
     factory: IProtocolFactory,
     timeout: float,
     bind_address: Optional[Tuple[str, int]] = None,
+    freebind: bool = False,
 ) -> defer.Deferred[IProtocol]:
     """
     Connect to the IP address ``host`` (not a name) and ``port``; the
     Deferred fires with the protocol ``factory`` built once it is connected.
+    ``freebind``: bind ``bind_address`` with ``IP_FREEBIND`` (an address of
+    a prefix routed to this host but on no interface).
     """
     peer: Tuple[Any, ...]
     if ":" in host:
@@ -204,6 +209,8 @@ def connect_tcp(
         return defer.fail(error.ConnectError(string=str(e)))
     try:
         if bind_address is not None:
+            if freebind:
+                set_freebind(sock)
             sock.bind(bind_address)
         code = sock.connect_ex((host, port))
     except OSError as e:

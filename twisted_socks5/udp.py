@@ -15,6 +15,7 @@ connection.
 from __future__ import annotations
 
 import collections
+import socket
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, udp
@@ -30,6 +31,7 @@ from .codec import (
     ProtocolError,
     parse_udp_datagram,
 )
+from .outgoing import OutgoingAddresses, Source, bind_source
 from .rules import Decision, allows
 
 #: Read buffer for datagrams: larger than any UDP payload, so none is cut.
@@ -120,6 +122,9 @@ class UDPAssociation:
         that does not allow drops the datagram).  A hook answering a bool,
         as before 0.1.0, is still understood.
     :param on_activity: called on each relayed datagram (idle timeout).
+    :param sources: the ``--outgoing`` set the outbound sockets bind from
+        (by family; ``None``, or a family it lacks: the wildcard address),
+        and ``listen``, where the client came in (``same-as-listen``).
     """
 
     log = Logger()
@@ -134,6 +139,8 @@ class UDPAssociation:
         allow_unknown_sources: bool = False,
         check_destination: Optional[Callable[[Address, str], Decision]] = None,
         on_activity: Optional[Callable[[], None]] = None,
+        sources: Optional[OutgoingAddresses] = None,
+        listen: Optional[str] = None,
     ) -> None:
         self.reactor = reactor
         self.client_ip = canonical_ip_text(client_ip)
@@ -145,6 +152,10 @@ class UDPAssociation:
         self.allow_unknown_sources = allow_unknown_sources
         self.check_destination = check_destination
         self.on_activity = on_activity
+        self.sources = sources
+        self.listen_host = listen
+        #: The addresses ``sources`` gave the outbound sockets (for the log).
+        self.outgoing: List[str] = []
         self.counters = UDPCounters()
         self.client_port_listener: Any = None
         self._client_addr: Optional[Sendable] = None
@@ -315,13 +326,30 @@ class UDPAssociation:
 
     def _outbound_port(self, family: int) -> Callable[[bytes, Sendable], Any]:
         """Open the outbound socket of a family; how to send on it."""
-        interface = "::" if family == 6 else "0.0.0.0"
-        port = self.reactor.listenUDP(
-            0, _TargetSide(self), interface=interface, maxPacketSize=MAX_PACKET_SIZE
-        )
+        sources = self.sources
+        source = None if sources is None else sources.pick(family, self.listen_host)
+        if source is None:
+            interface = "::" if family == 6 else "0.0.0.0"
+            port = self.reactor.listenUDP(
+                0, _TargetSide(self), interface=interface, maxPacketSize=MAX_PACKET_SIZE
+            )
+        else:
+            port = self._adopt(family, source)
         self._outbound[family] = port
         send = self._senders[family] = sender_for(port)
         return send
+
+    def _adopt(self, family: int, source: Source) -> Any:
+        """An outbound socket bound to ``source`` (IP_FREEBIND if need be)."""
+        address_family = socket.AF_INET6 if family == 6 else socket.AF_INET
+        with socket.socket(address_family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            bind_source(sock, source)
+            port = self.reactor.adoptDatagramPort(
+                sock.fileno(), address_family, _TargetSide(self), MAX_PACKET_SIZE
+            )
+        self.outgoing.append(source[0])
+        return port
 
     # ------------------------------------------------------------------
     # Destination → client

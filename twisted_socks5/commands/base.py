@@ -54,6 +54,8 @@ class RequestContext(Protocol):
     #: The access rule that denied this connection, if one did.
     rule: Optional[str]
     bound: Optional[Address]
+    #: The source an --outgoing set chose (for the log).
+    outgoing: Optional[str]
     peer: Optional[Address]
     udp: Optional[UDPAssociation]
     #: Holds a UDP association's extra descriptors in the limits.

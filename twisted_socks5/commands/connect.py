@@ -6,7 +6,7 @@ hand both connections to a :class:`~twisted_socks5.tunnel.Tunnel`.
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol
@@ -15,11 +15,16 @@ from twisted.python.failure import Failure
 
 from ..addresses import address_of as address_of  # re-exported: its old home
 from ..codec import Address, AddressType, ReplyCode, Request
-from ..outbound import DirectConnector, denial_check, pick_allowed
+from ..outbound import (
+    DirectConnector,
+    IOutboundConnector,
+    denial_check,
+    pick_allowed,
+)
 from ..relay import OutboundProtocol
 from ..replies import PolicyDenied, reply_for_failure
 from ..selfnet import local_literal
-from .base import RequestContext, resolved_decision
+from .base import RequestContext, local_host, resolved_decision
 
 
 class _OutboundFactory(Factory):
@@ -84,12 +89,8 @@ class ConnectHandler:
                     if not refused.allowed:
                         ctx.deny(refused.rule)
                         return
-        connector = factory.connector_for(route)
         ctx.hold()
-        if check is None:
-            d = connector.connect(address, OUTBOUND_FACTORY)
-        else:
-            d = connector.connect(address, OUTBOUND_FACTORY, check)
+        d = _connect(ctx, factory.connector_for(route), address, check)
         ctx.pending = d
         d.addCallbacks(
             _connected, _connect_failed, callbackArgs=(ctx,), errbackArgs=(ctx,)
@@ -101,11 +102,40 @@ def _route_resolved(
 ) -> defer.Deferred[IProtocol]:
     """Connect to the first allowed address, by the route its rule names."""
     ip, decision = pick_allowed(addresses, partial(resolved_decision, ctx, address))
-    d: defer.Deferred[IProtocol] = ctx.factory.connector_for(decision.via).connect(
-        Address.from_host(ip, address.port), OUTBOUND_FACTORY
+    d = _connect(
+        ctx,
+        ctx.factory.connector_for(decision.via),
+        Address.from_host(ip, address.port),
     )
     ctx.pending = d
     return d
+
+
+def _connect(
+    ctx: RequestContext,
+    connector: IOutboundConnector,
+    address: Address,
+    check: Optional[Callable[[str], Optional[str]]] = None,
+) -> defer.Deferred[IProtocol]:
+    """
+    ``connector.connect``; a connector with an --outgoing set also learns
+    where the client came in (``same-as-listen``), and the source it used
+    is noted for the log.
+    """
+    if getattr(connector, "outgoing", None) is None:
+        if check is None:
+            return connector.connect(address, OUTBOUND_FACTORY)
+        return connector.connect(address, OUTBOUND_FACTORY, check)
+    d: defer.Deferred[IProtocol] = connector.connect(  # type: ignore[call-arg]
+        address, OUTBOUND_FACTORY, check, listen=local_host(ctx)
+    )
+    return d.addCallback(_note_outgoing, ctx)
+
+
+def _note_outgoing(protocol: IProtocol, ctx: RequestContext) -> IProtocol:
+    source = address_of(protocol.transport.getHost())  # type: ignore[attr-defined]
+    ctx.outgoing = str(source) if source is not None else None
+    return protocol
 
 
 def _connected(protocol: IProtocol, ctx: RequestContext) -> None:

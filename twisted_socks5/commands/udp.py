@@ -34,6 +34,7 @@ class AssociateHandler:
             ctx.fail(ReplyCode.GENERAL_FAILURE, "udp associate: out of descriptors")
             return
         client = ctx.transport.getPeer()
+        listen = local_host(ctx)
         association = UDPAssociation(
             factory.reactor,
             getattr(client, "host", ""),
@@ -42,9 +43,11 @@ class AssociateHandler:
             allow_unknown_sources=factory.udp_allow_unknown_sources,
             check_destination=partial(udp_decision, ctx),
             on_activity=partial(_active, ctx.counters),
+            sources=factory.outgoing_for(getattr(ctx.decision, "via", None)),
+            listen=listen,
         )
         try:
-            bound = association.listen(local_host(ctx))
+            bound = association.listen(listen)
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
             ctx.fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
             return

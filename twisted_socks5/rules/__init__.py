@@ -60,7 +60,7 @@ the commas)::
     user        = user-name            ; exactly this authenticated user
                 / "*"                  ; any authenticated user
                 / "-"                  ; an anonymous client (no authentication)
-    route       = "direct" / upstream-name     ; see --upstream NAME=URL
+    route       = "direct" / route-name  ; --upstream NAME=URL, --outgoing NAME=ADDRESS
 
 A rule matches when **all** its conditions match; a rule without conditions
 matches everything.  Within one condition, **any** item may match.
@@ -91,7 +91,10 @@ matches everything.  Within one condition, **any** item may match.
 ``via``
     Not a condition but a route, on ``allow`` rules: a CONNECT this rule
     allows leaves through the upstream server named ``NAME`` (``twistd socks5
-    --upstream NAME=URL``), or straight to the destination with ``direct``.
+    --upstream NAME=URL``), or straight to the destination from the source
+    addresses named ``NAME`` (``--outgoing NAME=ADDRESS``, also used by UDP
+    ASSOCIATE's outbound sockets), or straight to the destination with
+    ``direct``.
     The rule that finally allows the request decides, after name resolution
     when it needs the addresses.  Requests allowed by a rule without ``via``
     take the default route.

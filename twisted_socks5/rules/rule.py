@@ -38,7 +38,8 @@ _COMMAND_NAMES = {value: key for key, value in _COMMAND_WORDS.items()}
 ANY_USER = "*"
 ANONYMOUS = "-"
 
-_ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+#: A route's name: a rule's ``via``, --upstream NAME=, --outgoing NAME=.
+ROUTE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # Networks as (mask, network) integers, IPv4 then IPv6: a membership test is
@@ -110,7 +111,7 @@ class Rule:
         if self.via is not None:
             if not self.allow:
                 raise ValueError("'via' routes allowed requests: not on 'deny'")
-            if not _ROUTE_NAME.fullmatch(self.via):
+            if not ROUTE_NAME.fullmatch(self.via):
                 raise ValueError(
                     f"bad route name {self.via!r} (letters, digits, '-', '_')"
                 )
