@@ -606,3 +606,12 @@ async def test_a_stopped_hash_pool_starts_again_when_asked() -> None:
     pool.stop()  # twice: nothing to stop
     assert await pool.run(lambda: "after") == "after"  # threads again
     pool.stop()
+
+
+def test_a_pool_without_a_queue_warns_at_its_first_refusal(log_events: Any) -> None:
+    pool = HashPool(threads=1, max_queued=0)
+    d = pool.run(lambda: "never")
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(HashPoolFull)
+    assert [e for e in log_events if "refusing more logins" in e["log_format"]]
