@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 
 from ..addresses import address_of as address_of  # re-exported: its old home
 from ..codec import Address, AddressType, ReplyCode, Request
-from ..outbound import DirectConnector, denial_check, pick_allowed
+from ..outbound import DirectConnector, denial_check, pick_preferred
 from ..relay import OutboundProtocol
 from ..replies import PolicyDenied, reply_for_failure
 from ..selfnet import local_literal
@@ -99,8 +99,16 @@ class ConnectHandler:
 def _route_resolved(
     addresses: List[str], ctx: RequestContext, address: Address
 ) -> defer.Deferred[IProtocol]:
-    """Connect to the first allowed address, by the route its rule names."""
-    ip, decision = pick_allowed(addresses, partial(resolved_decision, ctx, address))
+    """
+    Connect to the first allowed address (of the family ``--prefer``
+    prefers), by the route its rule names.
+    """
+    ip, decision = pick_preferred(
+        addresses,
+        partial(resolved_decision, ctx, address),
+        getattr(ctx.factory, "prefer", None),
+        address.host,
+    )
     d: defer.Deferred[IProtocol] = ctx.factory.connector_for(decision.via).connect(
         Address.from_host(ip, address.port), OUTBOUND_FACTORY
     )
