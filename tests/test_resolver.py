@@ -227,8 +227,12 @@ class Harness:
         records: Optional[List[dns.RRHeader]] = None,
         rcode: int = dns.OK,
         authority: Optional[List[dns.RRHeader]] = None,
+        raw: bool = False,
     ) -> None:
-        """Answer every pending query with ``records`` (of its name and type)."""
+        """
+        Answer every pending query with ``records`` (those of its name and
+        type, or all of them when ``raw``).
+        """
         for port, query, server in self.pending():
             question = query.queries[0]
             response = dns.Message(id=query.id, answer=1, rCode=rcode)
@@ -236,7 +240,8 @@ class Harness:
             response.answers = [
                 r
                 for r in records or []
-                if r.name == question.name and r.type in (question.type, dns.CNAME)
+                if raw
+                or (r.name == question.name and r.type in (question.type, dns.CNAME))
             ]
             response.authority = authority or []
             port.protocol.datagramReceived(response.toStr(), server)
@@ -330,6 +335,24 @@ def test_a_cname_chain_is_followed_and_kept_for_its_shortest_ttl() -> None:
     h.reactor.advance(2)
     h.lookup("alias.test", v4)
     assert h.pending() != []
+
+
+def test_records_of_other_names_in_an_answer_are_ignored() -> None:
+    """A server (or a forged answer) cannot slip in an address for a name
+    nobody asked about, nor one for the name under another name's alias."""
+    h = Harness()
+    box = h.lookup("victim.test", frozenset({4}))
+    h.answer(
+        [a("evil.test", "192.0.2.66"), cname("evil.test", "victim.test")], raw=True
+    )
+    assert box[0].check(LookupFailed) and box[0].value.reason == "no address"
+    box = h.lookup("alias2.test", frozenset({4}))
+    h.answer(
+        [cname("alias2.test", "real.test"), a("other.test", "192.0.2.66")], raw=True
+    )
+    assert h.pending()  # real.test asked for, the stray record unused
+    h.answer([a("real.test", "192.0.2.1")])
+    assert box == [["192.0.2.1"]]
 
 
 def test_a_cname_loop_ends() -> None:
