@@ -3,7 +3,7 @@ The twisted.names resolver (``--resolver``, ``--hosts``, ``--prefer``) in
 memory: its parsers, the family preference, and look-ups answered by hand on
 a memory reactor whose clock the test drives (TTLs, the cache's bounds,
 timeouts, the next server, CNAME chains).  The same against a real DNS
-server on loopback is in ``tests/integration/test_resolver.py``.
+server on loopback is in ``tests/integration/test_dns_resolution.py``.
 """
 
 from __future__ import annotations
