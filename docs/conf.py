@@ -55,6 +55,7 @@ API_MODULES = [
     "admission",
     "reloading",
     "outbound",
+    "resolver",
     "replies",
     "connect",
     "limits",

@@ -74,7 +74,7 @@ DEFAULT_TIMEOUT = 5.0
 class LookupFailed(error.DNSLookupError):
     """A name did not resolve; ``reason`` says how (for the log)."""
 
-    def __init__(self, name: str, reason: str) -> None:
+    def __init__(self, name: str = "", reason: str = "error") -> None:
         super().__init__(f"{name}: {reason}")
         self.name = name
         self.reason = reason
