@@ -455,13 +455,30 @@ def test_a_silent_server_times_out_within_the_timeout(dns_events: List[Any]) -> 
     assert h.reactor.getDelayedCalls() == []  # nothing left behind
 
 
+def test_a_cname_chain_gets_no_more_time_than_a_name() -> None:
+    h = Harness(timeout=4.0)
+    box = h.lookup("alias.test", frozenset({4}))
+    h.reactor.advance(3.0)
+    h.answer([cname("alias.test", "slow.test")])  # slow.test: never answered
+    h.reactor.advance(1.01)
+    assert box[0].value.reason == "timeout"
+
+
+def test_a_tcp_server_that_never_accepts_gets_one_attempt_at_a_time() -> None:
+    h = Harness("tcp:192.0.2.53", timeout=3.0)
+    h.lookup("one.test")
+    h.lookup("two.test")
+    (attempt,) = h.reactor.tcpClients  # four queries, one connection attempt
+    assert attempt[:2] == ("192.0.2.53", 53) and attempt[3] == 3
+
+
 def test_the_next_server_is_asked_when_one_is_silent_or_fails() -> None:
     h = Harness("udp:192.0.2.53,tcp:192.0.2.54,udp:[2001:db8::53]:5353", timeout=6.0)
     box = h.lookup("v4.test")
     assert {server for _, _, server in h.pending()} == {("192.0.2.53", 53)}
     h.reactor.advance(2.01)  # the first server's share
     # The second one is asked over TCP: the test refuses the connection.
-    (connector,) = set(h.reactor.tcpClients)
+    (connector,) = h.reactor.tcpClients
     assert connector[:2] == ("192.0.2.54", 53)
     connector[2].clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
     assert ("2001:db8::53", 5353) in {server for _, _, server in h.pending()}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
 from typing import (
@@ -246,6 +247,21 @@ class _TCPResolver(client.Resolver):
         seconds: Any = timeout if timeout else self.timeout
         return self.queryTCP(queries, sum(seconds))
 
+    def queryTCP(self, queries: Any, timeout: float = 10) -> Any:
+        # client.Resolver's, with one connection attempt at a time and a
+        # connect timeout of the query's: a server that never accepts holds
+        # one descriptor for seconds, not one per query for 30 s.
+        if self.connections:
+            return self.connections[0].query(queries, timeout)
+        if not self.pending:
+            host, port = self.servers[0]
+            self._reactor.connectTCP(
+                host, port, self.factory, timeout=max(1, math.ceil(timeout))
+            )
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append((d, queries, timeout))
+        return d
+
 
 @implementer(IHostResolution)
 class _Resolution:
@@ -425,7 +441,10 @@ class NamesResolver:
             waiting.append(mine)
             return mine, False
         self._waiting[key] = [mine]
-        asked = self._ask(qname, _FAMILIES[family][0], 0)
+        # The whole look-up, CNAMEs asked after included, within the time.
+        asked = _within(
+            self._ask(qname, _FAMILIES[family][0], 0), self.timeout, self.reactor, qname
+        )
         asked.addBoth(self._answered, key)
         return mine, True
 
