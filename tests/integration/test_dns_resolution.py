@@ -9,6 +9,8 @@ the system's DNS.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Iterator, List, Optional
 
 import pytest
@@ -17,7 +19,8 @@ from conftest import HAS_IPV6, listen, needs_ipv6, until
 from dns_server import DNSTestServer, Silent
 from test_bind_udp import UDPEcho, associate, control, peer_connect
 from test_bind_udp import udp_ports as udp_ports  # a fixture
-from twisted.internet import reactor
+from test_twistd import CURL, TWISTD, Twistd, _env
+from twisted.internet import reactor, utils
 from twisted.internet.protocol import Factory, Protocol
 
 from twisted_socks5.codec import (
@@ -377,3 +380,44 @@ def test_without_the_options_the_reactor_resolves() -> None:
     assert factory.prefer is None
     connector: Any = factory.connector
     assert connector._name_reactor is reactor
+
+
+@pytest.mark.skipif(
+    CURL is None or not os.path.exists(TWISTD), reason="needs curl and twistd"
+)
+@pytest_twisted.ensureDeferred
+async def test_twistd_socks5_resolves_through_the_server(
+    dns_server: DNSTestServer, http_target: Any, tmp_path: Any
+) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")  # every name from the test's server
+    process = Twistd.start(
+        tmp_path, "--resolver", dns_server.spec(), "--hosts", str(hosts),
+        "--prefer", "ipv4",
+    )  # fmt: skip
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+
+        async def curl(name: str) -> Any:
+            return await utils.getProcessOutputAndValue(
+                CURL,
+                [
+                    "-sS", "--max-time", "20",
+                    "--socks5-hostname", f"127.0.0.1:{port}",
+                    f"http://{name}:{http_target['127.0.0.1']}/",
+                ],
+                env=_env(),
+            )  # fmt: skip
+
+        out, err, code = await curl("alias.test")
+        assert code == 0, err
+        assert out == b"hello through socks\n"
+        out, err, code = await curl("nx.test")
+        assert code != 0
+        await process.wait_for(b"DNS look-up of nx.test failed: NXDOMAIN").addTimeout(
+            30, reactor
+        )
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        await process.ended
+    assert (b"alias.test", 1) in dns_server.queries
