@@ -89,7 +89,7 @@ def _dns_servers(value: str) -> List[DNSServer]:
     return parse_servers(value)
 
 
-_dns_servers.coerceDoc = "e.g. udp:192.0.2.53,tcp:[2001:db8::53]:53."  # type: ignore[attr-defined]
+_dns_servers.coerceDoc = "For example udp:192.0.2.53,tcp:[2001:db8::53]:53."  # type: ignore[attr-defined]
 
 
 def _hosts_file(path: str) -> str:
@@ -344,7 +344,7 @@ _PARAMETERS: List[List[Any]] = [
         "instead of the system resolver: [udp:|tcp:]IP[:PORT], "
         "comma-separated, tried in order; answers are cached for their TTL "
         "(5 s to 1 h), /etc/hosts answers first unless --hosts says "
-        "otherwise.  A failed look-up answers 0x04.",
+        "otherwise.  A failed look-up answers 0x04 (host unreachable)",
         _dns_servers,
     ],
     [
