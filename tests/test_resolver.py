@@ -534,3 +534,46 @@ def test_without_servers_names_not_in_hosts_go_to_the_fallback() -> None:
     resolver.resolveHostName(Receiver(), "web.test", 80)
     assert got == ["10.0.0.7", "done", "127.0.0.1", "done"]
     assert fallback.asked == ["web.test"]
+
+
+@pytest.mark.parametrize(
+    "spec, denied, expected",
+    [
+        ("ipv4", [], "127.0.0.1"),
+        ("ipv6", [], "::1"),
+        ("ipv6", ["::1"], "127.0.0.1"),
+        ("ipv6-only", ["::1"], None),
+    ],
+)
+def test_an_upstream_route_asks_for_the_preferred_allowed_address(
+    spec: str, denied: List[str], expected: Optional[str]
+) -> None:
+    from twisted.internet import defer
+    from twisted.internet.protocol import Factory
+
+    from twisted_socks5.codec import Address, AddressType
+    from twisted_socks5.outbound import DirectConnector, UpstreamConnector
+    from twisted_socks5.testing import LoopbackResolver
+
+    asked: List[str] = []
+
+    class Recording(UpstreamConnector):
+        def _through(self, address: Address, factory: Any) -> Any:
+            asked.append(address.host)
+            return defer.succeed(None)
+
+    reactor = UDPReactor()
+    local = DirectConnector(
+        reactor, 5, resolver=LoopbackResolver(), prefer=FamilyPreference(spec)
+    )
+    upstream = Recording(reactor, None, local=local)  # type: ignore[arg-type]
+    box: List[Any] = []
+    upstream.connect(
+        Address(AddressType.DOMAIN, "web.test", 80),
+        Factory(),
+        lambda ip: "deny" if ip in denied else None,
+    ).addBoth(box.append)
+    if expected is None:
+        assert box[0].check(LookupFailed) and asked == []
+    else:
+        assert asked == [expected]
