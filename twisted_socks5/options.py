@@ -33,6 +33,7 @@ from .exposure import refuse_open_relay
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import DEFAULT_IPV6_CLIENT_PREFIX
 from .outgoing import ROTATIONS, OutgoingAddresses, check_on_host
+from .resolver import DNSServer, FamilyPreference, parse_servers, read_hosts
 from .rules import RulesError, RulesFile
 from .rules.rule import ROUTE_NAME
 from .selfnet import default_host
@@ -84,6 +85,22 @@ def _port_range(value: str) -> Tuple[int, int]:
 
 
 _port_range.coerceDoc = "LOW-HIGH, e.g. 40000-40999, or one port."  # type: ignore[attr-defined]
+
+
+def _dns_servers(value: str) -> List[DNSServer]:
+    return parse_servers(value)
+
+
+_dns_servers.coerceDoc = "For example udp:192.0.2.53,tcp:[2001:db8::53]:53."  # type: ignore[attr-defined]
+
+
+def _hosts_file(path: str) -> str:
+    try:
+        read_hosts(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    return path
+
 
 _COMMANDS = {
     "connect": Command.CONNECT,
@@ -339,6 +356,36 @@ _PARAMETERS: List[List[Any]] = [
         "(the address the client connected to, when the set holds it; else "
         "the first).",
         _rotation,
+    ],
+    [
+        "resolver",
+        None,
+        None,
+        "Resolve names through these DNS servers (twisted.names, no threads) "
+        "instead of the system resolver: [udp:|tcp:]IP[:PORT], "
+        "comma-separated, tried in order; answers are cached for their TTL "
+        "(5 s to 1 h), /etc/hosts answers first unless --hosts says "
+        "otherwise.  A failed look-up answers 0x04 (host unreachable)",
+        _dns_servers,
+    ],
+    [
+        "hosts",
+        None,
+        None,
+        "A hosts file (IP NAME [ALIAS...]) whose names resolve without "
+        "asking: before --resolver's servers, or before the system resolver "
+        "without it.  Read at start.",
+        _hosts_file,
+    ],
+    [
+        "prefer",
+        None,
+        None,
+        "Address family of a name's addresses the rules allowed: ipv4 or "
+        "ipv6 tries that family first, ipv4-only or ipv6-only uses only it "
+        "(a name left with none answers 0x04); default: the resolver's "
+        "order.  IP addresses in requests are used as given.",
+        FamilyPreference,
     ],
 ]
 

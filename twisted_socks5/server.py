@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +33,7 @@ from .metrics import Metrics
 from .outbound import DirectConnector, IOutboundConnector
 from .outgoing import OutgoingAddresses
 from .reloading import reload_all, reloadables
+from .resolver import FamilyPreference
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
 from .tunnel import ActivityWatch, Watched
@@ -104,6 +106,13 @@ class SOCKS5ServerFactory(Factory):
         listen on loopback or ``--allow-self-destinations`` is given.
         Unspecified destinations (``0.0.0.0/8``, ``::``) are refused whatever
         this says.
+    :param resolver: the ``IHostnameResolver`` of the connectors the factory
+        builds (``--resolver``: a
+        :class:`~twisted_socks5.resolver.NamesResolver`); default: the
+        reactor's.
+    :param prefer: ``--prefer``
+        (:class:`~twisted_socks5.resolver.FamilyPreference`), applied to a
+        name's addresses the rules allowed, for CONNECT and UDP.
     """
 
     log = Logger()
@@ -134,6 +143,8 @@ class SOCKS5ServerFactory(Factory):
         policy: Optional[IPolicy] = None,
         routes: Optional[Dict[str, IOutboundConnector]] = None,
         protect_host: Union[HostAddresses, str, None] = PROTECT_WHEN_EXPOSED,
+        resolver: Optional[IHostnameResolver] = None,
+        prefer: Optional[FamilyPreference] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -145,10 +156,18 @@ class SOCKS5ServerFactory(Factory):
         if not authenticators:
             raise ValueError("at least one authentication method is needed")
         self.authenticators = list(authenticators)
-        self.connector = connector or DirectConnector(reactor, connect_timeout)
+        #: ``--prefer``: the family order (or the one family) of names'
+        #: addresses the rules allowed.
+        self.prefer = prefer
+        self.connector = connector or DirectConnector(
+            reactor, connect_timeout, resolver=resolver, prefer=prefer
+        )
         #: Named routes for rules' ``via NAME``; ``direct`` is always there.
         self.routes: Dict[str, IOutboundConnector] = dict(routes or {})
-        self.routes.setdefault("direct", DirectConnector(reactor, connect_timeout))
+        self.routes.setdefault(
+            "direct",
+            DirectConnector(reactor, connect_timeout, resolver=resolver, prefer=prefer),
+        )
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.stall_timeout = stall_timeout

@@ -7,11 +7,14 @@ check each datagram's destination, and the control connection only waits.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Callable, List, Optional
+
+from twisted.internet import defer
 
 from ..codec import NULL_ADDRESS, Address, Command, ReplyCode, Request
 from ..logs import escape_word
 from ..relay import RelayCounters
+from ..resolver import FamilyPreference
 from ..rules import Decision
 from ..udp import UDPAssociation
 from .base import RequestContext, local_host, resolved_decision
@@ -39,7 +42,7 @@ class AssociateHandler:
             factory.reactor,
             getattr(client, "host", ""),
             request.address,
-            factory.connector.resolve,
+            _resolver(factory),
             allow_unknown_sources=factory.udp_allow_unknown_sources,
             check_destination=partial(udp_decision, ctx),
             on_activity=partial(_active, ctx.counters),
@@ -58,6 +61,28 @@ class AssociateHandler:
         ctx.bound = bound
         ctx.send_reply(ReplyCode.SUCCEEDED, bound)
         ctx.associated()
+
+
+def _resolver(factory: Any) -> Callable[[str], defer.Deferred[List[str]]]:
+    """
+    How the association resolves a datagram's name: the connector's
+    resolver, with ``--prefer``'s order (and family) applied.  The rules
+    then check the addresses in that order, which picks the address that
+    filtering first would (a rule's verdict on one address does not depend
+    on the others); a name left with no address is dropped as unresolvable.
+    """
+    resolve: Callable[[str], defer.Deferred[List[str]]] = factory.connector.resolve
+    prefer: Optional[FamilyPreference] = getattr(factory, "prefer", None)
+    if prefer is None:
+        return resolve
+
+    def preferred(addresses: List[str], name: str) -> List[str]:
+        kept = prefer.split(addresses)[0]
+        if not kept:
+            raise prefer.no_address(name)
+        return kept
+
+    return lambda name: resolve(name).addCallback(preferred, name)
 
 
 def _active(counters: RelayCounters) -> None:
