@@ -70,6 +70,8 @@ class PortRange:
     log = Logger()
 
     def __init__(self, low: int, high: int) -> None:
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"udp_ports: not a port range: {low}-{high}")
         self.low = low
         self.high = high
         self._free: Deque[int] = collections.deque(range(low, high + 1))

@@ -377,6 +377,12 @@ def test_port_range_reuses_the_oldest_freed_port_last() -> None:
         ports.listen(lambda p: p)
 
 
+@pytest.mark.parametrize("ports", [(0, 10), (10, 9), (1, 65536)])
+def test_port_range_must_be_one(ports: Tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="not a port range"):
+        factory(udp_ports=ports)
+
+
 def test_port_range_skips_a_port_in_use_and_tries_it_again_later() -> None:
     ports = PortRange(1, 2)
     busy = {1}
