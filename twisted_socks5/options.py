@@ -352,7 +352,7 @@ _PARAMETERS: List[List[Any]] = [
         "The address UDP relay sockets bind to, one per family (IPv4,IPv6), "
         "the one of the client's family (default: the address the client "
         "reached, as for a family not given; a wildcard such as 0.0.0.0 "
-        "binds every address).",
+        "binds every address)",
         _local_addresses,
     ],
     [
@@ -361,7 +361,7 @@ _PARAMETERS: List[List[Any]] = [
         None,
         "The ports, as LOW-HIGH, UDP relay sockets take (for a firewall or a "
         "port forwarding); when none is free the UDP ASSOCIATE gets 0x01 and "
-        "a warning is logged (default: ports the system picks).",
+        "a warning is logged (default: ports the system picks)",
         _port_range,
     ],
     [
@@ -370,7 +370,7 @@ _PARAMETERS: List[List[Any]] = [
         None,
         "The address a UDP ASSOCIATE reply names (BND.ADDR), one per family, "
         "e.g. the public address of a NAT in front (default: the address "
-        "bound).",
+        "bound)",
         _addresses,
     ],
     [
@@ -378,7 +378,7 @@ _PARAMETERS: List[List[Any]] = [
         None,
         None,
         "The address BIND's first reply names (BND.ADDR), one per family, e.g. "
-        "the public address of a NAT in front (default: the address bound).",
+        "the public address of a NAT in front (default: the address bound)",
         _addresses,
     ],
 ]
