@@ -7,6 +7,7 @@ build is :mod:`twisted_socks5.tap`'s.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -22,6 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from ._version import version_line
+from .addresses import by_family
 from .auth import (
     NoAuthAuthenticator,
     ProxyRealm,
@@ -100,6 +102,30 @@ def _hosts_file(path: str) -> str:
     except OSError as e:
         raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
     return path
+
+
+def _addresses(value: str) -> Tuple[str, ...]:
+    return tuple(by_family(value.split(",")).values())
+
+
+_addresses.coerceDoc = "IP addresses, comma-separated, one per family."  # type: ignore[attr-defined]
+
+
+def _local_addresses(value: str) -> Tuple[str, ...]:
+    """:func:`_addresses` that this host can bind (checked at start)."""
+    addresses = _addresses(value)
+    for ip in addresses:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((ip, 0))
+            except OSError as e:
+                why = f"{ip} is no address of this host ({e.strerror})"
+                raise ValueError(why) from None
+    return addresses
+
+
+_local_addresses.coerceDoc = _addresses.coerceDoc  # type: ignore[attr-defined]
 
 
 _COMMANDS = {
@@ -386,6 +412,42 @@ _PARAMETERS: List[List[Any]] = [
         "(a name left with none answers 0x04); default: the resolver's "
         "order.  IP addresses in requests are used as given.",
         FamilyPreference,
+    ],
+    [
+        "udp-bind",
+        None,
+        None,
+        "The address UDP relay sockets bind to, one per family (IPv4,IPv6), "
+        "the one of the client's family (default: the address the client "
+        "reached, as for a family not given; a wildcard such as 0.0.0.0 "
+        "binds every address)",
+        _local_addresses,
+    ],
+    [
+        "udp-ports",
+        None,
+        None,
+        "The ports, as LOW-HIGH, UDP relay sockets take (for a firewall or a "
+        "port forwarding); when none is free the UDP ASSOCIATE gets 0x01 and "
+        "a warning is logged (default: ports the system picks)",
+        _port_range,
+    ],
+    [
+        "udp-advertise",
+        None,
+        None,
+        "The address a UDP ASSOCIATE reply names (BND.ADDR), one per family, "
+        "e.g. the public address of a NAT in front (default: the address "
+        "bound)",
+        _addresses,
+    ],
+    [
+        "bind-advertise",
+        None,
+        None,
+        "The address BIND's first reply names (BND.ADDR), one per family, e.g. "
+        "the public address of a NAT in front (default: the address bound)",
+        _addresses,
     ],
 ]
 

@@ -373,6 +373,10 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         splice=not options["no-splice"],
         splice_after=options["splice-after"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
+        udp_bind=options["udp-bind"] or (),
+        udp_ports=options["udp-ports"],
+        udp_advertise=options["udp-advertise"] or (),
+        bind_advertise=options["bind-advertise"] or (),
         commands=options["commands"],
         policy=options.policy,
         protect_host=protected_host(
