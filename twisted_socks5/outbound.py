@@ -761,6 +761,27 @@ class UpstreamConnector:
         return d
 
 
+def upstream_reactor(
+    reactor: Any,
+    outgoing: Optional[OutgoingAddresses] = None,
+    resolver: Optional[IHostnameResolver] = None,
+) -> Any:
+    """
+    The reactor an upstream server is reached through (give it to
+    :func:`parse_upstream`): leaving from the ``outgoing`` set like any
+    other outbound connection, its name resolved by ``resolver``
+    (``--resolver``).  Without either, ``reactor`` itself.
+    """
+    if outgoing is None and resolver is None:
+        return reactor
+    view: Any = reactor
+    if outgoing is not None:
+        view = _SourcingReactor(view, outgoing, None)
+    if resolver is None:
+        resolver = IReactorPluggableNameResolver(reactor).nameResolver
+    return _ResolvingReactor(view, resolver)
+
+
 class UpstreamUnavailable(Exception):
     """The upstream server itself could not be reached (answered 0x01)."""
 

@@ -272,9 +272,19 @@ def _describe(address: Any) -> str:
 
 
 def _upstream(options: Options, reactor: Any, spec: str) -> Any:
-    from .outbound import UpstreamConnector, parse_upstream
+    """An upstream route, reached from the default --outgoing set."""
+    from .outbound import UpstreamConnector, parse_upstream, upstream_reactor
+    from .outgoing import OutgoingAddresses
 
-    proxy, username, password = parse_upstream(reactor, spec)
+    entries = options["outgoing"].get(None)
+    outgoing = (
+        None
+        if entries is None
+        else OutgoingAddresses(entries, options["outgoing-rotation"])
+    )
+    proxy, username, password = parse_upstream(
+        upstream_reactor(reactor, outgoing, name_resolver(options, reactor)), spec
+    )
     return UpstreamConnector(
         reactor,
         proxy,

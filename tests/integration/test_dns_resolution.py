@@ -421,3 +421,33 @@ async def test_twistd_socks5_resolves_through_the_server(
         process.transport.signalProcess(signal.SIGTERM)
         await process.ended
     assert (b"alias.test", 1) in dns_server.queries
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_named_by_a_name_is_found_through_the_server(
+    dns_server: DNSTestServer,
+) -> None:
+    """The upstream server's own name goes to --resolver, not the system."""
+    reached: List[str] = []
+
+    class Record(Protocol):
+        def connectionMade(self) -> None:
+            reached.append(self.transport.getPeer().host)
+            self.transport.loseConnection()
+
+    upstream = listen(Factory.forProtocol(Record))
+    options = Options()
+    options.parseOptions(
+        [
+            "--resolver", dns_server.spec("udp"),
+            "--upstream", f"socks5://v4.test:{upstream.getHost().port}",
+        ]
+    )  # fmt: skip
+    factory = build_factory(options, reactor)
+    with pytest.raises(Exception):  # noqa: B017 - not a SOCKS server: any failure
+        await factory.connector.connect(
+            Address.from_host("127.0.0.1", 9), Factory.forProtocol(Protocol)
+        )
+    upstream.stopListening()
+    assert reached == ["127.0.0.1"]
+    assert any("v4.test" in str(q) for q in dns_server.queries)
