@@ -56,6 +56,7 @@ API_MODULES = [
     "reloading",
     "outbound",
     "outgoing",
+    "resolver",
     "replies",
     "connect",
     "limits",

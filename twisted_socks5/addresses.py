@@ -66,3 +66,24 @@ def address_of(ip_address: Any) -> Optional[Address]:
         return Address.from_host(host, port)
     except ValueError:
         return None
+
+
+def by_family(addresses: Any) -> Dict[int, str]:
+    """
+    Addresses (``--udp-bind``, ``--udp-advertise``...) by family, 4 or 6,
+    canonical (an IPv4-mapped one is IPv4); ``ValueError`` on a word that
+    is no IP address or on two of one family.
+    """
+    chosen: Dict[int, str] = {}
+    for text in addresses:
+        ip = parse_ip(text.strip())
+        if ip.version in chosen:
+            other = chosen[ip.version]
+            raise ValueError(f"one address per family, not {other} and {ip}")
+        chosen[ip.version] = str(ip)
+    return chosen
+
+
+def family_of(ip: str) -> int:
+    """4 or 6, for a canonical IP text."""
+    return 6 if ":" in ip else 4

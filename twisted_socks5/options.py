@@ -7,6 +7,7 @@ build is :mod:`twisted_socks5.tap`'s.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -22,6 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from ._version import version_line
+from .addresses import by_family
 from .auth import (
     NoAuthAuthenticator,
     ProxyRealm,
@@ -33,6 +35,7 @@ from .exposure import refuse_open_relay
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import DEFAULT_IPV6_CLIENT_PREFIX
 from .outgoing import ROTATIONS, OutgoingAddresses, check_on_host
+from .resolver import DNSServer, FamilyPreference, parse_servers, read_hosts
 from .rules import RulesError, RulesFile
 from .rules.rule import ROUTE_NAME
 from .selfnet import default_host
@@ -84,6 +87,46 @@ def _port_range(value: str) -> Tuple[int, int]:
 
 
 _port_range.coerceDoc = "LOW-HIGH, e.g. 40000-40999, or one port."  # type: ignore[attr-defined]
+
+
+def _dns_servers(value: str) -> List[DNSServer]:
+    return parse_servers(value)
+
+
+_dns_servers.coerceDoc = "For example udp:192.0.2.53,tcp:[2001:db8::53]:53."  # type: ignore[attr-defined]
+
+
+def _hosts_file(path: str) -> str:
+    try:
+        read_hosts(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    return path
+
+
+def _addresses(value: str) -> Tuple[str, ...]:
+    return tuple(by_family(value.split(",")).values())
+
+
+_addresses.coerceDoc = "IP addresses, comma-separated, one per family."  # type: ignore[attr-defined]
+
+
+def _local_addresses(value: str) -> Tuple[str, ...]:
+    """:func:`_addresses` that this host can bind (checked at start)."""
+    addresses = _addresses(value)
+    for ip in addresses:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((ip, 0))
+            except OSError as e:
+                why = f"{ip} is no address of this host ({e.strerror})"
+                raise ValueError(why) from None
+    return addresses
+
+
+_local_addresses.coerceDoc = _addresses.coerceDoc  # type: ignore[attr-defined]
+
 
 _COMMANDS = {
     "connect": Command.CONNECT,
@@ -339,6 +382,72 @@ _PARAMETERS: List[List[Any]] = [
         "(the address the client connected to, when the set holds it; else "
         "the first).",
         _rotation,
+    ],
+    [
+        "resolver",
+        None,
+        None,
+        "Resolve names through these DNS servers (twisted.names, no threads) "
+        "instead of the system resolver: [udp:|tcp:]IP[:PORT], "
+        "comma-separated, tried in order; answers are cached for their TTL "
+        "(5 s to 1 h), /etc/hosts answers first unless --hosts says "
+        "otherwise.  A failed look-up answers 0x04 (host unreachable)",
+        _dns_servers,
+    ],
+    [
+        "hosts",
+        None,
+        None,
+        "A hosts file (IP NAME [ALIAS...]) whose names resolve without "
+        "asking: before --resolver's servers, or before the system resolver "
+        "without it.  Read at start.",
+        _hosts_file,
+    ],
+    [
+        "prefer",
+        None,
+        None,
+        "Address family of a name's addresses the rules allowed: ipv4 or "
+        "ipv6 tries that family first, ipv4-only or ipv6-only uses only it "
+        "(a name left with none answers 0x04); default: the resolver's "
+        "order.  IP addresses in requests are used as given.",
+        FamilyPreference,
+    ],
+    [
+        "udp-bind",
+        None,
+        None,
+        "The address UDP relay sockets bind to, one per family (IPv4,IPv6), "
+        "the one of the client's family (default: the address the client "
+        "reached, as for a family not given; a wildcard such as 0.0.0.0 "
+        "binds every address)",
+        _local_addresses,
+    ],
+    [
+        "udp-ports",
+        None,
+        None,
+        "The ports, as LOW-HIGH, UDP relay sockets take (for a firewall or a "
+        "port forwarding); when none is free the UDP ASSOCIATE gets 0x01 and "
+        "a warning is logged (default: ports the system picks)",
+        _port_range,
+    ],
+    [
+        "udp-advertise",
+        None,
+        None,
+        "The address a UDP ASSOCIATE reply names (BND.ADDR), one per family, "
+        "e.g. the public address of a NAT in front (default: the address "
+        "bound)",
+        _addresses,
+    ],
+    [
+        "bind-advertise",
+        None,
+        None,
+        "The address BIND's first reply names (BND.ADDR), one per family, e.g. "
+        "the public address of a NAT in front (default: the address bound)",
+        _addresses,
     ],
 ]
 

@@ -60,6 +60,7 @@ from .client import SOCKS5ClientEndpoint
 from .codec import Address, AddressType
 from .outgoing import OutgoingAddresses
 from .replies import PolicyDenied, SOCKS5Error
+from .resolver import FamilyPreference
 from .rules import Decision
 
 _T = TypeVar("_T")
@@ -88,6 +89,30 @@ def pick_allowed(
         if first_denial is None:
             first_denial = decision.rule
     raise PolicyDenied(first_denial if first_denial is not None else "no address")
+
+
+def pick_preferred(
+    addresses: Iterable[str],
+    decide: Callable[[str], Decision],
+    prefer: Optional[FamilyPreference],
+    name: str = "",
+) -> Tuple[str, Decision]:
+    """
+    :func:`pick_allowed` with ``--prefer`` applied to the allowed addresses:
+    the preferred family's first allowed address; with ``ipv4-only`` or
+    ``ipv6-only``, a ``DNSLookupError`` (0x04) when the rules allow only
+    addresses of the other family (:class:`PolicyDenied` when they allow
+    none).  The rules' verdict on one address does not depend on the
+    others, so trying the preferred family first picks what filtering
+    first would.
+    """
+    if prefer is None:
+        return pick_allowed(addresses, decide)
+    kept, dropped = prefer.split(list(addresses))
+    ip, decision = pick_allowed([*kept, *dropped], decide)
+    if ip in dropped:
+        raise prefer.no_address(name)
+    return ip, decision
 
 
 def denial_check(decide: Callable[[str], Decision]) -> Callable[[str], Optional[str]]:
@@ -250,6 +275,54 @@ class _FilteringReceiver:
         self._receiver.resolutionComplete()
 
 
+class _PreferringResolver(_WrappingResolver):
+    """
+    ``--prefer`` after the rules' filter: the preferred family first, or
+    the other dropped (``dropped`` counts them, for the reply code).
+    """
+
+    def __init__(
+        self, resolver: IHostnameResolver, prefer: FamilyPreference, dropped: List[Any]
+    ) -> None:
+        super().__init__(resolver)
+        self._prefer = prefer
+        self._dropped = dropped
+
+    def _wrap(self, receiver: IResolutionReceiver) -> IResolutionReceiver:
+        return _PreferringReceiver(receiver, self._prefer, self._dropped)
+
+
+@implementer(IResolutionReceiver)
+class _PreferringReceiver:
+    def __init__(
+        self,
+        receiver: IResolutionReceiver,
+        prefer: FamilyPreference,
+        dropped: List[Any],
+    ) -> None:
+        self._receiver = receiver
+        self._prefer = prefer
+        self._dropped = dropped
+        self._addresses: List[Any] = []
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address: Any) -> None:
+        self._addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        kept, dropped = self._prefer.split(self._addresses, _host_of)
+        self._dropped.extend(dropped)
+        for address in kept:
+            self._receiver.addressResolved(address)
+        self._receiver.resolutionComplete()
+
+
+def _host_of(address: Any) -> str:
+    return str(getattr(address, "host", ""))
+
+
 def interleave_families(addresses: List[_T], per_family: int) -> List[_T]:
     """
     At most ``per_family`` of ``addresses`` of each family, alternating
@@ -403,6 +476,7 @@ class DirectConnector:
     :param outgoing: the source addresses connections leave from
         (``--outgoing``; see :mod:`twisted_socks5.outgoing`), instead of
         ``bind_address``; by family, so happy eyeballs keeps both.
+    :param prefer: ``--prefer``, applied to the addresses the rules allow.
     """
 
     def __init__(
@@ -413,6 +487,7 @@ class DirectConnector:
         resolver: Optional[IHostnameResolver] = None,
         addresses_per_family: int = MAX_ADDRESSES_PER_FAMILY,
         outgoing: Optional[OutgoingAddresses] = None,
+        prefer: Optional[FamilyPreference] = None,
     ) -> None:
         if addresses_per_family < 1:
             raise ValueError("a connection needs at least one address to try")
@@ -421,6 +496,7 @@ class DirectConnector:
         self.addresses_per_family = addresses_per_family
         self.bind_address = bind_address
         self.outgoing = outgoing
+        self.prefer = prefer
         self._name_reactor = (
             reactor if resolver is None else _ResolvingReactor(reactor, resolver)
         )
@@ -430,6 +506,7 @@ class DirectConnector:
         address: Address,
         check: Optional[Callable[[str], Optional[str]]] = None,
         denials: Optional[List[str]] = None,
+        dropped: Optional[List[Any]] = None,
         listen: Optional[str] = None,
     ) -> Any:
         timeout = max(1, int(self.timeout + 1))
@@ -448,6 +525,10 @@ class DirectConnector:
         if check is not None:
             resolver = _FilteringResolver(
                 resolver, check, denials if denials is not None else []
+            )
+        if self.prefer is not None:
+            resolver = _PreferringResolver(
+                resolver, self.prefer, dropped if dropped is not None else []
             )
         # Capped after the rules' filter: denied addresses take no attempt.
         resolver = _CappingResolver(resolver, self.addresses_per_family)
@@ -523,14 +604,20 @@ class DirectConnector:
         ):
             return self._connect_tcp(address, factory, listen)
         denials: List[str] = []
+        dropped: List[Any] = []
         try:
-            endpoint = self._endpoint(address, check, denials, listen)
+            endpoint = self._endpoint(address, check, denials, dropped, listen)
         except (UnicodeError, ValueError) as e:
             return defer.fail(error.DNSLookupError(str(e)))
         d: defer.Deferred[IProtocol] = defer.maybeDeferred(endpoint.connect, factory)
 
         def denied(failure: Failure) -> Failure:
-            if denials and failure.check(error.DNSLookupError):
+            if not failure.check(error.DNSLookupError):
+                return failure
+            if dropped and self.prefer is not None:
+                # The rules allowed some, --prefer's family had none: 0x04.
+                return Failure(self.prefer.no_address(address.host))
+            if denials:
                 return Failure(PolicyDenied(denials[0]))
             return failure
 
@@ -650,7 +737,9 @@ class UpstreamConnector:
             return self._through(address, factory)
 
         def pick(addresses: List[str]) -> defer.Deferred[IProtocol]:
-            ip = first_allowed(addresses, check)
+            ip = pick_preferred(
+                addresses, _decider(check), self.local.prefer, address.host
+            )[0]
             return self._through(Address.from_host(ip, address.port), factory)
 
         return self.local.resolve(address.host).addCallback(pick)
@@ -670,6 +759,27 @@ class UpstreamConnector:
         d = endpoint.connect(factory)
         d.addErrback(_upstream_failure)
         return d
+
+
+def upstream_reactor(
+    reactor: Any,
+    outgoing: Optional[OutgoingAddresses] = None,
+    resolver: Optional[IHostnameResolver] = None,
+) -> Any:
+    """
+    The reactor an upstream server is reached through (give it to
+    :func:`parse_upstream`): leaving from the ``outgoing`` set like any
+    other outbound connection, its name resolved by ``resolver``
+    (``--resolver``).  Without either, ``reactor`` itself.
+    """
+    if outgoing is None and resolver is None:
+        return reactor
+    view: Any = reactor
+    if outgoing is not None:
+        view = _SourcingReactor(view, outgoing, None)
+    if resolver is None:
+        resolver = IReactorPluggableNameResolver(reactor).nameResolver
+    return _ResolvingReactor(view, resolver)
 
 
 class UpstreamUnavailable(Exception):

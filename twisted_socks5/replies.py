@@ -227,8 +227,11 @@ def reply_for_failure(failure: Failure) -> ReplyCode:
     The ``errno`` of the failure decides first, then its class:
 
     - ``ECONNREFUSED``, ``ConnectionRefusedError``: 0x05 connection refused;
-    - ``DNSLookupError`` (the name does not resolve), ``EHOSTUNREACH``,
-      ``EHOSTDOWN``, ``EADDRNOTAVAIL``: 0x04 host unreachable;
+    - ``DNSLookupError`` (the name does not resolve; with ``--resolver``
+      also SERVFAIL, REFUSED, a DNS timeout, and no address of
+      ``--prefer``'s family: :class:`~twisted_socks5.resolver.LookupFailed`),
+      ``EHOSTUNREACH``, ``EHOSTDOWN``, ``EADDRNOTAVAIL``: 0x04 host
+      unreachable;
     - ``ENETUNREACH``, ``ENETDOWN``, ``NoRouteError``: 0x03 network unreachable;
     - a connect timeout, ours or the kernel's (``ETIMEDOUT``): 0x06 TTL
       expired, as Tor does: it tells the client the attempt ran out of time,

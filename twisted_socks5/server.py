@@ -13,10 +13,12 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .addresses import by_family
 from .admission import Admission
 from .auth import NoAuthAuthenticator
 from .codec import Address, Command
@@ -32,9 +34,11 @@ from .metrics import Metrics
 from .outbound import DirectConnector, IOutboundConnector
 from .outgoing import OutgoingAddresses
 from .reloading import reload_all, reloadables
+from .resolver import FamilyPreference
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
 from .tunnel import ActivityWatch, Watched
+from .udp import PortRange
 
 #: ``protect_host``'s default: the proxy host is no destination for clients
 #: that connected to a non-loopback address of it (the factory cannot know
@@ -86,6 +90,17 @@ class SOCKS5ServerFactory(Factory):
         associations do not hold connection slots for ever; ``None`` never.
     :param udp_allow_unknown_sources: relay UDP answers from addresses the
         client never sent to (some NAT traversal needs it); off by default.
+    :param udp_bind: the addresses, at most one per family, UDP relay
+        sockets bind to: the one of the client's family; default (and for a
+        family not given) the address the client reached (a wildcard
+        address binds every address, the reply naming the one reached).
+    :param udp_ports: the ports (``(low, high)``, inclusive) UDP relay
+        sockets take, for a firewall or a port forwarding; none free: the
+        ASSOCIATE gets 0x01.  Default: ports the system picks.
+    :param udp_advertise: the BND.ADDR of UDP ASSOCIATE replies, at most one
+        per family (the public address of a NAT in front): the one of the
+        client's family; default the address bound.
+    :param bind_advertise: the same for BIND's first reply.
     :param commands: the commands served; others get 0x07.
     :param limits: connection limits and failed-login throttling; default
         :class:`~twisted_socks5.limits.ConnectionLimits` with its defaults.
@@ -104,6 +119,13 @@ class SOCKS5ServerFactory(Factory):
         listen on loopback or ``--allow-self-destinations`` is given.
         Unspecified destinations (``0.0.0.0/8``, ``::``) are refused whatever
         this says.
+    :param resolver: the ``IHostnameResolver`` of the connectors the factory
+        builds (``--resolver``: a
+        :class:`~twisted_socks5.resolver.NamesResolver`); default: the
+        reactor's.
+    :param prefer: ``--prefer``
+        (:class:`~twisted_socks5.resolver.FamilyPreference`), applied to a
+        name's addresses the rules allowed, for CONNECT and UDP.
     """
 
     log = Logger()
@@ -125,6 +147,10 @@ class SOCKS5ServerFactory(Factory):
         bind_ports: Optional[Tuple[int, int]] = None,
         udp_idle_timeout: Optional[float] = 300.0,
         udp_allow_unknown_sources: bool = False,
+        udp_bind: Sequence[str] = (),
+        udp_ports: Optional[Tuple[int, int]] = None,
+        udp_advertise: Sequence[str] = (),
+        bind_advertise: Sequence[str] = (),
         commands: Sequence[Command] = (
             Command.CONNECT,
             Command.BIND,
@@ -134,6 +160,8 @@ class SOCKS5ServerFactory(Factory):
         policy: Optional[IPolicy] = None,
         routes: Optional[Dict[str, IOutboundConnector]] = None,
         protect_host: Union[HostAddresses, str, None] = PROTECT_WHEN_EXPOSED,
+        resolver: Optional[IHostnameResolver] = None,
+        prefer: Optional[FamilyPreference] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -145,10 +173,18 @@ class SOCKS5ServerFactory(Factory):
         if not authenticators:
             raise ValueError("at least one authentication method is needed")
         self.authenticators = list(authenticators)
-        self.connector = connector or DirectConnector(reactor, connect_timeout)
+        #: ``--prefer``: the family order (or the one family) of names'
+        #: addresses the rules allowed.
+        self.prefer = prefer
+        self.connector = connector or DirectConnector(
+            reactor, connect_timeout, resolver=resolver, prefer=prefer
+        )
         #: Named routes for rules' ``via NAME``; ``direct`` is always there.
         self.routes: Dict[str, IOutboundConnector] = dict(routes or {})
-        self.routes.setdefault("direct", DirectConnector(reactor, connect_timeout))
+        self.routes.setdefault(
+            "direct",
+            DirectConnector(reactor, connect_timeout, resolver=resolver, prefer=prefer),
+        )
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.stall_timeout = stall_timeout
@@ -159,6 +195,11 @@ class SOCKS5ServerFactory(Factory):
         self.bind_ports = bind_ports
         self.udp_idle_timeout = udp_idle_timeout
         self.udp_allow_unknown_sources = udp_allow_unknown_sources
+        #: Behind NAT: where relays listen and what the replies name, by family.
+        self.udp_bind = by_family(udp_bind)
+        self.udp_ports = None if udp_ports is None else PortRange(*udp_ports)
+        self.udp_advertise = by_family(udp_advertise)
+        self.bind_advertise = by_family(bind_advertise)
         self.commands = frozenset(commands)
         #: The handler of each command (see :mod:`twisted_socks5.commands`).
         self.handlers: Dict[Command, ICommandHandler] = dict(HANDLERS)

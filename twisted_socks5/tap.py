@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import sys
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -17,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, succ
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
+    IHostnameResolver,
     IListeningPort,
     IProtocolFactory,
     IStreamServerEndpoint,
@@ -34,6 +36,9 @@ from .options import Options as Options
 from .options import build_authenticators as build_authenticators
 from .options import escape_ipv6_interface as escape_ipv6_interface
 from .options import find_authenticator_factory as find_authenticator_factory
+from .outbound import DirectConnector
+from .resolver import DEFAULT_TIMEOUT as DEFAULT_DNS_TIMEOUT
+from .resolver import NamesResolver, read_hosts
 from .rules import RulesFile as RulesFile
 from .server import SOCKS5ServerFactory
 
@@ -267,12 +272,59 @@ def _describe(address: Any) -> str:
 
 
 def _upstream(options: Options, reactor: Any, spec: str) -> Any:
-    from .outbound import UpstreamConnector, parse_upstream
+    """An upstream route, reached from the default --outgoing set."""
+    from .outbound import UpstreamConnector, parse_upstream, upstream_reactor
+    from .outgoing import OutgoingAddresses
 
-    proxy, username, password = parse_upstream(reactor, spec)
-    return UpstreamConnector(
-        reactor, proxy, username, password, timeout=options["connect-timeout"]
+    entries = options["outgoing"].get(None)
+    outgoing = (
+        None
+        if entries is None
+        else OutgoingAddresses(entries, options["outgoing-rotation"])
     )
+    proxy, username, password = parse_upstream(
+        upstream_reactor(reactor, outgoing, name_resolver(options, reactor)), spec
+    )
+    return UpstreamConnector(
+        reactor,
+        proxy,
+        username,
+        password,
+        timeout=options["connect-timeout"],
+        local=DirectConnector(
+            reactor,
+            options["connect-timeout"],
+            resolver=name_resolver(options, reactor),
+            prefer=options["prefer"],
+        ),
+    )
+
+
+#: Read for names when --resolver is given without --hosts.
+DEFAULT_HOSTS = "/etc/hosts"
+
+
+def name_resolver(options: Options, reactor: Any) -> Optional[IHostnameResolver]:
+    """
+    ``--resolver`` and ``--hosts``' resolver, one per process (one cache);
+    ``None``: the reactor's.  A look-up is given half the connect timeout,
+    so that a silent DNS server is answered 0x04 (host unreachable), not
+    0x06 (the connect timeout).
+    """
+    built: Optional[NamesResolver] = getattr(options, "name_resolver", None)
+    if built is not None or not (options["resolver"] or options["hosts"]):
+        return built
+    hosts_file = options["hosts"]
+    if hosts_file is None and os.path.exists(DEFAULT_HOSTS):
+        hosts_file = DEFAULT_HOSTS
+    resolver = NamesResolver(
+        reactor,
+        options["resolver"],
+        read_hosts(hosts_file) if hosts_file else {},
+        timeout=min(DEFAULT_DNS_TIMEOUT, options["connect-timeout"] / 2),
+    )
+    options.name_resolver = resolver  # type: ignore[attr-defined]
+    return resolver
 
 
 def _connector(options: Options, reactor: Any) -> Any:
@@ -305,7 +357,13 @@ def _direct(options: Options, reactor: Any, name: Optional[str]) -> Any:
     if entries is None:
         return None
     outgoing = OutgoingAddresses(entries, options["outgoing-rotation"])
-    return DirectConnector(reactor, options["connect-timeout"], outgoing=outgoing)
+    return DirectConnector(
+        reactor,
+        options["connect-timeout"],
+        outgoing=outgoing,
+        resolver=name_resolver(options, reactor),
+        prefer=options["prefer"],
+    )
 
 
 def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
@@ -325,6 +383,10 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         splice=not options["no-splice"],
         splice_after=options["splice-after"],
         udp_allow_unknown_sources=bool(options["udp-allow-unknown-sources"]),
+        udp_bind=options["udp-bind"] or (),
+        udp_ports=options["udp-ports"],
+        udp_advertise=options["udp-advertise"] or (),
+        bind_advertise=options["bind-advertise"] or (),
         commands=options["commands"],
         policy=options.policy,
         protect_host=protected_host(
@@ -334,6 +396,8 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         ),
         connector=connector,
         routes=_routes(options, reactor, connector),
+        resolver=name_resolver(options, reactor),
+        prefer=options["prefer"],
         limits=ConnectionLimits(
             reactor.seconds,
             max_connections=options["max-connections"],

@@ -2,10 +2,13 @@
 UDP ASSOCIATE (RFC 1928 section 7): one relay per TCP control connection.
 
 The client side is a DatagramProtocol bound on the control connection's
-local address; only the client's IP (and its declared port, if it named
-one) may use it.  Each datagram's header is parsed by the codec; FRAG != 0
-is dropped (no reassembly: almost no client fragments, and reassembly buffers
-are an easy memory attack).  Destinations are reached from one outbound
+local address (or ``--udp-bind``'s, on a port of ``--udp-ports``); only
+the client's IP may use it, from the port its request declared when it
+declared its own IP, otherwise from the port of its first datagram (behind
+NAT a client knows neither its public address nor its public port).  Each
+datagram's header is parsed by the codec; FRAG != 0 is dropped (no
+reassembly: almost no client fragments, and reassembly buffers are an easy
+memory attack).  Destinations are reached from one outbound
 socket per address family; answers come back only from destinations the
 client has sent to (unless ``allow_unknown_sources``), wrapped in a header
 naming their source.  Everything lives exactly as long as the control
@@ -18,7 +21,7 @@ import collections
 import socket
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from twisted.internet import defer, udp
+from twisted.internet import defer, error, udp
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,6 +58,55 @@ DROP_REASONS = (
 )
 
 Sendable = Tuple[str, int]
+
+
+class PortRange:
+    """
+    The ports of ``--udp-ports`` relay sockets take, oldest freed first (so a
+    port freed a moment ago, which late datagrams may still reach, is the
+    last one reused).  A port another process holds is skipped and tried
+    again later; with none left, :meth:`listen` raises
+    ``CannotListenError`` and logs once until a port is freed.
+    """
+
+    log = Logger()
+
+    def __init__(self, low: int, high: int) -> None:
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"udp_ports: not a port range: {low}-{high}")
+        self.low = low
+        self.high = high
+        self._free: Deque[int] = collections.deque(range(low, high + 1))
+        self._warned = False
+
+    def listen(self, bind: Callable[[int], Any]) -> Any:
+        """``bind(port)`` on the first free port that works; its result."""
+        for _ in range(len(self._free)):
+            port = self._free.popleft()
+            try:
+                return bind(port)
+            except error.CannotListenError:
+                self._free.append(port)
+        if not self._warned:
+            self._warned = True
+            self.log.warn(
+                "UDP ASSOCIATE refused (0x01): every port of --udp-ports "
+                "{low}-{high} is in use",
+                event="socks5.udp_ports_exhausted",
+                low=self.low,
+                high=self.high,
+            )
+        raise error.CannotListenError(
+            None, f"{self.low}-{self.high}", "no free port in --udp-ports"
+        )
+
+    def release(self, port: int, stopped: Any = None) -> None:
+        """``port`` is free again once ``stopped`` (a Deferred, if any) fires."""
+        if isinstance(stopped, defer.Deferred):
+            stopped.addBoth(lambda _: self.release(port))
+            return
+        self._free.append(port)
+        self._warned = False
 
 
 class UDPCounters:
@@ -115,7 +167,10 @@ class UDPAssociation:
 
     :param client_ip: the TCP control connection's peer IP.
     :param declared: the DST.ADDR/DST.PORT of the request: the address the
-        client says it will send from (zeros when it does not know).
+        client says it will send from (zeros when it does not know).  Its port
+        binds only when its address is ``client_ip``: zeros, a name or an
+        address not the client's (its own behind NAT) leave the port to the
+        first datagram.
     :param resolve: resolves a name to IP strings without blocking.
     :param check_destination: a policy hook: its
         :class:`~twisted_socks5.rules.Decision` on a datagram to an IP (one
@@ -145,7 +200,7 @@ class UDPAssociation:
         self.reactor = reactor
         self.client_ip = canonical_ip_text(client_ip)
         self.client_port: Optional[int] = None
-        if declared.type is not AddressType.DOMAIN and declared.port:
+        if declared.port and canonical_ip_text(declared.host) == self.client_ip:
             self.client_port = declared.port
         self.declared = declared
         self.resolve = resolve
@@ -158,6 +213,8 @@ class UDPAssociation:
         self.outgoing: List[str] = []
         self.counters = UDPCounters()
         self.client_port_listener: Any = None
+        #: The --udp-ports range the client-side port came from, if any.
+        self._range: Optional[PortRange] = None
         self._client_addr: Optional[Sendable] = None
         self._outbound: Dict[int, Any] = {}
         #: How to send on the client-side port and, by family, the outbound ones.
@@ -173,11 +230,22 @@ class UDPAssociation:
 
     # ------------------------------------------------------------------
 
-    def listen(self, host: str) -> Address:
-        """Bind the client-side socket on ``host``; the reply's BND address."""
-        self.client_port_listener = self.reactor.listenUDP(
-            0, _ClientSide(self), interface=host, maxPacketSize=MAX_PACKET_SIZE
-        )
+    def listen(self, host: str, ports: Optional[PortRange] = None) -> Address:
+        """
+        Bind the client-side socket on ``host``, on a port of ``ports`` if
+        given (else one the system picks); the address bound.
+        """
+
+        def bind(port: int) -> Any:
+            return self.reactor.listenUDP(
+                port, _ClientSide(self), interface=host, maxPacketSize=MAX_PACKET_SIZE
+            )
+
+        if ports is None:
+            self.client_port_listener = bind(0)
+        else:
+            self.client_port_listener = ports.listen(bind)
+            self._range = ports
         self._to_client = sender_for(self.client_port_listener)
         bound = self.client_port_listener.getHost()
         return Address.from_host(bound.host, bound.port)
@@ -187,14 +255,19 @@ class UDPAssociation:
         if self.closed:
             return
         self.closed = True
-        ports = [self.client_port_listener, *self._outbound.values()]
-        self.client_port_listener = None
+        listener, self.client_port_listener = self.client_port_listener, None
+        if listener is not None:
+            if self._range is None:
+                listener.stopListening()
+            else:
+                port = listener.getHost().port
+                self._range.release(port, listener.stopListening())
+        ports = list(self._outbound.values())
         self._outbound.clear()
         self._senders.clear()
         self._to_client = None
         for port in ports:
-            if port is not None:
-                port.stopListening()
+            port.stopListening()
         lookups, self._lookups = self._lookups, []
         for d in lookups:
             d.cancel()

@@ -388,3 +388,31 @@ async def test_twistd_refuses_an_address_of_another_host(tmp_path: Any) -> None:
             "(Cannot assign requested address)"
         )
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connection_to_an_upstream_leaves_from_the_default_set(
+    servers: Any, target: Any
+) -> None:
+    """An upstream SOCKS server is an outbound connection like any other."""
+    seen: List[str] = []
+
+    class Record(protocol.Protocol):
+        def connectionMade(self) -> None:
+            seen.append(self.transport.getPeer().host)
+            self.transport.loseConnection()
+
+    upstream = servers(protocol.Factory.forProtocol(Record))
+    proxy = servers(
+        proxy_from(
+            [
+                "--outgoing",
+                "127.0.0.3",
+                "--upstream",
+                f"socks5://127.0.0.1:{upstream}",
+            ]
+        )
+    )
+    with pytest.raises(Exception):  # noqa: B017 - not a SOCKS server: any failure
+        await through(proxy, "127.0.0.1", target())
+    assert seen == ["127.0.0.3"]

@@ -9,12 +9,12 @@ addresses, shared by every command, live here too.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Dict, Optional, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ..addresses import canonical_ip_text
+from ..addresses import canonical_ip_text, family_of
 from ..codec import Address, ReplyCode, Request
 from ..relay import OutboundProtocol, RelayCounters
 from ..rules import Decision
@@ -150,6 +150,11 @@ def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Dec
     """
     if unspecified(ip):
         return _UNSPECIFIED
+    return rules_and_self(ctx, destination, ip)
+
+
+def rules_and_self(ctx: RequestContext, destination: Address, ip: str) -> Decision:
+    """:func:`resolved_decision` for an ``ip`` known to be specified."""
     factory = ctx.factory
     policy = factory.policy
     request = ctx.request
@@ -184,3 +189,14 @@ def reached_from_outside_of(ctx: RequestContext) -> bool:
 def local_host(ctx: RequestContext) -> str:
     """The address the client reached us on, IPv4-mapped made plain."""
     return canonical_ip_text(ctx.transport.getHost().host)
+
+
+def advertised(addresses: Dict[int, str], local: str, bound: Address) -> Address:
+    """
+    The BND of a reply: ``bound``'s port at the address given for the
+    client's family (``--udp-advertise``, ``--bind-advertise``), else
+    ``bound``.  Never IPv4-mapped: the family is the client's (``local``,
+    the address it reached, canonical).
+    """
+    host = addresses.get(family_of(local))
+    return bound if host is None else Address.from_host(host, bound.port)

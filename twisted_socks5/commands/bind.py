@@ -2,7 +2,8 @@
 BIND (RFC 1928 section 4): wait for one inbound connection on a fresh port.
 
 The proxy listens on the address it uses toward the client (the control
-connection's local address), sends the first reply with that port, and
+connection's local address), sends the first reply with that port (at the
+``--bind-advertise`` address, behind NAT), and
 accepts exactly one connection from the expected peer; any other peer is
 refused and the wait goes on.  The port closes as soon as the peer is in,
 on timeout, or when the client leaves first.  The second reply names the
@@ -26,7 +27,7 @@ from ..relay import OutboundProtocol
 from ..replies import reply_for_failure
 from ..rules import Decision, allows
 from ..selfnet import UNSPECIFIED_RULE, unspecified
-from .base import RequestContext, local_host, resolved_decision
+from .base import RequestContext, advertised, local_host, resolved_decision
 
 
 class _BoundPeer(OutboundProtocol):
@@ -177,14 +178,16 @@ def _listen(allowed: Optional[List[str]], ctx: RequestContext) -> None:
     check_peer = partial(_peer_decision, ctx, requested)
     waiter = BindWaiter(factory.reactor, allowed, factory.bind_timeout, check_peer)
     wanted = factory.bind_port_for(requested)
+    local = local_host(ctx)
     try:
-        first = waiter.listen(local_host(ctx), wanted)
+        first = waiter.listen(local, wanted)
     except Exception as e:  # noqa: BLE001 - CannotListenError and kin
         ctx.fail(ReplyCode.GENERAL_FAILURE, f"bind failed: {e}")
         return
     ctx.binding = waiter
     ctx.bound = first
-    ctx.send_reply(ReplyCode.SUCCEEDED, first)
+    reply = advertised(factory.bind_advertise, local, first)
+    ctx.send_reply(ReplyCode.SUCCEEDED, reply)
     waiter.accepted.addCallbacks(
         _accepted, _failed, callbackArgs=(ctx,), errbackArgs=(ctx,)
     )

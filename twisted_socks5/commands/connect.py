@@ -19,7 +19,7 @@ from ..outbound import (
     DirectConnector,
     IOutboundConnector,
     denial_check,
-    pick_allowed,
+    pick_preferred,
 )
 from ..relay import OutboundProtocol
 from ..replies import PolicyDenied, reply_for_failure
@@ -100,8 +100,16 @@ class ConnectHandler:
 def _route_resolved(
     addresses: List[str], ctx: RequestContext, address: Address
 ) -> defer.Deferred[IProtocol]:
-    """Connect to the first allowed address, by the route its rule names."""
-    ip, decision = pick_allowed(addresses, partial(resolved_decision, ctx, address))
+    """
+    Connect to the first allowed address (of the family ``--prefer``
+    prefers), by the route its rule names.
+    """
+    ip, decision = pick_preferred(
+        addresses,
+        partial(resolved_decision, ctx, address),
+        getattr(ctx.factory, "prefer", None),
+        address.host,
+    )
     d = _connect(
         ctx,
         ctx.factory.connector_for(decision.via),

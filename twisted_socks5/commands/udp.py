@@ -7,18 +7,28 @@ check each datagram's destination, and the control connection only waits.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Callable, List, Optional
 
+from twisted.internet import defer
+
+from ..addresses import family_of
 from ..codec import NULL_ADDRESS, Address, Command, ReplyCode, Request
 from ..logs import escape_word
 from ..relay import RelayCounters
+from ..resolver import FamilyPreference
 from ..rules import Decision
+from ..selfnet import UNSPECIFIED_RULE, unspecified
 from ..udp import UDPAssociation
-from .base import RequestContext, local_host, resolved_decision
+from .base import RequestContext, advertised, local_host, rules_and_self
+
+_UNSPECIFIED = Decision(False, UNSPECIFIED_RULE)
 
 
 class AssociateHandler:
-    """UDP ASSOCIATE: the request names the client's own source."""
+    """
+    UDP ASSOCIATE: the request names the client's own source, which the
+    rules never see (the association is pinned to the TCP peer's IP).
+    """
 
     #: Stays in the request state until the association is up.
     phase: Optional[str] = None
@@ -39,15 +49,18 @@ class AssociateHandler:
             factory.reactor,
             getattr(client, "host", ""),
             request.address,
-            factory.connector.resolve,
+            _resolver(factory),
             allow_unknown_sources=factory.udp_allow_unknown_sources,
             check_destination=partial(udp_decision, ctx),
             on_activity=partial(_active, ctx.counters),
             sources=factory.outgoing_for(getattr(ctx.decision, "via", None)),
             listen=listen,
         )
+        local = listen
         try:
-            bound = association.listen(listen)
+            bound = association.listen(
+                factory.udp_bind.get(family_of(local), local), factory.udp_ports
+            )
         except Exception as e:  # noqa: BLE001 - CannotListenError and kin
             ctx.fail(ReplyCode.GENERAL_FAILURE, f"udp associate failed: {e}")
             return
@@ -56,8 +69,34 @@ class AssociateHandler:
         limits.udp_started()
         ctx.udp_counted = True
         ctx.bound = bound
-        ctx.send_reply(ReplyCode.SUCCEEDED, bound)
+        if bound.is_unspecified:  # --udp-bind 0.0.0.0: the address reached
+            bound = Address.from_host(local, bound.port)
+        ctx.send_reply(
+            ReplyCode.SUCCEEDED, advertised(factory.udp_advertise, local, bound)
+        )
         ctx.associated()
+
+
+def _resolver(factory: Any) -> Callable[[str], defer.Deferred[List[str]]]:
+    """
+    How the association resolves a datagram's name: the connector's
+    resolver, with ``--prefer``'s order (and family) applied.  The rules
+    then check the addresses in that order, which picks the address that
+    filtering first would (a rule's verdict on one address does not depend
+    on the others); a name left with no address is dropped as unresolvable.
+    """
+    resolve: Callable[[str], defer.Deferred[List[str]]] = factory.connector.resolve
+    prefer: Optional[FamilyPreference] = getattr(factory, "prefer", None)
+    if prefer is None:
+        return resolve
+
+    def preferred(addresses: List[str], name: str) -> List[str]:
+        kept = prefer.split(addresses)[0]
+        if not kept:
+            raise prefer.no_address(name)
+        return kept
+
+    return lambda name: resolve(name).addCallback(preferred, name)
 
 
 def _active(counters: RelayCounters) -> None:
@@ -66,19 +105,22 @@ def _active(counters: RelayCounters) -> None:
 
 def udp_decision(ctx: RequestContext, destination: Address, ip: str) -> Decision:
     """
-    May this datagram go to ``ip``?  The association's first refusal is
-    logged (a name's next address may still take the datagram).
+    May this datagram go to ``ip``?  Never to an unspecified one, before
+    the rules see it.  The association's first refusal is logged (a name's
+    next address may still take the datagram).
     """
     policy = ctx.factory.policy
-    decision = None
-    if policy is not None:
-        decision = policy.check_request(
-            ctx.policy_ip, ctx.user, Command.UDP_ASSOCIATE, destination
-        )
-    if decision is None or decision.allowed:
-        decision = resolved_decision(ctx, destination, ip)
-        if decision.allowed:
-            return decision
+    if unspecified(ip):
+        decision = _UNSPECIFIED
+    else:
+        if policy is not None:
+            decision = policy.check_request(
+                ctx.policy_ip, ctx.user, Command.UDP_ASSOCIATE, destination
+            )
+        if policy is None or decision.allowed:
+            decision = rules_and_self(ctx, destination, ip)
+            if decision.allowed:
+                return decision
     if ctx.rule is None:
         # One line per association: a client must not flood the log.
         ctx.rule = decision.rule
