@@ -339,6 +339,29 @@ def test_udp_header_cache_is_bounded_and_stays_right(monkeypatch: Any) -> None:
     assert answers == [Address.from_host(*source) for source in sources]
 
 
+def test_udp_a_name_is_asked_again_after_a_while() -> None:
+    """A long association follows the name's DNS changes (bounded reuse)."""
+    h, client_port = associate()
+    name = Address(AddressType.DOMAIN, "moving.test", 53)
+    from_client(client_port, UDPDatagram(name, b"a").to_bytes())
+    h.connector.lookups[0][1].callback(["127.0.0.20"])
+    h.reactor.advance(udp_module.NAME_CACHE_SECONDS - 1)
+    from_client(client_port, UDPDatagram(name, b"b").to_bytes())
+    assert len(h.connector.lookups) == 1  # still fresh: no new look-up
+    h.reactor.advance(2)
+    from_client(client_port, UDPDatagram(name, b"c").to_bytes())
+    from_client(client_port, UDPDatagram(name, b"d").to_bytes())
+    assert [n for n, _ in h.connector.lookups] == ["moving.test"] * 2
+    h.connector.lookups[1][1].callback(["127.0.0.21"])
+    sent = h.reactor.udp_ports[1].written
+    assert sent == [
+        (b"a", ("127.0.0.20", 53)),
+        (b"b", ("127.0.0.20", 53)),
+        (b"c", ("127.0.0.21", 53)),  # queued while asked again
+        (b"d", ("127.0.0.21", 53)),
+    ]
+
+
 def test_udp_unresolvable_name_drops_its_queue() -> None:
     h, client_port = associate()
     name = Address(AddressType.DOMAIN, "nowhere.invalid", 53)

@@ -43,6 +43,10 @@ MAX_PACKET_SIZE = 65535
 MAX_PEERS = 4096
 #: Names cached per association, and datagrams held while a name resolves.
 MAX_NAMES = 256
+#: How long an association uses a name's addresses before it asks again
+#: (a long-lived association follows DNS changes; ``--resolver``'s cache
+#: answers the repeat within the record's TTL without a query).
+NAME_CACHE_SECONDS = 60.0
 MAX_PENDING_PER_NAME = 16
 
 DROP_REASONS = (
@@ -222,7 +226,10 @@ class UDPAssociation:
         self._senders: Dict[int, Callable[[bytes, Sendable], Any]] = {}
         self._peers: collections.OrderedDict[Sendable, None] = collections.OrderedDict()
         #: A name's addresses, as resolved (each datagram picks its own).
-        self._names: collections.OrderedDict[str, List[str]] = collections.OrderedDict()
+        #: A name's addresses, and until when they are used.
+        self._names: collections.OrderedDict[str, Tuple[List[str], float]] = (
+            collections.OrderedDict()
+        )
         self._pending: Dict[str, Deque[Tuple[bytes, int]]] = {}
         self._lookups: List[defer.Deferred[List[str]]] = []
         self._headers: Dict[Tuple[str, int], bytes] = {}
@@ -307,11 +314,13 @@ class UDPAssociation:
 
     def _send_to_name(self, name: str, port: int, data: bytes) -> None:
         key = name.lower().rstrip(".")
-        addresses = self._names.get(key)
-        if addresses is not None:
-            self._names.move_to_end(key)
-            self._send_to(Address(AddressType.DOMAIN, name, port), addresses, data)
-            return
+        known = self._names.get(key)
+        if known is not None:
+            if known[1] > self.reactor.seconds():
+                self._names.move_to_end(key)
+                self._send_to(Address(AddressType.DOMAIN, name, port), known[0], data)
+                return
+            del self._names[key]  # stale: ask again, queueing meanwhile
         queue = self._pending.get(key)
         if queue is not None:
             if len(queue) >= MAX_PENDING_PER_NAME:
@@ -341,7 +350,7 @@ class UDPAssociation:
     def _resolved(self, addresses: List[str], name: str, key: str) -> None:
         if self.closed:
             return
-        self._names[key] = addresses
+        self._names[key] = (addresses, self.reactor.seconds() + NAME_CACHE_SECONDS)
         while len(self._names) > MAX_NAMES:
             self._names.popitem(last=False)
         for data, port in self._pending.pop(key, ()):
