@@ -400,7 +400,7 @@ _PARAMETERS: List[List[Any]] = [
         None,
         "A hosts file (IP NAME [ALIAS...]) whose names resolve without "
         "asking: before --resolver's servers, or before the system resolver "
-        "without it.  Read at start.",
+        "without it.  Re-read on SIGHUP (with the cache forgotten).",
         _hosts_file,
     ],
     [

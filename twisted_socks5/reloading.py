@@ -12,14 +12,19 @@ from twisted.logger import Logger
 
 
 def reloadables(
-    protect_host: Optional[Any], policy: Optional[Any], authenticators: Iterable[Any]
+    protect_host: Optional[Any],
+    policy: Optional[Any],
+    authenticators: Iterable[Any],
+    resolver: Optional[Any] = None,
 ) -> List[Any]:
     """
     Everything with a ``reload()``: the proxy host's addresses, the access
-    rules, authenticators (plugins included) and the credential checkers
-    behind them.
+    rules, authenticators (plugins included), the credential checkers
+    behind them, and the name resolver (its hosts file, its cache).
     """
     found: List[Any] = []
+    if resolver is not None and hasattr(resolver, "reload"):
+        found.append(resolver)
     if protect_host is not None:
         found.append(protect_host)
     if policy is not None and hasattr(policy, "reload"):

@@ -302,12 +302,15 @@ class NamesResolver:
         timeout: float = DEFAULT_TIMEOUT,
         fallback: Optional[IHostnameResolver] = None,
         max_answers: int = MAX_CACHED_ANSWERS,
+        hosts_path: Optional[str] = None,
     ) -> None:
         if not servers and fallback is None:
             fallback = reactor.nameResolver
         self.reactor = reactor
         self.servers = list(servers or ())
         self.hosts = dict(hosts or {})
+        #: The file ``hosts`` came from, re-read by :meth:`reload`.
+        self.hosts_path = hosts_path
         self.timeout = timeout
         self.fallback = fallback
         self.max_answers = max_answers
@@ -326,6 +329,20 @@ class NamesResolver:
             Tuple[str, int], Tuple[float, Tuple[str, ...], Optional[str]]
         ] = collections.OrderedDict()
         self._waiting: Dict[Tuple[str, int], List[defer.Deferred[List[str]]]] = {}
+
+    def reload(self) -> None:
+        """
+        SIGHUP: re-read the hosts file (a file that fails to read keeps the
+        old names: the error propagates first) and forget cached answers.
+        """
+        if self.hosts_path is not None:
+            self.hosts = read_hosts(self.hosts_path)
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        where = f" hosts={self.hosts_path}" if self.hosts_path else ""
+        servers = ",".join(f"{s.transport}:{s.host}:{s.port}" for s in self.servers)
+        return f"<NamesResolver {servers or 'system'}{where}>"
 
     # ------------------------------------------------------------------
     # IHostnameResolver

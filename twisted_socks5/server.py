@@ -176,6 +176,8 @@ class SOCKS5ServerFactory(Factory):
         #: ``--prefer``: the family order (or the one family) of names'
         #: addresses the rules allowed.
         self.prefer = prefer
+        #: ``--resolver``'s resolver (re-read on SIGHUP), if any.
+        self.resolver = resolver
         self.connector = connector or DirectConnector(
             reactor, connect_timeout, resolver=resolver, prefer=prefer
         )
@@ -328,9 +330,12 @@ class SOCKS5ServerFactory(Factory):
     def reloadables(self) -> List[Any]:
         """
         Everything with a ``reload()``: the access rules, authenticators
-        (plugins included) and the credential checkers behind them.
+        (plugins included), the credential checkers behind them, and the
+        name resolver.
         """
-        return reloadables(self.protect_host, self.policy, self.authenticators)
+        return reloadables(
+            self.protect_host, self.policy, self.authenticators, self.resolver
+        )
 
     def reload(self) -> None:
         """

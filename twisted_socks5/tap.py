@@ -322,6 +322,7 @@ def name_resolver(options: Options, reactor: Any) -> Optional[IHostnameResolver]
         options["resolver"],
         read_hosts(hosts_file) if hosts_file else {},
         timeout=min(DEFAULT_DNS_TIMEOUT, options["connect-timeout"] / 2),
+        hosts_path=hosts_file,
     )
     options.name_resolver = resolver  # type: ignore[attr-defined]
     return resolver

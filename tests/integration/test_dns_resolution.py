@@ -451,3 +451,23 @@ async def test_an_upstream_named_by_a_name_is_found_through_the_server(
     upstream.stopListening()
     assert reached == ["127.0.0.1"]
     assert any("v4.test" in str(q) for q in dns_server.queries)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_rereads_the_hosts_file_and_keeps_it_when_broken(
+    tmp_path: Any, events: Any
+) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.7 db.internal\n")
+    options = Options()
+    options.parseOptions(["--hosts", str(hosts)])
+    factory = build_factory(options, reactor)
+    assert await factory.connector.resolve("db.internal") == ["127.0.0.7"]
+    hosts.write_text("127.0.0.8 db.internal\n")  # read at start: not yet
+    assert await factory.connector.resolve("db.internal") == ["127.0.0.7"]
+    factory.reload()  # SIGHUP
+    assert await factory.connector.resolve("db.internal") == ["127.0.0.8"]
+    hosts.unlink()
+    factory.reload()  # a file that cannot be read: the names stay
+    assert await factory.connector.resolve("db.internal") == ["127.0.0.8"]
+    assert [e for e in events if e.get("event") == "socks5.reload_failed"]
