@@ -726,6 +726,12 @@ def test_rule_in_code_is_normalised_and_validated() -> None:
     )
     assert str(rule) == "deny to 10.0.0.0/8, *.example.com"
     assert rule.description == "<code>: deny to 10.0.0.0/8, *.example.com"
+    # A client network in its IPv4-mapped form denies the IPv4 clients.
+    deny = Rule(allow=False, clients=(ipaddress.ip_network("::ffff:10.0.0.0/104"),))
+    assert str(deny) == "deny from 10.0.0.0/8"
+    rules = RuleSet([deny], default_allow=True)
+    assert not rules.check_client("10.0.0.1").allowed
+    assert rules.check_client("192.0.2.1").allowed
     with pytest.raises(ValueError, match="port range"):
         Rule(allow=True, ports=((10, 5),))
     with pytest.raises(ValueError, match="at least one value"):

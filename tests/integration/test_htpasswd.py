@@ -615,3 +615,18 @@ def test_a_pool_without_a_queue_warns_at_its_first_refusal(log_events: Any) -> N
     d.addErrback(failures.append)
     assert failures and failures[0].check(HashPoolFull)
     assert [e for e in log_events if "refusing more logins" in e["log_format"]]
+
+
+def test_lines_without_a_bcrypt_hash_are_one_warning(
+    tmp_path: Any, log_events: Any
+) -> None:
+    def warned() -> int:
+        return len([e for e in log_events if "without a bcrypt" in e["log_format"]])
+
+    path = tmp_path / "users"
+    path.write_bytes(b"alice:" + _hash(b"x") + b"\n")
+    HtpasswdChecker(str(path), pool=HashPool())
+    assert warned() == 0
+    path.write_bytes(b"alice:" + _hash(b"x") + b"\nbob:{SHA}xyz\ncarol:$apr1$x\n")
+    HtpasswdChecker(str(path), pool=HashPool())
+    assert warned() == 1
