@@ -778,7 +778,10 @@ def upstream_reactor(
     if outgoing is not None:
         view = _SourcingReactor(view, outgoing, None)
     if resolver is None:
-        resolver = IReactorPluggableNameResolver(reactor).nameResolver
+        pluggable = IReactorPluggableNameResolver(reactor, None)
+        if pluggable is None:  # a test reactor of an older Twisted
+            return view
+        resolver = pluggable.nameResolver
     return _ResolvingReactor(view, resolver)
 
 
