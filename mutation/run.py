@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "mutation"
@@ -486,12 +486,17 @@ def _names_of(path: str) -> Tuple[str, ...]:
     return tuple(p for p in reversed(parts) if p != "__init__")
 
 
-def _is_own_test(test: str, names: Tuple[str, ...]) -> bool:
-    stem = Path(test.split("::", 1)[0]).stem
-    return any(name in stem for name in names)
+def _is_own_test(test: str, names: Tuple[str, ...], globs: Sequence[str] = ()) -> bool:
+    path = test.split("::", 1)[0]
+    stem = Path(path).stem
+    return any(name in stem for name in names) or any(
+        fnmatch.fnmatch(path, pattern) for pattern in globs
+    )
 
 
-def tests_for(mutant: Mutant, cov: Dict[str, Any], budget: float) -> List[str]:
+def tests_for(
+    mutant: Mutant, cov: Dict[str, Any], budget: float, own: Sequence[str] = ()
+) -> List[str]:
     """
     The tests that run the mutated lines, as many as fit in ``budget``
     seconds (0: all): a line every connection runs is reached by hundreds of
@@ -509,7 +514,7 @@ def tests_for(mutant: Mutant, cov: Dict[str, Any], budget: float) -> List[str]:
     names = _names_of(mutant.path)
     ordered = sorted(
         chosen - failing,
-        key=lambda t: (not _is_own_test(t, names), durations.get(t, 0.0), t),
+        key=lambda t: (not _is_own_test(t, names, own), durations.get(t, 0.0), t),
     )
     if not budget:
         return ordered
@@ -624,6 +629,17 @@ def load_targets() -> Dict[str, List[str]]:
     }
 
 
+def load_own_tests() -> Dict[str, List[str]]:
+    """Each module's ``tests`` globs: the files that hold its behaviour when
+    they are not named after it (run first, as its own)."""
+    parser = configparser.ConfigParser()
+    parser.read(HERE / "targets.ini")
+    return {
+        section: parser[section].get("tests", "").split()
+        for section in parser.sections()
+    }
+
+
 def load_cache() -> Dict[str, Any]:
     path = CACHE / "results.json"
     return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
@@ -724,6 +740,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Stopped (kill PID): leave no test process and no scratch copy behind.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     targets = load_targets()
+    own_tests = load_own_tests()
     all_targets = list(targets)
     if options.module:
         wanted = {m.removesuffix(".py") for m in options.module}
@@ -771,7 +788,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 copy_dir = copies.get()
                 try:
-                    tests = tests_for(mutant, cov, options.budget)
+                    tests = tests_for(
+                        mutant, cov, options.budget, own_tests.get(mutant.path, ())
+                    )
                     result = run_mutant(mutant, tests, copy_dir, cov)
                 finally:
                     copies.put(copy_dir)

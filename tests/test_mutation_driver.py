@@ -106,3 +106,27 @@ def test_a_modules_own_tests_run_first(driver: ModuleType) -> None:
         "tests/test_fast.py::a",
         "tests/test_server.py::b",
     ]
+
+
+def test_test_files_a_target_names_count_as_its_own(driver: ModuleType) -> None:
+    mutant = driver.Mutant(
+        path="twisted_socks5/admission.py",
+        line=3,
+        end_line=3,
+        kind="return",
+        description="return negated",
+        source=b"",
+    )
+    cov = {
+        "lines": {
+            "twisted_socks5/admission.py": {
+                "3": ["tests/test_fast.py::a", "tests/test_auth.py::throttle"]
+            }
+        },
+        "failed": [],
+        "durations": {"tests/test_fast.py::a": 0.1, "tests/test_auth.py::throttle": 9},
+    }
+    assert driver.tests_for(mutant, cov, 1.0) == ["tests/test_fast.py::a"]
+    own = ["tests/test_auth*.py"]
+    assert driver.tests_for(mutant, cov, 1.0, own) == ["tests/test_auth.py::throttle"]
+    assert driver.load_own_tests()["twisted_socks5/admission.py"]
