@@ -111,3 +111,11 @@ def test_a_command_without_a_handler_answers_07() -> None:
     del h.factory.handlers[Command.CONNECT]
     h.send(GREET + CONNECT)
     assert h.take().endswith(Reply(ReplyCode.COMMAND_NOT_SUPPORTED).to_bytes())
+
+
+def test_a_tunnel_closed_before_it_starts_relays_nothing() -> None:
+    h = Harness()
+    tunnel, outbound, out = relaying(h)
+    h.lose()
+    assert tunnel.start(b"early", 0.0) is False
+    assert out.value() == b"" and tunnel.state is TunnelState.CLOSED

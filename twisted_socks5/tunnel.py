@@ -220,7 +220,8 @@ class Tunnel:
             else:
                 self.counters.splice_at = settings.splice_after
         outbound = self.outbound
-        assert outbound is not None  # noqa: S101 - set at construction
+        if outbound is None:  # closed before it could start: nothing to relay
+            return False
         outbound.start_relay(self)
         if early:
             self.counters.bytes_up += len(early)
