@@ -250,19 +250,51 @@ class _FilteringResolver(_WrappingResolver):
 
 
 @implementer(IResolutionReceiver)
-class _FilteringReceiver:
+class _ForwardingReceiver:
+    """Passes a resolution on to ``receiver``; subclasses change one step."""
+
+    def __init__(self, receiver: IResolutionReceiver) -> None:
+        self._receiver = receiver
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address: Any) -> None:
+        self._receiver.addressResolved(address)
+
+    def resolutionComplete(self) -> None:
+        self._receiver.resolutionComplete()
+
+
+class _CollectingReceiver(_ForwardingReceiver):
+    """Holds every address until the end, then passes on ``_select``'s."""
+
+    def __init__(self, receiver: IResolutionReceiver) -> None:
+        super().__init__(receiver)
+        self._addresses: List[Any] = []
+
+    def addressResolved(self, address: Any) -> None:
+        self._addresses.append(address)
+
+    def _select(self, addresses: List[Any]) -> List[Any]:
+        raise NotImplementedError
+
+    def resolutionComplete(self) -> None:
+        for address in self._select(self._addresses):
+            self._receiver.addressResolved(address)
+        self._receiver.resolutionComplete()
+
+
+class _FilteringReceiver(_ForwardingReceiver):
     def __init__(
         self,
         receiver: IResolutionReceiver,
         check: Callable[[str], Optional[str]],
         denials: List[str],
     ) -> None:
-        self._receiver = receiver
+        super().__init__(receiver)
         self._check = check
         self._denials = denials
-
-    def resolutionBegan(self, resolutionInProgress: Any) -> None:
-        self._receiver.resolutionBegan(resolutionInProgress)
 
     def addressResolved(self, address: Any) -> None:
         rule = self._check(getattr(address, "host", ""))
@@ -270,9 +302,6 @@ class _FilteringReceiver:
             self._receiver.addressResolved(address)
         else:
             self._denials.append(rule)
-
-    def resolutionComplete(self) -> None:
-        self._receiver.resolutionComplete()
 
 
 class _PreferringResolver(_WrappingResolver):
@@ -292,31 +321,21 @@ class _PreferringResolver(_WrappingResolver):
         return _PreferringReceiver(receiver, self._prefer, self._dropped)
 
 
-@implementer(IResolutionReceiver)
-class _PreferringReceiver:
+class _PreferringReceiver(_CollectingReceiver):
     def __init__(
         self,
         receiver: IResolutionReceiver,
         prefer: FamilyPreference,
         dropped: List[Any],
     ) -> None:
-        self._receiver = receiver
+        super().__init__(receiver)
         self._prefer = prefer
         self._dropped = dropped
-        self._addresses: List[Any] = []
 
-    def resolutionBegan(self, resolutionInProgress: Any) -> None:
-        self._receiver.resolutionBegan(resolutionInProgress)
-
-    def addressResolved(self, address: Any) -> None:
-        self._addresses.append(address)
-
-    def resolutionComplete(self) -> None:
-        kept, dropped = self._prefer.split(self._addresses, _host_of)
+    def _select(self, addresses: List[Any]) -> List[Any]:
+        kept, dropped = self._prefer.split(addresses, _host_of)
         self._dropped.extend(dropped)
-        for address in kept:
-            self._receiver.addressResolved(address)
-        self._receiver.resolutionComplete()
+        return kept
 
 
 def _host_of(address: Any) -> str:
@@ -350,23 +369,13 @@ class _CappingResolver(_WrappingResolver):
         return _CappingReceiver(receiver, self._per_family)
 
 
-@implementer(IResolutionReceiver)
-class _CappingReceiver:
+class _CappingReceiver(_CollectingReceiver):
     def __init__(self, receiver: IResolutionReceiver, per_family: int) -> None:
-        self._receiver = receiver
+        super().__init__(receiver)
         self._per_family = per_family
-        self._addresses: List[Any] = []
 
-    def resolutionBegan(self, resolutionInProgress: Any) -> None:
-        self._receiver.resolutionBegan(resolutionInProgress)
-
-    def addressResolved(self, address: Any) -> None:
-        self._addresses.append(address)
-
-    def resolutionComplete(self) -> None:
-        for address in interleave_families(self._addresses, self._per_family):
-            self._receiver.addressResolved(address)
-        self._receiver.resolutionComplete()
+    def _select(self, addresses: List[Any]) -> List[Any]:
+        return interleave_families(addresses, self._per_family)
 
 
 @implementer(IReactorPluggableNameResolver, IReactorTCP, IReactorTime)
