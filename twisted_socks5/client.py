@@ -558,8 +558,8 @@ class SOCKS5ClientEndpoint:
                 _as_bytes(username), _as_bytes(password)
             )
             self._credentials.to_bytes()  # checks the RFC 1929 lengths now
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError("timeout must be positive and finite")
         self.timeout = timeout
         self._reactor = reactor
         self.resolver = resolver
