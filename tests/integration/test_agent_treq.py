@@ -217,22 +217,30 @@ async def test_a_persistent_pool_reuses_one_tunnel(
 async def test_a_shared_pool_keeps_the_proxy_in_its_key(
     make_proxy: Any, origin: Any
 ) -> None:
-    """A direct Agent's pooled connection never carries a proxied request."""
+    """
+    A direct Agent's pooled connection never carries a proxied request, nor
+    does a tunnel opened with one user's credentials carry another's; agents
+    with the same proxy endpoint and settings share their tunnels.
+    """
     factory, port = make_proxy()
     pool = HTTPConnectionPool(reactor)
+    proxy = proxy_at(port)
     url = f"http://127.0.0.1:{origin['http']}/"
-    try:
-        direct = Agent(reactor, pool=pool)
-        assert await get(url, direct) == HELLO
-        assert await get(url, socks5_agent(reactor, proxy_at(port), pool=pool)) == HELLO
-        assert origin["site"].connections == 2
-        assert len(factory.active) == 1
-        # Nor is a tunnel authenticated as one user lent to another.
-        other = socks5_agent(
-            reactor, proxy_at(port), pool=pool, username="bob", password="x"
+
+    async def through(**kwargs: Any) -> int:
+        assert (
+            await get(url, socks5_agent(reactor, proxy, pool=pool, **kwargs)) == HELLO
         )
-        assert await get(url, other) == HELLO
-        assert origin["site"].connections == 3
+        return int(origin["site"].connections)
+
+    try:
+        assert await get(url, Agent(reactor, pool=pool)) == HELLO
+        assert await through() == 2
+        assert len(factory.active) == 1
+        assert await through() == 2  # another agent, the same way out
+        assert await through(username="bob", password="x") == 3
+        assert await through(username="bob", password="y") == 4
+        assert await through(username="bob", password="x") == 4
     finally:
         await pool.closeCachedConnections()
 
