@@ -1164,11 +1164,14 @@ def test_tls_wraps_the_application_in_tls() -> None:
 
 
 def test_tls_takes_a_connection_creator() -> None:
-    from twisted.internet.ssl import optionsForClientTLS
+    from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 
     creator = optionsForClientTLS("other.test")
     endpoint = SOCKS5ClientEndpoint(FakeProxy(), "web.test", 443, tls=creator)
     assert endpoint.tls is creator
+    options = CertificateOptions()  # a context factory, as wrapClientTLS takes
+    endpoint = SOCKS5ClientEndpoint(FakeProxy(), "web.test", 443, tls=options)  # type: ignore[arg-type]
+    assert endpoint.tls is options
     with pytest.raises(TypeError):
         SOCKS5ClientEndpoint(FakeProxy(), "web.test", 443, tls="yes")  # type: ignore[arg-type]
 

@@ -519,7 +519,8 @@ class SOCKS5ClientEndpoint:
     :param tls: ``True``: speak TLS to ``host`` through the tunnel, the
         certificate verified for ``host`` (name or IP literal), as txtorcon's
         ``TorSocksEndpoint(tls=True)``; or an
-        ``IOpenSSLClientConnectionCreator`` to use instead.
+        ``IOpenSSLClientConnectionCreator`` (or a context factory such as
+        ``CertificateOptions``) to use instead, as ``wrapClientTLS`` takes.
     :param trust_root: with ``tls=True``, what verifies the certificate: a
         ``Certificate``, an ``IOpenSSLTrustRoot``, or the path of a PEM file
         or directory (see :mod:`twisted_socks5.clienttls`); default: the
@@ -569,7 +570,11 @@ class SOCKS5ClientEndpoint:
             self.tls = client_tls(self.target.host, trust_root)
         elif trust_root is not None:
             raise ValueError("trust_root goes with tls=True")
-        elif IOpenSSLClientConnectionCreator.providedBy(tls):
+        elif IOpenSSLClientConnectionCreator.providedBy(tls) or hasattr(
+            tls, "getContext"
+        ):
+            # A creator, or a context factory (CertificateOptions...), as
+            # wrapClientTLS takes them.
             self.tls = tls  # type: ignore[assignment]
         elif tls is not False:
             raise TypeError(
