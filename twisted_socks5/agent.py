@@ -43,7 +43,7 @@ from zope.interface import implementer
 from .client import SOCKS5ClientEndpoint
 from .clienttls import TrustRoot, load_trust_root
 
-__all__ = ["SOCKS5AgentEndpointFactory", "socks5_agent"]
+__all__ = ["DEFAULT_TIMEOUT", "SOCKS5AgentEndpointFactory", "socks5_agent"]
 
 #: Seconds to reach the origin through the proxy, handshake included (the
 #: same default as ``HostnameEndpoint``'s connection timeout under ``Agent``).

@@ -32,6 +32,7 @@ from twisted_socks5.agent import socks5_agent
 from twisted_socks5.client import (
     REPLY_ERRORS,
     AuthenticationFailed,
+    ConnectionNotAllowed,
     ConnectionRefused,
     ProxyConnectionLost,
     SOCKS5ClientEndpoint,
@@ -255,6 +256,18 @@ async def test_refused_destination(make_proxy: Any) -> None:
     agent = socks5_agent(reactor, proxy_at(port))
     with pytest.raises(ConnectionRefused):
         await within(treq.get(f"http://127.0.0.1:{closed_port()}/", agent=agent))
+
+
+@pytest_twisted.ensureDeferred
+async def test_destination_the_rules_deny(make_proxy: Any, origin: Any) -> None:
+    from twisted_socks5.rules import RuleSet
+
+    rules = RuleSet.parse("deny to localhost\ndefault allow\n", "agent.rules")
+    _, port = make_proxy(policy=rules)
+    agent = socks5_agent(reactor, proxy_at(port))
+    with pytest.raises(ConnectionNotAllowed):
+        await within(treq.get(f"http://localhost:{origin['http']}/", agent=agent))
+    assert origin["site"].connections == 0
 
 
 class ScriptedProxy(protocol.Protocol):
