@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import pytest_twisted
 import treq
-from conftest import LOOPBACKS, closed_port, listen
+from conftest import LOOPBACKS, closed_port, listen, needs_ipv6
 from helpers import self_signed
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -125,6 +125,18 @@ async def test_get_http(
     assert await get(f"http://localhost:{origin['http']}/", agent) == HELLO
     # The name went to the proxy, which resolved it (socks5h).
     assert resolver.asked == ["localhost"]
+
+
+@needs_ipv6
+@pytest_twisted.ensureDeferred
+async def test_get_an_ipv6_literal(make_proxy: Any, http_target: Any) -> None:
+    _, port = make_proxy()
+    agent = socks5_agent(reactor, proxy_at(port))
+    # The agent itself: treq's URL handling (hyperlink) refuses IPv6 literals.
+    url = f"http://[::1]:{http_target['::1']}/"
+    response = await within(agent.request(b"GET", url.encode("ascii")))
+    assert response.code == 200
+    assert await within(treq.content(response)) == b"hello through socks\n"
 
 
 @pytest.mark.parametrize("given_as", ["certificate", "path"])
