@@ -67,6 +67,8 @@ API_MODULES = [
     "rules",
     "selfnet",
     "client",
+    "agent",
+    "clienttls",
     "upstream",
     "workers",
     "options",
@@ -139,6 +141,9 @@ nitpick_ignore_regex = [
     (r"py:class", r"(IHostnameResolver|Portal|ICredentialsChecker|Factory)"),
     (r"py:class", r"(Protocol|DatagramProtocol|Interface|Attribute)"),
     (r"py:class", r"(HostnameEndpoint|IUsernamePassword|ITransport|IRealm)"),
+    (r"py:class", r"(IStreamClientEndpoint|IReactorTime|IAgent|IPolicyForHTTPS)"),
+    (r"py:class", r"(IOpenSSLClientConnectionCreator|HTTPConnectionPool|URI)"),
+    (r"py:class", r"(Certificate|PathLike)"),
     (r"py:.*", r"(ipaddress|resource|os|socket|contextvars)\..*"),
     # Private helpers named in the signatures of public methods.
     (r"py:.*", r".*\._[A-Za-z]\w*"),

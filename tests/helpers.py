@@ -5,6 +5,7 @@ bounded waits for tests on the real reactor.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet import defer, reactor
@@ -170,3 +171,32 @@ async def within(d: defer.Deferred[Any], what: str) -> Any:
         return await d.addTimeout(GIVE_UP_AFTER, reactor)
     except defer.TimeoutError:
         raise AssertionError(f"never happened: {what}") from None
+
+
+def self_signed(name: str) -> tuple[bytes, bytes]:
+    """A throwaway certificate for ``name`` (with the SAN TLS clients check)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)

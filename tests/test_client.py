@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from helpers import FakeConnector
@@ -864,6 +864,9 @@ def test_local_resolution_failure() -> None:
         {"host": "web.test", "port": 80, "username": "", "password": "x"},
         {"host": "web.test", "port": 80, "username": "a", "password": "x" * 256},
         {"host": "web.test", "port": 80, "timeout": 0},
+        {"host": "web.test", "port": 80, "timeout": float("nan")},
+        {"host": "web.test", "port": 80, "timeout": float("inf")},
+        {"host": "web.test", "port": 80, "trust_root": "/etc/ssl/certs"},
     ],
 )
 def test_bad_arguments_fail_early(kwargs: Any) -> None:
@@ -1067,3 +1070,164 @@ def test_parsed_endpoint_connects_through_its_proxy() -> None:
 def test_parse_errors(description: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         clientFromString(MemoryReactorClock(), description)
+
+
+# --------------------------------------------------------------------------
+# Twisted's spellings, tls=true
+
+
+def test_parse_camel_case_and_username() -> None:
+    endpoint = parse(
+        "socks5:web.test:80:proxyHost=127.0.0.1:proxyPort=1081"
+        ":username=alice:password=s3cret"
+    )
+    proxy = endpoint.proxy_endpoint
+    assert isinstance(proxy, HostnameEndpoint)
+    assert (proxy._hostText, proxy._port) == ("127.0.0.1", 1081)
+    assert endpoint.username == b"alice"
+
+
+def test_parse_the_same_value_under_both_spellings() -> None:
+    endpoint = parse("socks5:web.test:80:proxy_host=127.0.0.1:proxyHost=127.0.0.1")
+    assert endpoint.proxy_endpoint._hostText == "127.0.0.1"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("description", "names"),
+    [
+        (
+            "socks5:web.test:80:proxy_host=127.0.0.1:proxyHost=::1",
+            "proxy_host.*proxyHost",
+        ),
+        (
+            "socks5:web.test:80:proxyHost=h:proxyPort=1:proxy_port=2",
+            "proxyPort.*proxy_port",
+        ),
+        (
+            "socks5:web.test:80:proxyHost=h:user=a:username=b:password=p",
+            "user.*username",
+        ),
+    ],
+)
+def test_parse_conflicting_spellings(description: str, names: str) -> None:
+    with pytest.raises(ValueError, match=f"{names}.*different values"):
+        clientFromString(MemoryReactorClock(), description)
+
+
+def test_parse_tls_without_a_trust_root() -> None:
+    endpoint = parse("socks5:web.test:443:proxyHost=127.0.0.1:tls=true")
+    assert endpoint.tls is not None
+    assert " tls " in repr(endpoint)
+    assert parse("socks5:web.test:443:proxyHost=127.0.0.1:tls=no").tls is None
+    assert parse("socks5:web.test:443:proxyHost=127.0.0.1").tls is None
+
+
+@pytest.mark.parametrize("spelling", ["trustRoot", "trust_root"])
+def test_parse_tls_with_a_trust_root(tmp_path: Any, spelling: str) -> None:
+    from helpers import self_signed
+
+    (tmp_path / "ca.pem").write_bytes(self_signed("web.test")[1])
+    endpoint = parse(
+        f"socks5:web.test:443:proxyHost=127.0.0.1:tls=TRUE:{spelling}={tmp_path}/ca.pem"
+    )
+    assert endpoint.tls is not None
+
+
+@pytest.mark.parametrize(
+    ("description", "message"),
+    [
+        ("socks5:web.test:443:proxyHost=h:tls=maybe", "tls must be true or false"),
+        ("socks5:web.test:443:proxyHost=h:trustRoot=/x.pem", "needs tls=true"),
+        (
+            "socks5:web.test:443:proxyHost=h:tls=1:trustRoot=/nonexistent.pem",
+            "cannot read",
+        ),
+        ("socks5:web.test:443:proxyHost=h:tls=1:trustRoot=", "empty"),
+        ("socks5:web.test:443:proxyHost=h:timeout=nan", "finite"),
+        ("socks5:web.test:443:proxyhost=h", "unknown parameter"),
+    ],
+)
+def test_parse_tls_errors(description: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        clientFromString(MemoryReactorClock(), description)
+
+
+def test_tls_wraps_the_application_in_tls() -> None:
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    proxy = FakeProxy()
+    SOCKS5ClientEndpoint(proxy, "web.test", 443, tls=True).connect(
+        Factory.forProtocol(App)
+    )
+    ((factory, _),) = proxy.attempts
+    assert isinstance(factory.app_factory, TLSMemoryBIOFactory)  # type: ignore[attr-defined]
+
+
+def test_tls_takes_a_connection_creator() -> None:
+    from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+
+    creator = optionsForClientTLS("other.test")
+    endpoint = SOCKS5ClientEndpoint(FakeProxy(), "web.test", 443, tls=creator)
+    assert endpoint.tls is creator
+    options = CertificateOptions()  # a context factory, as wrapClientTLS takes
+    endpoint = SOCKS5ClientEndpoint(FakeProxy(), "web.test", 443, tls=options)  # type: ignore[arg-type]
+    assert endpoint.tls is options
+    with pytest.raises(TypeError):
+        SOCKS5ClientEndpoint(FakeProxy(), "web.test", 443, tls="yes")  # type: ignore[arg-type]
+
+
+#: Every parameter with more than one spelling, and a valid value for it.
+ALIASED = {
+    ("proxy_host", "proxyHost"): ("127.0.0.1", "::1"),
+    ("proxy_port", "proxyPort"): ("1080", "1081"),
+    ("user", "username"): ("alice", "bob"),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(choices=st.tuples(*[st.sampled_from(["first", "second", "both"])] * 3))
+def test_any_spelling_gives_the_same_endpoint(choices: Tuple[str, ...]) -> None:
+    kwargs = {"host": "web.test", "port": "80", "password": "pw"}
+    for (names, (value, _)), choice in zip(ALIASED.items(), choices):
+        for i, name in enumerate(names):
+            if choice == "both" or choice == ("first", "second")[i]:
+                kwargs[name] = value
+    endpoint = client.endpoint_from_description(MemoryReactorClock(), **kwargs)
+    proxy = endpoint.proxy_endpoint
+    assert (proxy._hostText, proxy._port) == ("127.0.0.1", 1080)  # type: ignore[attr-defined]
+    assert endpoint.username == b"alice"
+
+
+@settings(max_examples=100, deadline=None)
+@given(which=st.sampled_from(sorted(ALIASED)), order=st.booleans())
+def test_two_spellings_that_disagree_are_refused(
+    which: Tuple[str, str], order: bool
+) -> None:
+    kwargs = {"host": "web.test", "port": "80", "proxy_host": "127.0.0.1"}
+    kwargs.update({"user": "alice", "password": "pw"})
+    first, second = which if order else which[::-1]
+    for name in which:
+        kwargs.pop(name, None)
+    kwargs[first], kwargs[second] = ALIASED[which]
+    with pytest.raises(ValueError, match=f"{first}= and {second}=.*different values"):
+        client.endpoint_from_description(MemoryReactorClock(), **kwargs)
+
+
+_KEYS = sorted(set(client._CANONICAL) - {"proxy", "trust_root"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(_KEYS) | st.text(max_size=12),
+        st.text(max_size=40) | st.binary(max_size=40).map(lambda b: b.hex()),
+        max_size=10,
+    )
+)
+def test_any_parameters_parse_or_raise_value_error(kwargs: Dict[str, str]) -> None:
+    """Whatever the description holds, the parser answers ValueError or an endpoint."""
+    try:
+        endpoint = client.endpoint_from_description(MemoryReactorClock(), **kwargs)
+    except ValueError:
+        return
+    assert isinstance(endpoint, SOCKS5ClientEndpoint)

@@ -740,29 +740,6 @@ def test_access_rules_page_has_the_grammar_of_the_code() -> None:
     assert documented == code
 
 
-def test_client_example_endpoints(monkeypatch: Any) -> None:
-    from twisted.web.client import URI
-    from twisted.web.iweb import IAgentEndpointFactory
-
-    from twisted_socks5.client import SOCKS5ClientEndpoint
-
-    client_example = example("socks5_client")
-    proxy = object()
-    factory = client_example.ThroughSOCKS5(
-        MemoryReactorClock(), proxy, username="alice", password="pw", timeout=5
-    )
-    assert verifyObject(IAgentEndpointFactory, factory)
-    plain = factory.endpointForURI(URI.fromBytes(b"http://example.test:8080/x"))
-    assert isinstance(plain, SOCKS5ClientEndpoint)
-    assert plain.proxy_endpoint is proxy
-    assert plain.target == Address(AddressType.DOMAIN, "example.test", 8080)
-    assert plain.username == b"alice" and plain.timeout == 5
-    tls = factory.endpointForURI(URI.fromBytes(b"https://example.test/"))
-    inner = tls._wrappedEndpoint  # wrapClientTLS's wrapper
-    assert isinstance(inner, SOCKS5ClientEndpoint)
-    assert inner.target == Address(AddressType.DOMAIN, "example.test", 443)
-
-
 class _Hello(Resource):
     isLeaf = True
 
@@ -772,7 +749,7 @@ class _Hello(Resource):
 
 @pytest_twisted.ensureDeferred
 async def test_client_example_fetches_through_our_server() -> None:
-    """agent_through() against a real server and web site on loopback."""
+    """The treq example against a real server and web site on loopback."""
     from twisted.internet import reactor
 
     client_example = example("socks5_client")

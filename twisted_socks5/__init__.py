@@ -50,3 +50,12 @@ __all__ = [
     "UsernamePasswordAuthenticator",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``socks5_agent``, imported on first use (it brings ``twisted.web``)."""
+    if name == "socks5_agent":
+        from .agent import socks5_agent
+
+        return socks5_agent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

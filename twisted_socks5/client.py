@@ -45,6 +45,7 @@ from typing import (
 
 from twisted.internet import defer
 from twisted.internet.address import HostnameAddress, IPv4Address, IPv6Address
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import (
     ConnectionDone,
     DNSLookupError,
@@ -55,6 +56,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHostnameResolver,
     IHostResolution,
+    IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
@@ -65,6 +67,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from .clienttls import TrustRoot, client_tls
 from .codec import (
     Address,
     AddressType,
@@ -513,10 +516,22 @@ class SOCKS5ClientEndpoint:
     :param resolver: resolve host names here with this
         ``IHostnameResolver`` and send the proxy the first address.  By
         default (``None``) names go to the proxy, which resolves them.
+    :param tls: ``True``: speak TLS to ``host`` through the tunnel, the
+        certificate verified for ``host`` (name or IP literal), as txtorcon's
+        ``TorSocksEndpoint(tls=True)``; or an
+        ``IOpenSSLClientConnectionCreator`` (or a context factory such as
+        ``CertificateOptions``) to use instead, as ``wrapClientTLS`` takes.
+    :param trust_root: with ``tls=True``, what verifies the certificate: a
+        ``Certificate``, an ``IOpenSSLTrustRoot``, or the path of a PEM file
+        or directory (see :mod:`twisted_socks5.clienttls`); default: the
+        platform's trust store.
 
     ``connect()`` fires with the application protocol once the server replied
-    success; its transport is a :class:`SOCKS5Transport`.  Cancelling the
-    Deferred stops the attempt wherever it is.
+    success; its transport is a :class:`SOCKS5Transport` (without TLS).
+    Cancelling the Deferred stops the attempt wherever it is.  With TLS,
+    ``connect()`` fires once the tunnel is up; a certificate that fails
+    verification closes the connection (the application's
+    ``connectionLost`` gets the TLS error) before any byte reaches it.
     """
 
     def __init__(
@@ -530,6 +545,8 @@ class SOCKS5ClientEndpoint:
         timeout: Optional[float] = None,
         reactor: Optional[IReactorTime] = None,
         resolver: Optional[IHostnameResolver] = None,
+        tls: Union[bool, IOpenSSLClientConnectionCreator] = False,
+        trust_root: TrustRoot = None,
     ) -> None:
         self.proxy_endpoint = proxy_endpoint
         #: The target as it will be requested (before any local resolution).
@@ -542,11 +559,27 @@ class SOCKS5ClientEndpoint:
                 _as_bytes(username), _as_bytes(password)
             )
             self._credentials.to_bytes()  # checks the RFC 1929 lengths now
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if timeout is not None and not 0 < timeout < float("inf"):
+            raise ValueError("timeout must be positive and finite")
         self.timeout = timeout
         self._reactor = reactor
         self.resolver = resolver
+        #: How TLS to the target starts, or ``None`` for none.
+        self.tls: Optional[IOpenSSLClientConnectionCreator] = None
+        if tls is True:
+            self.tls = client_tls(self.target.host, trust_root)
+        elif trust_root is not None:
+            raise ValueError("trust_root goes with tls=True")
+        elif IOpenSSLClientConnectionCreator.providedBy(tls) or hasattr(
+            tls, "getContext"
+        ):
+            # A creator, or a context factory (CertificateOptions...), as
+            # wrapClientTLS takes them.
+            self.tls = tls  # type: ignore[assignment]
+        elif tls is not False:
+            raise TypeError(
+                "tls must be True, False or an IOpenSSLClientConnectionCreator"
+            )
 
     @property
     def username(self) -> Optional[bytes]:
@@ -554,9 +587,19 @@ class SOCKS5ClientEndpoint:
 
     def __repr__(self) -> str:
         user = f" user={self.username!r}" if self._credentials else ""
-        return f"<SOCKS5ClientEndpoint {self.target} via {self.proxy_endpoint!r}{user}>"
+        tls = " tls" if self.tls is not None else ""
+        return (
+            f"<SOCKS5ClientEndpoint {self.target}{tls}"
+            f" via {self.proxy_endpoint!r}{user}>"
+        )
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        if self.tls is not None:
+            tunnel = _PlainTunnel(self._connect)
+            return wrapClientTLS(self.tls, tunnel).connect(protocolFactory)
+        return self._connect(protocolFactory)
+
+    def _connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         factories: List[_HandshakeFactory] = []
 
         def through_proxy(target: Address) -> defer.Deferred[IProtocol]:
@@ -631,22 +674,65 @@ class SOCKS5ClientEndpoint:
         return receiver.deferred.addCallback(to_address)
 
 
+@implementer(IStreamClientEndpoint)
+class _PlainTunnel:
+    """The plain tunnel of a ``tls`` endpoint, for ``wrapClientTLS`` to wrap."""
+
+    def __init__(
+        self, connect: Callable[[IProtocolFactory], defer.Deferred[IProtocol]]
+    ) -> None:
+        self.connect = connect
+
+
 # --------------------------------------------------------------------------
 # Endpoint description strings (the ``socks5:`` clientFromString plugin)
 
-_KEYWORDS = frozenset(
-    {
-        "host",
-        "port",
-        "proxy",
-        "proxy_host",
-        "proxy_port",
-        "user",
-        "password",
-        "timeout",
-        "resolve",
-    }
-)
+#: Each parameter's spellings, the canonical one first: the original
+#: snake_case names, Twisted's camelCase (``proxyHost``...), and
+#: ``username`` as the keyword argument says it.
+_SPELLINGS: Dict[str, Tuple[str, ...]] = {
+    "host": ("host",),
+    "port": ("port",),
+    "proxy": ("proxy",),
+    "proxy_host": ("proxy_host", "proxyHost"),
+    "proxy_port": ("proxy_port", "proxyPort"),
+    "user": ("user", "username"),
+    "password": ("password",),
+    "timeout": ("timeout",),
+    "resolve": ("resolve",),
+    "tls": ("tls",),
+    "trust_root": ("trust_root", "trustRoot"),
+}
+_CANONICAL = {
+    spelling: name for name, spellings in _SPELLINGS.items() for spelling in spellings
+}
+_BOOLEANS = {
+    "true": True,
+    "yes": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "0": False,
+}
+
+
+def _canonical_options(kwargs: Dict[str, object]) -> Dict[str, str]:
+    """The parameters under their canonical names; two spellings must agree."""
+    unknown = sorted(set(kwargs) - set(_CANONICAL))
+    if unknown:
+        raise ValueError(f"socks5: unknown parameter(s): {', '.join(unknown)}")
+    options: Dict[str, str] = {}
+    spelt: Dict[str, str] = {}
+    for key, raw in kwargs.items():
+        name, value = _CANONICAL[key], _text(raw)
+        if name in options and options[name] != value:
+            raise ValueError(
+                f"socks5: {spelt[name]}= and {key}= are the same parameter"
+                " with different values"
+            )
+        options[name] = value
+        spelt.setdefault(name, key)
+    return options
 
 
 def _text(value: object) -> str:
@@ -671,10 +757,7 @@ def endpoint_from_description(
     description (see :mod:`twisted.plugins.socks5_endpoints` for the syntax).
     Raises ``ValueError`` with the reason for any bad description.
     """
-    unknown = sorted(set(kwargs) - _KEYWORDS)
-    if unknown:
-        raise ValueError(f"socks5: unknown parameter(s): {', '.join(unknown)}")
-    options: Dict[str, str] = {k: _text(v) for k, v in kwargs.items()}
+    options = _canonical_options(kwargs)
     positional = [_text(a) for a in args]
     if len(positional) > 2:
         raise ValueError("socks5: at most two positional arguments (host and port)")
@@ -719,6 +802,12 @@ def endpoint_from_description(
         raise ValueError("socks5: resolve must be 'remote' or 'local'")
     resolver = reactor.nameResolver if resolve == "local" else None
 
+    tls = _BOOLEANS.get(options.get("tls", "false").lower())
+    if tls is None:
+        raise ValueError("socks5: tls must be true or false")
+    if "trust_root" in options and not tls:
+        raise ValueError("socks5: trustRoot= needs tls=true")
+
     return SOCKS5ClientEndpoint(
         proxy,
         options["host"],
@@ -728,4 +817,6 @@ def endpoint_from_description(
         timeout=timeout,
         reactor=reactor,
         resolver=resolver,
+        tls=tls,
+        trust_root=options.get("trust_root"),
     )

@@ -10,7 +10,6 @@ they would ask the system resolver.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterator, List, Optional
 import pytest
 import pytest_twisted
 from conftest import HAS_IPV6, LOOPBACKS, HashSink, Source, closed_port
+from helpers import self_signed
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import (
@@ -455,41 +455,12 @@ async def test_pausing_the_application_transport_stops_reading(
 # Other ways to reach the proxy
 
 
-def _self_signed(name: str) -> tuple[bytes, bytes]:
-    """A throwaway certificate for ``name`` (with the SAN TLS clients check)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
 # Twisted's own TLS options still hand pyOpenSSL objects to pyOpenSSL.
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_proxy_behind_tls(make_proxy: Any, http_target: Any) -> None:
     factory, _ = make_proxy()
-    key_pem, cert_pem = _self_signed("proxy.test")
+    key_pem, cert_pem = self_signed("proxy.test")
     server_options = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem).options()
     tls_port = reactor.listenSSL(0, factory, server_options, interface="127.0.0.1")
     try:
