@@ -244,9 +244,13 @@ class RuleSet:
 
     # -- the open-relay question -------------------------------------------
 
-    def check_anonymous_client(self, client: IPLike) -> Decision:
+    def check_anonymous_client(
+        self, client: IPLike, explicit: bool = False
+    ) -> Decision:
         """
         Like :meth:`check_client`, for a client that did not authenticate:
-        denied when no request it could make would be allowed.
+        denied when no request it could make would be allowed (``explicit``:
+        on a server that requires a password, as SOCKS4 clients there).
         """
-        return self._decide(_Facts(parse_ip(client), user_known=True))
+        facts = _Facts(parse_ip(client), user_known=True, explicit=explicit)
+        return self._decide(facts)
