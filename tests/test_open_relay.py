@@ -269,3 +269,8 @@ def test_sighup_cannot_open_socks4_either(tmp_path: Any) -> None:
     (tmp_path / "rules").write_text("allow from 0.0.0.0/0 protocol socks4\n")
     factory.reload()
     assert options.policy.rules == RuleSet.parse(rules)
+    # Password users may go anywhere: no SOCKS4 client outside 10/8 can.
+    closed = "allow from 10.0.0.0/8 protocol socks4\ndefault allow\n"
+    (tmp_path / "rules").write_text(closed)
+    factory.reload()
+    assert options.policy.rules == RuleSet.parse(closed)
