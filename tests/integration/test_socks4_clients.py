@@ -6,7 +6,9 @@ bad input.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -17,7 +19,8 @@ import pytest_twisted
 import socks
 from conftest import all_closed
 from test_clients import _read_all, curl, needs_curl, userpass
-from twisted.internet import threads
+from test_twistd import TWISTD, Twistd
+from twisted.internet import reactor, threads
 
 from twisted_socks5.auth import NoAuthAuthenticator
 from twisted_socks5.rules import RuleSet
@@ -256,3 +259,23 @@ async def test_socks5_and_socks4_on_one_port_at_once(
     assert answers[0][:2] == b"\x05\x00" and answers[0].endswith(HELLO)
     assert answers[1][:2] == b"\x00\x5a" and answers[1].endswith(HELLO)
     await all_closed(factory)
+
+
+# --------------------------------------------------------------------------
+# twistd socks5 --protocols
+
+
+@needs_curl
+@pytest.mark.skipif(not os.path.exists(TWISTD), reason="no twistd next to python")
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_socks4_when_told(http_target: Any, tmp_path: Any) -> None:
+    url = f"http://127.0.0.1:{http_target['127.0.0.1']}/"
+    process = Twistd.start(tmp_path, "--protocols", "socks5,socks4")
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+        out, err, code = await curl("-x", f"socks4://127.0.0.1:{port}", url)
+        assert (code, out) == (0, HELLO), err
+        await process.wait_for(b"over socks4").addTimeout(30, reactor)
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        await process.ended
