@@ -433,3 +433,27 @@ def test_metrics_are_labelled_by_protocol() -> None:
             f'socks5_handshake_seconds_count{{command="connect",protocol="{protocol}"}}'
             " 1.0"
         ) in text
+
+
+def test_a_policy_that_cannot_be_told_the_protocol_serves_socks5_only() -> None:
+    from twisted_socks5.rules import Decision
+
+    class Old:
+        """A policy written before --protocols."""
+
+        yes = Decision(True, "old")
+
+        def check_client(self, client: Any) -> Any:
+            return self.yes
+
+        def check_request(self, ip: Any, user: Any, command: Any, dest: Any) -> Any:
+            return self.yes
+
+        def check_resolved(
+            self, ip: Any, user: Any, command: Any, dest: Any, resolved: Any
+        ) -> Any:
+            return self.yes
+
+    Harness(policy=Old())  # SOCKS5 only: as before
+    with pytest.raises(ValueError, match="can serve SOCKS5 only"):
+        Harness(policy=Old(), protocols=BOTH)
