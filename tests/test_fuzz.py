@@ -66,6 +66,9 @@ test_fuzz_config_rules = _test("config.rules")
 test_fuzz_config_htpasswd = _test("config.htpasswd")
 test_fuzz_server_noauth = _test("server.noauth")
 test_fuzz_server_userpass = _test("server.userpass")
+test_fuzz_socks4_request = _test("socks4.request")
+test_fuzz_socks4_reply = _test("socks4.reply")
+test_fuzz_server_socks4 = _test("server.socks4")
 
 
 def test_every_codec_parser_has_a_target() -> None:
@@ -109,7 +112,7 @@ def test_the_rules_oracle_catches_a_request_check_that_contradicts_the_client(
     from twisted_socks5.rules import Decision, RuleSet
 
     monkeypatch.setattr(
-        RuleSet, "check_request", lambda self, *args: Decision(True, "seeded bug")
+        RuleSet, "check_request", lambda self, *a, **k: Decision(True, "seeded bug")
     )
     with pytest.raises(AssertionError):
         fuzz_targets.check_rules("deny from 127.0.0.0/8\ndefault deny\n", 0)

@@ -10,6 +10,7 @@ Each connection is a :class:`SOCKS5ServerProtocol`
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import defer
@@ -21,9 +22,10 @@ from twisted.python.failure import Failure
 from .addresses import by_family
 from .admission import Admission
 from .auth import NoAuthAuthenticator
-from .codec import Address, Command
+from .codec import Address, Command, Method
 from .commands import HANDLERS, ICommandHandler
 from .connection import EARLY_DATA_PAUSE as EARLY_DATA_PAUSE
+from .connection import PROTOCOLS, WithoutSOCKS5
 from .connection import SOCKS5ServerProtocol as SOCKS5ServerProtocol
 from .connection import State as State
 from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
@@ -126,6 +128,9 @@ class SOCKS5ServerFactory(Factory):
     :param prefer: ``--prefer``
         (:class:`~twisted_socks5.resolver.FamilyPreference`), applied to a
         name's addresses the rules allowed, for CONNECT and UDP.
+    :param protocols: what its clients may speak, from ``"socks5"``,
+        ``"socks4"`` (SOCKS4 and 4a) and ``"http"``: each client's first
+        byte tells which (see ``docs/protocols.rst``).  Default: SOCKS5 only.
     """
 
     log = Logger()
@@ -162,6 +167,7 @@ class SOCKS5ServerFactory(Factory):
         protect_host: Union[HostAddresses, str, None] = PROTECT_WHEN_EXPOSED,
         resolver: Optional[IHostnameResolver] = None,
         prefer: Optional[FamilyPreference] = None,
+        protocols: Sequence[str] = ("socks5",),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -228,6 +234,16 @@ class SOCKS5ServerFactory(Factory):
         self.metrics: Optional[Metrics] = None
         #: Who gets in: the connection and login gates (admission.py).
         self.admission = Admission(self)
+        unknown = set(protocols) - set(PROTOCOLS)
+        if unknown or not protocols:
+            raise ValueError(f"protocols: unknown or none: {sorted(unknown)}")
+        #: The protocols its clients may speak (the first byte tells which).
+        self.protocols = frozenset(protocols)
+        if self.policy is not None and self.protocols != {"socks5"}:
+            _check_takes_protocol(self.policy)
+        self._connection = (
+            SOCKS5ServerProtocol if "socks5" in self.protocols else WithoutSOCKS5
+        )
 
     @property
     def methods(self) -> list[int]:
@@ -235,7 +251,12 @@ class SOCKS5ServerFactory(Factory):
         return [int(a.method) for a in self.authenticators]
 
     def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
-        return SOCKS5ServerProtocol(self)
+        return self._connection(self)
+
+    @property
+    def requires_password(self) -> bool:
+        """Whether every method offered authenticates (none is 0x00)."""
+        return all(a.method != Method.NO_AUTHENTICATION for a in self.authenticators)
 
     def watch_activity(self, watched: Watched) -> None:
         """Check ``watched`` (a UDP association's protocol) for silence."""
@@ -393,3 +414,21 @@ class SOCKS5ServerFactory(Factory):
             for d in drained:
                 d.callback(None)
         log_connection(self.log, protocol, self.reactor.seconds() - protocol.started)
+
+
+def _check_takes_protocol(policy: IPolicy) -> None:
+    """
+    A policy serving other protocols than SOCKS5 is asked with ``protocol``
+    and ``explicit``: one that cannot take them would fail every such
+    request, so it is refused at once.
+    """
+    for name in ("check_request", "check_resolved"):
+        parameters = inspect.signature(getattr(policy, name)).parameters.values()
+        if not any(
+            p.name == "explicit" or p.kind is inspect.Parameter.VAR_KEYWORD
+            for p in parameters
+        ):
+            raise ValueError(
+                f"policy {policy!r}: {name} takes no 'protocol' and 'explicit' "
+                "keywords, so it can serve SOCKS5 only (see IPolicy)"
+            )
