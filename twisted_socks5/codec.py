@@ -247,15 +247,7 @@ def _parse_address(buf: Buffer, offset: int) -> Parsed[Address]:
         end = start + 1 + size
         if len(buf) < end + 2:
             return None
-        raw = bytes(buf[start + 1 : end])
-        if b"\x00" in raw:
-            raise ProtocolError("NUL byte in domain name", ReplyCode.HOST_UNREACHABLE)
-        try:
-            host = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError(
-                "domain name is not valid UTF-8", ReplyCode.HOST_UNREACHABLE
-            ) from None
+        host = domain_name(bytes(buf[start + 1 : end]))
         kind = AddressType.DOMAIN
     else:
         raise ProtocolError(
@@ -263,6 +255,18 @@ def _parse_address(buf: Buffer, offset: int) -> Parsed[Address]:
         )
     (port,) = struct.unpack_from("!H", buf, end)
     return _parsed_address(kind, host, port), end + 2 - offset
+
+
+def domain_name(raw: bytes) -> str:
+    """A name from the wire: no NUL, UTF-8 (else 0x04, host unreachable)."""
+    if b"\x00" in raw:
+        raise ProtocolError("NUL byte in domain name", ReplyCode.HOST_UNREACHABLE)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(
+            "domain name is not valid UTF-8", ReplyCode.HOST_UNREACHABLE
+        ) from None
 
 
 def _parsed_address(kind: AddressType, host: str, port: int) -> Address:

@@ -24,7 +24,16 @@ command handler's (:mod:`twisted_socks5.commands`).
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, ClassVar, Dict, Optional, Protocol, Sequence
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    FrozenSet,
+    Optional,
+    Protocol,
+    Sequence,
+)
 
 from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionDone
@@ -40,7 +49,9 @@ from .admission import Admission
 from .bind import BindWaiter
 from .codec import (
     NULL_ADDRESS,
+    SOCKS_VERSION,
     Address,
+    Command,
     Method,
     ProtocolError,
     Reply,
@@ -48,6 +59,7 @@ from .codec import (
     Request,
 )
 from .commands import handler_for
+from .commands.base import local_host
 from .handshake import (
     AuthContinue,
     Authenticated,
@@ -64,6 +76,7 @@ from .handshake import (
 from .interfaces import AuthResult, IAuthenticator
 from .limits import checking_client
 from .relay import OutboundProtocol, RelayCounters
+from .socks4 import Socks4Handshake, reply_bytes
 from .tunnel import (
     AssociationSettings,
     Tunnel,
@@ -95,6 +108,10 @@ class State(enum.Enum):
 _HANDSHAKING = frozenset((State.GREETING, State.AUTHENTICATING, State.REQUEST))
 
 
+#: What a connection may speak (``--protocols``), told apart by the first
+#: byte: 0x05, 0x04, anything else HTTP.
+PROTOCOLS = ("socks5", "socks4", "http")
+
 #: The state of each value (a command handler names its phase by value).
 _PHASES: Dict[Optional[str], State] = {state.value: state for state in State}
 
@@ -106,6 +123,13 @@ class Server(AssociationSettings, Protocol):
     admission: Admission
     #: Its :class:`~twisted_socks5.metrics.Metrics`, when enabled.
     metrics: Any
+    #: What its clients may speak (:data:`PROTOCOLS`).
+    protocols: FrozenSet[str]
+    #: The access rules, if any.
+    policy: Any
+
+    @property
+    def requires_password(self) -> bool: ...
 
     def select_authenticator(
         self, offered: Sequence[int]
@@ -183,6 +207,9 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     #: The address an --outgoing set made a connection leave from (for the
     #: log): set only then.
     outgoing: Optional[str] = None
+    #: What the client speaks (see :data:`PROTOCOLS`): set only when it is
+    #: not SOCKS5, once its first byte said so.
+    protocol = "socks5"
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
@@ -318,10 +345,35 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             self._ON_EVENT[type(event)](self, event)
 
     def _protocol_error(self, e: ProtocolError, state: ServerState) -> None:
+        buffer = self.handshake.buffer
+        if state is ServerState.GREETING and buffer and buffer[0] != SOCKS_VERSION:
+            # Not a SOCKS5 greeting (nothing was consumed): the SOCKS5
+            # client's path pays nothing for the sniff.
+            self._sniff(bytes(buffer))
+            return
         self.outcome = f"protocol error: {e}"
         if state is ServerState.REQUEST and e.reply is not None:
             self.send_reply(e.reply)
         self.close()
+
+    def _sniff(self, data: bytes) -> None:
+        """The client's first bytes are not SOCKS5's: another enabled protocol's?"""
+        protocols = self.factory.protocols
+        first = data[0]
+        self.handshake.buffer.clear()
+        if first == 4 and "socks4" in protocols:
+            take_over(self, data)
+        elif first != 4 and "http" in protocols:
+            self.protocol = "http"
+            from .httpproxy import take_over as http_take_over  # type: ignore[import-not-found,unused-ignore]
+
+            http_take_over(self, data)
+        else:
+            self.outcome = (
+                f"first byte 0x{first:02x}: no protocol enabled speaks it "
+                f"(--protocols {','.join(p for p in PROTOCOLS if p in protocols)})"
+            )
+            self.close()
 
     def _method_chosen(self, event: MethodChosen) -> None:
         self.method = event.method
@@ -482,3 +534,89 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         self.state = State.CLOSING
         self._buffer.clear()
         self.transport.abortConnection()
+
+
+class WithoutSOCKS5(SOCKS5ServerProtocol):
+    """A connection on a server whose ``protocols`` leave SOCKS5 out."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            data[:1] == b"\x05"
+            and self.state is State.GREETING
+            and self.handshake.state is ServerState.GREETING
+            and not self.handshake.buffer
+        ):
+            self.outcome = "SOCKS5 is not enabled (--protocols)"
+            self.close()
+            return
+        super().dataReceived(data)
+
+
+#: The rule text of a refusal no rule made (for the log's ``rule``).
+SOCKS4_NEEDS_A_RULE = (
+    "a password is required, which SOCKS4 cannot send "
+    "(no 'allow from NETWORKS protocol socks4' rule)"
+)
+
+
+class SOCKS4ServerProtocol(SOCKS5ServerProtocol):
+    """A connection speaking SOCKS4 or SOCKS4a (see :func:`take_over`)."""
+
+    protocol = "socks4"
+    #: The request's USERID (logged escaped; never the user).
+    userid: Optional[bytes] = None
+    handshake: Socks4Handshake  # type: ignore[assignment]
+
+    def _process(self) -> None:
+        machine = self.handshake
+        while not self._waiting and self.state in _HANDSHAKING:
+            try:
+                event = machine.next_event()
+            except ProtocolError as e:
+                self.outcome = f"protocol error: {e}"
+                self.send_reply(e.reply or ReplyCode.GENERAL_FAILURE)
+                self.close()
+                return
+            if event is None:
+                return
+            self.userid = machine.userid
+            self._on_socks4_request(event)
+
+    def _on_socks4_request(self, event: RequestReceived) -> None:
+        request = event.request
+        factory = self.factory
+        if factory.policy is None and factory.requires_password:
+            self.request = request
+            self.deny(SOCKS4_NEEDS_A_RULE)
+            return
+        if request.command is Command.BIND and ":" in local_host(self):
+            # Its first reply would have to name an IPv6 address.
+            self.request = request
+            self.fail(
+                ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED,
+                "SOCKS4 BIND reached over IPv6: no reply can name the port",
+            )
+            return
+        self._on_request(event)
+
+    def send_reply(self, code: ReplyCode, address: Optional[Address] = None) -> None:
+        first = self.reply is None
+        self.reply = code
+        if first and self.factory.metrics is not None:
+            self.factory.metrics.replied(self)
+        write_now(self.transport, reply_bytes(code, address))
+
+
+def take_over(connection: SOCKS5ServerProtocol, data: bytes) -> None:
+    """The first bytes were SOCKS4's: the connection speaks it from now on."""
+    connection.protocol = "socks4"  # the class says so too: for mypy
+    connection.__class__ = SOCKS4ServerProtocol
+    machine = Socks4Handshake(connection.handshake.client)
+    connection.handshake = machine  # type: ignore[assignment]
+    connection._buffer = machine.buffer
+    try:
+        machine.receive_data(data)
+    except ProtocolError as e:
+        connection._abort(str(e))
+        return
+    connection._process()

@@ -162,6 +162,11 @@ def text_observer() -> TextLogObserver:
     return TextLogObserver(sys.stdout)
 
 
+def protocol_of(connection: Any) -> str:
+    """What a connection speaks: ``socks5``, ``socks4`` or ``http``."""
+    return str(getattr(connection, "protocol", "socks5"))
+
+
 def log_connection(log: Logger, protocol: Any, duration: float) -> None:
     """
     The connection's one log event (``socks5.connection``), from the
@@ -186,6 +191,17 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
     if outgoing is None and udp is not None and udp.outgoing:
         outgoing = ",".join(udp.outgoing)
     shown = f"{target or '-'} from {outgoing}" if outgoing else target or "-"
+    # Said only when it is not SOCKS5: those lines stay as they were.
+    spoken = protocol_of(protocol)
+    over = ""
+    userid = None
+    if spoken != "socks5":
+        over = f" over {spoken}"
+        # SOCKS4's USERID: the client's claim, never its identity.
+        userid = getattr(protocol, "userid", None)
+        if userid is not None:
+            userid = escape_word(userid.decode("utf-8", "backslashreplace"))
+            over += f" (userid {userid})"
     # The line for text logs is rendered here, with an f-string: Twisted
     # would otherwise run its pure-Python formatter over a dozen fields,
     # a tenth of what a short connection costs.  Every field stays in
@@ -204,8 +220,10 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
             "summary": f"{client or '-'} {user or '-'} {command or '-'} "
             f"{shown} -> {reply_text}: {outcome}; "
             f"up {counters.bytes_up} B, down {counters.bytes_down} B "
-            f"in {duration:.3f} s",
+            f"in {duration:.3f} s{over}",
             "event": "socks5.connection",
+            "protocol": spoken,
+            "userid": userid,
             "client": client,
             "user": user,
             "method": protocol.method,

@@ -17,6 +17,7 @@ from twisted.web import resource, server
 from ._extras import optional_import
 from .codec import ReplyCode, Request
 from .limits import ConnectionLimits
+from .logs import protocol_of
 from .relay import RelayCounters
 from .udp import UDPAssociation
 
@@ -76,8 +77,8 @@ class Metrics:
         self.registry = registry or prom.CollectorRegistry()
         self.connections = prom.Counter(
             "socks5_connections",
-            "Finished client connections, by command and reply.",
-            ["command", "reply"],
+            "Finished client connections, by command, reply and protocol.",
+            ["command", "reply", "protocol"],
             registry=self.registry,
         )
         self.refused = prom.Counter(
@@ -94,7 +95,7 @@ class Metrics:
         self.handshake = prom.Histogram(
             "socks5_handshake_seconds",
             "Time from accept to the request's (first) reply.",
-            ["command"],
+            ["command", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -110,13 +111,13 @@ class Metrics:
         request = protocol.request
         command = request.command.phrase if request else "none"
         elapsed = self.factory.reactor.seconds() - protocol.started
-        self.handshake.labels(command).observe(max(0.0, elapsed))
+        self.handshake.labels(command, protocol_of(protocol)).observe(max(0.0, elapsed))
 
     def closed(self, protocol: Counted) -> None:
         request = protocol.request
         command = request.command.phrase if request else "none"
         reply = protocol.reply.phrase if protocol.reply is not None else "none"
-        self.connections.labels(command, reply).inc()
+        self.connections.labels(command, reply, protocol_of(protocol)).inc()
         self._closed_bytes["up"] += protocol.counters.bytes_up
         self._closed_bytes["down"] += protocol.counters.bytes_down
         udp = protocol.udp

@@ -31,6 +31,7 @@ from .auth import (
     unusable_credentials,
 )
 from .codec import Command
+from .connection import PROTOCOLS
 from .exposure import refuse_open_relay
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import DEFAULT_IPV6_CLIENT_PREFIX
@@ -143,6 +144,20 @@ def _commands(value: str) -> List[Command]:
     return [_COMMANDS[n] for n in names]
 
 
+def _protocols(value: str) -> Tuple[str, ...]:
+    names = [n.strip().lower() for n in value.split(",")]
+    if not value.strip() or "" in names:
+        raise ValueError("empty protocol name; use socks5, socks4, http")
+    unknown = [n for n in names if n not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; use socks5, socks4, http")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} named twice")
+    return tuple(names)
+
+
+_protocols.coerceDoc = ""  # type: ignore[attr-defined]  # the help lists them
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
@@ -449,6 +464,16 @@ _PARAMETERS: List[List[Any]] = [
         "the public address of a NAT in front (default: the address bound)",
         _addresses,
     ],
+    # i15-socks4: the protocols a listener speaks.
+    [
+        "protocols",
+        None,
+        "socks5",
+        "The protocols served, comma-separated, from socks5, socks4 (SOCKS4 "
+        "and SOCKS4a) and http (an HTTP proxy), on every --listen endpoint: "
+        "each client's first byte tells which it speaks.",
+        _protocols,
+    ],
 ]
 
 
@@ -673,6 +698,8 @@ class Options(usage.Options, AuthOptionMixin):
         _check_outgoing(self["outgoing"], self["upstreams"])
         if isinstance(self["commands"], str):
             self["commands"] = _commands(self["commands"])
+        if isinstance(self["protocols"], str):
+            self["protocols"] = _protocols(self["protocols"])
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if not self["allow-open-relay"]:

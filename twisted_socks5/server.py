@@ -21,9 +21,10 @@ from twisted.python.failure import Failure
 from .addresses import by_family
 from .admission import Admission
 from .auth import NoAuthAuthenticator
-from .codec import Address, Command
+from .codec import Address, Command, Method
 from .commands import HANDLERS, ICommandHandler
 from .connection import EARLY_DATA_PAUSE as EARLY_DATA_PAUSE
+from .connection import PROTOCOLS, WithoutSOCKS5
 from .connection import SOCKS5ServerProtocol as SOCKS5ServerProtocol
 from .connection import State as State
 from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
@@ -126,6 +127,9 @@ class SOCKS5ServerFactory(Factory):
     :param prefer: ``--prefer``
         (:class:`~twisted_socks5.resolver.FamilyPreference`), applied to a
         name's addresses the rules allowed, for CONNECT and UDP.
+    :param protocols: what its clients may speak, from ``"socks5"``,
+        ``"socks4"`` (SOCKS4 and 4a) and ``"http"``: each client's first
+        byte tells which (see ``docs/protocols.rst``).  Default: SOCKS5 only.
     """
 
     log = Logger()
@@ -162,6 +166,7 @@ class SOCKS5ServerFactory(Factory):
         protect_host: Union[HostAddresses, str, None] = PROTECT_WHEN_EXPOSED,
         resolver: Optional[IHostnameResolver] = None,
         prefer: Optional[FamilyPreference] = None,
+        protocols: Sequence[str] = ("socks5",),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -228,6 +233,14 @@ class SOCKS5ServerFactory(Factory):
         self.metrics: Optional[Metrics] = None
         #: Who gets in: the connection and login gates (admission.py).
         self.admission = Admission(self)
+        unknown = set(protocols) - set(PROTOCOLS)
+        if unknown or not protocols:
+            raise ValueError(f"protocols: unknown or none: {sorted(unknown)}")
+        #: The protocols its clients may speak (the first byte tells which).
+        self.protocols = frozenset(protocols)
+        self._connection = (
+            SOCKS5ServerProtocol if "socks5" in self.protocols else WithoutSOCKS5
+        )
 
     @property
     def methods(self) -> list[int]:
@@ -235,7 +248,12 @@ class SOCKS5ServerFactory(Factory):
         return [int(a.method) for a in self.authenticators]
 
     def buildProtocol(self, addr: Any) -> SOCKS5ServerProtocol:  # type: ignore[override]
-        return SOCKS5ServerProtocol(self)
+        return self._connection(self)
+
+    @property
+    def requires_password(self) -> bool:
+        """Whether every method offered authenticates (none is 0x00)."""
+        return all(a.method != Method.NO_AUTHENTICATION for a in self.authenticators)
 
     def watch_activity(self, watched: Watched) -> None:
         """Check ``watched`` (a UDP association's protocol) for silence."""

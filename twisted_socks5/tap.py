@@ -407,6 +407,8 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             auth_window=options["auth-failure-window"],
             ipv6_client_prefix=options["ipv6-client-prefix"],
         ),
+        # i15-socks4
+        protocols=options["protocols"],
     )
 
 

@@ -67,6 +67,7 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
                 "socks5_connections_total",
                 command="connect",
                 reply="connection refused",
+                protocol="socks5",
             )
             == 1
         )
@@ -75,7 +76,15 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
         assert value(text, "socks5_spliced_tunnels") == spliced
         assert value(text, "socks5_relayed_bytes_total", direction="up") == 100
         assert value(text, "socks5_relayed_bytes_total", direction="down") == 100
-        assert value(text, "socks5_handshake_seconds_count", command="connect") == 2
+        assert (
+            value(
+                text,
+                "socks5_handshake_seconds_count",
+                command="connect",
+                protocol="socks5",
+            )
+            == 2
+        )
 
         client.transport.loseConnection()
         await client.done
@@ -83,7 +92,11 @@ async def test_scrape_counts_traffic_outcomes_and_latency(
         text = await scrape()
         assert (
             value(
-                text, "socks5_connections_total", command="connect", reply="succeeded"
+                text,
+                "socks5_connections_total",
+                command="connect",
+                reply="succeeded",
+                protocol="socks5",
             )
             == 1
         )
