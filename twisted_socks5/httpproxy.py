@@ -134,6 +134,8 @@ def parse_authority(authority: bytes, default_port: Optional[int] = None) -> Add
         if rest and not rest.startswith(b":"):
             raise BadTarget("junk after ]")
         port = rest[1:] if rest else None
+        if b"%" in host:
+            raise BadTarget("a zone in an address")
         try:
             ip = ipaddress.IPv6Address(host.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
@@ -735,6 +737,9 @@ class _OriginLink(OutboundProtocol):
     app: Any = None
     head_done = False
     received = 0
+    #: The response's bytes until its head is read (bounded): the Agent
+    #: keeps its ``Connection`` field to itself, whose names are hop-by-hop.
+    head: bytes = b""
 
     def attach(self, app: Any, counters: RelayCounters) -> None:
         self.app = app
@@ -745,12 +750,24 @@ class _OriginLink(OutboundProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.counters.bytes_down += len(data)  # type: ignore[union-attr]
         self.received += len(data)
+        if not self.head_done:
+            self.head += data
         self.app.dataReceived(data)
         if not self.head_done and self.received > MAX_RESPONSE_HEAD:
             self.transport.abortConnection()
 
     def readConnectionLost(self) -> None:
         self.transport.loseConnection()
+
+    def connection_tokens(self) -> frozenset[bytes]:
+        """The names the response's ``Connection`` fields list."""
+        lines = self.head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+        values = [
+            line.partition(b":")[2]
+            for line in lines
+            if line.partition(b":")[0].strip().lower() == b"connection"
+        ]
+        return _tokens(values)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         if self.app is not None:
@@ -959,8 +976,11 @@ class _Forward:
         d.addCallbacks(self._response, self._failed)
 
     def _response(self, response: Any) -> None:
-        if self.link is not None:
-            self.link.head_done = True
+        link = self.link
+        drop: frozenset[bytes] = frozenset()
+        if link is not None:
+            link.head_done = True
+            drop, link.head = link.connection_tokens(), b""
         request = self.http
         if request.finished or request.gone:
             return
@@ -970,7 +990,6 @@ class _Forward:
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         out.removeHeader(b"content-length")
-        drop = _connection_tokens(response.headers)
         for name, values in response.headers.getAllRawHeaders():
             lower = name.lower()
             if lower in _HOP_BY_HOP or lower in drop:
@@ -1003,13 +1022,15 @@ class _Forward:
         )
 
 
+def _tokens(values: Any) -> frozenset[bytes]:
+    """The field names ``Connection`` values list (hop-by-hop too)."""
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",")
+    )
+
+
 def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """The fields a ``Connection`` header names (hop-by-hop too)."""
-    tokens = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        for token in value.split(b","):
-            tokens.add(token.strip().lower())
-    return frozenset(tokens)
+    return _tokens(headers.getRawHeaders(b"connection", []))
 
 
 def _forwarded_headers(incoming: Headers, version: bytes) -> Headers:
