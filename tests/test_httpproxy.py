@@ -6,14 +6,20 @@ bounds on heads and their timeouts, and property tests of the request side.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 import pytest
-from helpers import Harness
+from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import error
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, error
+from zope.interface import implementer
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
 from twisted_socks5.codec import Address, AddressType
@@ -557,3 +563,71 @@ def test_bad_targets_never_reach_the_connector(method: bytes, target: bytes) -> 
     if not h.connector.calls:
         out = h.take()
         assert out == b"" or status_of(out) in (400, 414, 431)
+
+
+def test_rules_see_the_authenticated_user() -> None:
+    rules = RuleSet.parse("allow user alice\ndefault deny")
+    for request in (
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: a\r\n",
+        b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n",
+    ):
+        h = with_auth(policy=rules)
+        h.send(request + b"Proxy-Authorization: " + GOOD + b"\r\n\r\n")
+        assert h.connector.calls, request
+        assert h.take() == b""
+
+
+def test_throttled_client_costs_no_credential_check() -> None:
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+    asked = []
+    check = checker.requestAvatarId
+    checker.requestAvatarId = lambda c: asked.append(c) or check(c)  # type: ignore[method-assign]
+    auth = UsernamePasswordAuthenticator.from_checkers(checker)
+    h = harness(authenticators=[auth])
+    for _ in range(h.factory.limits.auth_failures):
+        h.factory.limits.auth_failed("127.0.0.1")
+    h.send(b"GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: " + GOOD + b"\r\n\r\n")
+    assert status_of(h.take()) == 407
+    assert asked == []
+
+
+@implementer(ICredentialsChecker)
+class _SlowChecker:
+    """Answers when the test says: the checks it was asked for, in order."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.waiting: List[Tuple[Any, defer.Deferred[Any]]] = []
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.waiting.append((credentials, d))
+        return d
+
+
+def test_one_credential_check_at_a_time_per_client() -> None:
+    checker = _SlowChecker()
+    h = harness(authenticators=[UsernamePasswordAuthenticator.from_checkers(checker)])
+    second = h.factory.buildProtocol(CLIENT)
+    transport = HalfCloseTransport(SERVER, CLIENT)
+    second.makeConnection(transport)
+    request = b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nProxy-Authorization: " + GOOD
+    h.send(request + b"\r\n\r\n")
+    second.dataReceived(request + b"\r\n\r\n")
+    assert len(checker.waiting) == 1  # the second waits its turn
+    checker.waiting[0][1].callback(b"alice")
+    assert len(h.connector.calls) == 1
+    assert len(checker.waiting) == 2  # now the second is checked
+    checker.waiting[1][1].errback(UnauthorizedLogin())
+    assert status_of(transport.value()) == 407
+    assert len(h.connector.calls) == 1
+
+
+def test_client_leaving_during_a_check_is_forgotten() -> None:
+    checker = _SlowChecker()
+    h = harness(authenticators=[UsernamePasswordAuthenticator.from_checkers(checker)])
+    h.send(b"GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: " + GOOD + b"\r\n\r\n")
+    h.lose()
+    assert checker.waiting[0][1].called  # cancelled with the connection
+    assert not h.connector.calls
