@@ -22,6 +22,7 @@ from twisted.internet import defer, threads, utils
 from twisted.web import resource, server, static
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
+from twisted_socks5.splice import splice_available
 
 CURL = shutil.which("curl")
 NC = "/usr/bin/nc" if os.path.exists("/usr/bin/nc") else None
@@ -347,3 +348,29 @@ async def test_chromium_loads_a_page(
         and p.request.address.port == target
         for p in seen
     )
+
+
+@needs_curl
+@pytest.mark.skipif(not splice_available(), reason="os.splice needs Linux")
+@pytest_twisted.ensureDeferred
+async def test_connect_tunnel_takes_the_splice_path(
+    make_proxy: Any, origin: Any
+) -> None:
+    """An HTTP CONNECT tunnel is a Tunnel like a SOCKS5 one: spliced when long."""
+    factory, port = make_proxy(protocols=HTTP, splice=True)
+    seen: List[Any] = []
+    opened = factory.connection_opened
+
+    def count(protocol: Any) -> None:
+        seen.append(protocol)
+        opened(protocol)
+
+    factory.connection_opened = count  # type: ignore[method-assign]
+    url = f"http://127.0.0.1:{origin.port['127.0.0.1']}/blob"
+    out, err, code = await curl("-p", "-x", f"http://127.0.0.1:{port}", url)
+    assert code == 0, err
+    assert hashlib.sha256(out).digest() == hashlib.sha256(BLOB).digest()
+    (connection,) = seen
+    assert connection.protocol == "http"
+    assert connection.tunnel is not None and connection.tunnel.splice is not None
+    assert connection.counters.bytes_down > len(BLOB)
