@@ -210,3 +210,67 @@ def test_reload_of_a_loopback_server_is_not_guarded(tmp_path: Any) -> None:
     path.write_text("default allow\n")
     options.policy.reload()
     assert options.policy.check_client("198.51.100.7").allowed
+
+
+# SOCKS4 has no password: where one is required, only the explicit
+# 'allow from NETWORKS protocol socks4' rules let its clients in, and the
+# guard judges those.
+SOCKS4_OPEN = [
+    "allow from 0.0.0.0/0 protocol socks4\n",
+    "allow from 10.0.0.0/8 protocol socks4\nallow from ::/0 protocol socks4\n",
+    "allow from 0.0.0.0/0, ::/0 protocol socks4, socks5 to 192.0.2.0/24\n",
+]
+SOCKS4_CLOSED = [
+    "allow from 10.0.0.0/8 protocol socks4\n",
+    # Without the protocol named, no SOCKS4 client gets in (nor by default).
+    "allow from 0.0.0.0/0, ::/0\ndefault allow\n",
+    "allow user *\n",
+]
+
+
+@pytest.mark.parametrize("rules", SOCKS4_OPEN)
+def test_socks4_without_a_password_is_an_open_relay(tmp_path: Any, rules: str) -> None:
+    from twisted.python import usage
+
+    password = ["--auth", "memory:alice:pw"]
+    with pytest.raises(usage.UsageError, match="SOCKS4 clients from"):
+        start(tmp_path, rules, *password, "--protocols", "socks5,socks4")
+    start(tmp_path, rules, *password)  # SOCKS5 only: a password for everyone
+
+
+@pytest.mark.parametrize("rules", SOCKS4_CLOSED)
+def test_socks4_with_explicit_client_lists_starts(tmp_path: Any, rules: str) -> None:
+    start(tmp_path, rules, "--auth", "memory:alice:pw", "--protocols", "socks4,socks5")
+
+
+def test_socks4_without_rules_and_with_a_password_starts() -> None:
+    options = Options()
+    options.parseOptions(
+        ["--listen", "tcp:1080", "--auth", "memory:a:b", "--protocols", "socks4"]
+    )
+
+
+def test_socks4_with_no_password_and_no_rules_is_an_open_relay() -> None:
+    from twisted.python import usage
+
+    options = Options()
+    with pytest.raises(usage.UsageError, match="anyone may use it"):
+        options.parseOptions(["--listen", "tcp:1080", "--protocols", "socks4"])
+
+
+def test_sighup_cannot_open_socks4_either(tmp_path: Any) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from twisted_socks5.tap import build_factory
+
+    rules = "allow from 10.0.0.0/8 protocol socks4\n"
+    options = start(tmp_path, rules, "--auth", "memory:a:b", "--protocols", "socks4")
+    factory = build_factory(options, MemoryReactorClock())
+    (tmp_path / "rules").write_text("allow from 0.0.0.0/0 protocol socks4\n")
+    factory.reload()
+    assert options.policy.rules == RuleSet.parse(rules)
+    # Password users may go anywhere: no SOCKS4 client outside 10/8 can.
+    closed = "allow from 10.0.0.0/8 protocol socks4\ndefault allow\n"
+    (tmp_path / "rules").write_text(closed)
+    factory.reload()
+    assert options.policy.rules == RuleSet.parse(closed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from pathlib import Path
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import pytest
 from hypothesis import example, given, settings
@@ -32,6 +32,7 @@ from twisted_socks5.rules import (
     name_forms,
     normalise_network,
 )
+from twisted_socks5.rules.rule import PROTOCOL_WORDS
 
 CONNECT = Command.CONNECT
 BIND = Command.BIND
@@ -849,6 +850,7 @@ rule_objects = st.builds(
     commands=optional(st.frozensets(st.sampled_from(Command), min_size=1)),
     users=optional(st.lists(st.sampled_from(USERS), min_size=1, max_size=3).map(tuple)),
     to_self=st.booleans(),
+    protocols=optional(st.frozensets(st.sampled_from(PROTOCOL_WORDS), min_size=1)),
 )
 rule_sets = st.builds(
     RuleSet, st.lists(rule_objects, max_size=6), default_allow=st.booleans()
@@ -885,22 +887,36 @@ def test_render_round_trips(rules: RuleSet) -> None:
     assert parsed.render() == text
 
 
+protocol_facts = st.sampled_from(PROTOCOL_WORDS).flatmap(
+    lambda p: st.fixed_dictionaries({"protocol": st.just(p), "explicit": st.booleans()})
+)
+
+batches = st.lists(st.tuples(queries(), protocol_facts), min_size=1, max_size=5)
+
+
 @settings(max_examples=300)
-@given(rule_sets, st.lists(queries(), min_size=1, max_size=5))
+@given(rule_sets, batches)
 def test_early_answers_never_contradict_the_final_one(
-    rules: RuleSet, batch: List[Query]
+    rules: RuleSet, batch: List[Tuple[Query, Dict[str, Any]]]
 ) -> None:
     """
     A final answer from check_client or check_request is what check_resolved
     says; a rendered and re-parsed rule set answers the same (determinism).
+    A client without the password the server wants (``explicit``) is only
+    ever allowed by a rule naming its protocol and ``from`` networks.
     """
     again = RuleSet.parse(rules.render())
-    for client, user, command, destination, resolved in batch:
+    for query, kw in batch:
+        client, user, command, destination, resolved = query
         by_client = rules.check_client(client)
-        by_request = rules.check_request(client, user, command, destination)
-        final = rules.check_resolved(client, user, command, destination, resolved)
+        by_request = rules.check_request(client, user, command, destination, **kw)
+        final = rules.check_resolved(client, user, command, destination, resolved, **kw)
         assert final.final
-        if by_client.final:
+        if kw["explicit"] and final.allowed:
+            (deciding,) = [r for r in rules.rules if r.description == final.rule]
+            assert deciding.clients is not None
+            assert deciding.protocols and kw["protocol"] in deciding.protocols
+        if by_client.final and not kw["explicit"]:
             assert by_request.final and by_request.allowed == by_client.allowed
             assert final.allowed == by_client.allowed
         if by_request.final:
@@ -909,8 +925,8 @@ def test_early_answers_never_contradict_the_final_one(
             assert by_request.final
         for a, b in [
             (by_client, again.check_client(client)),
-            (by_request, again.check_request(client, user, command, destination)),
-            (final, again.check_resolved(client, user, command, destination, resolved)),
+            (by_request, again.check_request(client, user, command, destination, **kw)),
+            (final, again.check_resolved(*query, **kw)),
         ]:
             assert (a.allowed, a.final) == (b.allowed, b.final)
 
@@ -1015,3 +1031,55 @@ def test_patterns_under_a_self_domain_stay_host_patterns() -> None:
     rules = RuleSet.parse("deny to .self, *.self\ndefault allow\n")
     assert RuleSet.parse(rules.render()) == rules
     assert not rules.rules[0].to_self
+
+
+def test_the_protocol_condition() -> None:
+    rules = RuleSet.parse(
+        "deny protocol http to .example.com\n"
+        "allow from 10.0.0.0/8 protocol SOCKS4, socks5\n"
+        "default deny\n"
+    )
+    assert str(rules.rules[1]) == "allow from 10.0.0.0/8 protocol socks5, socks4"
+    assert RuleSet.parse(rules.render()) == rules
+    name = at("www.example.com", 80)
+    ip = at("192.0.2.1", 80)
+    assert not rules.check_request("10.1.1.1", None, CONNECT, name, "http").allowed
+    assert rules.check_request("10.1.1.1", None, CONNECT, name, "socks4").allowed
+    assert rules.check_request("10.1.1.1", None, CONNECT, ip).allowed  # socks5
+    assert not rules.check_request("10.1.1.1", None, CONNECT, ip, "http").allowed
+    # At accept the protocol is not known yet: the client may go on.
+    assert rules.check_client("10.1.1.1").allowed
+
+
+def test_without_a_password_only_an_explicit_rule_allows() -> None:
+    rules = RuleSet.parse(
+        "allow user alice\n"
+        "allow from 192.0.2.0/24 to 10.0.0.0/8\n"
+        "allow from 10.0.0.0/8 protocol socks4 to 192.0.2.0/24\n"
+        "default allow\n"
+    )
+    ip = at("192.0.2.1", 80)
+    other = at("198.51.100.1", 80)
+    explicit = {"protocol": "socks4", "explicit": True}
+    assert rules.check_request("10.1.1.1", None, CONNECT, ip, **explicit).allowed
+    # Neither the protocol-less allow, nor the default allow, count.
+    lan = at("10.0.0.1", 80)
+    assert not rules.check_request("192.0.2.9", None, CONNECT, lan, **explicit).allowed
+    denied = rules.check_request("10.1.1.1", None, CONNECT, other, **explicit)
+    assert not denied.allowed and "no 'allow from NETWORKS protocol" in denied.rule
+    # Without ``explicit`` (no password required) the default allows.
+    assert rules.check_request("10.1.1.1", None, CONNECT, other, "socks4").allowed
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ("allow protocol socks6", "unknown protocol 'socks6'"),
+        ("allow protocol", "'protocol' needs a value"),
+        ("allow protocol socks4 protocol http", "given twice"),
+        ("allow protocol socks4,", "empty item"),
+    ],
+)
+def test_bad_protocol_conditions(line: str, why: str) -> None:
+    with pytest.raises(RulesError, match=why):
+        RuleSet.parse(line + "\n")

@@ -17,6 +17,7 @@ from twisted.internet.address import IPv6Address
 
 from twisted_socks5.codec import Address, AddressType, Command, ReplyCode, Request
 from twisted_socks5.connection import SOCKS4ServerProtocol, SOCKS5ServerProtocol
+from twisted_socks5.rules import RuleSet
 from twisted_socks5.server import State
 from twisted_socks5.socks4 import MAX_USERID, Socks4Request
 
@@ -276,3 +277,64 @@ def test_protocols_option_reaches_the_factory() -> None:
     assert options["protocols"] == ("http", "socks4", "socks5")
     factory = build_factory(options, MemoryReactorClock())
     assert factory.protocols == {"socks5", "socks4", "http"}
+
+
+# --------------------------------------------------------------------------
+# The rules: `protocol`, and the explicit permission SOCKS4 needs
+
+
+def password_only(**kw: Any) -> Harness:
+    h = userpass_harness(**kw)
+    h.factory.authenticators = h.factory.authenticators[:1]
+    return h
+
+
+def test_an_explicit_rule_lets_socks4_in_when_a_password_is_required() -> None:
+    rules = RuleSet.parse("allow from 127.0.0.0/8 protocol socks4\ndefault deny\n")
+    h = password_only(protocols=BOTH, policy=rules)
+    h.send(socks4())
+    assert [c[0] for c in h.connector.calls] == [TARGET]
+    assert h.protocol.user is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "allow from 127.0.0.0/8\n",  # no protocol named
+        "allow protocol socks4\n",  # no client networks named
+        "default allow\n",
+        "allow from 127.0.0.0/8 protocol socks5, http\n",
+        "allow user -\n",
+    ],
+)
+def test_only_an_explicit_rule_lets_socks4_in(text: str, events: Any) -> None:
+    h = password_only(protocols=BOTH, policy=RuleSet.parse(text))
+    h.send(socks4())
+    assert h.take() == b"\x00\x5b" + bytes(6)
+    assert h.connector.calls == []
+    h.lose()
+    (event,) = _connection_events(events)
+    assert event["reply"] == ReplyCode.CONNECTION_NOT_ALLOWED
+
+
+def test_the_explicit_rule_holds_for_every_address_of_a_name() -> None:
+    rules = RuleSet.parse(
+        "allow from 127.0.0.0/8 protocol socks4 to 10.0.0.0/8\n"
+        "allow from 127.0.0.0/8 to 192.0.2.0/24\n"
+    )
+    h = password_only(protocols=BOTH, policy=rules)
+    h.send(socks4(Address(AddressType.DOMAIN, "www.example", 80)))
+    ((name, lookup),) = h.connector.lookups
+    lookup.callback(["192.0.2.1"])  # allowed, but not for SOCKS4 without a password
+    assert h.take() == b"\x00\x5b" + bytes(6)
+    assert h.connector.calls == []
+
+
+def test_protocol_condition_on_the_server() -> None:
+    rules = RuleSet.parse("deny protocol socks4\nallow\n")
+    h = Harness(protocols=BOTH, policy=rules)
+    h.send(socks4())
+    assert h.take() == b"\x00\x5b" + bytes(6)
+    h = Harness(protocols=BOTH, policy=rules)
+    h.send(b"\x05\x01\x00" + Request(Command.CONNECT, TARGET).to_bytes())
+    assert [c[0] for c in h.connector.calls] == [TARGET]

@@ -8,6 +8,7 @@ clients reaching the proxy host itself.
 from __future__ import annotations
 
 import ipaddress
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 from twisted.internet.endpoints import serverFromString
@@ -39,20 +40,24 @@ def exposed(description: str) -> bool:
         return True
 
 
-def open_to(rules: Optional[RuleSet]) -> Optional[str]:
-    """Who may relay without a password under ``rules`` (``None``: nobody)."""
+def open_to(rules: Optional[RuleSet], explicit: bool = False) -> Optional[str]:
+    """
+    Who may relay without a password under ``rules`` (``None``: nobody);
+    ``explicit``: SOCKS4 clients of a server that requires a password.
+    """
     if rules is None:
-        return "anyone"
-    outside = open_relay_clients(rules)
+        return None if explicit else "anyone"
+    outside = open_relay_clients(rules, explicit)
     if outside is None:
         return None
     first, last = outside
-    return f"clients from {first} to {last} (outside 'allow from' networks)"
+    who = "SOCKS4 clients" if explicit else "clients"
+    return f"{who} from {first} to {last} (outside 'allow from' networks)"
 
 
-def refuse_open_rules(rules: RuleSet) -> None:
+def refuse_open_rules(rules: RuleSet, explicit: bool = False) -> None:
     """The open-relay guard for a reloaded rules file: raises RulesError."""
-    who = open_to(rules)
+    who = open_to(rules, explicit)
     if who is not None:
         raise RulesError(
             f"would make an open proxy ({who} may use it without a password); "
@@ -62,22 +67,28 @@ def refuse_open_rules(rules: RuleSet) -> None:
 
 
 def refuse_open_relay(
-    listen: Sequence[str], anonymous: Callable[[], bool], policy: Any
+    listen: Sequence[str],
+    anonymous: Callable[[], bool],
+    policy: Any,
+    protocols: Sequence[str] = ("socks5",),
 ) -> None:
     """
     Never become an open proxy by accident, at start or on SIGHUP: raise a
     usage error when an endpoint in ``listen`` is exposed, ``anonymous()``
     (asked only then) says a client may go without a password, and
     ``policy`` (the --rules file, or ``None``) lets some client outside its
-    allow-list through.
+    allow-list through.  Every protocol in ``protocols`` counts: SOCKS4
+    has no password, so where one is required its clients are judged by
+    the explicit ``allow from NETWORKS protocol socks4`` rules.
     """
     reachable = [d for d in listen if exposed(d)]
     if not reachable:
         return
-    if not anonymous():
+    explicit = not anonymous()
+    if explicit and "socks4" not in protocols:
         return
     rules = policy.rules if policy is not None else None
-    who = open_to(rules)
+    who = open_to(rules, explicit)
     if who is not None:
         raise usage.UsageError(
             f"refusing to start an open proxy: {', '.join(reachable)} can be "
@@ -89,7 +100,7 @@ def refuse_open_relay(
     if isinstance(policy, RulesFile):
         # The same guard on every reload: a rules file edited into an
         # open relay is refused, and the rules in force stay.
-        policy.guard = refuse_open_rules
+        policy.guard = partial(refuse_open_rules, explicit=explicit)
 
 
 def warn_if_metrics_exposed(description: str) -> bool:

@@ -703,7 +703,9 @@ class Options(usage.Options, AuthOptionMixin):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if not self["allow-open-relay"]:
-            refuse_open_relay(self["listen"], self._anonymous, self.policy)
+            refuse_open_relay(
+                self["listen"], self._anonymous, self.policy, self["protocols"]
+            )
 
     def _anonymous(self) -> bool:
         """Whether a client may use the proxy without a password."""

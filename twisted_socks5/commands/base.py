@@ -45,6 +45,8 @@ class RequestContext(Protocol):
     transport: Any
     #: Whether a PROXY header named the client (its claims are its own).
     behind_proxy: bool
+    #: What the client speaks: ``socks5``, ``socks4`` or ``http``.
+    protocol: str
     counters: RelayCounters
     user: Optional[str]
     client_ip: str
@@ -132,13 +134,35 @@ def handler_for(ctx: RequestContext, request: Request) -> Optional[ICommandHandl
         return None
     policy = factory.policy
     if policy is not None:
-        decision = ctx.decision = policy.check_request(
-            ctx.policy_ip, ctx.user, request.command, handler.rules_destination(request)
-        )
+        destination = handler.rules_destination(request)
+        if ctx.protocol == "socks5":
+            decision = policy.check_request(
+                ctx.policy_ip, ctx.user, request.command, destination
+            )
+        else:
+            decision = policy.check_request(
+                ctx.policy_ip,
+                ctx.user,
+                request.command,
+                destination,
+                **protocol_facts(ctx),
+            )
+        ctx.decision = decision
         if not decision.allowed:
             ctx.deny(decision.rule)
             return None
     return handler
+
+
+def protocol_facts(ctx: RequestContext) -> Dict[str, Any]:
+    """
+    What the rules' checks learn of a client that does not speak SOCKS5
+    (SOCKS5's checks keep their signature, for policies written before):
+    its protocol, and whether it lacks the password the server requires,
+    which only an explicit ``allow from NETWORKS protocol ...`` forgives.
+    """
+    explicit = ctx.user is None and ctx.factory.requires_password
+    return {"protocol": ctx.protocol, "explicit": explicit}
 
 
 def resolved_decision(ctx: RequestContext, destination: Address, ip: str) -> Decision:
@@ -160,9 +184,19 @@ def rules_and_self(ctx: RequestContext, destination: Address, ip: str) -> Decisi
     request = ctx.request
     decision = _ALLOWED
     if policy is not None and request is not None:
-        decision = policy.check_resolved(
-            ctx.policy_ip, ctx.user, request.command, destination, ip
-        )
+        if ctx.protocol == "socks5":
+            decision = policy.check_resolved(
+                ctx.policy_ip, ctx.user, request.command, destination, ip
+            )
+        else:
+            decision = policy.check_resolved(
+                ctx.policy_ip,
+                ctx.user,
+                request.command,
+                destination,
+                ip,
+                **protocol_facts(ctx),
+            )
     host = factory.protect_host
     if (
         host is not None

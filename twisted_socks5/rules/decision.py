@@ -68,6 +68,12 @@ class IPolicy(Interface):
     * BIND: ``check_request`` with DST (the peer the client expects, often
       ``0.0.0.0:0``); when a peer connects, ``check_resolved`` with the same
       DST and the peer's IP.
+    * A client that does not speak SOCKS5 (``--protocols``): the same calls
+      of ``check_request`` and ``check_resolved`` with two keywords more,
+      ``protocol`` (``"socks4"``, ``"http"``) and ``explicit``: ``True``
+      for a client without a password on a server that requires one
+      (SOCKS4 has none), which only an explicit permission may let in.  A
+      policy that takes no such keywords serves SOCKS5 only.
     * UDP ASSOCIATE: ``check_request`` with an unspecified address such as
       ``codec.NULL_ADDRESS`` (the request's DST is the client's own source,
       not a destination); then, for each datagram, ``check_request`` with its
@@ -123,6 +129,8 @@ class AllowAll:
     """The policy without a rules file: everything is allowed."""
 
     decision = Decision(True, "allow all (no access rules configured)")
+    #: No rule can allow a client without the password the server requires.
+    refused = Decision(False, "no access rules to allow a client without a password")
 
     def check_client(self, client: IPLike) -> Decision:
         return self.decision
@@ -133,8 +141,10 @@ class AllowAll:
         user: Optional[str],
         command: Command,
         destination: Address,
+        protocol: str = "socks5",
+        explicit: bool = False,
     ) -> Decision:
-        return self.decision
+        return self.refused if explicit else self.decision
 
     def check_resolved(
         self,
@@ -143,8 +153,10 @@ class AllowAll:
         command: Command,
         destination: Address,
         resolved_ip: IPLike,
+        protocol: str = "socks5",
+        explicit: bool = False,
     ) -> Decision:
-        return self.decision
+        return self.refused if explicit else self.decision
 
     def describe(self) -> str:
         return "access rules: none, every client and destination is allowed"

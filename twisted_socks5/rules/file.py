@@ -40,11 +40,11 @@ class RulesFile:
     def check_client(self, client: Any) -> Any:
         return self.rules.check_client(client)
 
-    def check_request(self, *args: Any) -> Any:
-        return self.rules.check_request(*args)
+    def check_request(self, *args: Any, **kwargs: Any) -> Any:
+        return self.rules.check_request(*args, **kwargs)
 
-    def check_resolved(self, *args: Any) -> Any:
-        return self.rules.check_resolved(*args)
+    def check_resolved(self, *args: Any, **kwargs: Any) -> Any:
+        return self.rules.check_resolved(*args, **kwargs)
 
     def describe(self) -> str:
         return self.rules.describe()

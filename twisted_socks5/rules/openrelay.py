@@ -35,11 +35,15 @@ def client_allow_list(rules: RuleSet) -> List[IPNetwork]:
     ]
 
 
-def open_relay_clients(rules: RuleSet) -> Optional[Tuple[IPAddress, IPAddress]]:
+def open_relay_clients(
+    rules: RuleSet, explicit: bool = False
+) -> Optional[Tuple[IPAddress, IPAddress]]:
     """
     The first range of client addresses outside :func:`client_allow_list`
     that some request without authentication could be allowed for (an open
-    relay for them), or ``None`` when there is none.
+    relay for them), or ``None`` when there is none.  ``explicit``: on a
+    server that requires a password, where only SOCKS4 clients go without
+    one, and only by an explicit rule.
 
     The rules see a client only through the ``from`` networks that contain
     it, so the answer is the same for every address between two network
@@ -62,6 +66,6 @@ def open_relay_clients(rules: RuleSet) -> Optional[Tuple[IPAddress, IPAddress]]:
             first: IPAddress = make(start)
             if first in _MAPPED or _in(first, listed):
                 continue
-            if rules.check_anonymous_client(first).allowed:
+            if rules.check_anonymous_client(first, explicit).allowed:
                 return first, make(end - 1)
     return None

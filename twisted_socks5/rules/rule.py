@@ -27,6 +27,11 @@ class _Facts:
     ip: Optional[IPAddress] = None
     #: ``ip`` is in the ``self`` network (computed only if a rule names it).
     ip_is_self: bool = False
+    #: What the client speaks (``None``: not known yet, at accept).
+    protocol: Optional[str] = None
+    #: A client without a password on a server that requires one: only an
+    #: ``allow`` naming its protocol and ``from`` networks may allow it.
+    explicit: bool = False
 
 
 _COMMAND_WORDS = {
@@ -35,6 +40,8 @@ _COMMAND_WORDS = {
     "udp": Command.UDP_ASSOCIATE,
 }
 _COMMAND_NAMES = {value: key for key, value in _COMMAND_WORDS.items()}
+#: What ``protocol`` may name (the server's ``--protocols``).
+PROTOCOL_WORDS = ("socks5", "socks4", "http")
 ANY_USER = "*"
 ANONYMOUS = "-"
 
@@ -83,6 +90,8 @@ class Rule:
     via: Optional[str] = None
     #: ``to self``: the proxy host (see :mod:`twisted_socks5.selfnet`).
     to_self: bool = False
+    #: ``protocol``: what the client speaks (:data:`PROTOCOL_WORDS`).
+    protocols: Optional[FrozenSet[str]] = None
     source: str = field(default="<code>", compare=False)
     line: Optional[int] = field(default=None, compare=False)
 
@@ -105,9 +114,21 @@ class Rule:
         for low, high in self.ports or ():
             if not 0 <= low <= high <= 0xFFFF:
                 raise ValueError(f"invalid port range {low}-{high}")
-        for group in (self.clients, self.ports, self.commands, self.users):
+        for group in (
+            self.clients,
+            self.ports,
+            self.commands,
+            self.users,
+            self.protocols,
+        ):
             if group is not None and not group:
                 raise ValueError("a condition needs at least one value")
+        unknown = set(self.protocols or ()) - set(PROTOCOL_WORDS)
+        if unknown:
+            raise ValueError(
+                f"unknown protocol {sorted(unknown)[0]!r} (expected socks5, "
+                "socks4 or http)"
+            )
         if self.via is not None:
             if not self.allow:
                 raise ValueError("'via' routes allowed requests: not on 'deny'")
@@ -153,6 +174,7 @@ class Rule:
             and self.ports is None
             and self.commands is None
             and self.users is None
+            and self.protocols is None
         )
 
     @property
@@ -179,6 +201,9 @@ class Rule:
             parts.append("command " + ", ".join(names))
         if self.users is not None:
             parts.append("user " + ", ".join(self.users))
+        if self.protocols is not None:
+            names = [p for p in PROTOCOL_WORDS if p in self.protocols]
+            parts.append("protocol " + ", ".join(names))
         if self.via is not None:
             parts.append("via " + self.via)
         return " ".join(parts)
@@ -224,6 +249,17 @@ class Rule:
         result: Optional[bool] = True
         if self.clients is not None and not _in(facts.client, self._clients):
             return False
+        if (
+            facts.explicit
+            and self.allow
+            and (self.clients is None or self.protocols is None)
+        ):
+            return False  # only an explicit permission lets such a client in
+        if self.protocols is not None:
+            if facts.protocol is None:
+                result = None
+            elif facts.protocol not in self.protocols:
+                return False
         if self.commands is not None:
             if facts.command is None:
                 result = None

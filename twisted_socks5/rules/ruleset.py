@@ -52,6 +52,12 @@ class RuleSet:
         else:
             text = f"{source}:{default_line}: default {action}"
         self._default = Decision(default_allow, text)
+        #: The default for a client without the password the server wants.
+        self._explicit_only = Decision(
+            False,
+            f"{source}: no 'allow from NETWORKS protocol PROTOCOL' rule for a "
+            "client without a password (the server requires one)",
+        )
 
     def __repr__(self) -> str:
         return f"<RuleSet {self.source}: {len(self.rules)} rules>"
@@ -147,6 +153,8 @@ class RuleSet:
         first_undecided: Optional[Rule] = None
         undecided_allow = undecided_deny = False
         decision = self._default
+        if facts.explicit and decision.allowed:
+            decision = self._explicit_only
         for rule in self.rules:
             matched = rule.match(facts)
             if matched is None:
@@ -174,6 +182,8 @@ class RuleSet:
         user: Optional[str],
         command: Command,
         destination: Address,
+        protocol: str = "socks5",
+        explicit: bool = False,
     ) -> Decision:
         facts = _Facts(
             parse_ip(client_ip),
@@ -182,6 +192,8 @@ class RuleSet:
             command=command,
             port=destination.port,
             destination_known=True,
+            protocol=protocol,
+            explicit=explicit,
         )
         if destination.type is AddressType.DOMAIN:
             facts.names = name_forms(destination.host)
@@ -209,6 +221,8 @@ class RuleSet:
         command: Command,
         destination: Address,
         resolved_ip: IPLike,
+        protocol: str = "socks5",
+        explicit: bool = False,
     ) -> Decision:
         names = None
         if destination.type is AddressType.DOMAIN:
@@ -223,14 +237,20 @@ class RuleSet:
                 destination_known=True,
                 names=names,
                 ip=parse_ip(resolved_ip),
+                protocol=protocol,
+                explicit=explicit,
             )
         )
 
     # -- the open-relay question -------------------------------------------
 
-    def check_anonymous_client(self, client: IPLike) -> Decision:
+    def check_anonymous_client(
+        self, client: IPLike, explicit: bool = False
+    ) -> Decision:
         """
         Like :meth:`check_client`, for a client that did not authenticate:
-        denied when no request it could make would be allowed.
+        denied when no request it could make would be allowed (``explicit``:
+        on a server that requires a password, as SOCKS4 clients there).
         """
-        return self._decide(_Facts(parse_ip(client), user_known=True))
+        facts = _Facts(parse_ip(client), user_known=True, explicit=explicit)
+        return self._decide(facts)

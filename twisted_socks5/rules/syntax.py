@@ -11,6 +11,8 @@ from .decision import RulesError
 from .names import SELF, IPNetwork, _looks_like_ip, _parse_network
 from .rule import _COMMAND_WORDS, Rule
 
+_KEYWORDS = ("from", "to", "port", "command", "user", "protocol", "via")
+
 
 def _parse_ports(item: str) -> Tuple[int, int]:
     low, dash, high = item.partition("-")
@@ -32,10 +34,11 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
     while index < len(tokens):
         keyword = tokens[index].lower()
         index += 1
-        if keyword not in ("from", "to", "port", "command", "user", "via"):
+        if keyword not in _KEYWORDS:
             raise ValueError(
                 f"unknown condition {tokens[index - 1]!r} (expected from, to, "
-                "port, command, user or via; separate list items with commas)"
+                "port, command, user, protocol or via; separate list items "
+                "with commas)"
             )
         if keyword in values:
             raise ValueError(
@@ -82,6 +85,9 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
                 f"unknown command {e.args[0]!r} (expected connect, bind or udp)"
             ) from None
     users = tuple(values["user"]) if "user" in values else None
+    protocols = None
+    if "protocol" in values:
+        protocols = frozenset(p.lower() for p in values["protocol"])
     via = None
     if "via" in values:
         if len(values["via"]) != 1:
@@ -97,6 +103,7 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
         users=users,
         via=via,
         to_self=to_self,
+        protocols=protocols,
         source=source,
         line=number,
     )
