@@ -631,3 +631,20 @@ def test_client_leaving_during_a_check_is_forgotten() -> None:
     h.lose()
     assert checker.waiting[0][1].called  # cancelled with the connection
     assert not h.connector.calls
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n",
+        b"GET http://127.0.0.1/ HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_rules_protocol_condition(request_head: bytes) -> None:
+    h = harness(policy=RuleSet.parse("allow protocol socks5\ndefault deny"))
+    h.send(request_head)
+    assert status_of(h.take()) == 403
+    assert not h.connector.calls
+    h = harness(policy=RuleSet.parse("allow protocol http\ndefault deny"))
+    h.send(request_head)
+    assert h.connector.calls

@@ -16,7 +16,7 @@ and resolver filter apply: a CONNECT is the connection itself as the
 replies mapped to HTTP statuses (:data:`HTTP_STATUS`), and its tunnel the
 same :class:`~twisted_socks5.tunnel.Tunnel`, copying relay and splice path
 as a SOCKS5 one.  A forwarded request is one more context
-(:class:`_Forward`) whose connected destination is handed to a
+(``_Forward``) whose connected destination is handed to a
 ``twisted.web.client.Agent`` as its endpoint: one origin connection per
 request (``Connection: close`` toward it), the client's connection kept
 alive.
