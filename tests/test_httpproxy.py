@@ -19,6 +19,7 @@ from twisted.cred.checkers import (
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, error
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
@@ -648,3 +649,52 @@ def test_rules_protocol_condition(request_head: bytes) -> None:
     h = harness(policy=RuleSet.parse("allow protocol http\ndefault deny"))
     h.send(request_head)
     assert h.connector.calls
+
+
+def test_refusals_tell_the_client_the_meaning_not_the_rule() -> None:
+    h = harness(policy=RuleSet.parse("deny to 127.0.0.2 # secret-net\nallow"))
+    h.send(b"CONNECT 127.0.0.2:443 HTTP/1.1\r\n\r\n")
+    answer = h.take()
+    assert status_of(answer) == 403
+    assert b"127.0.0.2" not in answer and b"line" not in answer
+    assert h.protocol.state is State.CLOSING
+    assert "denied by" in h.protocol.outcome  # the log has it
+
+
+def test_client_leaving_mid_response_aborts_the_origin() -> None:
+    h = harness()
+    origin, transport, _ = forward(h, b"GET http://a.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+    assert h.take().endswith(b"first")
+    h.lose()
+    assert transport.aborted
+
+
+def test_origin_cutting_its_answer_short_cuts_the_client() -> None:
+    h = harness()
+    origin, _, _ = forward(h, b"GET http://a.test/ HTTP/1.1\r\nHost: a\r\n\r\n")
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+    origin.connectionLost(Failure(error.ConnectionLost()))
+    assert h.transport.aborted  # never passed off as a whole answer
+
+
+def test_log_line_and_metrics_say_http(events: Any) -> None:
+    pytest.importorskip("prometheus_client")
+    h = with_auth()
+    metrics = h.factory.enable_metrics()
+    h.send(b"GET http://127.0.0.1:81/ HTTP/1.1\r\nProxy-Authorization: " + GOOD)
+    h.send(b"\r\n\r\n")
+    origin, _ = h.connector.succeed()
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    h.lose()
+    (line,) = [e for e in events if e.get("event") == "socks5.connection"]
+    assert line["protocol"] == "http"
+    assert line["user"] == "alice"
+    assert line["target"] == "127.0.0.1:81"
+    assert "forwarded: 1 request(s), last 200" in line["summary"]
+    assert line["summary"].endswith("over http")
+    sample = metrics.registry.get_sample_value(
+        "socks5_connections_total",
+        {"command": "connect", "reply": "succeeded", "protocol": "http"},
+    )
+    assert sample == 1

@@ -328,7 +328,7 @@ class _Channel(http.HTTPChannel):
         self.proxy.head_ended()
 
     def requestDone(self, request: Any) -> None:
-        self.proxy.request_done()
+        self.proxy.request_done(bool(self.persistent))
         super().requestDone(request)
 
     def refuse(self, code: int, why: str) -> None:
@@ -435,14 +435,20 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         if self.phase == "body":
             self.resetTimeout()
 
-    def request_done(self) -> None:
+    def request_done(self, persistent: bool) -> None:
+        """An answer is complete: wait for the next request, or close."""
         self.current = None
         self.phase = "idle"
+        if self.closing:
+            return
+        if not persistent:  # the channel closes after what is queued
+            self.state = State.CLOSING
+            self.setTimeout(None)
+            return
         self.state = State.REQUEST
-        if not self.closing:
-            self.setTimeout(
-                getattr(self.factory, "http_keepalive_timeout", KEEPALIVE_TIMEOUT)
-            )
+        self.setTimeout(
+            getattr(self.factory, "http_keepalive_timeout", KEEPALIVE_TIMEOUT)
+        )
 
     def done_outcome(self, what: str) -> str:
         """The log's text after requests answered on this connection."""
@@ -518,12 +524,9 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         if request is None:
             self.close()
             return
-        self.respond(
-            request,
-            status,
-            f"{status} {_reason(status).decode()}: {outcome}",
-            close=True,
-        )
+        # The client learns what a SOCKS client would: the reply's meaning,
+        # not the rule's text nor the error's (they are in the log).
+        self.respond(request, status, _status_text(status, code.phrase), close=True)
 
     def unwait(self, result: Any) -> Any:
         parked = self.parked_request
@@ -972,8 +975,15 @@ class _Forward:
             connection.outcome = f"bad request: {e}"
             connection.respond(request, 400, "bad request", close=True)
             return
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        request.notifyFinish().addErrback(self._client_gone, d)
         d.addCallbacks(self._response, self._failed)
+
+    def _client_gone(self, reason: Failure, d: defer.Deferred[Any]) -> None:
+        """The client left: no origin connection is kept for it."""
+        d.cancel()
+        link = self.link
+        if link is not None and link.transport is not None:
+            link.transport.abortConnection()
 
     def _response(self, response: Any) -> None:
         link = self.link
@@ -1010,16 +1020,15 @@ class _Forward:
         if failure.check(_Refused):
             code = failure.value.code  # type: ignore[union-attr]
             status = HTTP_STATUS.get(code, (502, b""))[0]
-            why = str(failure.value)
+            why, told = str(failure.value), code.phrase
         else:
             status = 502
             why = f"origin failed: {failure.getErrorMessage()}"
+            told = "no valid answer from the origin"
             if connection.reply is None or connection.reply is ReplyCode.SUCCEEDED:
                 connection.reply = ReplyCode.GENERAL_FAILURE
         connection.outcome = why
-        connection.respond(
-            request, status, f"{status} {_reason(status).decode()}: {why}"
-        )
+        connection.respond(request, status, _status_text(status, told))
 
 
 def _tokens(values: Any) -> frozenset[bytes]:
