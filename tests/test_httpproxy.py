@@ -698,3 +698,12 @@ def test_log_line_and_metrics_say_http(events: Any) -> None:
         {"command": "connect", "reply": "succeeded", "protocol": "http"},
     )
     assert sample == 1
+
+
+def test_each_answered_request_is_logged_escaped(events: Any) -> None:
+    h = harness()
+    h.send(b"GET https://a.test/'x\\y HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status_of(h.take()) == 400
+    (line,) = [e for e in events if e.get("event") == "http.request"]
+    assert line["status"] == 400
+    assert "GET https://a.test/\\x27x\\\\y -> 400" in line["summary"]

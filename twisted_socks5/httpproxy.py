@@ -57,6 +57,7 @@ from .commands import handler_for
 from .connection import EARLY_DATA_PAUSE, SOCKS5ServerProtocol, State
 from .handshake import MAX_EARLY_DATA
 from .interfaces import AuthResult
+from .logs import escape_word
 from .relay import OutboundProtocol, RelayCounters
 from .udp import UDPAssociation
 from .writenow import write_now
@@ -73,6 +74,8 @@ MAX_HEAD = 32 * 1024
 MAX_BODY = 100 * 1024 * 1024
 #: The most bytes an origin may send before its response's head ends.
 MAX_RESPONSE_HEAD = 64 * 1024
+#: The most of a request's URI its log line shows.
+MAX_LOGGED_URI = 512
 #: Seconds an idle keep-alive connection waits for its next request.
 KEEPALIVE_TIMEOUT = 60.0
 #: What ``Via`` names this proxy (a pseudonym, RFC 9110 section 7.6.3).
@@ -328,7 +331,7 @@ class _Channel(http.HTTPChannel):
         self.proxy.head_ended()
 
     def requestDone(self, request: Any) -> None:
-        self.proxy.request_done(bool(self.persistent))
+        self.proxy.request_done(request, bool(self.persistent))
         super().requestDone(request)
 
     def refuse(self, code: int, why: str) -> None:
@@ -435,8 +438,9 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         if self.phase == "body":
             self.resetTimeout()
 
-    def request_done(self, persistent: bool) -> None:
+    def request_done(self, request: _ProxyRequest, persistent: bool) -> None:
         """An answer is complete: wait for the next request, or close."""
+        self.log_request(request)
         self.current = None
         self.phase = "idle"
         if self.closing:
@@ -448,6 +452,28 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         self.state = State.REQUEST
         self.setTimeout(
             getattr(self.factory, "http_keepalive_timeout", KEEPALIVE_TIMEOUT)
+        )
+
+    def log_request(self, request: _ProxyRequest) -> None:
+        """
+        One line per answered request (``http.request``): a kept-alive
+        connection's log line names only its last one.
+        """
+        client = escape_word(self.client) if self.client else "-"
+        user = escape_word(self.user) if self.user is not None else "-"
+        method = escape_word(request.method.decode("latin-1"))
+        uri = request.uri[:MAX_LOGGED_URI].decode("latin-1")
+        target = escape_word(uri + ("..." if len(request.uri) > MAX_LOGGED_URI else ""))
+        status = self.last_status
+        self.log.info(
+            "{summary}",
+            event="http.request",
+            summary=f"{client} {user} {method} {target} -> {status}",
+            client=client,
+            user=user,
+            method=method,
+            uri=target,
+            status=status,
         )
 
     def done_outcome(self, what: str) -> str:
