@@ -200,6 +200,15 @@ async def test_curl_proxy_authentication(make_proxy: Any, origin: Any) -> None:
     out, err, code = await curl("-p", "-x", proxy, "-U", "alice:s3cret", url)
     assert code == 0, err
     assert out.startswith(b"via=- auth=- ")  # a tunnel: the proxy adds nothing
+    # --proxy-anyauth: asked first without credentials, 407, then again with
+    # them (on the same connection for a request, on a new one after CONNECT).
+    for extra in ([], ["-p"]):
+        out, err, code = await curl(
+            *extra, "-v", "--proxy-anyauth", "-x", proxy, "-U", "alice:s3cret", url
+        )
+        assert code == 0, err
+        assert b"407" in err
+        assert out.startswith(b"via=")
 
 
 @needs_curl
