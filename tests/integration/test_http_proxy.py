@@ -1,16 +1,19 @@
 """
 The HTTP proxy (``--protocols socks5,http``) with real clients on loopback:
 curl (plain and CONNECT, with and without -U), OpenBSD nc -X connect, git
-over a dumb-HTTP repository, and a headless Chromium through
+over a dumb-HTTP repository, pip from a local index, and a headless Chromium through
 ``--proxy-server=http://`` and ``socks5://``.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -383,3 +386,78 @@ async def test_connect_tunnel_takes_the_splice_path(
     assert connection.protocol == "http"
     assert connection.tunnel is not None and connection.tunnel.splice is not None
     assert connection.counters.bytes_down > len(BLOB)
+
+
+def _wheel(directory: Path) -> Path:
+    """A one-module wheel, written by hand (no build backend needed)."""
+    name, version = "hello_proxy", "1.0"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": b"GREETING = 'installed through the HTTP proxy'\n",
+        f"{info}/METADATA": b"Metadata-Version: 2.1\nName: hello-proxy\nVersion: 1.0\n",
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
+        b"Root-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(data)}")
+    record.append(f"{info}/RECORD,,")
+    files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return wheel
+
+
+@pytest_twisted.ensureDeferred
+async def test_pip_installs_from_a_local_index(make_proxy: Any, tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    (served / "simple" / "hello-proxy").mkdir(parents=True)
+    (served / "files").mkdir()
+    wheel = _wheel(served / "files")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (served / "simple" / "hello-proxy" / "index.html").write_text(
+        f'<html><body><a href="../../files/{wheel.name}#sha256={digest}">'
+        f"{wheel.name}</a></body></html>\n"
+    )
+    site = server.Site(static.File(str(served)))
+    site.noisy = False
+    web = listen(site)
+    try:
+        factory, port = make_proxy(protocols=HTTP)
+        seen: List[Any] = []
+        opened = factory.connection_opened
+
+        def count(protocol: Any) -> None:
+            seen.append(protocol)
+            opened(protocol)
+
+        factory.connection_opened = count  # type: ignore[method-assign]
+        index = f"http://localhost:{web.getHost().port}/simple"
+        done = await run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+                str(tmp_path / "target"),
+                "--index-url",
+                index,
+                "--proxy",
+                f"http://127.0.0.1:{port}",
+                "hello-proxy",
+            ]
+        )
+        assert done.returncode == 0, done.stderr
+        module = tmp_path / "target" / "hello_proxy" / "__init__.py"
+        assert "installed through the HTTP proxy" in module.read_text()
+        assert any(p.protocol == "http" for p in seen)
+    finally:
+        await defer.maybeDeferred(web.stopListening)
