@@ -707,3 +707,30 @@ def test_each_answered_request_is_logged_escaped(events: Any) -> None:
     (line,) = [e for e in events if e.get("event") == "http.request"]
     assert line["status"] == 400
     assert "GET https://a.test/\\x27x\\\\y -> 400" in line["summary"]
+
+
+def test_bodies_are_bounded(monkeypatch: Any) -> None:
+    import twisted_socks5.httpproxy as httpproxy
+
+    monkeypatch.setattr(httpproxy, "MAX_BODY", 1000)
+    h = harness()
+    h.send(
+        b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1001\r\n\r\n"
+    )
+    answer = h.take()
+    assert status_of(answer) == 413
+    assert b"100 Continue" not in answer
+    assert h.closing
+    h = harness()
+    h.send(b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\n")
+    h.send(b"Transfer-Encoding: chunked\r\n\r\n")
+    h.send(
+        b"200\r\n" + b"x" * 512 + b"\r\n" + b"200\r\n" + b"x" * 512 + b"\r\n0\r\n\r\n"
+    )
+    assert status_of(h.take()) == 413
+    assert not h.connector.calls
+    h = harness()
+    h.send(b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+    h.send(b"x" * 1000)
+    assert h.connector.calls  # at the bound: forwarded

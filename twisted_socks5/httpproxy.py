@@ -232,17 +232,11 @@ class _ProxyRequest(http.Request):
     channel: _Channel
     #: The client went away (``http.Request`` keeps that private).
     gone = False
+    body_size = 0
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
         super().connectionLost(reason)
-
-    def gotLength(self, length: Optional[int]) -> None:
-        if length is not None and length > MAX_BODY:
-            self.channel.refuse(413, "request body too large")
-            return
-        self.body_size = 0
-        super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         self.body_size += len(data)
@@ -327,6 +321,10 @@ class _Channel(http.HTTPChannel):
         super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > MAX_BODY:
+            # Before twisted.web answers an Expect: 100-continue.
+            self.refuse(413, "request body too large")
+            return
         super().allHeadersReceived()
         self.proxy.head_ended()
 
@@ -570,6 +568,8 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
 
     def http_request(self, request: _ProxyRequest) -> None:
         """A request's head and body are in: authorize it, then serve it."""
+        if self.closing:  # refused meanwhile (a body too large)
+            return
         self.setTimeout(None)
         self.phase = "busy"
         self.current = request
