@@ -46,6 +46,7 @@ html_title = f"twisted-socks5 {release}"
 #: The modules of the API reference (docs/api/*.rst).
 API_MODULES = [
     "codec",
+    "socks4",
     "addresses",
     "handshake",
     "interfaces",

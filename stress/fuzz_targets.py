@@ -45,7 +45,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_socks5 import codec
+from twisted_socks5 import codec, socks4
 from twisted_socks5.auth import NoAuthAuthenticator, UsernamePasswordAuthenticator
 from twisted_socks5.codec import (
     MAX_GREETING_SIZE,
@@ -492,8 +492,13 @@ def _chunks(stream: bytes, cuts: List[int]) -> List[bytes]:
     return [stream[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _drive(data: ServerInput, userpass: bool, chunks: List[bytes]) -> _Run:
-    run = _Run(userpass)
+def _drive(
+    data: ServerInput,
+    userpass: bool,
+    chunks: List[bytes],
+    make: Callable[[bool], _Run] = _Run,
+) -> _Run:
+    run = make(userpass)
     run._down = data.down
     at = min(data.at, max(0, len(chunks) - 1))
     for index, chunk in enumerate(chunks):
@@ -518,6 +523,133 @@ def check_server(data: ServerInput, userpass: bool = False) -> None:
             assert [c[0] for c in whole.connector.calls] == [
                 c[0] for c in run.connector.calls
             ]
+            whole.finish(data)
+        run.finish(data)
+    assert not errors.events, [e.get("log_format") for e in errors.events]
+
+
+# --------------------------------------------------------------------------
+# SOCKS4 and 4a: the codec and the server
+
+
+def check_socks4_request(buf: bytes) -> None:
+    """One input for the SOCKS4/4a request parser."""
+    _count("socks4.request")
+    outcome = _outcome(socks4.parse_request, buf)
+    assert _outcome(socks4.parse_request, bytearray(buf)) == outcome
+    assert _outcome(socks4.parse_request, memoryview(buf)) == outcome
+    if outcome is None:
+        assert len(buf) <= socks4.MAX_REQUEST_SIZE, "pending past the bounds"
+        return
+    if outcome[0] == "error":
+        return
+    message, consumed = outcome
+    assert 0 < consumed <= min(len(buf), socks4.MAX_REQUEST_SIZE)
+    assert b"\x00" not in message.userid
+    assert len(message.userid) <= socks4.MAX_USERID
+    wire = message.to_bytes()
+    # The same bytes, but 4a's 0.0.0.x, which says only "a name follows".
+    if message.request.address.type is codec.AddressType.DOMAIN:
+        assert wire[:7] + wire[8:] == buf[:7] + buf[8:consumed]
+    else:
+        assert wire == buf[:consumed]
+    assert socks4.parse_request(wire) == (message, len(wire))
+    for size in range(consumed):
+        early = _outcome(socks4.parse_request, buf[:size])
+        assert early is None or early[0] == "error", (size, early)
+
+
+def check_socks4_reply(buf: bytes) -> None:
+    """One input for the client's SOCKS4 reply parser."""
+    _count("socks4.reply")
+    outcome = _outcome(socks4.parse_reply, buf)
+    if outcome is None:
+        assert len(buf) < 8
+    elif outcome[0] != "error":
+        (code, address), used = outcome
+        assert used == 8 and 0 <= code <= 255
+        if code in (socks4.GRANTED, socks4.REJECTED):
+            wire = socks4.reply_bytes(
+                ReplyCode.SUCCEEDED
+                if code == socks4.GRANTED
+                else ReplyCode.GENERAL_FAILURE,
+                address,
+            )
+            assert wire == buf[:8]
+
+
+_SOCKS4_GRANTED_CONNECT = b"\x00\x5a\xc3\x50\x7f\x00\x00\x01"  # OUTBOUND
+_SOCKS4_GRANTED_BIND = b"\x00\x5a\x75\x30\x7f\x00\x00\x01"  # _Port's
+_SOCKS4_REJECTED = b"\x00\x5b" + bytes(6)
+
+
+class _Socks4Run(_Run):
+    """A server speaking SOCKS5 and SOCKS4, fed a stream meant as SOCKS4."""
+
+    def __init__(self, userpass: bool) -> None:
+        super().__init__(userpass)
+        self.factory.protocols = frozenset(("socks5", "socks4"))
+
+    def check(self, whole: bool = False) -> None:
+        received = self.received
+        written = self.transport.value()
+        attempts = (
+            len(self.connector.calls)
+            + len(self.reactor.ports)
+            + len(self.connector.lookups)
+        )
+        if not received or received[0] != 4:
+            return  # SOCKS5 (the other targets) or garbage: closed
+        assert self.closing or len(self.protocol._buffer) <= MAX_EARLY_DATA
+        try:
+            parsed = socks4.parse_request(received[: socks4.MAX_REQUEST_SIZE])
+        except ProtocolError:
+            assert attempts == 0 and written == _SOCKS4_REJECTED and self.closing
+            return
+        if parsed is None:
+            assert attempts == 0 and written == b"" and not self.closing
+            return
+        request = parsed[0].request
+        address = request.address
+        if (
+            address.type is codec.AddressType.IPV4
+            and unspecified(address.host)
+            and not (request.command is Command.BIND and address.is_unspecified)
+        ):
+            assert attempts == 0 and written == _SOCKS4_REJECTED and self.closing
+            return
+        assert attempts == 1, f"{attempts} attempts for one request"
+        if request.command is Command.BIND:
+            if self.connector.lookups:
+                assert self.connector.lookups[0][0] == address.host
+                assert written == b""
+            else:
+                assert written == _SOCKS4_GRANTED_BIND, written
+            return
+        assert self.connector.calls[0][0] == address
+        if self.resolved is None:
+            assert written == b"", "a reply before the connect ended"
+        elif self.resolved == "succeed":
+            assert written in (
+                _SOCKS4_GRANTED_CONNECT,
+                _SOCKS4_GRANTED_CONNECT + self._down,
+            ), written
+            payload = received[parsed[1] :]
+            assert self.outbound is not None
+            assert self.closing or self.outbound.value() == payload
+        else:
+            assert written == _SOCKS4_REJECTED and self.closing
+
+
+def check_socks4_server(data: ServerInput) -> None:
+    """One input for the server protocol, speaking SOCKS4."""
+    _count("server.socks4")
+    with _ErrorLog() as errors:
+        chunks = _chunks(data.stream, data.cuts) or [b""]
+        run = _drive(data, False, chunks, _Socks4Run)
+        if data.connect == "pending":
+            whole = _drive(data, False, [data.stream], _Socks4Run)
+            assert whole.transport.value() == run.transport.value()
             whole.finish(data)
         run.finish(data)
     assert not errors.events, [e.get("log_format") for e in errors.events]
@@ -691,8 +823,8 @@ streams = st.one_of(
 
 
 @st.composite
-def server_inputs(draw: Any) -> ServerInput:
-    stream = draw(streams)
+def server_inputs(draw: Any, of: Any = streams) -> ServerInput:
+    stream = draw(of)
     cuts = draw(st.lists(st.integers(0, max(0, len(stream))), max_size=10))
     return ServerInput(
         stream=stream,
@@ -703,6 +835,25 @@ def server_inputs(draw: Any) -> ServerInput:
         at=draw(st.integers(0, 10)),
         down=draw(st.sampled_from([b"", b"hello from the destination"])),
     )
+
+
+socks4_requests = st.tuples(
+    st.sampled_from([1, 2]) | st.integers(0, 255),
+    st.binary(min_size=2, max_size=2),
+    st.sampled_from([b"\x7f\x00\x00\x01", b"\x00\x00\x00\x01", b"\x00" * 4])
+    | st.binary(min_size=4, max_size=4),
+    st.sampled_from([b"", b"alice", b"x" * 255, b"x" * 256]) | st.binary(max_size=8),
+    names,
+).map(lambda t: bytes((4, t[0])) + t[1] + t[2] + t[3] + b"\x00" + t[4] + b"\x00")
+socks4_pieces = st.one_of(
+    socks4_requests,
+    st.tuples(socks4_requests, st.integers(0, 600), st.integers(0, 255)).map(_mutate),
+    socks4_requests.map(lambda r: r[:-1]),  # its last NUL missing
+)
+socks4_streams = st.one_of(
+    st.tuples(socks4_pieces, st.binary(max_size=30)).map(b"".join),
+    st.binary(max_size=300).map(lambda b: b"\x04" + b),
+)
 
 
 fuzz_bytes = st.one_of(
@@ -834,6 +985,14 @@ TARGETS: Dict[str, Target] = {
             raw=_raw_rules,
         ),
         Target("config.htpasswd", htpasswd_files, check_htpasswd, raw=check_htpasswd),
+        Target(
+            "socks4.request",
+            socks4_pieces | fuzz_bytes,
+            check_socks4_request,
+            raw=check_socks4_request,
+        ),
+        Target("socks4.reply", fuzz_bytes, check_socks4_reply, raw=check_socks4_reply),
+        Target("server.socks4", server_inputs(socks4_streams), check_socks4_server),
         Target("server.noauth", server_inputs(), check_server),
         Target(
             "server.userpass",

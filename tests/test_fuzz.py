@@ -66,6 +66,9 @@ test_fuzz_config_rules = _test("config.rules")
 test_fuzz_config_htpasswd = _test("config.htpasswd")
 test_fuzz_server_noauth = _test("server.noauth")
 test_fuzz_server_userpass = _test("server.userpass")
+test_fuzz_socks4_request = _test("socks4.request")
+test_fuzz_socks4_reply = _test("socks4.reply")
+test_fuzz_server_socks4 = _test("server.socks4")
 
 
 def test_every_codec_parser_has_a_target() -> None:

@@ -11,6 +11,8 @@ from typing import Any, List, Tuple
 
 import pytest
 from helpers import SERVER, Harness
+from hypothesis import given
+from hypothesis import strategies as st
 from test_bind_udp_unit import first_listener, incoming
 from test_server import userpass_harness
 from twisted.internet.address import IPv6Address
@@ -19,7 +21,14 @@ from twisted_socks5.codec import Address, AddressType, Command, ReplyCode, Reque
 from twisted_socks5.connection import SOCKS4ServerProtocol, SOCKS5ServerProtocol
 from twisted_socks5.rules import RuleSet
 from twisted_socks5.server import State
-from twisted_socks5.socks4 import MAX_USERID, Socks4Request
+from twisted_socks5.socks4 import (
+    MAX_USERID,
+    Socks4Handshake,
+    Socks4Request,
+    parse_reply,
+    parse_request,
+    reply_bytes,
+)
 
 BOTH = ("socks5", "socks4")
 TARGET = Address(AddressType.IPV4, "127.0.0.1", 8080)
@@ -338,3 +347,65 @@ def test_protocol_condition_on_the_server() -> None:
     h = Harness(protocols=BOTH, policy=rules)
     h.send(b"\x05\x01\x00" + Request(Command.CONNECT, TARGET).to_bytes())
     assert [c[0] for c in h.connector.calls] == [TARGET]
+
+
+# --------------------------------------------------------------------------
+# The codec, property-based (the fuzz targets in stress/fuzz_targets.py
+# take arbitrary bytes)
+
+ipv4s = st.ip_addresses(v=4).map(str).filter(lambda ip: not ip.startswith("0.0.0."))
+hostnames = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=1,
+    max_size=60,
+).filter(lambda n: len(n.encode()) <= 255)
+ipv4_addresses = st.builds(
+    Address, st.just(AddressType.IPV4), ipv4s, st.integers(0, 65535)
+)
+socks4_messages = st.builds(
+    lambda command, address, userid: Socks4Request(Request(command, address), userid),
+    st.sampled_from([Command.CONNECT, Command.BIND]),
+    st.one_of(
+        ipv4_addresses,
+        st.builds(
+            Address, st.just(AddressType.DOMAIN), hostnames, st.integers(0, 65535)
+        ),
+    ),
+    st.binary(max_size=MAX_USERID).map(lambda b: b.replace(b"\x00", b"")),
+)
+
+
+@given(socks4_messages, st.binary(max_size=20), st.lists(st.integers(0, 600)))
+def test_requests_round_trip_and_wait_for_their_last_byte(
+    message: Socks4Request, after: bytes, cuts: List[int]
+) -> None:
+    wire = message.to_bytes()
+    assert parse_request(wire + after) == (message, len(wire))
+    for size in range(len(wire)):
+        assert parse_request(wire[:size]) is None
+    # The machine, fed in any pieces: the request, then early data.
+    machine = Socks4Handshake()
+    stream = wire + after
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(stream)}), len(stream)]
+    events = []
+    for a, b in zip(bounds, bounds[1:]):
+        machine.receive_data(stream[a:b])
+        event = machine.next_event()
+        if event is not None:
+            events.append(event)
+    assert [e.request for e in events] == [message.request]
+    assert machine.userid == message.userid
+    assert bytes(machine.buffer) == after
+
+
+@given(
+    st.sampled_from(ReplyCode),
+    st.builds(Address, st.just(AddressType.IPV4), ipv4s, st.integers(0, 65535)),
+)
+def test_replies_say_granted_or_rejected(code: ReplyCode, address: Address) -> None:
+    wire = reply_bytes(code, address)
+    ((sent, back), used) = parse_reply(wire)  # type: ignore[misc]
+    assert used == 8 == len(wire)
+    assert sent == (0x5A if code is ReplyCode.SUCCEEDED else 0x5B)
+    assert back == address
+    assert reply_bytes(code, Address.from_host("::1", 80)) == wire[:2] + bytes(6)

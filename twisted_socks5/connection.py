@@ -609,7 +609,6 @@ class SOCKS4ServerProtocol(SOCKS5ServerProtocol):
 
 def take_over(connection: SOCKS5ServerProtocol, data: bytes) -> None:
     """The first bytes were SOCKS4's: the connection speaks it from now on."""
-    connection.protocol = "socks4"  # the class says so too: for mypy
     connection.__class__ = SOCKS4ServerProtocol
     machine = Socks4Handshake(connection.handshake.client)
     connection.handshake = machine  # type: ignore[assignment]

@@ -50,7 +50,9 @@ HEADER_SIZE = 8
 #: The longest request: a 4a one with both strings at their bounds.
 MAX_REQUEST_SIZE = HEADER_SIZE + MAX_USERID + 1 + MAX_HOSTNAME + 1
 
+#: Request granted.
 GRANTED = 0x5A
+#: Request rejected or failed.
 REJECTED = 0x5B
 #: Not sent: the server runs no identd check.
 NO_IDENTD = 0x5C

@@ -49,6 +49,7 @@ the commas)::
                 / "port"    ports *( "," ports )
                 / "command" command *( "," command )
                 / "user"    user *( "," user )
+                / "protocol" protocol *( "," protocol )
                 / "via"     route              ; allow rules only
     cidr        = ip-address [ "/" prefix-length ]  ; host bits must be zero
     target      = cidr / host-pattern / "self"
@@ -60,6 +61,7 @@ the commas)::
     user        = user-name            ; exactly this authenticated user
                 / "*"                  ; any authenticated user
                 / "-"                  ; an anonymous client (no authentication)
+    protocol    = "socks5" / "socks4" / "http"   ; what the client speaks
     route       = "direct" / route-name  ; --upstream NAME=URL, --outgoing NAME=ADDRESS
 
 A rule matches when **all** its conditions match; a rule without conditions
@@ -88,6 +90,12 @@ matches everything.  Within one condition, **any** item may match.
 ``user``
     The name the client authenticated as.  Names may not contain spaces,
     commas or ``#``.
+``protocol``
+    What the client speaks (``--protocols``), known from its first byte on:
+    undecided when it connects.  On a server that requires a password, a
+    client without one (SOCKS4) is allowed only by an ``allow`` rule naming
+    both its protocol and ``from`` networks (the checks' ``explicit``), and
+    never by the default.
 ``via``
     Not a condition but a route, on ``allow`` rules: a CONNECT this rule
     allows leaves through the upstream server named ``NAME`` (``twistd socks5

@@ -90,7 +90,7 @@ class Rule:
     via: Optional[str] = None
     #: ``to self``: the proxy host (see :mod:`twisted_socks5.selfnet`).
     to_self: bool = False
-    #: ``protocol``: what the client speaks (:data:`PROTOCOL_WORDS`).
+    #: ``protocol``: what the client speaks (``socks5``, ``socks4``, ``http``).
     protocols: Optional[FrozenSet[str]] = None
     source: str = field(default="<code>", compare=False)
     line: Optional[int] = field(default=None, compare=False)
