@@ -336,6 +336,12 @@ class _Channel(http.HTTPChannel):
         """Answer ``code`` with nothing more read, and close."""
         self.proxy.refuse_request(code, why)
 
+    def loseConnection(self) -> None:
+        # Also twisted.web's own 400 for a malformed request: nothing more
+        # is read once the channel closes.
+        self.proxy.channel_closing()
+        super().loseConnection()
+
 
 # ----------------------------------------------------------------------
 # The connection
@@ -473,6 +479,12 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
             uri=target,
             status=status,
         )
+
+    def channel_closing(self) -> None:
+        """The channel closes the connection (after a 400, say)."""
+        if not self.closing:
+            self.state = State.CLOSING
+            self.setTimeout(None)
 
     def done_outcome(self, what: str) -> str:
         """The log's text after requests answered on this connection."""
