@@ -734,3 +734,21 @@ def test_bodies_are_bounded(monkeypatch: Any) -> None:
     h.send(b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
     h.send(b"x" * 1000)
     assert h.connector.calls  # at the bound: forwarded
+
+
+def test_other_credentials_on_the_same_connection_are_checked_again() -> None:
+    h = with_auth()
+    get = b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: a\r\nProxy-Authorization: "
+    h.send(get + GOOD + b"\r\n\r\n")
+    origin, _ = h.connector.succeed()
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert status_of(h.take()) == 204
+    h.send(get + GOOD + b"\r\n\r\n")  # the same: not checked again, served
+    assert len(h.connector.calls) == 2
+    origin, _ = h.connector.succeed()
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    h.take()
+    h.send(get + BAD + b"\r\n\r\n")
+    assert status_of(h.take()) == 407
+    assert len(h.connector.calls) == 2
+    assert h.closing
