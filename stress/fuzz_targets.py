@@ -61,6 +61,7 @@ from twisted_socks5.codec import (
 from twisted_socks5.htpasswd import parse_htpasswd
 from twisted_socks5.outbound import IOutboundConnector
 from twisted_socks5.rules import RulesError, RuleSet
+from twisted_socks5.rules.rule import PROTOCOL_WORDS
 from twisted_socks5.selfnet import unspecified
 from twisted_socks5.server import MAX_EARLY_DATA, SOCKS5ServerFactory, State
 from twisted_socks5.testing import HalfCloseTransport
@@ -822,8 +823,14 @@ def check_rules(text: str, seed: int = 0) -> None:
             user = PROBE_USERS[(pick >> 1 + j) % len(PROBE_USERS)]
             command = commands[(pick >> 3 + j) % len(commands)]
             destination = destinations[(pick + 5 * j) % len(destinations)]
-            request = rules.check_request(client, user, command, destination)
-            if by_client.final:
+            # The protocol, and a client without the password the server
+            # wants (SOCKS4), whom only explicit rules may allow.
+            kw = {
+                "protocol": PROTOCOL_WORDS[(pick >> 5 + j) % len(PROTOCOL_WORDS)],
+                "explicit": bool((pick >> 7 + j) & 1),
+            }
+            request = rules.check_request(client, user, command, destination, **kw)
+            if by_client.final and not kw["explicit"]:
                 assert request.allowed == by_client.allowed, (
                     client, user, command, destination, by_client, request
                 )  # fmt: skip
@@ -833,7 +840,9 @@ def check_rules(text: str, seed: int = 0) -> None:
                     if destination.type is codec.AddressType.DOMAIN
                     else destination.host
                 )
-                resolved = rules.check_resolved(client, user, command, destination, ip)
+                resolved = rules.check_resolved(
+                    client, user, command, destination, ip, **kw
+                )
                 assert resolved.final, resolved
                 if request.final:
                     assert resolved.allowed == request.allowed, (
@@ -1035,6 +1044,7 @@ _RULE_WORDS = [
         "198.51.100.7", ".example.com", "example.com", "*.example.com",
         "localhost", "0x0", "0", "443", "80-443", "0-65535", "70000",
         "1-", ",", "#", "ALLOW", "allow,", ",deny", "10.0.0.0/33", "xn--",
+        "protocol", "socks4", "SOCKS5", "http", "socks6",
 ]  # fmt: skip
 rule_words = st.sampled_from(_RULE_WORDS)
 _RULE_VALUES = {
@@ -1046,6 +1056,7 @@ _RULE_VALUES = {
     "command": ["connect", "bind", "udp"],
     "user": ["*", "-", "alice", "bob"],
     "via": ["tor", "direct"],
+    "protocol": ["socks5", "socks4", "http"],
 }  # fmt: skip
 #: One condition: a keyword and a comma-separated list of its values.
 rule_conditions = st.sampled_from(sorted(_RULE_VALUES)).flatmap(

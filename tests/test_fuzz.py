@@ -114,7 +114,7 @@ def test_the_rules_oracle_catches_a_request_check_that_contradicts_the_client(
     from twisted_socks5.rules import Decision, RuleSet
 
     monkeypatch.setattr(
-        RuleSet, "check_request", lambda self, *args: Decision(True, "seeded bug")
+        RuleSet, "check_request", lambda self, *a, **k: Decision(True, "seeded bug")
     )
     with pytest.raises(AssertionError):
         fuzz_targets.check_rules("deny from 127.0.0.0/8\ndefault deny\n", 0)

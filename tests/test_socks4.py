@@ -408,3 +408,51 @@ def test_replies_say_granted_or_rejected(code: ReplyCode, address: Address) -> N
     assert sent == (0x5A if code is ReplyCode.SUCCEEDED else 0x5B)
     assert back == address
     assert reply_bytes(code, Address.from_host("::1", 80)) == wire[:2] + bytes(6)
+
+
+def test_metrics_are_labelled_by_protocol() -> None:
+    pytest.importorskip("prometheus_client")
+    h = Harness(protocols=BOTH)
+    metrics = h.factory.enable_metrics()
+    h.send(socks4())
+    h.connector.succeed()
+    h.lose()
+    h5 = Harness(protocols=BOTH, connector=h.connector)
+    h5.factory.metrics = metrics
+    h5.send(b"\x05\x01\x00" + Request(Command.CONNECT, TARGET).to_bytes())
+    h.connector.succeed()
+    h5.lose()
+    text = metrics.render().decode()
+    for protocol in ("socks4", "socks5"):
+        assert (
+            'socks5_connections_total{command="connect",'
+            f'protocol="{protocol}",reply="succeeded"}} 1.0'
+        ) in text
+        assert (
+            f'socks5_handshake_seconds_count{{command="connect",protocol="{protocol}"}}'
+            " 1.0"
+        ) in text
+
+
+def test_a_policy_that_cannot_be_told_the_protocol_serves_socks5_only() -> None:
+    from twisted_socks5.rules import Decision
+
+    class Old:
+        """A policy written before --protocols."""
+
+        yes = Decision(True, "old")
+
+        def check_client(self, client: Any) -> Any:
+            return self.yes
+
+        def check_request(self, ip: Any, user: Any, command: Any, dest: Any) -> Any:
+            return self.yes
+
+        def check_resolved(
+            self, ip: Any, user: Any, command: Any, dest: Any, resolved: Any
+        ) -> Any:
+            return self.yes
+
+    Harness(policy=Old())  # SOCKS5 only: as before
+    with pytest.raises(ValueError, match="can serve SOCKS5 only"):
+        Harness(policy=Old(), protocols=BOTH)

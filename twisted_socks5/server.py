@@ -10,6 +10,7 @@ Each connection is a :class:`SOCKS5ServerProtocol`
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.internet import defer
@@ -239,6 +240,8 @@ class SOCKS5ServerFactory(Factory):
             raise ValueError(f"protocols: unknown or none: {sorted(unknown)}")
         #: The protocols its clients may speak (the first byte tells which).
         self.protocols = frozenset(protocols)
+        if self.policy is not None and self.protocols != {"socks5"}:
+            _check_takes_protocol(self.policy)
         self._connection = (
             SOCKS5ServerProtocol if "socks5" in self.protocols else WithoutSOCKS5
         )
@@ -419,3 +422,21 @@ class SOCKS5ServerFactory(Factory):
             for d in drained:
                 d.callback(None)
         log_connection(self.log, protocol, self.reactor.seconds() - protocol.started)
+
+
+def _check_takes_protocol(policy: IPolicy) -> None:
+    """
+    A policy serving other protocols than SOCKS5 is asked with ``protocol``
+    and ``explicit``: one that cannot take them would fail every such
+    request, so it is refused at once.
+    """
+    for name in ("check_request", "check_resolved"):
+        parameters = inspect.signature(getattr(policy, name)).parameters.values()
+        if not any(
+            p.name == "explicit" or p.kind is inspect.Parameter.VAR_KEYWORD
+            for p in parameters
+        ):
+            raise ValueError(
+                f"policy {policy!r}: {name} takes no 'protocol' and 'explicit' "
+                "keywords, so it can serve SOCKS5 only (see IPolicy)"
+            )

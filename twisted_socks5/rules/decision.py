@@ -73,7 +73,8 @@ class IPolicy(Interface):
       ``protocol`` (``"socks4"``, ``"http"``) and ``explicit``: ``True``
       for a client without a password on a server that requires one
       (SOCKS4 has none), which only an explicit permission may let in.  A
-      policy that takes no such keywords serves SOCKS5 only.
+      policy that takes no such keywords serves SOCKS5 only: a factory with
+      other ``protocols`` refuses it (``ValueError``).
     * UDP ASSOCIATE: ``check_request`` with an unspecified address such as
       ``codec.NULL_ADDRESS`` (the request's DST is the client's own source,
       not a destination); then, for each datagram, ``check_request`` with its
