@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,9 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import pytest_twisted
 from conftest import BLOB, HAS_IPV6, LOOPBACKS, listen
+from test_twistd import TWISTD, Twistd
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import defer, threads, utils
+from twisted.internet import defer, reactor, threads, utils
 from twisted.web import resource, server, static
 
 from twisted_socks5.auth import UsernamePasswordAuthenticator
@@ -461,3 +463,30 @@ async def test_pip_installs_from_a_local_index(make_proxy: Any, tmp_path: Path) 
         assert any(p.protocol == "http" for p in seen)
     finally:
         await defer.maybeDeferred(web.stopListening)
+
+
+# ----------------------------------------------------------------------
+# twistd socks5 --protocols socks5,http
+
+
+@needs_curl
+@pytest.mark.skipif(not os.path.exists(TWISTD), reason="no twistd next to python")
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_http_when_told(origin: Any, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{origin.port['127.0.0.1']}/seen"
+    process = Twistd.start(
+        tmp_path, "--protocols", "socks5,http", "--auth", "memory:alice:s3cret"
+    )
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+        proxy = f"http://127.0.0.1:{port}"
+        out, err, code = await curl("-x", proxy, "-U", "alice:s3cret", url)
+        assert code == 0, err
+        assert out.startswith(b"via=1.1 twisted-socks5 auth=- ")
+        out, err, code = await curl("-p", "-x", proxy, url)
+        assert code == 56 and b"407" in err
+        await process.wait_for(b"alice GET http://127.0.0.1").addTimeout(30, reactor)
+        await process.wait_for(b"over http").addTimeout(30, reactor)
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        await process.ended
