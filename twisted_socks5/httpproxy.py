@@ -3,7 +3,8 @@ The HTTP proxy on the SOCKS port: ``CONNECT host:port`` tunnels and
 absolute-URI requests (``GET http://host/path``) forwarded.
 
 The protocol front (:mod:`twisted_socks5.connection`) hands over a client
-whose first byte is not a SOCKS version with :func:`take_over`.  The
+whose first byte is not a SOCKS version with :func:`take_over` (through its
+factory's ``take_over_http``: this module builds on that one).  The
 connection stays the same object (admitted, counted, logged at close as
 every other), turned into an :class:`HTTPProxyConnection`; its requests are
 parsed by ``twisted.web``'s :class:`~twisted.web.http.HTTPChannel`, bounded
@@ -454,9 +455,7 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
             self.setTimeout(None)
             return
         self.state = State.REQUEST
-        self.setTimeout(
-            getattr(self.factory, "http_keepalive_timeout", KEEPALIVE_TIMEOUT)
-        )
+        self.setTimeout(KEEPALIVE_TIMEOUT)
 
     def log_request(self, request: _ProxyRequest) -> None:
         """
