@@ -210,10 +210,10 @@ def proxy_command(twistd: List[str], port: int) -> List[str]:
     ]
 
 
-def splice_flags(twistd: List[str]) -> List[str]:
-    """The relay-path flags ``twistd socks5 --help`` offers, of --splice/--no-splice."""
+def proxy_help(twistd: List[str]) -> str:
+    """``twistd socks5 --help``: which flags this proxy has."""
     try:
-        out = subprocess.run(
+        return subprocess.run(
             [*twistd, "socks5", "--help"],
             capture_output=True,
             text=True,
@@ -222,9 +222,18 @@ def splice_flags(twistd: List[str]) -> List[str]:
             cwd=ROOT,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    found = set(re.findall(r"(--(?:no-)?splice)(?![\w-])", out))
+        return ""
+
+
+def splice_flags(twistd: List[str]) -> List[str]:
+    """The relay-path flags ``twistd socks5 --help`` offers, of --splice/--no-splice."""
+    found = set(re.findall(r"(--(?:no-)?splice)(?![\w-])", proxy_help(twistd)))
     return [flag for flag in ("--splice", "--no-splice") if flag in found]
+
+
+def speaks_http(twistd: List[str]) -> bool:
+    """Whether ``twistd socks5`` has ``--protocols`` (the HTTP CONNECT rows)."""
+    return "--protocols" in proxy_help(twistd)
 
 
 def proc_status(pid: int) -> Dict[str, int]:
@@ -471,6 +480,7 @@ class Target:
     env: Optional[Dict[str, str]] = None
     pinned: bool = True  # started on the proxy CPU
     udp: bool = False  # measured for UDP ASSOCIATE
+    http: bool = False  # measured for HTTP CONNECT
     ours: bool = False  # a twisted-socks5 target: its failures fail the run
     splice: Optional[bool] = None  # relay path, for twisted-socks5
     idle_cmd: Optional[CommandFactory] = None  # for the fresh idle-tunnel proxies
@@ -714,6 +724,24 @@ def measures(args: argparse.Namespace) -> List[Measure]:
             [("UDP datagrams/s", "dgps"), ("UDP loss %", "loss_pct")],
             kind="udp",
             args=["-s", "64", "-w", str(args.udp_window)],
+        ),
+        # The same tunnels opened with an HTTP CONNECT (loadgen -H), through
+        # the proxies that speak HTTP (--protocols socks5,http).
+        Measure(
+            "http_download",
+            "download",
+            "source",
+            [("HTTP CONNECT download MB/s", "mbps")],
+            kind="http",
+            args=["-H"],
+        ),
+        Measure(
+            "http_upload",
+            "upload",
+            "sink",
+            [("HTTP CONNECT upload MB/s", "mbps")],
+            kind="http",
+            args=["-H", *nbytes],
         ),
         Measure(
             "workers",
@@ -1132,7 +1160,17 @@ RUN_OVERHEAD = 0.1
 WARMUP = 0.2
 #: A run during which other processes used more than this share of a CPU.
 NOISY = 0.25
-MEASURE_KEYS = ("download", "upload", "streams", "churn", "rtt", "rtt_same", "udp")
+MEASURE_KEYS = (
+    "download",
+    "upload",
+    "streams",
+    "churn",
+    "rtt",
+    "rtt_same",
+    "udp",
+    "http_download",
+    "http_upload",
+)
 ALL_KEYS = (*MEASURE_KEYS, "workers", "idle")
 
 
@@ -1242,6 +1280,7 @@ def build_targets(
             return shlex.split(template.replace("{port}", str(port)))
 
         flags: List[str] = []
+        http = False
     else:
         twistd = find_twistd(args.twistd)
 
@@ -1249,8 +1288,11 @@ def build_targets(
             return proxy_command(twistd, port)
 
         flags = splice_flags(twistd)
+        http = speaks_http(twistd)
 
     def with_flags(*extra: str) -> CommandFactory:
+        if http:  # SOCKS5 clients pay nothing for it (the sniff is on errors)
+            extra = (*extra, "--protocols", "socks5,http")
         return lambda port: [*base(port), *extra]
 
     targets = [Target("direct")]
@@ -1278,6 +1320,8 @@ def build_targets(
             else "no --splice/--no-splice in 'twistd socks5 --help': one path"
         )
         targets.append(Target(PROXY_NAME, with_flags(), env, udp=True, ours=True))
+    for target in targets:
+        target.http = http and target.ours
     if "workers" in args.only:
         w2 = Target(WORKERS_NAME, with_flags("--workers", "2"), env, pinned=False)
         w2.ours = True
@@ -1350,6 +1394,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             names = [t.name for t in targets if t.name != WORKERS_NAME]
             if kind == "udp":
                 names = [n for n in names if n == "direct" or by_name[n].udp]
+            if kind == "http":
+                names = [n for n in names if n == "direct" or by_name[n].http]
             return names  # a forwarder has no udp and is not in "workers"
 
         plan_measures = measures(args)

@@ -53,6 +53,8 @@
  *            -s BYTES      rtt and udp: message size (default 64)
  *            -w N          udp: datagrams in flight (default 32)
  *            -T SECONDS    per-operation timeout (default 10)
+ *            -H            with -p: open tunnels with an HTTP CONNECT
+ *                          (the proxy's HTTP side) instead of SOCKS5
  *
  * Each client mode prints one JSON object on stdout (idle prints two: when
  * the tunnels are open, and at the end).  The pattern is byte k of a stream
@@ -454,6 +456,31 @@ static int check_reply(const uint8_t *r) {
     return 0;
 }
 
+/* -H: tunnels through the proxy are HTTP CONNECTs. */
+static int http_connect = 0;
+
+/* HTTP CONNECT 127.0.0.1:port; the answer's head read byte by byte, so
+ * that nothing of the tunnel is read with it. */
+static int http_open(int fd, int port) {
+    char req[128], head[1024];
+    int n = snprintf(req, sizeof req,
+                     "CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n", port, port);
+    if (write_full(fd, (const uint8_t *)req, (size_t)n)) return -1;
+    size_t got = 0;
+    while (got < sizeof head - 1) {
+        if (read_full(fd, (uint8_t *)head + got, 1)) return -1;
+        got++;
+        if (got >= 4 && !memcmp(head + got - 4, "\r\n\r\n", 4)) break;
+    }
+    head[got] = 0;
+    if (got < 12 || memcmp(head + 8, " 200", 4)) {
+        char *eol = strchr(head, '\r');
+        if (eol) *eol = 0;
+        return fail("HTTP CONNECT answered %s", head);
+    }
+    return 0;
+}
+
 /*
  * Connect (through the proxy when proxy_port > 0, with request cmd for
  * 127.0.0.1:port); returns fd or -1.  *bound gets the reply's BND address
@@ -473,6 +500,10 @@ static int socks_open(int port, int proxy_port, double timeout, uint8_t cmd,
         return -1;
     }
     if (proxy_port <= 0) return fd;
+    if (http_connect && cmd == CMD_CONNECT) {
+        if (http_open(fd, port)) goto bad;
+        return fd;
+    }
     uint8_t greet[3] = {5, 1, 0}, m[2], req[10], rep[262];
     socks_request(req, cmd, port);
     if (write_full(fd, greet, 3) || read_full(fd, m, 2)) goto bad;
@@ -1360,7 +1391,7 @@ out:;
 static void usage(void) {
     fprintf(stderr, "usage: loadgen serve\n"
                     "       loadgen [-p PROXYPORT] [-t SECONDS] [-b BYTES] [-c CONCURRENCY]"
-                    " [-n N] [-i N] [-s BYTES] [-w N] [-T TIMEOUT]"
+                    " [-n N] [-i N] [-s BYTES] [-w N] [-T TIMEOUT] [-H]"
                     " download|upload|churn|rtt|idle|udp PORT\n");
     exit(2);
 }
@@ -1383,7 +1414,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     fill_ref();
     raise_nofile();
-    while ((opt = getopt(argc, argv, "p:t:b:c:n:i:s:w:T:")) != -1) {
+    while ((opt = getopt(argc, argv, "p:t:b:c:n:i:s:w:T:H")) != -1) {
         switch (opt) {
         case 'p': proxy_port = atoi(optarg); break;
         case 't': seconds = atof(optarg); break;
@@ -1394,6 +1425,7 @@ int main(int argc, char **argv) {
         case 's': size = (size_t)atol(optarg); break;
         case 'w': window = atoi(optarg); break;
         case 'T': timeout = atof(optarg); break;
+        case 'H': http_connect = 1; break;
         default: usage();
         }
     }

@@ -45,7 +45,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_socks5 import codec, socks4
+from twisted_socks5 import codec, httpproxy, socks4
 from twisted_socks5.auth import NoAuthAuthenticator, UsernamePasswordAuthenticator
 from twisted_socks5.codec import (
     MAX_GREETING_SIZE,
@@ -657,6 +657,117 @@ def check_socks4_server(data: ServerInput) -> None:
 
 
 # --------------------------------------------------------------------------
+# The HTTP proxy: its request targets and the server speaking HTTP
+
+
+def check_http_target(buf: bytes) -> None:
+    """
+    One input for the HTTP proxy's target parsers: a CONNECT authority and
+    an absolute URI either raise ``BadTarget`` or give an address that reads
+    back the same from its own text, and an origin-form path of printable
+    ASCII.
+    """
+    _count("http.target")
+    for parse in (httpproxy.parse_authority, httpproxy.parse_absolute_uri):
+        try:
+            parsed = parse(buf)
+        except httpproxy.BadTarget:
+            continue
+        if isinstance(parsed, tuple):
+            address, path = parsed
+            assert path.startswith(b"/") and all(0x20 < c < 0x7F for c in path)
+            again = httpproxy.parse_absolute_uri(
+                b"http://%s%s" % (str(address).encode(), path)
+            )
+            assert again == (address, path), (buf, again)
+        else:
+            address = parsed
+        assert 0 < address.port < 65536
+        assert httpproxy.parse_authority(str(address).encode()) == address
+
+
+#: Every status line the proxy writes starts so.
+_HTTP_ANSWER = (b"HTTP/1.1 ", b"HTTP/1.0 ")
+
+
+def _named_targets(received: bytes) -> List[Address]:
+    """The addresses the request lines of ``received`` name (any of them)."""
+    found: List[Address] = []
+    for line in received.split(b"\r\n"):
+        words = line.split(b" ")
+        if len(words) != 3:
+            continue
+        for parse in (httpproxy.parse_authority, httpproxy.parse_absolute_uri):
+            try:
+                parsed = parse(words[1])
+            except httpproxy.BadTarget:
+                continue
+            found.append(parsed[0] if isinstance(parsed, tuple) else parsed)
+    return found
+
+
+class _HttpRun(_Run):
+    """A server speaking SOCKS5 and HTTP, fed a stream meant as HTTP."""
+
+    def __init__(self, userpass: bool) -> None:
+        super().__init__(userpass)
+        self.factory.protocols = frozenset(("socks5", "http"))
+
+    def check(self, whole: bool = False) -> None:
+        received = self.received
+        if not received or received[0] in (4, 5):
+            return  # the SOCKS targets' business
+        written = self.transport.value()
+        assert self.closing or len(self.protocol._buffer) <= MAX_EARLY_DATA
+        assert not written or written.startswith(_HTTP_ANSWER), written[:40]
+        assert not self.reactor.ports and not self.connector.lookups
+        calls = self.connector.calls
+        if calls:
+            # Only once a head is complete, only where a request line said.
+            assert b"\r\n\r\n" in received, "a connect before a whole head"
+            named = _named_targets(received)
+            for address, _, _ in calls:
+                assert address in named, (address, named)
+        if self.resolved == "succeed" and written.startswith(b"HTTP/1.1 200 C"):
+            head = b"HTTP/1.1 200 Connection established\r\n\r\n"
+            assert written in (head, head + self._down), written
+
+    def finish(self, data: ServerInput) -> None:
+        protocol = self.protocol
+        self.reactor.advance(httpproxy.KEEPALIVE_TIMEOUT + HANDSHAKE_TIMEOUT + 1)
+        busy = getattr(protocol, "phase", None) == "busy"
+        if protocol.state not in (State.CONNECTING, State.RELAYING) and not busy:
+            assert self.closing, (
+                f"an HTTP connection outlived its timeouts: {protocol.state}"
+            )
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        assert not self.factory.active, "factory.active not empty"
+        pending = [c for c in self.reactor.getDelayedCalls() if c.active()]
+        assert not pending, f"timers left: {pending}"
+        for _, _, d in self.connector.calls:
+            assert d.called, "a connect left running"
+        if self.outbound is not None:
+            assert self.outbound.disconnecting or self.outbound.disconnected
+
+
+def check_http_server(data: ServerInput) -> None:
+    """One input for the server protocol, speaking HTTP."""
+    _count("server.http")
+    with _ErrorLog() as errors:
+        chunks = _chunks(data.stream, data.cuts) or [b""]
+        run = _drive(data, False, chunks, _HttpRun)
+        if data.connect == "pending":
+            whole = _drive(data, False, [data.stream], _HttpRun)
+            assert whole.transport.value() == run.transport.value()
+            assert [c[0] for c in whole.connector.calls] == [
+                c[0] for c in run.connector.calls
+            ]
+            whole.finish(data)
+        run.finish(data)
+    assert not errors.events, [e.get("log_format") for e in errors.events]
+
+
+# --------------------------------------------------------------------------
 # Configuration parsers: the rules file and htpasswd files
 
 #: Client and destination addresses the rule-set invariants are checked at:
@@ -864,6 +975,51 @@ socks4_streams = st.one_of(
     st.binary(max_size=300).map(lambda b: b"\x04" + b),
 )
 
+http_targets = st.sampled_from(
+    [
+        b"127.0.0.1:443",
+        b"[::1]:8443",
+        b"localhost:22",
+        b"x.test",
+        b"x.test:0",
+        b"http://127.0.0.1:8080/p?q",
+        b"http://[::1]/",
+        b"https://x.test/",
+        b"/origin-form",
+        b"http://u@x.test/",
+    ]
+) | st.binary(max_size=20).filter(lambda b: not any(c in b for c in b" \r\n"))
+http_fields = st.sampled_from(
+    [
+        b"Host: x.test",
+        b"Proxy-Authorization: Basic YWxpY2U6czNjcmV0",
+        b"Proxy-Authorization: Basic !!",
+        b"Content-Length: 3",
+        b"Content-Length: x",
+        b"Transfer-Encoding: chunked",
+        b"Connection: close",
+        b"Expect: 100-continue",
+        b"X: " + b"y" * 9000,
+        b" continued",
+    ]
+) | st.binary(max_size=20)
+http_heads = st.tuples(
+    st.sampled_from([b"CONNECT", b"GET", b"POST", b"HEAD", b"G\x00T"]),
+    http_targets,
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2"]),
+    st.lists(http_fields, max_size=4),
+).map(lambda t: b"%s %s %s\r\n" % t[:3] + b"".join(f + b"\r\n" for f in t[3]) + b"\r\n")
+http_pieces = st.one_of(
+    http_heads,
+    st.tuples(http_heads, st.integers(0, 300), st.integers(0, 255)).map(_mutate),
+    st.sampled_from([b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"\r\n"]),
+)
+#: A head or two (maybe mutated), a body or tunnel bytes; sometimes anything.
+http_streams = st.one_of(
+    st.lists(http_pieces, min_size=1, max_size=3).map(b"".join),
+    st.binary(max_size=300).map(lambda b: b"G" + b),
+)
+
 
 fuzz_bytes = st.one_of(
     st.binary(max_size=600),
@@ -1004,6 +1160,13 @@ TARGETS: Dict[str, Target] = {
         ),
         Target("socks4.reply", fuzz_bytes, check_socks4_reply, raw=check_socks4_reply),
         Target("server.socks4", server_inputs(socks4_streams), check_socks4_server),
+        Target(
+            "http.target",
+            http_targets | fuzz_bytes,
+            check_http_target,
+            raw=check_http_target,
+        ),
+        Target("server.http", server_inputs(http_streams), check_http_server),
         Target("server.noauth", server_inputs(), check_server),
         Target(
             "server.userpass",

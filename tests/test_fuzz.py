@@ -69,6 +69,8 @@ test_fuzz_server_userpass = _test("server.userpass")
 test_fuzz_socks4_request = _test("socks4.request")
 test_fuzz_socks4_reply = _test("socks4.reply")
 test_fuzz_server_socks4 = _test("server.socks4")
+test_fuzz_http_target = _test("http.target")
+test_fuzz_server_http = _test("server.http")
 
 
 def test_every_codec_parser_has_a_target() -> None:

@@ -131,6 +131,9 @@ class Server(AssociationSettings, Protocol):
     @property
     def requires_password(self) -> bool: ...
 
+    def take_over_http(self, connection: Any, data: bytes) -> None:
+        """Hand a client that speaks HTTP to the HTTP proxy (httpproxy.py)."""
+
     def select_authenticator(
         self, offered: Sequence[int]
     ) -> Optional[IAuthenticator]: ...
@@ -365,9 +368,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             take_over(self, data)
         elif first != 4 and "http" in protocols:
             self.protocol = "http"
-            from .httpproxy import take_over as http_take_over  # type: ignore[import-not-found,unused-ignore]
-
-            http_take_over(self, data)
+            # Through the factory: httpproxy.py builds on this module.
+            self.factory.take_over_http(self, data)
         else:
             self.outcome = (
                 f"first byte 0x{first:02x}: no protocol enabled speaks it "

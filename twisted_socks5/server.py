@@ -29,6 +29,7 @@ from .connection import PROTOCOLS, WithoutSOCKS5
 from .connection import SOCKS5ServerProtocol as SOCKS5ServerProtocol
 from .connection import State as State
 from .handshake import MAX_EARLY_DATA as MAX_EARLY_DATA
+from .httpproxy import take_over as http_take_over
 from .interfaces import IAuthenticator
 from .limits import ConnectionLimits
 from .logs import log_connection
@@ -334,6 +335,13 @@ class SOCKS5ServerFactory(Factory):
         if outgoing is None:
             outgoing = getattr(self.routes.get("direct"), "outgoing", None)
         return outgoing
+
+    def take_over_http(self, connection: SOCKS5ServerProtocol, data: bytes) -> None:
+        """
+        The protocol front found a client speaking HTTP: the HTTP proxy
+        takes the connection over (:func:`twisted_socks5.httpproxy.take_over`).
+        """
+        http_take_over(connection, data)
 
     def select_authenticator(self, offered: Sequence[int]) -> Optional[IAuthenticator]:
         """The first of our methods, in our order, that the client offers."""

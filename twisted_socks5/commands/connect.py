@@ -130,12 +130,15 @@ def _connect(
     where the client came in (``same-as-listen``), and the source it used
     is noted for the log.
     """
+    # Another protocol's request may bring its own outbound side (HTTP
+    # forwarding: an OutboundProtocol that carries an HTTP client).
+    factory = getattr(ctx, "outbound_factory", OUTBOUND_FACTORY)
     if getattr(connector, "outgoing", None) is None:
         if check is None:
-            return connector.connect(address, OUTBOUND_FACTORY)
-        return connector.connect(address, OUTBOUND_FACTORY, check)
+            return connector.connect(address, factory)
+        return connector.connect(address, factory, check)
     d: defer.Deferred[IProtocol] = connector.connect(  # type: ignore[call-arg]
-        address, OUTBOUND_FACTORY, check, listen=local_host(ctx)
+        address, factory, check, listen=local_host(ctx)
     )
     return d.addCallback(_note_outgoing, ctx)
 
