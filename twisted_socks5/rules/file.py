@@ -46,6 +46,11 @@ class RulesFile:
     def check_resolved(self, *args: Any) -> Any:
         return self.rules.check_resolved(*args)
 
+    @property
+    def limits(self) -> Any:
+        """The ``limit`` lines of the rules in force."""
+        return self.rules.limits
+
     def describe(self) -> str:
         return self.rules.describe()
 
