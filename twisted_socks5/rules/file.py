@@ -51,6 +51,9 @@ class RulesFile:
         """The ``limit`` lines of the rules in force."""
         return self.rules.limits
 
+    def limits_for(self, *args: Any) -> Any:
+        return self.rules.limits_for(*args)
+
     def describe(self) -> str:
         return self.rules.describe()
 

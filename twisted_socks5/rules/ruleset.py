@@ -179,13 +179,13 @@ class RuleSet:
     def check_client(self, client: IPLike) -> Decision:
         return self._decide(_Facts(parse_ip(client)))
 
-    def check_request(
+    def _request_facts(
         self,
         client_ip: IPLike,
         user: Optional[str],
         command: Command,
         destination: Address,
-    ) -> Decision:
+    ) -> _Facts:
         facts = _Facts(
             parse_ip(client_ip),
             user_known=True,
@@ -211,7 +211,44 @@ class RuleSet:
                 facts.port = None
             if destination.port == 0:
                 facts.port = None
-        return self._decide(facts)
+        return facts
+
+    def check_request(
+        self,
+        client_ip: IPLike,
+        user: Optional[str],
+        command: Command,
+        destination: Address,
+    ) -> Decision:
+        return self._decide(self._request_facts(client_ip, user, command, destination))
+
+    def limits_for(
+        self,
+        client_ip: IPLike,
+        user: Optional[str],
+        command: Command,
+        destination: Address,
+        via: Optional[str] = None,
+    ) -> Tuple[LimitLine, ...]:
+        """
+        The limit lines that apply to a request (routed ``via``): the first
+        matching line of each slot (:attr:`LimitLine.slot`).  A condition
+        not known yet (a ``to`` network for a name) matches: the stricter way.
+        """
+        if not self.limits:
+            return ()
+        facts = self._request_facts(client_ip, user, command, destination)
+        if facts.ip is not None and self.host is not None:
+            facts.ip_is_self = facts.ip in self.host
+        chosen: dict[str, LimitLine] = {}
+        for line in self.limits:
+            if line.slot in chosen:
+                continue
+            if line.when.via is not None and line.when.via != via:
+                continue
+            if line.when.match(facts) is not False:
+                chosen[line.slot] = line
+        return tuple(chosen.values())
 
     def check_resolved(
         self,
