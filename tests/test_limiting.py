@@ -441,3 +441,14 @@ def test_a_quota_reached_exactly_is_used_up() -> None:
     client.protocol.counters.bytes_up += 1000
     client.close()
     assert server.request().reply == 2
+
+
+def test_a_live_tunnel_reaching_its_quota_exactly_is_cut() -> None:
+    server = Server("limit user alice quota 1000B/hour\nallow user *\n")
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 999
+    server.reactor.advance(5)
+    assert not client.transport.disconnecting
+    client.protocol.counters.bytes_down += 1
+    server.reactor.advance(5)
+    assert client.transport.disconnecting
