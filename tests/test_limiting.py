@@ -220,6 +220,12 @@ class DownStore(MemoryLimitStore):
     def quota_used(self, key: str, period: str) -> defer.Deferred[int]:
         return self._maybe(super().quota_used, key, period)
 
+    def close_session(self, key: str) -> defer.Deferred[None]:
+        return self._maybe(super().close_session, key)
+
+    def add_usage(self, key: str, period: str, nbytes: int) -> defer.Deferred[int]:
+        return self._maybe(super().add_usage, key, period, nbytes)
+
 
 @pytest.mark.parametrize("line", ["sessions 5", "quota 1GiB/day"])
 def test_store_down_closed_refuses(line: str, events: Any) -> None:
@@ -452,3 +458,20 @@ def test_a_live_tunnel_reaching_its_quota_exactly_is_cut() -> None:
     client.protocol.counters.bytes_down += 1
     server.reactor.advance(5)
     assert client.transport.disconnecting
+
+
+def test_a_store_down_at_close_and_flush_is_logged_once(events: Any) -> None:
+    store = DownStore(UDPReactor())
+    server = Server(
+        "limit user * sessions 5\nlimit user * quota 1GiB/day\nallow user *\n", store
+    )
+    clients = [server.request().connected() for _ in range(2)]
+    store.down = True
+    for client in clients:
+        client.protocol.counters.bytes_up += 10
+    server.reactor.advance(5)
+    for client in clients:
+        client.close()
+    down = [e for e in events if e.get("event") == "socks5.limits_store_down"]
+    assert len(down) == 1
+    assert server.limiter.live == set()

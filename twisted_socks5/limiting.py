@@ -356,15 +356,11 @@ class Limiter:
     def _release(self, held: Held) -> None:
         key, held.session = held.session, None
         if key is not None:
-            self.store.close_session(key).addErrback(self._release_failed, key)
+            self.store.close_session(key).addErrback(self._release_failed)
 
-    def _release_failed(self, failure: Failure, key: str) -> None:
-        failure.trap(LimitStoreUnavailable)
-        self.log.warn(
-            "could not release a session of {who}: the limits store is unavailable",
-            who=escape(key),
-            event="socks5.limits_release_failed",
-        )
+    def _release_failed(self, failure: Failure) -> None:
+        # A shared store's sessions are leases that expire by themselves.
+        self._store_failed(failure, "sessions")
 
     # -- quotas of live tunnels -----------------------------------------
 
