@@ -475,3 +475,18 @@ def test_a_store_down_at_close_and_flush_is_logged_once(events: Any) -> None:
     down = [e for e in events if e.get("event") == "socks5.limits_store_down"]
     assert len(down) == 1
     assert server.limiter.live == set()
+
+
+def test_bytes_a_failed_flush_did_not_add_are_sent_again() -> None:
+    store = DownStore(UDPReactor())
+    server = Server("limit user * quota 1GiB/day\nallow user *\n", store)
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 10
+    store.down = True
+    server.reactor.advance(5)
+    client.protocol.counters.bytes_up += 5
+    server.reactor.advance(5)
+    store.down = False
+    client.protocol.counters.bytes_down += 1
+    client.close()
+    assert list(store.usage.values())[0][1] == 16

@@ -78,7 +78,7 @@ class Held:
     (released once, at close), its quotas and the bytes already reported.
     """
 
-    __slots__ = ("who", "session", "quotas", "reported", "bandwidth")
+    __slots__ = ("who", "session", "quotas", "reported", "bandwidth", "unsent")
 
     def __init__(self, who: str) -> None:
         #: The store key of whom the limits count (``user:NAME``, ``client:IP``).
@@ -88,6 +88,8 @@ class Held:
         self.quotas: Tuple[LimitLine, ...] = ()
         self.bandwidth: Tuple[LimitLine, ...] = ()
         self.reported = 0
+        #: Bytes a failed store call did not add, by period (sent again).
+        self.unsent: Dict[str, int] = {}
 
 
 def _bytes_of(ctx: Any) -> int:
@@ -375,14 +377,27 @@ class Limiter:
         if not held.quotas:
             return
         total = _bytes_of(ctx)
-        delta = total - held.reported
+        delta = max(0, total - held.reported)
         held.reported = total
         for line in held.quotas:
-            d = self.store.add_usage(held.who, line.period, max(0, delta))
-            d.addCallbacks(self._used, self._usage_failed, (held.who, line))
+            nbytes = delta + held.unsent.pop(line.period, 0)
+            self._add(held, line, nbytes)
 
-    def _usage_failed(self, failure: Failure) -> None:
+    def _add(self, held: Held, line: LimitLine, nbytes: int) -> None:
+        """Add ``nbytes`` to ``held``'s usage of ``line``'s period, then check it."""
+        d = self.store.add_usage(held.who, line.period, nbytes)
+        d.addCallbacks(
+            self._used,
+            self._usage_failed,
+            callbackArgs=(held.who, line),
+            errbackArgs=(held, line, nbytes),
+        )
+
+    def _usage_failed(
+        self, failure: Failure, held: Held, line: LimitLine, nbytes: int
+    ) -> None:
         self._store_failed(failure, "quota")
+        held.unsent[line.period] = held.unsent.get(line.period, 0) + nbytes
 
     def _used(self, total: int, who: str, line: LimitLine) -> None:
         self._store_answered()
@@ -450,8 +465,7 @@ class Limiter:
 
     def _check_quotas(self, held: Held) -> None:
         for line in held.quotas:
-            d = self.store.add_usage(held.who, line.period, 0)
-            d.addCallbacks(self._used, self._usage_failed, (held.who, line))
+            self._add(held, line, 0)
 
     def _update_bandwidth(self, tunnel: Any, limits: List[BandwidthLimit]) -> None:
         bandwidth = _bandwidth()
