@@ -201,34 +201,67 @@ class Limiter:
             steps.append(functools.partial(self._quota, who, quota))
         for sessions in by_kind.get("sessions", ()):
             steps.append(functools.partial(self._session, held, sessions))
-        answered: List[bool] = []
+        self._run(ctx, held, steps, proceed)
 
-        def step(refusal: Optional[str]) -> Any:
-            if refusal is not None or not steps:
-                return refusal
-            return steps.pop(0)().addCallback(step)
-
-        def decided(refusal: Optional[str]) -> None:
-            answered.append(True)
-            if ctx.closing:  # the client left while the store answered
-                self._release(held)
+    def _run(
+        self,
+        ctx: Any,
+        held: Held,
+        steps: List[Callable[[], defer.Deferred[Optional[str]]]],
+        proceed: Callable[[], None],
+    ) -> None:
+        """
+        The checks in order, the first refusal ending them.  A store that
+        answers at once (the memory store) runs them in this call, without
+        chaining Deferreds; one that answers later holds the request.
+        """
+        while steps:
+            box: List[Any] = []
+            d = steps.pop(0)().addBoth(box.append)
+            if not box:
+                ctx.hold()  # a remote store: stop parsing until it answers
+                d.addCallback(self._resumed, box, ctx, held, steps, proceed)
+                d.addErrback(self._unexpected, ctx, held)
                 return
-            if refusal is not None:
-                self._release(held)
-                ctx.deny(refusal)
+            if not self._go_on(box[0], ctx, held):
                 return
-            if held.session is not None or held.quotas or held.bandwidth:
-                held.reported = _bytes_of(ctx)
-                ctx.limited = held
-                self.live.add(ctx)
-            proceed()
+        self._decided(ctx, held, proceed)
 
-        d = step(None)
-        if not isinstance(d, defer.Deferred):
-            d = defer.succeed(d)
-        d.addCallback(decided).addErrback(self._unexpected, ctx, held)
-        if not answered:
-            ctx.hold()  # a remote store: stop parsing until it answers
+    def _resumed(
+        self,
+        _: None,
+        box: List[Any],
+        ctx: Any,
+        held: Held,
+        steps: List[Callable[[], defer.Deferred[Optional[str]]]],
+        proceed: Callable[[], None],
+    ) -> None:
+        if self._go_on(box[0], ctx, held):
+            self._run(ctx, held, steps, proceed)
+
+    def _go_on(self, outcome: Any, ctx: Any, held: Held) -> bool:
+        """Whether the checks go on after one answered ``outcome``."""
+        if isinstance(outcome, Failure):
+            self._unexpected(outcome, ctx, held)
+            return False
+        if ctx.closing:  # the client left while the store answered
+            self._release(held)
+            return False
+        if outcome is not None:
+            self._release(held)
+            ctx.deny(outcome)
+            return False
+        return True
+
+    def _decided(self, ctx: Any, held: Held, proceed: Callable[[], None]) -> None:
+        if ctx.closing:
+            self._release(held)
+            return
+        if held.session is not None or held.quotas or held.bandwidth:
+            held.reported = _bytes_of(ctx)
+            ctx.limited = held
+            self.live.add(ctx)
+        proceed()
 
     def _unexpected(self, failure: Failure, ctx: Any, held: Held) -> None:
         self.log.failure("checking the limits failed", failure)
