@@ -490,3 +490,10 @@ def test_bytes_a_failed_flush_did_not_add_are_sent_again() -> None:
     client.protocol.counters.bytes_down += 1
     client.close()
     assert list(store.usage.values())[0][1] == 16
+
+
+def test_each_user_has_a_count_of_their_own() -> None:
+    server = Server("limit user * sessions 1\nallow user *\n")
+    assert server.request().connected().reply == 0
+    assert server.request("bob").connected().reply == 0
+    assert server.request().reply == 2
