@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 import socket
 import struct
+import sys
 from typing import Any, List, Optional
 
 import pytest
@@ -26,7 +27,7 @@ from twisted_socks5.limitstore import (
     LimitStoreUnavailable,
     MemoryLimitStore,
 )
-from twisted_socks5.rules import RuleSet, RulesFile
+from twisted_socks5.rules import BandwidthLimit, RuleSet, RulesFile
 from twisted_socks5.server import SOCKS5ServerFactory
 from twisted_socks5.testing import HalfCloseTransport
 
@@ -497,3 +498,34 @@ def test_each_user_has_a_count_of_their_own() -> None:
     assert server.request().connected().reply == 0
     assert server.request("bob").connected().reply == 0
     assert server.request().reply == 2
+
+
+def test_bandwidth_lines_reach_the_bandwidth_module(
+    monkeypatch: Any, tmp_path: pathlib.Path
+) -> None:
+    """throttle() at tunnel start, update() on reload (a stand-in module)."""
+    import types
+
+    calls: List[Any] = []
+    module = types.ModuleType("twisted_socks5.bandwidth")
+    module.throttle = lambda tunnel, limits, store: calls.append(  # type: ignore[attr-defined]
+        ("throttle", tunnel, limits, store)
+    )
+    module.update = lambda tunnel, limits: calls.append(("update", tunnel, limits))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "twisted_socks5.bandwidth", module)
+    path = tmp_path / "rules"
+    path.write_text("limit user * bandwidth 1MiB/s per-user\nallow user *\n")
+    server = Server(RulesFile(str(path)))
+    client = server.request().connected()
+    plain = server.request("bob", port=9090)
+    ((kind, tunnel, limits, store),) = calls
+    assert (kind, tunnel, store) == ("throttle", client.protocol.tunnel, server.store)
+    assert limits == [BandwidthLimit(1048576.0, "per-user", "user:alice")]
+    path.write_text("limit user alice bandwidth 512KiB/s per-user\nallow user *\n")
+    server.factory.reload()
+    assert calls[1] == (
+        "update",
+        client.protocol.tunnel,
+        [BandwidthLimit(524288.0, "per-user", "user:alice")],
+    )
+    assert plain.protocol.tunnel is None and len(calls) == 2
