@@ -143,3 +143,22 @@ def test_any_store_text_is_a_store_or_a_value_error(text: str) -> None:
         return
     assert url == text
     assert text == "memory" or text.startswith(("redis://", "rediss://"))
+
+
+def test_a_worker_refuses_limit_lines_on_reload(tmp_path: pathlib.Path) -> None:
+    from twisted_socks5.exposure import refuse_split_limits_on_reload
+    from twisted_socks5.rules import RulesError, RulesFile
+
+    path = tmp_path / "rules"
+    path.write_text("allow user *\n")
+    policy = RulesFile(str(path))
+    refuse_split_limits_on_reload(policy, "redis://127.0.0.1/0")
+    assert policy.guard is None
+    refuse_split_limits_on_reload(policy, "memory")
+    path.write_text("allow user *\nlimit user * sessions 2\n")
+    with pytest.raises(RulesError, match=":2: limit lines with --workers"):
+        policy.reload()
+    assert policy.limits == ()
+    path.write_text("allow user *\ndeny from 10.0.0.1\n")
+    policy.reload()
+    assert len(policy.rules.rules) == 2

@@ -155,3 +155,28 @@ def check_limits_store(options: Any) -> None:
             f"--limits-store {store.split('://')[0]}://: the Redis store "
             f"(twisted_socks5.redisstore) cannot be loaded: {e}"
         ) from None
+
+
+def refuse_split_limits_on_reload(policy: Any, store: str) -> None:
+    """
+    In a worker process with the memory store: a rules file reloaded with
+    ``limit`` lines is refused (the rules in force stay), as it would be at
+    start, since each worker would count only its own share.
+    """
+    if store != "memory" or not isinstance(policy, RulesFile):
+        return
+    before = policy.guard
+
+    def guard(rules: RuleSet) -> None:
+        if before is not None:
+            before(rules)
+        if rules.limits:
+            raise RulesError(
+                "limit lines with --workers need a shared store "
+                "(--limits-store redis://HOST:PORT/DB): each worker would "
+                "count only its own share",
+                rules.source,
+                rules.limits[0].line,
+            )
+
+    policy.guard = guard

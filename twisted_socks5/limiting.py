@@ -150,6 +150,14 @@ class Limiter:
         self.flush()
         return self.store.stop()
 
+    def stop_after(self, drained: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """``drained``, then :meth:`stop` (the last tunnels' bytes count)."""
+
+        def stop(result: Any) -> Any:
+            return self.stop().addCallback(lambda _: result)
+
+        return drained.addBoth(stop)
+
     @property
     def active(self) -> bool:
         """Whether the rules in force have a ``limit`` line."""

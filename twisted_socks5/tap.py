@@ -114,9 +114,8 @@ class SOCKS5Service(service.MultiService):
             timeout=self.drain_timeout,
         )
         drained = self.factory.drain(self.drain_timeout)
-        limiter = self.factory.limiter
-        if limiter is not None:  # after the drain: the last bytes count
-            drained.addBoth(lambda result: limiter.stop().addCallback(lambda _: result))
+        if self.factory.limiter is not None:
+            drained = self.factory.limiter.stop_after(drained)
         return gatherResults([stopped, drained], consumeErrors=True)
 
     def _listening(self, ports: List[Any]) -> None:
