@@ -8,7 +8,7 @@ two processes never read-modify-write the same counter.  The client is our
 own, over Twisted endpoints: :mod:`.resp` parses the replies (sans-IO); this
 module connects, reconnects with a back-off, and bounds every call with a
 timeout, so that a request never waits on a Redis that is down: its Deferred
-fails with :class:`~.limitstore.LimitStoreUnavailable` (at once while the
+fails with ``LimitStoreUnavailable`` (at once while the
 connection is down) and the caller applies ``--limits-on-store-failure``.
 
 Sessions are leases: a sorted set per key of ``PROCESS:COUNTER`` members

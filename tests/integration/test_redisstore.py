@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import pathlib
 from typing import Any, AsyncIterator, Callable, List
 
 import pytest
@@ -413,5 +414,43 @@ async def test_rediss_verifies_the_server(tmp_path: Any, stores: Any) -> None:
         # Plain redis:// to a TLS port gets no valid reply either.
         plain = await stores(f"redis://127.0.0.1:{server.port}/0?timeout=0.5")
         await unavailable(plain.open_session("user:alice", 1))
+    finally:
+        await server.kill()
+
+
+DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
+#: The ACL docs/limits.rst gives for the store's own Redis user.
+ACL = (
+    "+ping +select +get +zrem +eval +evalsha +time +zremrangebyscore +zcard"
+    " +zadd +pttl +pexpire +pexpireat +incr +incrby +hmget +hset"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_acl_is_enough(
+    tmp_path: Any, stores: Any, log_events: EventLoggingObserver
+) -> None:
+    documented = (DOCS / "limits.rst").read_text(encoding="utf-8")
+    assert all(f" {permission}" in documented for permission in ACL.split())
+    rules = ["on", ">pw", "~socks5:*", *ACL.split()]
+    server = RedisServer(str(tmp_path), "--user", "socks5", *rules)
+    await server.start()
+    try:
+        store = await stores(f"redis://socks5:pw@127.0.0.1:{server.port}/1")
+        assert await store.open_session("user:alice", 1) is True
+        await store.close_session("user:alice")
+        assert await store.hit_rate("client:a", 1, 60) is True
+        assert await store.add_usage("user:alice", "day", 5) == 5
+        assert await store.quota_used("user:alice", "day") == 5
+        assert await store.take_bandwidth("user:alice", 10.0, 10, 4) == 4
+        assert await store.open_session("user:alice", 1) is True
+        store.renew()
+        assert await store.take_bandwidth("user:alice", 10.0, 10, 0) == 0  # after it
+        assert not [
+            e for e in log_events if e.get("event") == "socks5.limit_store_down"
+        ]
+        # A command outside it is refused: the ACL is really applied.
+        reply = await store._call(["SET", "socks5:x", "1"])
+        assert "NOPERM" in str(reply)
     finally:
         await server.kill()
