@@ -312,6 +312,7 @@ class RedisLimitStore:
         self._delay = RETRY_MIN
         self._running = False
         self._failing = False
+        self._ever_connected = False
         #: This process's name in the session leases: unique across hosts.
         self.process_id = uuid.uuid4().hex
         self._counter = itertools.count()
@@ -405,6 +406,13 @@ class RedisLimitStore:
         self._protocol = protocol
         protocol.on_lost = self._lost
         self._delay = RETRY_MIN
+        if not self._ever_connected:
+            self._ever_connected = True
+            self.log.info(
+                "the limits store {where} is connected",
+                where=self.where,
+                event="socks5.limit_store_connected",
+            )
         self._recovered()
         self.renew()  # a restarted Redis has forgotten our sessions
 

@@ -253,6 +253,7 @@ async def test_outage_fails_fast_logs_once_and_recovers(
     names = [e.get("event") for e in log_events]
     assert names.count("socks5.limit_store_down") == 1
     assert names.count("socks5.limit_store_up") == 1
+    assert names.count("socks5.limit_store_connected") == 1  # the first time only
     # The restarted (empty) Redis got this process's live session back.
     assert await store.open_session("user:alice", 1) is False
 
