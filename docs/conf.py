@@ -77,6 +77,8 @@ API_MODULES = [
     "commands",
     "tunnel",
     "relay",
+    "limitstore",
+    "limiting",
     "redisstore",
     "resp",
 ]
