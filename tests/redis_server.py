@@ -11,9 +11,10 @@ import shutil
 import signal
 import socket
 import subprocess
-from typing import Any, List, Optional
+from typing import Any, AsyncIterator, List, Optional
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -115,3 +116,12 @@ class RedisServer(protocol.ProcessProtocol):
             os.kill(self.pid, signal.SIGKILL)
         self.output.clear()
         return self.ended
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(tmp_path: Any) -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own (import it into a test module)."""
+    server = RedisServer(str(tmp_path))
+    await server.start()
+    yield server
+    await server.kill()

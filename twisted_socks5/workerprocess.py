@@ -59,10 +59,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         ports.append(reactor.adoptStreamPort(fd, family, factory))  # type: ignore[attr-defined]
         os.close(fd)  # adoptStreamPort keeps its own duplicate
 
+    # The limits' store (Redis: each worker connects), as tap's service does.
+    limiter = factory.limiter
+    if limiter is not None:
+        reactor.callWhenRunning(limiter.start)  # type: ignore[attr-defined]
+
     def drain() -> object:
         for port in ports:
             port.stopListening()
-        return factory.drain(options["drain-timeout"])
+        drained = factory.drain(options["drain-timeout"])
+        if limiter is not None:  # after the drain: the last bytes count
+            drained.addBoth(lambda result: limiter.stop().addCallback(lambda _: result))
+        return drained
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)  # type: ignore[attr-defined]
     reactor.callWhenRunning(freeze_startup_heap)  # type: ignore[attr-defined]

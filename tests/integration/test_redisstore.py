@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from helpers import GIVE_UP_AFTER, until, within
 from redis_server import RedisServer, needs_redis, tls_supported
+from redis_server import redis as redis  # the fixture
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.testing import EventLoggingObserver
 
@@ -25,14 +26,6 @@ from twisted_socks5.limitstore import LimitStoreUnavailable, period_bounds
 from twisted_socks5.redisstore import KEY_PREFIX, RedisLimitStore
 
 pytestmark = needs_redis
-
-
-@pytest_twisted.async_yield_fixture
-async def redis(tmp_path: Any) -> AsyncIterator[RedisServer]:
-    server = RedisServer(str(tmp_path))
-    await server.start()
-    yield server
-    await server.kill()
 
 
 @pytest_twisted.async_yield_fixture
