@@ -107,3 +107,31 @@ def test_calls_before_a_connection_fail_at_once() -> None:
     ):
         d.addErrback(lambda f: failures.append(f.trap(LimitStoreUnavailable)))
     assert len(failures) == 5
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://:hunter2@127.0.0.1/0?bogus=1", "unknown Redis URL parameter"),
+        (
+            "rediss://:hunter2@127.0.0.1/0?ca=/nonexistent.pem",
+            "cannot read the Redis CA",
+        ),
+        ("redis://:hunter2@127.0.0.1/0?timeout=0", "timeout= takes seconds"),
+    ],
+)
+def test_a_bad_store_url_stops_the_start_cleanly(
+    tmp_path: Any, url: str, message: str
+) -> None:
+    """A usage error naming the option, not a traceback, and no password."""
+    from twisted.python import usage
+
+    from twisted_socks5.tap import Options
+
+    rules = tmp_path / "rules"
+    rules.write_text("limit user alice sessions 2\nallow user *\n")
+    args = ["--auth", "memory:alice:pw", "--rules", str(rules), "--limits-store", url]
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions(args)
+    assert str(caught.value).startswith(f"--limits-store: {message}")
+    assert "hunter2" not in str(caught.value)

@@ -145,21 +145,34 @@ def parse_redis_url(url: str) -> RedisURL:
     )
 
 
+def _trust_root(url: RedisURL) -> Any:
+    """The CA of ``ca=`` (None: the system's roots); ValueError if unreadable."""
+    if url.ca is None:
+        return None
+    from twisted.internet.ssl import Certificate
+
+    try:
+        with open(url.ca, "rb") as f:
+            return Certificate.loadPEM(f.read())
+    except Exception as e:  # OSError, or an OpenSSL error: bad PEM
+        raise ValueError(f"cannot read the Redis CA file {url.ca!r}: {e}") from None
+
+
+def check_url(text: str) -> None:
+    """What ``--limits-store`` checks at start (ValueError, never naming a password)."""
+    _trust_root(parse_redis_url(text))
+
+
 def _endpoint(url: RedisURL, reactor: Any) -> Any:
     endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=url.timeout)
     if not url.tls:
         return endpoint
-    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from twisted.internet.ssl import optionsForClientTLS
 
-    trust: Any = None
-    if url.ca is not None:
-        try:
-            with open(url.ca, "rb") as f:
-                trust = Certificate.loadPEM(f.read())
-        except Exception as e:  # OSError, or an OpenSSL error: bad PEM
-            raise ValueError(f"cannot read the Redis CA file {url.ca!r}: {e}") from None
     # Verified against the system's trust roots, or the CA file's.
-    return wrapClientTLS(optionsForClientTLS(url.host, trustRoot=trust), endpoint)
+    return wrapClientTLS(
+        optionsForClientTLS(url.host, trustRoot=_trust_root(url)), endpoint
+    )
 
 
 class _RedisProtocol(Protocol):
