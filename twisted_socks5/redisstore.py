@@ -424,7 +424,7 @@ class RedisLimitStore:
             self.log.info(
                 "the limits store {where} is connected",
                 where=self.where,
-                event="socks5.limit_store_connected",
+                event="socks5.limits_store_connected",
             )
         self._recovered()
         self.renew()  # a restarted Redis has forgotten our sessions
@@ -451,7 +451,7 @@ class RedisLimitStore:
                 "limits follow --limits-on-store-failure until it is back",
                 where=self.where,
                 why=escape_line(why),
-                event="socks5.limit_store_down",
+                event="socks5.limits_store_unreachable",
             )
 
     def _recovered(self) -> None:
@@ -460,7 +460,7 @@ class RedisLimitStore:
             self.log.info(
                 "the limits store {where} is back",
                 where=self.where,
-                event="socks5.limit_store_up",
+                event="socks5.limits_store_reconnected",
             )
 
     # calls

@@ -244,9 +244,9 @@ async def test_outage_fails_fast_logs_once_and_recovers(
 
     await poll(back, "the store to reconnect by itself")
     names = [e.get("event") for e in log_events]
-    assert names.count("socks5.limit_store_down") == 1
-    assert names.count("socks5.limit_store_up") == 1
-    assert names.count("socks5.limit_store_connected") == 1  # the first time only
+    assert names.count("socks5.limits_store_unreachable") == 1
+    assert names.count("socks5.limits_store_reconnected") == 1
+    assert names.count("socks5.limits_store_connected") == 1  # the first time only
     # The restarted (empty) Redis got this process's live session back.
     assert await store.open_session("user:alice", 1) is False
 
@@ -318,7 +318,7 @@ async def test_password_is_sent_and_never_logged(
     from twisted.logger import formatEvent
 
     text = "".join(formatEvent(e) + repr(e) for e in log_events)
-    assert "socks5.limit_store_down" in text
+    assert "socks5.limits_store_unreachable" in text
     assert "wrong-pw" not in text and "s3cret" not in text
     assert "wrong-pw" not in repr(bad) and "wrong-pw" not in repr(bad.url)
 
@@ -441,7 +441,7 @@ async def test_the_documented_acl_is_enough(
         store.renew()
         assert await store.take_bandwidth("user:alice", 10.0, 10, 0) == 0  # after it
         assert not [
-            e for e in log_events if e.get("event") == "socks5.limit_store_down"
+            e for e in log_events if e.get("event") == "socks5.limits_store_unreachable"
         ]
         # A command outside it is refused: the ACL is really applied.
         reply = await store._call(["SET", "socks5:x", "1"])
