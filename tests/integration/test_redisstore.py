@@ -273,6 +273,46 @@ async def test_a_hung_server_fails_calls_within_the_timeout(stores: Any) -> None
         await port.stopListening()
 
 
+class _Garbled(protocol.Protocol):
+    """Answers PING, then sends what no Redis would."""
+
+    reply = b"!not RESP\r\n"
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"PING" in data:
+            self.transport.write(b"+PONG\r\n")
+        else:
+            self.transport.write(self.reply)
+
+
+class _Chatty(_Garbled):
+    """Answers, and then answers again: a reply nobody asked for."""
+
+    reply = b":1\r\n:1\r\n"
+
+
+@pytest.mark.parametrize("server", [_Garbled, _Chatty])
+@pytest_twisted.ensureDeferred
+async def test_a_server_speaking_nonsense_is_dropped(
+    stores: Any, server: type[protocol.Protocol]
+) -> None:
+    factory = protocol.Factory.forProtocol(server)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        # A timeout longer than the test waits: only the drop can end it.
+        url = f"redis://127.0.0.1:{port.getHost().port}/0?timeout=300"
+        store = await stores(url)
+        connection = store._protocol
+        assert connection is not None
+        if server is _Garbled:
+            await unavailable(store.open_session("user:alice", 1))
+        else:
+            assert await store.hit_rate("client:a", 1, 1) is True
+        await within(connection.closed, "the connection to be dropped")
+    finally:
+        await port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_store_that_never_reached_redis_fails_at_once(stores: Any) -> None:
     store = await stores("redis://127.0.0.1:1/0")
