@@ -368,7 +368,17 @@ class RedisLimitStore:
                 return defer.succeed(None)
             protocol.on_lost = None
             protocol.transport.loseConnection()  # type: ignore[union-attr]
-            return protocol.closed
+            # A peer that never finishes a TLS close does not hold up the stop.
+            abort = self.reactor.callLater(
+                self.url.timeout,
+                protocol.transport.abortConnection,  # type: ignore[union-attr]
+            )
+
+            def closed(_: object) -> None:
+                if abort.active():
+                    abort.cancel()
+
+            return protocol.closed.addBoth(closed)
 
         return done.addCallback(disconnect)
 
