@@ -410,3 +410,45 @@ def test_anonymous_clients_count_by_address() -> None:
         replies.append(transport.value()[1:2])
     assert replies == [b"", b"\x02"]
     assert factory.limiter.store.sessions == {"client:127.0.0.1": 1}
+
+
+def test_udp_associations_and_binds_hold_a_session_while_open() -> None:
+    server = Server("limit user alice sessions 2\nallow user *\n")
+    clients = []
+    for command in (b"\x03", b"\x02", b"\x03"):
+        server.clients += 1
+        peer = IPv4Address("TCP", "127.0.0.1", 41000 + server.clients)
+        protocol = server.factory.buildProtocol(peer)
+        transport = HalfCloseTransport(SERVER, peer)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x05\x01\x02\x01\x05alice\x02pw")
+        transport.clear()
+        protocol.dataReceived(b"\x05" + command + b"\x00\x01\x00\x00\x00\x00\x00\x00")
+        clients.append(Client(server, protocol, transport))
+    udp, bind, refused = clients
+    assert udp.reply == 0 and udp.protocol.udp is not None
+    assert bind.reply == 0  # BIND's first reply: listening
+    assert refused.reply == 2
+    assert server.store.sessions == {"user:alice": 2}  # type: ignore[attr-defined]
+    udp.close()
+    bind.close()
+    assert server.store.sessions == {}  # type: ignore[attr-defined]
+
+
+def test_a_quota_reached_exactly_is_used_up() -> None:
+    server = Server("limit user alice quota 1000B/hour\nallow user *\n")
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 1000
+    client.close()
+    assert server.request().reply == 2
+
+
+def test_a_live_tunnel_reaching_its_quota_exactly_is_cut() -> None:
+    server = Server("limit user alice quota 1000B/hour\nallow user *\n")
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 999
+    server.reactor.advance(5)
+    assert not client.transport.disconnecting
+    client.protocol.counters.bytes_down += 1
+    server.reactor.advance(5)
+    assert client.transport.disconnecting
