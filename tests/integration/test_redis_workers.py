@@ -7,73 +7,17 @@ survives a restart of the server.
 from __future__ import annotations
 
 import re
-import signal
-from typing import Any, Callable, Optional, Set
+from typing import Any, Set
 
-import pytest
 import pytest_twisted
-import socks
 from conftest import Echo
 from redis_server import RedisServer, needs_redis
 from redis_server import redis as redis  # the fixture
+from test_limits_twistd import USERS, _cut, _in_thread, _open, _refused, _stop
 from test_twistd import Twistd
-from twisted.internet import reactor, threads
+from twisted.internet import reactor
 
 pytestmark = needs_redis
-
-USERS = ("--auth", "memory:alice:pw:bob:pw")
-
-
-def _open(proxy_port: int, target: int, user: str = "alice") -> socks.socksocket:
-    """A tunnel to the echo target (PySocks), checked with one round trip."""
-    s = socks.socksocket()
-    s.settimeout(30)
-    s.set_proxy(socks.SOCKS5, "127.0.0.1", proxy_port, username=user, password="pw")
-    try:
-        s.connect(("127.0.0.1", target))
-        s.sendall(b"ping")
-        assert s.recv(4) == b"ping"
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def _refused(proxy_port: int, target: int) -> str:
-    """The proxy's refusal of alice's request, as PySocks words it."""
-    with pytest.raises(socks.GeneralProxyError) as caught:
-        _open(proxy_port, target).close()
-    return str(caught.value)
-
-
-def _used_up(proxy_port: int, target: int) -> int:
-    """Echo 4 KiB through a tunnel the quota cuts: the bytes that came back."""
-    s = _open(proxy_port, target)
-    try:
-        s.sendall(b"x" * 4096)
-        received = 0
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += len(chunk)
-        return received
-    finally:
-        s.close()
-
-
-def _in_thread(f: Callable[..., Any], *args: Any) -> Any:
-    return threads.deferToThread(f, *args).addTimeout(60, reactor)
-
-
-async def _stop(process: Twistd) -> Optional[int]:
-    process.transport.signalProcess(signal.SIGTERM)
-    code: Optional[int] = await process.ended.addTimeout(60, reactor)
-    return code
-
 
 #: Enough refused attempts that both workers have had some (each attempt
 #: lands on either: missing one 40 times in a row is a 2**-39 chance).
@@ -146,7 +90,7 @@ async def test_a_quota_in_redis_survives_a_restart(
     try:
         port = await process.listening.addTimeout(30, reactor)
         await process.wait_for(b"is connected").addTimeout(30, reactor)
-        assert await _in_thread(_used_up, port, target) == 4096
+        assert len(await _in_thread(_cut, port, target)) == 4096
         await process.wait_for(b"quota used up").addTimeout(30, reactor)
         assert "not allowed" in await _in_thread(_refused, port, target)
     finally:
