@@ -1,7 +1,8 @@
 """
 `twistd socks5 --limits-store redis://...` with a real redis-server: two
 workers enforce one `sessions` limit between them, and a quota's usage
-survives a restart of the server.
+survives a restart of the server, and requests are refused while Redis is
+down and admitted again once the store reconnected by itself.
 """
 
 from __future__ import annotations
@@ -104,3 +105,41 @@ async def test_a_quota_in_redis_survives_a_restart(
         (await _in_thread(_open, port, target, "bob")).close()
     finally:
         assert await _stop(again) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_refuses_then_recovers_by_itself(
+    tmp_path: Any, tcp_target: Any, redis: RedisServer
+) -> None:
+    """--limits-on-store-failure closed (the default), end to end."""
+    target = tcp_target(Echo)
+    rules = tmp_path / "rules"
+    rules.write_text("limit user alice sessions 5\nallow user *\n")
+    options = (*USERS, "--rules", str(rules), "--limits-store", redis.url())
+    process = Twistd.start(tmp_path, *options)
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+        await process.wait_for(b"is connected").addTimeout(30, reactor)
+        (await _in_thread(_open, port, target)).close()
+        await redis.kill()
+        for _ in range(3):
+            assert "not allowed" in await _in_thread(_refused, port, target)
+        # bob has no limit line: the store is never asked for him.
+        (await _in_thread(_open, port, target, "bob")).close()
+        await redis.start()
+        third = None
+        for _ in range(ATTEMPTS * 10):
+            try:
+                third = await _in_thread(_open, port, target)
+                break
+            except Exception:  # noqa: BLE001, S112 - refused until reconnected
+                await process.wait_for(b"is back").addTimeout(30, reactor)
+        assert third is not None, "never admitted after Redis came back"
+        third.close()
+        output = b"".join(process.output)
+        # The store's own lines, once each (the limits log theirs too).
+        assert output.count(b"RedisLimitStore#warn") == 1
+        assert output.count(b"is unavailable (connection lost") == 1
+        assert output.count(b"0 is back") == 1
+    finally:
+        assert await _stop(process) == 0
