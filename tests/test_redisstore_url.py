@@ -135,3 +135,13 @@ def test_a_bad_store_url_stops_the_start_cleanly(
         Options().parseOptions(args)
     assert str(caught.value).startswith(f"--limits-store: {message}")
     assert "hunter2" not in str(caught.value)
+
+
+def test_start_twice_runs_one_heartbeat() -> None:
+    store = RedisLimitStore("redis://127.0.0.1/0", MemoryReactorClock())
+    store.start()
+    heartbeat = store._heartbeat
+    store.start()
+    assert store._heartbeat is heartbeat
+    store.stop()
+    assert heartbeat is not None and not heartbeat.running

@@ -339,6 +339,8 @@ class RedisLimitStore:
 
     def start(self) -> Deferred[None]:
         """Connect (a failure is logged, and retried in the background)."""
+        if self._running:
+            return defer.succeed(None)
         self._running = True
         self._heartbeat = task.LoopingCall(self.renew)
         self._heartbeat.clock = self.reactor
