@@ -10,6 +10,8 @@ import sys
 from typing import Any, List
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from test_plugin import parse
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -129,3 +131,15 @@ def test_the_factory_passes_the_failure_mode_and_metrics(limits: str) -> None:
     args += ["--limits-on-store-failure", "open", "--metrics-per-user"]
     factory = build_factory(parse(*args), MemoryReactorClock())
     assert factory.limiter.fail_open and factory.limiter.per_user_metrics
+
+
+@given(st.text(max_size=40))
+@example("redis://")
+@example("rediss://h:1/")
+def test_any_store_text_is_a_store_or_a_value_error(text: str) -> None:
+    try:
+        url = parse_store_url(text)
+    except ValueError:
+        return
+    assert url == text
+    assert text == "memory" or text.startswith(("redis://", "rediss://"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 import socket
 import struct
+import sys
 from typing import Any, List, Optional
 
 import pytest
@@ -26,7 +27,7 @@ from twisted_socks5.limitstore import (
     LimitStoreUnavailable,
     MemoryLimitStore,
 )
-from twisted_socks5.rules import RuleSet, RulesFile
+from twisted_socks5.rules import BandwidthLimit, RuleSet, RulesFile
 from twisted_socks5.server import SOCKS5ServerFactory
 from twisted_socks5.testing import HalfCloseTransport
 
@@ -219,6 +220,12 @@ class DownStore(MemoryLimitStore):
 
     def quota_used(self, key: str, period: str) -> defer.Deferred[int]:
         return self._maybe(super().quota_used, key, period)
+
+    def close_session(self, key: str) -> defer.Deferred[None]:
+        return self._maybe(super().close_session, key)
+
+    def add_usage(self, key: str, period: str, nbytes: int) -> defer.Deferred[int]:
+        return self._maybe(super().add_usage, key, period, nbytes)
 
 
 @pytest.mark.parametrize("line", ["sessions 5", "quota 1GiB/day"])
@@ -452,3 +459,73 @@ def test_a_live_tunnel_reaching_its_quota_exactly_is_cut() -> None:
     client.protocol.counters.bytes_down += 1
     server.reactor.advance(5)
     assert client.transport.disconnecting
+
+
+def test_a_store_down_at_close_and_flush_is_logged_once(events: Any) -> None:
+    store = DownStore(UDPReactor())
+    server = Server(
+        "limit user * sessions 5\nlimit user * quota 1GiB/day\nallow user *\n", store
+    )
+    clients = [server.request().connected() for _ in range(2)]
+    store.down = True
+    for client in clients:
+        client.protocol.counters.bytes_up += 10
+    server.reactor.advance(5)
+    for client in clients:
+        client.close()
+    down = [e for e in events if e.get("event") == "socks5.limits_store_down"]
+    assert len(down) == 1
+    assert server.limiter.live == set()
+
+
+def test_bytes_a_failed_flush_did_not_add_are_sent_again() -> None:
+    store = DownStore(UDPReactor())
+    server = Server("limit user * quota 1GiB/day\nallow user *\n", store)
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 10
+    store.down = True
+    server.reactor.advance(5)
+    client.protocol.counters.bytes_up += 5
+    server.reactor.advance(5)
+    store.down = False
+    client.protocol.counters.bytes_down += 1
+    client.close()
+    assert list(store.usage.values())[0][1] == 16
+
+
+def test_each_user_has_a_count_of_their_own() -> None:
+    server = Server("limit user * sessions 1\nallow user *\n")
+    assert server.request().connected().reply == 0
+    assert server.request("bob").connected().reply == 0
+    assert server.request().reply == 2
+
+
+def test_bandwidth_lines_reach_the_bandwidth_module(
+    monkeypatch: Any, tmp_path: pathlib.Path
+) -> None:
+    """throttle() at tunnel start, update() on reload (a stand-in module)."""
+    import types
+
+    calls: List[Any] = []
+    module = types.ModuleType("twisted_socks5.bandwidth")
+    module.throttle = lambda tunnel, limits, store: calls.append(  # type: ignore[attr-defined]
+        ("throttle", tunnel, limits, store)
+    )
+    module.update = lambda tunnel, limits: calls.append(("update", tunnel, limits))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "twisted_socks5.bandwidth", module)
+    path = tmp_path / "rules"
+    path.write_text("limit user * bandwidth 1MiB/s per-user\nallow user *\n")
+    server = Server(RulesFile(str(path)))
+    client = server.request().connected()
+    plain = server.request("bob", port=9090)
+    ((kind, tunnel, limits, store),) = calls
+    assert (kind, tunnel, store) == ("throttle", client.protocol.tunnel, server.store)
+    assert limits == [BandwidthLimit(1048576.0, "per-user", "user:alice")]
+    path.write_text("limit user alice bandwidth 512KiB/s per-user\nallow user *\n")
+    server.factory.reload()
+    assert calls[1] == (
+        "update",
+        client.protocol.tunnel,
+        [BandwidthLimit(524288.0, "per-user", "user:alice")],
+    )
+    assert plain.protocol.tunnel is None and len(calls) == 2

@@ -1,6 +1,7 @@
 """
 The rules' limit lines in `twistd socks5`, with a real client (PySocks, in
 a thread): a user's third session is refused and admitted once one closes,
+a rate refuses the request over it,
 a used-up quota cuts the live tunnel and still refuses after a restart (the
 memory store's state file), and --workers with the memory store refuses to
 start.
@@ -69,7 +70,9 @@ async def test_the_third_session_is_refused_until_one_closes(
 ) -> None:
     target = tcp_target(Echo)
     rules = tmp_path / "rules"
-    rules.write_text("limit user alice sessions 2\nallow user *\n")
+    rules.write_text(
+        "limit user alice sessions 2\nlimit user bob rate 2/1h\nallow user *\n"
+    )
     process = Twistd.start(tmp_path, *USERS, "--rules", str(rules))
     try:
         port = await process.listening.addTimeout(30, reactor)
@@ -80,6 +83,9 @@ async def test_the_third_session_is_refused_until_one_closes(
         refused = b"rules:1: limit user alice sessions 2 (2 open)"
         await process.wait_for(refused).addTimeout(30, reactor)
         bob = await _in_thread(_open, port, target, "bob")
+        (await _in_thread(_open, port, target, "bob")).close()
+        refusal = await _in_thread(_refused, port, target, "bob")
+        assert "0x02: Connection not allowed by ruleset" in refusal
         first.close()
         # The refusal's log line, then the first tunnel's at its close.
         await process.wait_for_count(b"alice connect 127.0.0.1", 2).addTimeout(
