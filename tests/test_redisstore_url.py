@@ -145,3 +145,24 @@ def test_start_twice_runs_one_heartbeat() -> None:
     assert store._heartbeat is heartbeat
     store.stop()
     assert heartbeat is not None and not heartbeat.running
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redsi://:hunter2@127.0.0.1/0",
+        "redis://:hunter2@127.0.0.1:99999/0",
+        "redis://u:hunter2@127.0.0.1/zero",
+        "redis://:hunter2@/0",
+        "hunter2@127.0.0.1",
+    ],
+)
+def test_the_option_never_echoes_a_password(url: str) -> None:
+    from twisted.python import usage
+
+    from twisted_socks5.tap import Options
+
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions(["--limits-store", url])
+    assert str(caught.value).startswith("--limits-store")
+    assert "hunter2" not in str(caught.value)
