@@ -79,6 +79,8 @@ API_MODULES = [
     "relay",
     "limitstore",
     "limiting",
+    "redisstore",
+    "resp",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.

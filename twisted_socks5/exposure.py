@@ -149,12 +149,16 @@ def check_limits_store(options: Any) -> None:
             "--state-file is for --limits-store memory (Redis keeps the usage)"
         )
     try:
-        importlib.import_module("twisted_socks5.redisstore")
+        redisstore = importlib.import_module("twisted_socks5.redisstore")
     except ImportError as e:
         raise usage.UsageError(
             f"--limits-store {store.split('://')[0]}://: the Redis store "
             f"(twisted_socks5.redisstore) cannot be loaded: {e}"
         ) from None
+    try:  # i14-redis: the URL's parameters and CA file, at start
+        redisstore.check_url(store)
+    except ValueError as e:
+        raise usage.UsageError(f"--limits-store: {e}") from None
 
 
 def refuse_split_limits_on_reload(policy: Any, store: str) -> None:

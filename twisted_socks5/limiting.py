@@ -28,25 +28,36 @@ DEFAULT_FLUSH_INTERVAL = 5.0
 STORE_FAILURE_MODES = ("open", "closed")
 
 
+def _shown(text: str) -> str:
+    """``text`` for an error message, any URL password hidden (i14-redis)."""
+    head, at, tail = text.rpartition("@")
+    if not at:
+        return repr(text)
+    scheme, sep, _ = head.partition("://")
+    return repr(f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}")
+
+
 def parse_store_url(text: str) -> str:
     """``memory``, ``redis://HOST:PORT/DB`` or ``rediss://...``, else ValueError."""
     if text == "memory":
         return text
     scheme, sep, rest = text.partition("://")
     if scheme not in ("redis", "rediss") or not sep:
-        raise ValueError(f"memory, redis://HOST:PORT/DB or rediss://..., not {text!r}")
+        raise ValueError(
+            f"memory, redis://HOST:PORT/DB or rediss://..., not {_shown(text)}"
+        )
     from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as e:
-        raise ValueError(f"bad URL {text!r}: {e}") from None
+        raise ValueError(f"bad URL {_shown(text)}: {e}") from None
     if not parts.hostname:
-        raise ValueError(f"no host in {text!r}")
+        raise ValueError(f"no host in {_shown(text)}")
     database = parts.path.lstrip("/")
     if database and not (database.isascii() and database.isdigit()):
-        raise ValueError(f"the database of {text!r} is a number")
+        raise ValueError(f"the database of {_shown(text)} is a number")
     return text
 
 
