@@ -221,6 +221,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             if failed is not None:
                 tunnel.target_failed(str(failed.strerror))  # type: ignore[union-attr]
                 return
+            if counters.meter is not None:
+                counters.meter.moved(1, len(data))  # bandwidth.UP
             if counters.due_for_splice():
                 tunnel.hand_over_to_splice()  # type: ignore[union-attr]
             return
