@@ -48,6 +48,7 @@ from .codec import (
     Request,
 )
 from .commands import handler_for
+from .commands.base import ICommandHandler
 from .handshake import (
     AuthContinue,
     Authenticated,
@@ -106,6 +107,8 @@ class Server(AssociationSettings, Protocol):
     admission: Admission
     #: Its :class:`~twisted_socks5.metrics.Metrics`, when enabled.
     metrics: Any
+    #: Its :class:`~twisted_socks5.limiting.Limiter`, when it has rules.
+    limiter: Any
 
     def select_authenticator(
         self, offered: Sequence[int]
@@ -183,6 +186,9 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     #: The address an --outgoing set made a connection leave from (for the
     #: log): set only then.
     outgoing: Optional[str] = None
+    #: What it holds in the rules' limits (a ``limiting.Held``): set only
+    #: when a limit line applied to its request.
+    limited: Any = None
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
@@ -288,6 +294,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             d.cancel()
         if self.tunnel is not None:
             self.tunnel.close(reason)
+        if self.limited is not None:
+            self.factory.limiter.closed(self)
         self.factory.connection_closed(self, reason)
 
     def timeoutConnection(self) -> None:
@@ -350,6 +358,16 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         handler = handler_for(self, request)
         if handler is None:
             return
+        limiter = self.factory.limiter
+        if limiter is not None and limiter.active:
+            limiter.admit(
+                self, request, handler, lambda: self._dispatch(handler, request)
+            )
+            return
+        self._dispatch(handler, request)
+
+    def _dispatch(self, handler: ICommandHandler, request: Request) -> None:
+        """Run the command (the rules and the limits allowed it)."""
         if handler.phase is not None:
             self.state = _PHASES[handler.phase]
             # The client has done its part; the command's own timeouts bound
@@ -418,6 +436,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             self.factory, self.transport, peer, self.counters, self._client_eof
         )
         if tunnel.start(early, self.factory.reactor.seconds()):
+            if self.limited is not None:
+                self.factory.limiter.tunnel_started(self, tunnel)
             self.unwait(None)
             if self.counters.due_for_splice():  # early data alone may be enough
                 tunnel.hand_over_to_splice()

@@ -138,6 +138,7 @@ First match wins across both steps: with ``allow to .example.com`` above
 
 from .decision import AllowAll, Decision, IPolicy, RulesError, allows
 from .file import RulesFile
+from .limit import BandwidthLimit, LimitLine
 from .names import (
     SELF,
     IPAddress,
@@ -172,4 +173,6 @@ __all__ = [
     "client_allow_list",
     "open_relay_clients",
     "RulesFile",
+    "LimitLine",
+    "BandwidthLimit",
 ]
