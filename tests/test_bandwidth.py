@@ -8,6 +8,7 @@ bench script's (bench/bandwidth.py), not asserted here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, List, Tuple
 
@@ -46,8 +47,15 @@ def per_connection(rate: float = RATE) -> BandwidthLimit:
     return BandwidthLimit(rate, "per-connection", "")
 
 
-def per_user(name: str, rate: float = RATE, **kw: Any) -> BandwidthLimit:
-    return BandwidthLimit(rate, "per-user", f"user:{name}", **kw)
+def per_user(name: str, rate: float = RATE) -> BandwidthLimit:
+    return BandwidthLimit(rate, "per-user", f"user:{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BothWays(BandwidthLimit):
+    """A limit counting both directions in one budget (no rules keyword yet)."""
+
+    directions: str = "together"
 
 
 # --------------------------------------------------------------------------
@@ -276,9 +284,9 @@ def test_per_user_tunnels_share_one_bucket_each_way() -> None:
 def test_together_counts_both_directions_in_one_bucket() -> None:
     clock = Clock()
     meter = bandwidth.Meter(clock, None)
-    meter.set_limits([per_user("dave", directions="together")])
+    meter.set_limits([BothWays(RATE, "per-user", "user:dave")])
     assert meter.buckets[0][0] is meter.buckets[1][0]
-    meter.set_limits([BandwidthLimit(RATE, "per-connection", "", "together")])
+    meter.set_limits([BothWays(RATE, "per-connection", "")])
     assert meter.buckets[0][0] is meter.buckets[1][0]
     assert meter.grant(1, MIN_BURST) == MIN_BURST
     assert meter.grant(0, 1) == 0

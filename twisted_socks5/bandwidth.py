@@ -28,13 +28,14 @@ asked about once per lease, never per chunk.  A tunnel without a limit has
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from .rules.limit import SCOPES, BandwidthLimit
 
 __all__ = [
     "BandwidthLimit",
@@ -62,25 +63,8 @@ FALLBACK_SECONDS = 1.0
 DOWN, UP = 0, 1
 
 PER_CONNECTION = "per-connection"
-PER_USER = "per-user"
-PER_RULE = "per-rule"
-SCOPES = (PER_CONNECTION, PER_USER, PER_RULE)
 EACH = "each"
 TOGETHER = "together"
-
-
-@dataclass(frozen=True)
-class BandwidthLimit:
-    """
-    One ``bandwidth`` limit that applies to a tunnel: bytes per second,
-    whose budget it draws on (``scope``, and ``key`` naming the user or
-    rule for shared ones) and whether the two directions share it.
-    """
-
-    rate_bytes_per_s: float
-    scope: str
-    key: str
-    directions: str = EACH
 
 
 def default_burst(rate: float) -> int:
@@ -577,6 +561,9 @@ def update(target: Any, limits: Sequence[Any], store: Any = None) -> None:
     holder = target if hasattr(target, "meter") else target.counters
     meter: Optional[Meter] = holder.meter
     if meter is None:
+        if store is None:  # the server's store, for shared budgets
+            settings = getattr(target, "settings", None)
+            store = getattr(getattr(settings, "limiter", None), "store", None)
         throttle(target, limits, store)
         return
     if not limits:
