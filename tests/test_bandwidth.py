@@ -14,11 +14,13 @@ from typing import Any, List, Tuple
 
 import pytest
 import pytest_twisted
-from helpers import Harness, UDPReactor, until
+from helpers import SERVER, Harness, UDPReactor, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_limiting import Server
 from test_splice import make_tunnel, needs_splice, queued, recv_exactly
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -33,6 +35,8 @@ from twisted_socks5.bandwidth import (
     update,
 )
 from twisted_socks5.codec import NULL_ADDRESS, Address, UDPDatagram
+from twisted_socks5.rules import RulesFile
+from twisted_socks5.testing import HalfCloseTransport
 from twisted_socks5.tunnel import Tunnel
 from twisted_socks5.udp import UDPAssociation
 
@@ -467,3 +471,68 @@ async def test_splice_lengths_are_bounded_by_the_tokens_granted(
     assert await recv_exactly(t.target, len(payload)) == payload
     assert relay.up.size > MIN_BURST and max(lengths) <= MIN_BURST
     assert t.tunnel.splice is relay and not relay.stopped
+
+
+# --------------------------------------------------------------------------
+# Through the rules file and the limiter
+
+
+def _limited(tmp_path: Any, line: str) -> Tuple[Any, Any]:
+    path = tmp_path / "rules"
+    path.write_text(f"{line}allow user *\n")
+    return path, Server(RulesFile(str(path)))
+
+
+def test_a_rules_line_throttles_a_tunnel_and_a_reload_reaches_it(tmp_path: Any) -> None:
+    path, server = _limited(tmp_path, "limit user * bandwidth 100KB/s per-user\n")
+    client = server.request().connected()
+    meter = client.protocol.tunnel.counters.meter
+    assert meter is not None and meter.buckets[1][0].rate == 100_000
+    assert isinstance(meter.buckets[1][0], LeasedBucket)  # the server's store
+    assert meter.buckets[1][0].key == "user:alice:up"
+    path.write_text("limit user * bandwidth 50KB/s per-user\nallow user *\n")
+    server.factory.reload()
+    assert client.protocol.tunnel.counters.meter is meter
+    assert meter.buckets[1][0].rate == 50_000
+    path.write_text("allow user *\n")
+    server.factory.reload()
+    assert client.protocol.tunnel.counters.meter is None
+
+
+def test_a_tunnel_that_does_not_resume_the_client_is_throttled_too(
+    tmp_path: Any,
+) -> None:
+    """
+    Tunnel.start answers False when the splice relay took over at once or
+    the client's EOF came during the connect: the limit applies all the same.
+    """
+    _, server = _limited(tmp_path, "limit user * bandwidth 100KB/s per-connection\n")
+    client = server.request()
+    client.protocol.readConnectionLost()
+    client.connected()
+    assert client.protocol.tunnel.counters.meter is not None
+
+
+def _associate(server: Server) -> Any:
+    """Alice's UDP ASSOCIATE, in memory: the server protocol."""
+    peer = IPv4Address("TCP", "127.0.0.1", 41000)
+    protocol = server.factory.buildProtocol(peer)
+    protocol.makeConnection(HalfCloseTransport(SERVER, peer))
+    for message in (b"\x05\x01\x02", b"\x01\x05alice\x02pw", b"\x05\x03\x00"):
+        protocol.dataReceived(message)
+    protocol.dataReceived(b"\x01\x00\x00\x00\x00\x00\x00")  # 0.0.0.0:0
+    return protocol
+
+
+def test_a_udp_association_is_throttled_and_a_reload_reaches_it(tmp_path: Any) -> None:
+    path, server = _limited(tmp_path, "limit user * bandwidth 100KB/s per-user\n")
+    client = server.request()  # a CONNECT: the same user's budget
+    client.connected()
+    udp = _associate(server)
+    assert udp.udp is not None and udp.udp.meter is not None
+    # The user's one budget, whatever the command.
+    tunnel_meter = client.protocol.tunnel.counters.meter
+    assert udp.udp.meter.buckets[1][0] is tunnel_meter.buckets[1][0]
+    path.write_text("allow user *\n")
+    server.factory.reload()
+    assert udp.udp.meter is None
