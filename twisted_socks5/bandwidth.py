@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .limitstore import MemoryLimitStore
 from .rules.limit import SCOPES, BandwidthLimit
 
 __all__ = [
@@ -239,7 +240,10 @@ class _Budgets:
 
     def __init__(self, clock: Any, store: Any) -> None:
         self.clock = clock
-        self.store = store
+        #: Leased from, when other processes may share it: the memory
+        #: store's budget would be this process's bucket again, with a
+        #: Deferred per lease.
+        self.store = None if isinstance(store, MemoryLimitStore) else store
         self.buckets: Dict[str, List[Any]] = {}  # key: [bucket, tunnels]
         self.outage = _Outage()
 
@@ -342,43 +346,43 @@ class Meter:
     def set_limits(self, limits: Sequence[Any]) -> None:
         """Use these limits' buckets from now on (shared ones acquired)."""
         old_held = self.held
+        # A reload keeps a tunnel's own buckets (and what they hold).
         own = {
-            _identity(limit): bucket
-            for limit, bucket in zip(self.limits, self._pairs)
+            _identity(limit): pair
+            for limit, pair in zip(self.limits, self._pairs)
             if limit.scope == PER_CONNECTION
         }
-        self.held = []
-        down: List[TokenBucket] = []
-        up: List[TokenBucket] = []
+        held = self.held = []
+        pairs = self._pairs = []
         for limit in limits:
             rate = float(limit.rate_bytes_per_s)
             together = getattr(limit, "directions", EACH) == TOGETHER
-            if limit.scope == PER_CONNECTION:
-                pair = own.get(_identity(limit))
-                if pair is None:
-                    first = TokenBucket(self.clock, rate)
-                    pair = (first, first if together else TokenBucket(self.clock, rate))
-                for bucket in set(pair):
-                    if bucket.rate != rate:
-                        bucket.set_rate(rate)
-            else:
+            if limit.scope != PER_CONNECTION:
                 shared = budgets(self.clock, self.store)
-                keys = (
-                    [f"{limit.key}:both"]
-                    if together
-                    else [
-                        f"{limit.key}:down",
-                        f"{limit.key}:up",
-                    ]
+                key = limit.key
+                if together:
+                    one = shared.acquire(f"{key}:both", rate)
+                    held.append((shared, f"{key}:both"))
+                    pairs.append((one, one))
+                    continue
+                pairs.append(
+                    (
+                        shared.acquire(f"{key}:down", rate),
+                        shared.acquire(f"{key}:up", rate),
+                    )
                 )
-                got = [shared.acquire(k, rate) for k in keys]
-                self.held.extend((shared, k) for k in keys)
-                pair = (got[0], got[-1])
-            down.append(pair[0])
-            up.append(pair[1])
+                held += ((shared, f"{key}:down"), (shared, f"{key}:up"))
+                continue
+            pair = own.get(_identity(limit)) if own else None
+            if pair is None:
+                first = TokenBucket(self.clock, rate)
+                pair = (first, first if together else TokenBucket(self.clock, rate))
+            for bucket in pair:
+                if bucket.rate != rate:
+                    bucket.set_rate(rate)
+            pairs.append(pair)
         self.limits = tuple(limits)
-        self._pairs = list(zip(down, up))
-        self.buckets = [tuple(down), tuple(up)]
+        self.buckets = [tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)]
         for shared, key in old_held:
             shared.release(key)
 
@@ -391,13 +395,15 @@ class Meter:
         ordinary relay has just cross-registered them), and hold a side
         whose bucket is in debt.
         """
-        sources = {DOWN: (outbound_transport, client), UP: (client, outbound_transport)}
-        for way, (source, consumer) in sources.items():
-            gate = _Gate(source, consumer)
+        for way, source, consumer in (
+            (DOWN, outbound_transport, client),
+            (UP, client, outbound_transport),
+        ):
+            gate = self.gates[way] = _Gate(source, consumer)
             consumer.unregisterProducer()
             consumer.registerProducer(gate, True)
-            self.gates[way] = gate
-            self._reopen(way)
+            if any(b.tokens < 0 for b in self.buckets[way]):  # in debt already
+                self._reopen(way)
 
     def moved(self, way: int, n: int) -> None:
         """The copying relay moved ``n`` bytes ``way``: hold it if in debt."""
