@@ -18,7 +18,7 @@ proxy's descriptors are looked at during the transfer: the pipes column
 shows that zero-copy stayed on.
 
 ``--cost`` runs single-stream downloads and uploads (bench.py's) through
-two proxies at once, pinned to the same CPU, taking turns: A with rules that
+two proxies at once, pinned to the same CPU (as duel.py does): A with rules that
 allow the traffic, B with the same rules plus ``limit bandwidth 1TiB/s
 per-user``, which never binds; it prints each round's B/A and the medians.
 Churn with and without the line is ``bench/duel.py . . --b-option=...``
@@ -186,7 +186,9 @@ def cost(args: argparse.Namespace, pin: bench.Pinning, twistd: List[str]) -> int
     if not pin.on:
         raise SystemExit("bandwidth --cost: needs two CPUs and taskset")
     plain = rules_file("allow", ALLOW)
-    never = rules_file("never", f"limit bandwidth 1TiB/s per-user\n{ALLOW}")
+    never = args.b_rules or rules_file(
+        "never", f"limit bandwidth 1TiB/s per-user\n{ALLOW}"
+    )
     servers, ports = bench.start_servers(pin)
     procs: List[bench.Proc] = [servers]
     failed = False
@@ -199,14 +201,17 @@ def cost(args: argparse.Namespace, pin: bench.Pinning, twistd: List[str]) -> int
             for mode, port in modes:
                 ratios: List[float] = []
                 for round_ in range(1, args.rounds + 1):
+                    # At once, as duel.py: whatever slows the machine slows
+                    # both; the one started first takes turns.
                     order = (a, b) if round_ % 2 else (b, a)
-                    got: Dict[str, Any] = {}
+                    runs: Dict[str, Any] = {}
                     for proc in order:
                         cmd = [*pin.load, str(bench.LOADGEN), "-p", str(proc.port)]
                         cmd += ["-t", str(args.duration), mode, str(port)]
-                        out = subprocess.run(cmd, capture_output=True, text=True)
-                        got[proc.name] = json.loads(out.stdout)
-                    ra, rb = got[a.name], got[b.name]
+                        runs[proc.name] = subprocess.Popen(
+                            cmd, stdout=subprocess.PIPE, text=True
+                        )
+                    ra, rb = (json.loads(runs[p.name].communicate()[0]) for p in (a, b))
                     failed = failed or not (ra["ok"] and rb["ok"])
                     ratio = rb["mbps"] / ra["mbps"] if ra["mbps"] else float("nan")
                     ratios.append(ratio)
@@ -238,6 +243,9 @@ def main() -> int:
     parser.add_argument("--cost", action="store_true", help="the cost run instead")
     parser.add_argument("--rounds", type=int, default=5, help="--cost: rounds")
     parser.add_argument("--duration", type=float, default=2.0, help="--cost: seconds")
+    parser.add_argument(
+        "--b-rules", type=Path, help="--cost: B's rules instead (the same as A's: A/A)"
+    )
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args()
     pin = bench.make_pinning(no_pin=args.no_pin)

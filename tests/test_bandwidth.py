@@ -434,6 +434,17 @@ def test_udp_datagrams_over_the_limit_are_dropped_and_counted() -> None:
     assert association.meter is None
 
 
+def test_a_closed_association_releases_its_share_of_a_user_s_budget() -> None:
+    udp_reactor = UDPReactor()
+    association = UDPAssociation(
+        udp_reactor, "127.0.0.1", NULL_ADDRESS, lambda name: defer.succeed([])
+    )
+    throttle(association, [per_user("ivan")])
+    assert "user:ivan:up" in bandwidth.budgets(udp_reactor, None).buckets
+    association.close()
+    assert "user:ivan:up" not in bandwidth.budgets(udp_reactor, None).buckets
+
+
 # --------------------------------------------------------------------------
 # The splice relay, on real loopback sockets
 

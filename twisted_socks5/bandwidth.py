@@ -115,7 +115,15 @@ class TokenBucket:
 
     def charge(self, n: int) -> float:
         """Book ``n`` bytes moved; seconds to wait before moving more (0: none)."""
-        tokens = self.refill() - n
+        # refill(), inlined: this runs per chunk of the copying relay.
+        now = self.clock.seconds()
+        tokens = self.tokens
+        if now > self.stamp:
+            tokens += (now - self.stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self.stamp = now
+        tokens -= n
         self.tokens = tokens
         return 0.0 if tokens >= 0 else -tokens / self.rate
 
@@ -203,6 +211,11 @@ class LeasedBucket(TokenBucket):
 
     def give_back(self, n: int) -> None:
         self.tokens += n  # leased bytes are paid for: never capped away
+
+    def charge(self, n: int) -> float:
+        tokens = self.refill() - n
+        self.tokens = tokens
+        return 0.0 if tokens >= 0 else -tokens / self.rate
 
     def set_rate(self, rate: float) -> None:
         super().set_rate(rate)
@@ -407,11 +420,11 @@ class Meter:
 
     def moved(self, way: int, n: int) -> None:
         """The copying relay moved ``n`` bytes ``way``: hold it if in debt."""
-        delay = 0.0
-        for bucket in self.buckets[way]:
-            wait = bucket.charge(n)
-            if wait > delay:
-                delay = wait
+        buckets = self.buckets[way]
+        if len(buckets) == 1:  # the common case, per chunk
+            delay = buckets[0].charge(n)
+        else:
+            delay = max([b.charge(n) for b in buckets], default=0.0)
         if delay > 0.0:
             gate = self.gates[way]
             if gate is not None:
@@ -462,6 +475,13 @@ class Meter:
     def grant(self, way: int, want: int) -> int:
         """Up to ``want`` bytes from every bucket of ``way`` (0: not now)."""
         buckets = self.buckets[way]
+        if len(buckets) == 1:  # the common case, per splice
+            bucket = buckets[0]
+            grant = min(want, int(bucket.refill()))
+            if grant <= 0 or grant < min(want, bucket.least):
+                return 0
+            bucket.tokens -= grant
+            return grant
         if not buckets:
             return want
         grant = min(want, int(min(b.refill() for b in buckets)))

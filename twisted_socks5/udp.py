@@ -265,6 +265,8 @@ class UDPAssociation:
         if self.closed:
             return
         self.closed = True
+        if self.meter is not None:
+            self.meter.stop()  # its share of a user's budget
         listener, self.client_port_listener = self.client_port_listener, None
         if listener is not None:
             if self._range is None:
