@@ -348,6 +348,8 @@ class Meter:
         #: Shared buckets held, to release: (budgets, key).
         self.held: List[Tuple[_Budgets, str]] = []
         self.gates: List[Optional[_Gate]] = [None, None]
+        #: The copying relay's transports: (the destination's, the client's).
+        self.ends: Optional[Tuple[Any, Any]] = None
         self.timers: List[Any] = [None, None]
         self.waiting: List[Optional[Callable[[], None]]] = [None, None]
         #: The (down, up) buckets of each limit, in ``limits``' order.
@@ -404,19 +406,39 @@ class Meter:
 
     def link(self, outbound_transport: Any, client: Any) -> None:
         """
-        Put a gate between each consumer and the transport feeding it (the
-        ordinary relay has just cross-registered them), and hold a side
-        whose bucket is in debt.
+        The ordinary relay has just cross-registered the two transports:
+        each way gets its gate when its bucket first runs dry (most tunnels
+        never do), at once if in debt already.
         """
-        for way, source, consumer in (
-            (DOWN, outbound_transport, client),
-            (UP, client, outbound_transport),
-        ):
-            gate = self.gates[way] = _Gate(source, consumer)
-            consumer.unregisterProducer()
-            consumer.registerProducer(gate, True)
-            if any(b.tokens < 0 for b in self.buckets[way]):  # in debt already
-                self._reopen(way)
+        self.ends = (outbound_transport, client)
+        self.gates = [None, None]
+        for way in (DOWN, UP):
+            if any(b.tokens < 0 for b in self.buckets[way]):
+                self._hold(way, 0.0)
+
+    def _gate(self, way: int) -> Optional[_Gate]:
+        """Put a gate between ``way``'s consumer and the transport feeding it."""
+        if self.ends is None:
+            return None
+        outbound_transport, client = self.ends
+        source, consumer = (
+            (outbound_transport, client)
+            if way == DOWN
+            else (client, outbound_transport)
+        )
+        if consumer.producer is not source:  # the splice relay or the close has it
+            return None
+        gate = self.gates[way] = _Gate(source, consumer)
+        consumer.unregisterProducer()
+        consumer.registerProducer(gate, True)
+        return gate
+
+    def _hold(self, way: int, delay: float) -> None:
+        """Stop reading ``way`` for ``delay`` seconds (then look again)."""
+        gate = self.gates[way] or self._gate(way)
+        if gate is not None:
+            gate.hold()
+            self._later(way, delay, lambda: self._reopen(way))
 
     def moved(self, way: int, n: int) -> None:
         """The copying relay moved ``n`` bytes ``way``: hold it if in debt."""
@@ -426,10 +448,7 @@ class Meter:
         else:
             delay = max([b.charge(n) for b in buckets], default=0.0)
         if delay > 0.0:
-            gate = self.gates[way]
-            if gate is not None:
-                gate.hold()
-                self._later(way, delay, lambda: self._reopen(way))
+            self._hold(way, delay)
 
     def _reopen(self, way: int) -> None:
         gate = self.gates[way]
@@ -543,6 +562,7 @@ class Meter:
             if timer is not None and timer.active():
                 timer.cancel()
         self.gates = [None, None]
+        self.ends = None
         held, self.held = self.held, []
         for shared, key in held:
             shared.release(key)
