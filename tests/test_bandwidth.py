@@ -553,3 +553,20 @@ def test_a_udp_association_is_throttled_and_a_reload_reaches_it(tmp_path: Any) -
     path.write_text("allow user *\n")
     server.factory.reload()
     assert udp.udp.meter is None
+
+
+def test_a_gate_let_go_of_touches_its_transport_no_more() -> None:
+    """After a hand-over to the splice relay, a late timer must not pause
+    or resume a socket the splice relay reads (the reactor keys by fd)."""
+    h, tunnel, _, out, meter = throttled(per_connection())
+    h.send(b"u" * (MIN_BURST + 1000))
+    gate = out.producer
+    assert isinstance(gate, bandwidth._Gate) and h.transport.producerState == "paused"
+    out.unregisterProducer()  # what the hand-over does
+    h.transport.resumeProducing()  # the splice relay's business now
+    gate.hold()
+    h.reactor.advance(1)
+    assert h.transport.producerState == "producing"
+    h.transport.pauseProducing()
+    gate.release()
+    assert h.transport.producerState == "paused"

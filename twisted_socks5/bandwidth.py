@@ -327,11 +327,14 @@ class _Gate:
 
     def hold(self) -> None:
         self.held = True
-        self.source.pauseProducing()
+        # Not once the splice relay or the close took the transports over:
+        # the reactor knows a socket by its descriptor, and stopReading()
+        # would unregister the splice relay's reader.
+        if self.consumer.producer is self:
+            self.source.pauseProducing()
 
     def release(self) -> None:
         self.held = False
-        # Not once the splice relay or the close took the transports over.
         if not self.paused and self.consumer.producer is self:
             self.source.resumeProducing()
 
