@@ -64,15 +64,22 @@ def start_proxy(
 
 
 def pipes(pid: int) -> int:
-    """Pipe descriptors ``pid`` holds (the splice relay's: two per direction)."""
+    """
+    Pipe descriptors ``pid`` and its children (``--workers``) hold (the
+    splice relay's: two per direction).
+    """
     count = 0
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
+    for process in bench.process_tree(pid):
         try:
-            if os.readlink(fd).startswith("pipe:"):
-                count += 1
+            fds = list(Path(f"/proc/{process}/fd").iterdir())
         except OSError:
-            pass
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd).startswith("pipe:"):
+                    count += 1
+            except OSError:
+                pass
     return count
 
 
@@ -140,11 +147,13 @@ def rate_check(args: argparse.Namespace, pin: bench.Pinning, twistd: List[str]) 
     print(header, flush=True)
     try:
         for relay, flags in (("copying", ["--no-splice"]), ("splice", [])):
-            for scope, tunnels in (("per-connection", 1), ("per-user", 2)):
+            for scope, tunnels in (("per-connection", 1), ("per-user", args.tunnels)):
                 rules = rules_file(
                     f"{relay}-{scope}", f"limit bandwidth {limit} {scope}\n{ALLOW}"
                 )
-                proxy = start_proxy(f"{relay}-{scope}", twistd, pin.proxy, rules, flags)
+                proxy = start_proxy(
+                    f"{relay}-{scope}", twistd, pin.proxy, rules, flags + args.option
+                )
                 procs.append(proxy)
                 baseline = pipes(proxy.pid)
                 for direction in ("download", "upload"):
@@ -240,6 +249,15 @@ def main() -> int:
         "--bytes", type=int, default=10 * MIB, help="bytes per run (10 MiB)"
     )
     parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument(
+        "--tunnels", type=int, default=2, help="per-user tunnels at once (2)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="a server option for the rate check, e.g. --option=--workers=2 (repeat)",
+    )
     parser.add_argument("--cost", action="store_true", help="the cost run instead")
     parser.add_argument("--rounds", type=int, default=5, help="--cost: rounds")
     parser.add_argument("--duration", type=float, default=2.0, help="--cost: seconds")
