@@ -5,7 +5,7 @@ line), canonical rendering and round trips, and garbage.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 from hypothesis import example, given
@@ -254,3 +254,33 @@ def test_slots_say_which_lines_compete() -> None:
         "quota month",
     ]
     assert _first(rules, "rate") is rules.limits[3]
+
+
+def test_which_lines_apply_to_a_request() -> None:
+    from twisted_socks5.codec import Address, Command
+
+    rules = RuleSet.parse(
+        "limit to 10.0.0.0/8 sessions 1\n"
+        "limit to .example.com rate 5/1s\n"
+        "limit user bob sessions 9\n"
+        "limit via tor quota 1GiB/day\n"
+        "allow user *\n"
+    )
+    name = Address.from_host("example.com", 80)
+    ip = Address.from_host("192.0.2.1", 80)
+
+    def kinds(destination: Address, user: str = "alice", via: Any = None) -> list:
+        lines = rules.limits_for("127.0.0.1", user, Command.CONNECT, destination, via)
+        return [(line.kind, line.line) for line in lines]
+
+    # A name is not resolved yet: the network line applies (the stricter way).
+    assert kinds(name) == [("sessions", 1), ("rate", 2)]
+    assert kinds(ip, "bob") == [("sessions", 3)]
+    assert kinds(ip) == []
+    assert kinds(ip, via="tor") == [("quota", 4)]
+    assert (
+        RuleSet.parse("allow user *\n").limits_for(
+            "127.0.0.1", "a", Command.CONNECT, ip
+        )
+        == ()
+    )

@@ -220,6 +220,12 @@ class DownStore(MemoryLimitStore):
     def quota_used(self, key: str, period: str) -> defer.Deferred[int]:
         return self._maybe(super().quota_used, key, period)
 
+    def close_session(self, key: str) -> defer.Deferred[None]:
+        return self._maybe(super().close_session, key)
+
+    def add_usage(self, key: str, period: str, nbytes: int) -> defer.Deferred[int]:
+        return self._maybe(super().add_usage, key, period, nbytes)
+
 
 @pytest.mark.parametrize("line", ["sessions 5", "quota 1GiB/day"])
 def test_store_down_closed_refuses(line: str, events: Any) -> None:
@@ -410,3 +416,77 @@ def test_anonymous_clients_count_by_address() -> None:
         replies.append(transport.value()[1:2])
     assert replies == [b"", b"\x02"]
     assert factory.limiter.store.sessions == {"client:127.0.0.1": 1}
+
+
+def test_udp_associations_and_binds_hold_a_session_while_open() -> None:
+    server = Server("limit user alice sessions 2\nallow user *\n")
+    clients = []
+    for command in (b"\x03", b"\x02", b"\x03"):
+        server.clients += 1
+        peer = IPv4Address("TCP", "127.0.0.1", 41000 + server.clients)
+        protocol = server.factory.buildProtocol(peer)
+        transport = HalfCloseTransport(SERVER, peer)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"\x05\x01\x02\x01\x05alice\x02pw")
+        transport.clear()
+        protocol.dataReceived(b"\x05" + command + b"\x00\x01\x00\x00\x00\x00\x00\x00")
+        clients.append(Client(server, protocol, transport))
+    udp, bind, refused = clients
+    assert udp.reply == 0 and udp.protocol.udp is not None
+    assert bind.reply == 0  # BIND's first reply: listening
+    assert refused.reply == 2
+    assert server.store.sessions == {"user:alice": 2}  # type: ignore[attr-defined]
+    udp.close()
+    bind.close()
+    assert server.store.sessions == {}  # type: ignore[attr-defined]
+
+
+def test_a_quota_reached_exactly_is_used_up() -> None:
+    server = Server("limit user alice quota 1000B/hour\nallow user *\n")
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 1000
+    client.close()
+    assert server.request().reply == 2
+
+
+def test_a_live_tunnel_reaching_its_quota_exactly_is_cut() -> None:
+    server = Server("limit user alice quota 1000B/hour\nallow user *\n")
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 999
+    server.reactor.advance(5)
+    assert not client.transport.disconnecting
+    client.protocol.counters.bytes_down += 1
+    server.reactor.advance(5)
+    assert client.transport.disconnecting
+
+
+def test_a_store_down_at_close_and_flush_is_logged_once(events: Any) -> None:
+    store = DownStore(UDPReactor())
+    server = Server(
+        "limit user * sessions 5\nlimit user * quota 1GiB/day\nallow user *\n", store
+    )
+    clients = [server.request().connected() for _ in range(2)]
+    store.down = True
+    for client in clients:
+        client.protocol.counters.bytes_up += 10
+    server.reactor.advance(5)
+    for client in clients:
+        client.close()
+    down = [e for e in events if e.get("event") == "socks5.limits_store_down"]
+    assert len(down) == 1
+    assert server.limiter.live == set()
+
+
+def test_bytes_a_failed_flush_did_not_add_are_sent_again() -> None:
+    store = DownStore(UDPReactor())
+    server = Server("limit user * quota 1GiB/day\nallow user *\n", store)
+    client = server.request().connected()
+    client.protocol.counters.bytes_up += 10
+    store.down = True
+    server.reactor.advance(5)
+    client.protocol.counters.bytes_up += 5
+    server.reactor.advance(5)
+    store.down = False
+    client.protocol.counters.bytes_down += 1
+    client.close()
+    assert list(store.usage.values())[0][1] == 16

@@ -78,7 +78,7 @@ class Held:
     (released once, at close), its quotas and the bytes already reported.
     """
 
-    __slots__ = ("who", "session", "quotas", "reported", "bandwidth")
+    __slots__ = ("who", "session", "quotas", "reported", "bandwidth", "unsent")
 
     def __init__(self, who: str) -> None:
         #: The store key of whom the limits count (``user:NAME``, ``client:IP``).
@@ -88,6 +88,8 @@ class Held:
         self.quotas: Tuple[LimitLine, ...] = ()
         self.bandwidth: Tuple[LimitLine, ...] = ()
         self.reported = 0
+        #: Bytes a failed store call did not add, by period (sent again).
+        self.unsent: Dict[str, int] = {}
 
 
 def _bytes_of(ctx: Any) -> int:
@@ -199,34 +201,67 @@ class Limiter:
             steps.append(functools.partial(self._quota, who, quota))
         for sessions in by_kind.get("sessions", ()):
             steps.append(functools.partial(self._session, held, sessions))
-        answered: List[bool] = []
+        self._run(ctx, held, steps, proceed)
 
-        def step(refusal: Optional[str]) -> Any:
-            if refusal is not None or not steps:
-                return refusal
-            return steps.pop(0)().addCallback(step)
-
-        def decided(refusal: Optional[str]) -> None:
-            answered.append(True)
-            if ctx.closing:  # the client left while the store answered
-                self._release(held)
+    def _run(
+        self,
+        ctx: Any,
+        held: Held,
+        steps: List[Callable[[], defer.Deferred[Optional[str]]]],
+        proceed: Callable[[], None],
+    ) -> None:
+        """
+        The checks in order, the first refusal ending them.  A store that
+        answers at once (the memory store) runs them in this call, without
+        chaining Deferreds; one that answers later holds the request.
+        """
+        while steps:
+            box: List[Any] = []
+            d = steps.pop(0)().addBoth(box.append)
+            if not box:
+                ctx.hold()  # a remote store: stop parsing until it answers
+                d.addCallback(self._resumed, box, ctx, held, steps, proceed)
+                d.addErrback(self._unexpected, ctx, held)
                 return
-            if refusal is not None:
-                self._release(held)
-                ctx.deny(refusal)
+            if not self._go_on(box[0], ctx, held):
                 return
-            if held.session is not None or held.quotas or held.bandwidth:
-                held.reported = _bytes_of(ctx)
-                ctx.limited = held
-                self.live.add(ctx)
-            proceed()
+        self._decided(ctx, held, proceed)
 
-        d = step(None)
-        if not isinstance(d, defer.Deferred):
-            d = defer.succeed(d)
-        d.addCallback(decided).addErrback(self._unexpected, ctx, held)
-        if not answered:
-            ctx.hold()  # a remote store: stop parsing until it answers
+    def _resumed(
+        self,
+        _: None,
+        box: List[Any],
+        ctx: Any,
+        held: Held,
+        steps: List[Callable[[], defer.Deferred[Optional[str]]]],
+        proceed: Callable[[], None],
+    ) -> None:
+        if self._go_on(box[0], ctx, held):
+            self._run(ctx, held, steps, proceed)
+
+    def _go_on(self, outcome: Any, ctx: Any, held: Held) -> bool:
+        """Whether the checks go on after one answered ``outcome``."""
+        if isinstance(outcome, Failure):
+            self._unexpected(outcome, ctx, held)
+            return False
+        if ctx.closing:  # the client left while the store answered
+            self._release(held)
+            return False
+        if outcome is not None:
+            self._release(held)
+            ctx.deny(outcome)
+            return False
+        return True
+
+    def _decided(self, ctx: Any, held: Held, proceed: Callable[[], None]) -> None:
+        if ctx.closing:
+            self._release(held)
+            return
+        if held.session is not None or held.quotas or held.bandwidth:
+            held.reported = _bytes_of(ctx)
+            ctx.limited = held
+            self.live.add(ctx)
+        proceed()
 
     def _unexpected(self, failure: Failure, ctx: Any, held: Held) -> None:
         self.log.failure("checking the limits failed", failure)
@@ -356,15 +391,11 @@ class Limiter:
     def _release(self, held: Held) -> None:
         key, held.session = held.session, None
         if key is not None:
-            self.store.close_session(key).addErrback(self._release_failed, key)
+            self.store.close_session(key).addErrback(self._release_failed)
 
-    def _release_failed(self, failure: Failure, key: str) -> None:
-        failure.trap(LimitStoreUnavailable)
-        self.log.warn(
-            "could not release a session of {who}: the limits store is unavailable",
-            who=escape(key),
-            event="socks5.limits_release_failed",
-        )
+    def _release_failed(self, failure: Failure) -> None:
+        # A shared store's sessions are leases that expire by themselves.
+        self._store_failed(failure, "sessions")
 
     # -- quotas of live tunnels -----------------------------------------
 
@@ -379,14 +410,27 @@ class Limiter:
         if not held.quotas:
             return
         total = _bytes_of(ctx)
-        delta = total - held.reported
+        delta = max(0, total - held.reported)
         held.reported = total
         for line in held.quotas:
-            d = self.store.add_usage(held.who, line.period, max(0, delta))
-            d.addCallbacks(self._used, self._usage_failed, (held.who, line))
+            nbytes = delta + held.unsent.pop(line.period, 0)
+            self._add(held, line, nbytes)
 
-    def _usage_failed(self, failure: Failure) -> None:
+    def _add(self, held: Held, line: LimitLine, nbytes: int) -> None:
+        """Add ``nbytes`` to ``held``'s usage of ``line``'s period, then check it."""
+        d = self.store.add_usage(held.who, line.period, nbytes)
+        d.addCallbacks(
+            self._used,
+            self._usage_failed,
+            callbackArgs=(held.who, line),
+            errbackArgs=(held, line, nbytes),
+        )
+
+    def _usage_failed(
+        self, failure: Failure, held: Held, line: LimitLine, nbytes: int
+    ) -> None:
         self._store_failed(failure, "quota")
+        held.unsent[line.period] = held.unsent.get(line.period, 0) + nbytes
 
     def _used(self, total: int, who: str, line: LimitLine) -> None:
         self._store_answered()
@@ -454,8 +498,7 @@ class Limiter:
 
     def _check_quotas(self, held: Held) -> None:
         for line in held.quotas:
-            d = self.store.add_usage(held.who, line.period, 0)
-            d.addCallbacks(self._used, self._usage_failed, (held.who, line))
+            self._add(held, line, 0)
 
     def _update_bandwidth(self, tunnel: Any, limits: List[BandwidthLimit]) -> None:
         bandwidth = _bandwidth()

@@ -137,6 +137,7 @@ class MemoryLimitStore:
         #: (key, period) -> [period start, bytes used]
         self.usage: Dict[Tuple[str, str], List[int]] = {}
         self.buckets: Dict[str, _Bucket] = {}
+        self._periods: Dict[str, Tuple[int, int]] = {}
         self._dirty = False
         self._save_failing = False
         self._loops: List[task.LoopingCall] = []
@@ -176,8 +177,16 @@ class MemoryLimitStore:
 
     # quotas
 
+    def _start(self, period: str) -> int:
+        """The start of the current ``period`` (computed once per period)."""
+        now = self.clock.seconds()
+        bounds = self._periods.get(period)
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            bounds = self._periods[period] = period_bounds(period, now)
+        return bounds[0]
+
     def _slot(self, key: str, period: str) -> List[int]:
-        start, _ = period_bounds(period, self.clock.seconds())
+        start = self._start(period)
         slot = self.usage.get((key, period))
         if slot is None or slot[0] != start:
             slot = [start, 0]
@@ -192,7 +201,7 @@ class MemoryLimitStore:
         return defer.succeed(slot[1])
 
     def quota_used(self, key: str, period: str) -> Deferred[int]:
-        start, _ = period_bounds(period, self.clock.seconds())
+        start = self._start(period)
         slot = self.usage.get((key, period))
         return defer.succeed(slot[1] if slot is not None and slot[0] == start else 0)
 

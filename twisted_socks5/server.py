@@ -382,7 +382,11 @@ class SOCKS5ServerFactory(Factory):
     limiter: Any = None
 
     def enable_limits(self, store: Any, **settings: Any) -> Any:
-        """Enforce the rules' ``limit`` lines with ``store`` (an ILimitStore)."""
+        """
+        Enforce the rules' ``limit`` lines with ``store`` (an ILimitStore);
+        ``start()`` the limiter returned (``twistd socks5`` does) to load the
+        store and count live tunnels' bytes, ``stop()`` it to save.
+        """
         from .limiting import Limiter
 
         self.limiter = Limiter(self, store, **settings)
