@@ -227,6 +227,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             if failed is not None:
                 tunnel.target_failed(str(failed.strerror))  # type: ignore[union-attr]
                 return
+            if counters.meter is not None:
+                counters.meter.moved(1, len(data))  # bandwidth.UP
             if counters.due_for_splice():
                 tunnel.hand_over_to_splice()  # type: ignore[union-attr]
             return
@@ -433,9 +435,10 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         tunnel = self.tunnel = Tunnel(
             self.factory, self.transport, peer, self.counters, self._client_eof
         )
-        if tunnel.start(early, self.factory.reactor.seconds()):
-            if self.limited is not None:
-                self.factory.limiter.tunnel_started(self, tunnel)
+        started = tunnel.start(early, self.factory.reactor.seconds())
+        if self.limited is not None:  # also when the splice relay took over
+            self.factory.limiter.tunnel_started(self, tunnel)
+        if started:
             self.unwait(None)
             if self.counters.due_for_splice():  # early data alone may be enough
                 tunnel.hand_over_to_splice()
@@ -446,6 +449,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._buffer.clear()
         watch_association(self)
+        if self.limited is not None and self.udp is not None:
+            self.factory.limiter.tunnel_started(self, self.udp)  # bandwidth
 
     def check_activity(self, now: float) -> None:
         """The watch looks at a UDP association (tunnels: Tunnel's)."""

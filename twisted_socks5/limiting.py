@@ -511,7 +511,7 @@ class Limiter:
                 bandwidth,
             )
             self._check_quotas(held)
-            tunnel = getattr(ctx, "tunnel", None)
+            tunnel = getattr(ctx, "tunnel", None) or getattr(ctx, "udp", None)
             if tunnel is not None and (bandwidth or old_bandwidth):
                 self._update_bandwidth(tunnel, self.bandwidth_limits(ctx, held))
 
