@@ -3,6 +3,7 @@
 Judge a change by churn: two builds of the server on one core, at once.
 
     python bench/duel.py OLD_TREE NEW_TREE [--rounds 3] [-- SERVER OPTIONS...]
+    python bench/duel.py . . --a-option=--rules=A --b-option=--rules=B
 
 Full benchmark runs on a shared or virtual machine move by 15-25 % from one
 run to the next, more than most changes are worth.  Here both builds run
@@ -61,6 +62,13 @@ def main() -> int:
     parser.add_argument("new", type=Path, help="tree B (the change)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds a round")
+    parser.add_argument(
+        "--a-option",
+        action="append",
+        default=[],
+        help="an option for A's server only, e.g. --a-option=--rules=FILE (repeat)",
+    )
+    parser.add_argument("--b-option", action="append", default=[], help="B's only")
     argv = sys.argv[1:]
     extra: List[str] = []
     if "--" in argv:  # what follows goes to both servers
@@ -76,9 +84,9 @@ def main() -> int:
     procs: List[bench.Proc] = [servers]
     failed = False
     try:
-        a = proxy("a", args.old.resolve(), twistd, pin.proxy, extra)
+        a = proxy("a", args.old.resolve(), twistd, pin.proxy, extra + args.a_option)
         procs.append(a)
-        b = proxy("b", args.new.resolve(), twistd, pin.proxy, extra)
+        b = proxy("b", args.new.resolve(), twistd, pin.proxy, extra + args.b_option)
         procs.append(b)
         ratios: List[float] = []
         for round_ in range(1, args.rounds + 1):

@@ -81,6 +81,10 @@ API_MODULES = [
     "tunnel",
     "relay",
     "httpproxy",
+    "limitstore",
+    "limiting",
+    "redisstore",
+    "resp",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.

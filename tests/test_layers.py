@@ -15,7 +15,7 @@ import twisted_socks5
 PACKAGE = pathlib.Path(twisted_socks5.__file__).parent
 
 #: Sans-IO: they parse and decide, the Twisted layer moves the bytes.
-SANS_IO = ("codec", "handshake", "addresses", "socks4")
+SANS_IO = ("codec", "handshake", "addresses", "socks4", "resp")
 
 
 def _module_name(path: pathlib.Path) -> str:

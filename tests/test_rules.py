@@ -159,7 +159,7 @@ def test_empty_file_denies_everything() -> None:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ("permit", "expected 'allow', 'deny' or 'default', not 'permit'"),
+        ("permit", "expected 'allow', 'deny', 'limit' or 'default', not 'permit'"),
         ("allow form 10.0.0.0/8", "unknown condition 'form'"),
         ("allow from", "'from' needs a value"),
         ("allow to 10.0.0.0/8 port", "'port' needs a value"),

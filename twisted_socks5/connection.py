@@ -59,7 +59,7 @@ from .codec import (
     Request,
 )
 from .commands import handler_for
-from .commands.base import local_host
+from .commands.base import ICommandHandler, local_host
 from .handshake import (
     AuthContinue,
     Authenticated,
@@ -133,6 +133,9 @@ class Server(AssociationSettings, Protocol):
 
     def take_over_http(self, connection: Any, data: bytes) -> None:
         """Hand a client that speaks HTTP to the HTTP proxy (httpproxy.py)."""
+
+    #: Its :class:`~twisted_socks5.limiting.Limiter`, when it has rules.
+    limiter: Any
 
     def select_authenticator(
         self, offered: Sequence[int]
@@ -213,6 +216,9 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     #: What the client speaks (see :data:`PROTOCOLS`): set only when it is
     #: not SOCKS5, once its first byte said so.
     protocol = "socks5"
+    #: What it holds in the rules' limits (a ``limiting.Held``): set only
+    #: when a limit line applied to its request.
+    limited: Any = None
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
@@ -251,6 +257,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             if failed is not None:
                 tunnel.target_failed(str(failed.strerror))  # type: ignore[union-attr]
                 return
+            if counters.meter is not None:
+                counters.meter.moved(1, len(data))  # bandwidth.UP
             if counters.due_for_splice():
                 tunnel.hand_over_to_splice()  # type: ignore[union-attr]
             return
@@ -316,6 +324,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
             d.cancel()
         if self.tunnel is not None:
             self.tunnel.close(reason)
+        if self.limited is not None:
+            self.factory.limiter.closed(self)
         self.factory.connection_closed(self, reason)
 
     def timeoutConnection(self) -> None:
@@ -402,6 +412,16 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         handler = handler_for(self, request)
         if handler is None:
             return
+        limiter = self.factory.limiter
+        if limiter is not None and limiter.active:
+            limiter.admit(
+                self, request, handler, lambda: self._dispatch(handler, request)
+            )
+            return
+        self._dispatch(handler, request)
+
+    def _dispatch(self, handler: ICommandHandler, request: Request) -> None:
+        """Run the command (the rules and the limits allowed it)."""
         if handler.phase is not None:
             self.state = _PHASES[handler.phase]
             # The client has done its part; the command's own timeouts bound
@@ -469,7 +489,10 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         tunnel = self.tunnel = Tunnel(
             self.factory, self.transport, peer, self.counters, self._client_eof
         )
-        if tunnel.start(early, self.factory.reactor.seconds()):
+        started = tunnel.start(early, self.factory.reactor.seconds())
+        if self.limited is not None:  # also when the splice relay took over
+            self.factory.limiter.tunnel_started(self, tunnel)
+        if started:
             self.unwait(None)
             if self.counters.due_for_splice():  # early data alone may be enough
                 tunnel.hand_over_to_splice()
@@ -480,6 +503,8 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._buffer.clear()
         watch_association(self)
+        if self.limited is not None and self.udp is not None:
+            self.factory.limiter.tunnel_started(self, self.udp)  # bandwidth
 
     def check_activity(self, now: float) -> None:
         """The watch looks at a UDP association (tunnels: Tunnel's)."""

@@ -7,6 +7,7 @@ clients reaching the proxy host itself.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 from functools import partial
 from typing import Any, Callable, Optional, Sequence
@@ -133,3 +134,64 @@ def protected_host(
     if not any(exposed(d) for d in listen):
         return None
     return host or default_host()
+
+
+def check_limits_store(options: Any) -> None:
+    """
+    The rules' limits and their store agree with the rest of the options:
+    never split a per-user limit between worker processes that each count
+    their own share (``--workers`` needs a shared store), and a Redis store
+    needs its module.
+    """
+    store = options["limits-store"]
+    policy = options.policy
+    if store == "memory":
+        if options["workers"] > 1 and getattr(policy, "limits", ()):
+            raise usage.UsageError(
+                f"--rules has limit lines, which --workers {options['workers']} "
+                "would split: each process would count only its own sessions, "
+                "requests and bytes, letting a user have up to "
+                f"{options['workers']} times a limit.  Share the counters "
+                "with --limits-store redis://HOST:PORT/DB (see docs/limits.rst)."
+            )
+        return
+    if options["state-file"]:
+        raise usage.UsageError(
+            "--state-file is for --limits-store memory (Redis keeps the usage)"
+        )
+    try:
+        redisstore = importlib.import_module("twisted_socks5.redisstore")
+    except ImportError as e:
+        raise usage.UsageError(
+            f"--limits-store {store.split('://')[0]}://: the Redis store "
+            f"(twisted_socks5.redisstore) cannot be loaded: {e}"
+        ) from None
+    try:  # i14-redis: the URL's parameters and CA file, at start
+        redisstore.check_url(store)
+    except ValueError as e:
+        raise usage.UsageError(f"--limits-store: {e}") from None
+
+
+def refuse_split_limits_on_reload(policy: Any, store: str) -> None:
+    """
+    In a worker process with the memory store: a rules file reloaded with
+    ``limit`` lines is refused (the rules in force stay), as it would be at
+    start, since each worker would count only its own share.
+    """
+    if store != "memory" or not isinstance(policy, RulesFile):
+        return
+    before = policy.guard
+
+    def guard(rules: RuleSet) -> None:
+        if before is not None:
+            before(rules)
+        if rules.limits:
+            raise RulesError(
+                "limit lines with --workers need a shared store "
+                "(--limits-store redis://HOST:PORT/DB): each worker would "
+                "count only its own share",
+                rules.source,
+                rules.limits[0].line,
+            )
+
+    policy.guard = guard

@@ -58,6 +58,7 @@ from .commands import handler_for
 from .connection import EARLY_DATA_PAUSE, SOCKS5ServerProtocol, State
 from .handshake import MAX_EARLY_DATA
 from .interfaces import AuthResult
+from .limiting import within_limits
 from .logs import escape_word
 from .relay import OutboundProtocol, RelayCounters
 from .udp import UDPAssociation
@@ -716,7 +717,7 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         if request.method == b"CONNECT":
             handler = handler_for(self, socks)
             if handler is not None:
-                handler.handle(self, socks)
+                within_limits(self, socks, handler, lambda: handler.handle(self, socks))
             return
         _Forward(self, request, socks, path).start()
 
@@ -848,6 +849,8 @@ class _Forward:
     protocol = "http"
     udp: Optional[UDPAssociation] = None
     udp_counted = False
+    #: What it holds in the rules' limits (see ``limiting.Held``).
+    limited: Any = None
     binding: Any = None
     peer: Optional[Address] = None
     request: Optional[Request]
@@ -982,8 +985,17 @@ class _Forward:
         d = self.connected = defer.Deferred(cancel)
         handler = handler_for(self, self.socks)
         if handler is not None:
-            handler.handle(self, self.socks)
+            socks = self.socks
+            within_limits(self, socks, handler, lambda: handler.handle(self, socks))
+            if self.limited is not None:
+                # Its session, and its bytes for the quotas, end with it.
+                self.http.notifyFinish().addBoth(self._limits_done)
         return d
+
+    def _limits_done(self, result: Any) -> None:
+        limiter = self.factory.limiter
+        if limiter is not None:
+            limiter.closed(self)
 
     def start(self) -> None:
         request = self.http

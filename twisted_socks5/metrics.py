@@ -87,6 +87,19 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.limit_refusals = prom.Counter(
+            "socks5_limit_refusals",
+            "Requests refused by a limit line (sessions, rate, quota) or "
+            "because the limits store was unavailable (store).",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.limit_refusals_by_user = prom.Counter(
+            "socks5_limit_refusals_by_user",
+            "socks5_limit_refusals by user ('-': anonymous), with --metrics-per-user.",
+            ["limit", "user"],
+            registry=self.registry,
+        )
         self.auth_failures = prom.Counter(
             "socks5_auth_failures",
             "Failed authentications.",
@@ -132,6 +145,12 @@ class Metrics:
 
     def refused_connection(self, reason: str) -> None:
         self.refused.labels(reason).inc()
+
+    def limit_refused(self, limit: str, user: Optional[str] = None) -> None:
+        """A request refused by ``limit``; by user too when ``user`` is given."""
+        self.limit_refusals.labels(limit).inc()
+        if user is not None:
+            self.limit_refusals_by_user.labels(limit, user).inc()
 
     def auth_failed(self) -> None:
         self.auth_failures.inc()

@@ -32,7 +32,7 @@ from .auth import (
 )
 from .codec import Command
 from .connection import PROTOCOLS
-from .exposure import refuse_open_relay
+from .exposure import check_limits_store, refuse_open_relay
 from .interfaces import IAuthenticator, IAuthenticatorFactory
 from .limits import DEFAULT_IPV6_CLIENT_PREFIX
 from .outgoing import ROTATIONS, OutgoingAddresses, check_on_host
@@ -234,6 +234,18 @@ def _with_named_errors(specs: List[List[Any]]) -> List[List[Any]]:
 
 
 #: ``usage.Options.optParameters``: name, short, default, help, value check.
+def _limits_store(text: str) -> str:
+    from .limiting import parse_store_url
+
+    return parse_store_url(text)
+
+
+def _store_failure_mode(text: str) -> str:
+    if text not in ("open", "closed"):
+        raise ValueError(f"open or closed, not {text!r}")
+    return text
+
+
 _PARAMETERS: List[List[Any]] = [
     [
         "handshake-timeout",
@@ -474,6 +486,33 @@ _PARAMETERS: List[List[Any]] = [
         "each client's first byte tells which it speaks.",
         _protocols,
     ],
+    # i14-core: the counters of the rules' limit lines.
+    [
+        "limits-store",
+        None,
+        "memory",
+        "Where the rules' limit lines keep their counters: memory (this "
+        "process; quota usage saved to --state-file), or redis://HOST:PORT/DB "
+        "or rediss://HOST:PORT/DB (TLS), shared by every process using it.",
+        _limits_store,
+    ],
+    [
+        "state-file",
+        None,
+        None,
+        "With --limits-store memory: the file quota usage is saved to "
+        "(atomically, every few seconds and at stop) and read at start, so "
+        "quotas survive a restart (default: kept in memory only).",
+    ],
+    [
+        "limits-on-store-failure",
+        None,
+        "closed",
+        "When the limits store cannot answer: closed refuses requests that a "
+        "sessions or quota line applies to (0x02), open lets them through; "
+        "rate lines let requests through either way.",
+        _store_failure_mode,
+    ],
 ]
 
 
@@ -520,6 +559,13 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "Relay UDP datagrams to a client from addresses it never sent to "
             "(needed by some NAT traversal); by default they are dropped.",
+        ],
+        # i14-core
+        [
+            "metrics-per-user",
+            None,
+            "Label --metrics' limit refusals by user too (one series per user "
+            "refused: use it when the users are few).",
         ],
     ]
 
@@ -695,6 +741,7 @@ class Options(usage.Options, AuthOptionMixin):
                     f"--rules: 'via {unknown[0]}' names no --upstream "
                     f"{unknown[0]}=URL or --outgoing {unknown[0]}=ADDRESS"
                 )
+        check_limits_store(self)
         _check_outgoing(self["outgoing"], self["upstreams"])
         if isinstance(self["commands"], str):
             self["commands"] = _commands(self["commands"])

@@ -56,6 +56,7 @@ class RelayCounters:
         "down_closed",
         "active",
         "splice_at",
+        "meter",
     )
 
     def __init__(self) -> None:
@@ -68,6 +69,9 @@ class RelayCounters:
         #: Bytes (both ways) after which the tunnel asks to be handed over
         #: to the zero-copy relay; infinite when it must not or already did.
         self.splice_at: float = NEVER
+        #: The bandwidth limits' ``bandwidth.Meter``,
+        #: ``None`` (the common case) when none applies.
+        self.meter: Any = None
 
     def due_for_splice(self) -> bool:
         """Whether the tunnel has just passed ``splice_at`` (True only once)."""
@@ -138,6 +142,9 @@ class OutboundProtocol(Protocol):
         peer.registerProducer(self.transport, True)
         self.transport.registerProducer(peer, True)
         self.transport.resumeProducing()
+        meter = tunnel.counters.meter
+        if meter is not None:  # bandwidth limits: gates between the two
+            meter.link(self.transport, peer)
 
     def dataReceived(self, data: bytes) -> None:
         counters = self.counters
@@ -147,6 +154,8 @@ class OutboundProtocol(Protocol):
         counters.active = True
         if write_now(self.peer, data) is not None:
             return  # the client is gone (reset): its transport is aborting
+        if counters.meter is not None:
+            counters.meter.moved(0, len(data))  # bandwidth.DOWN
         if counters.due_for_splice() and self.tunnel is not None:
             self.tunnel.hand_over_to_splice()
 

@@ -362,9 +362,12 @@ class SOCKS5ServerFactory(Factory):
         (plugins included), the credential checkers behind them, and the
         name resolver.
         """
-        return reloadables(
+        found = reloadables(
             self.protect_host, self.policy, self.authenticators, self.resolver
         )
+        if self.limiter is not None:
+            found.append(self.limiter)  # after the rules: their new limits
+        return found
 
     def reload(self) -> None:
         """
@@ -403,6 +406,20 @@ class SOCKS5ServerFactory(Factory):
     def check_ended(self, ip: str) -> None:
         """Deprecated: ``admission.check_ended``."""
         self.admission.check_ended(ip)
+
+    #: The rules' limit lines' enforcement (see :meth:`enable_limits`).
+    limiter: Any = None
+
+    def enable_limits(self, store: Any, **settings: Any) -> Any:
+        """
+        Enforce the rules' ``limit`` lines with ``store`` (an ILimitStore);
+        ``start()`` the limiter returned (``twistd socks5`` does) to load the
+        store and count live tunnels' bytes, ``stop()`` it to save.
+        """
+        from .limiting import Limiter
+
+        self.limiter = Limiter(self, store, **settings)
+        return self.limiter
 
     def enable_metrics(self, registry: Any = None) -> Metrics:
         """Start counting for Prometheus (needs ``prometheus_client``)."""

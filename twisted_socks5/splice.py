@@ -452,6 +452,8 @@ class SpliceRelay:
         if self.stopped or d.done:
             return
         counters = self.counters
+        meter = counters.meter  # bandwidth limits, if any
+        waiting = False
         splice, flags = _SPLICE, _FLAGS
         failed_end = d.dst
         try:
@@ -468,7 +470,13 @@ class SpliceRelay:
                     break
                 else:
                     failed_end = d.src
-                    n = splice(d.src.fd, d.pipe_w, d.size, None, None, flags)
+                    if meter is None:
+                        n = splice(d.src.fd, d.pipe_w, d.size, None, None, flags)
+                    else:
+                        n = meter.splice(self, d, splice, flags)
+                        if n < 0:  # no tokens: the meter pumps again later
+                            waiting = True
+                            break
                     if n:
                         d.pending = n
                         if d.up:
@@ -496,6 +504,9 @@ class SpliceRelay:
             # Flow control: the pipe holds what dst could not take.
             d.src.want_read(False)
             d.dst.want_write(True)
+        elif waiting:
+            d.src.want_read(False)
+            d.dst.want_write(False)
         else:
             d.src.want_read(True)
             d.dst.want_write(False)

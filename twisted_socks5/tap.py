@@ -100,6 +100,8 @@ class SOCKS5Service(service.MultiService):
     def startService(self) -> None:
         super().startService()
         install_reload_signal(self.factory)
+        if self.factory.limiter is not None:
+            self.factory.limiter.start()
         waiting: List[Any] = [child.listening for child in self._listeners]
         gatherResults(waiting, consumeErrors=True).addCallback(self._listening)
 
@@ -112,6 +114,8 @@ class SOCKS5Service(service.MultiService):
             timeout=self.drain_timeout,
         )
         drained = self.factory.drain(self.drain_timeout)
+        if self.factory.limiter is not None:
+            drained = self.factory.limiter.stop_after(drained)
         return gatherResults([stopped, drained], consumeErrors=True)
 
     def _listening(self, ports: List[Any]) -> None:
@@ -371,7 +375,7 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
     """The server factory the options describe."""
     authenticators = build_authenticators(options)
     connector = _connector(options, reactor)
-    return SOCKS5ServerFactory(
+    factory = SOCKS5ServerFactory(
         authenticators,
         reactor=reactor,
         handshake_timeout=options["handshake-timeout"],
@@ -410,6 +414,16 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
         # i15-socks4
         protocols=options["protocols"],
     )
+    # i14-core: the rules' limit lines (only with rules: none costs nothing).
+    if options.policy is not None:
+        from .limiting import build_store
+
+        factory.enable_limits(
+            build_store(options["limits-store"], reactor, options["state-file"]),
+            on_store_failure=options["limits-on-store-failure"],
+            per_user_metrics=bool(options["metrics-per-user"]),
+        )
+    return factory
 
 
 def _without_workers(argv: List[str]) -> List[str]:

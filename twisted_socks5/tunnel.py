@@ -344,6 +344,8 @@ class Tunnel:
         """The client connection is gone: so is the tunnel."""
         self.state = TunnelState.CLOSED
         self.settings.watch.discard(self)
+        if self.counters.meter is not None:
+            self.counters.meter.stop()
         if self.splice is not None:
             self.splice.stop()
         outbound, self.outbound = self.outbound, None

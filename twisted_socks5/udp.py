@@ -59,6 +59,7 @@ DROP_REASONS = (
     "oversize",
     "send_error",
     "denied",
+    "bandwidth",
 )
 
 Sendable = Tuple[str, int]
@@ -234,6 +235,8 @@ class UDPAssociation:
         self._lookups: List[defer.Deferred[List[str]]] = []
         self._headers: Dict[Tuple[str, int], bytes] = {}
         self.closed = False
+        #: Its bandwidth limits' ``bandwidth.Meter``, if any.
+        self.meter: Any = None
 
     # ------------------------------------------------------------------
 
@@ -262,6 +265,8 @@ class UDPAssociation:
         if self.closed:
             return
         self.closed = True
+        if self.meter is not None:
+            self.meter.stop()  # its share of a user's budget
         listener, self.client_port_listener = self.client_port_listener, None
         if listener is not None:
             if self._range is None:
@@ -386,6 +391,10 @@ class UDPAssociation:
         if len(data) > MAX_UDP_PAYLOAD:
             self.counters.drops["oversize"] += 1
             return
+        meter = self.meter
+        if meter is not None and not meter.admit(1, len(data)):  # bandwidth.UP
+            self.counters.drops["bandwidth"] += 1
+            return
         family = 6 if ":" in ip else 4
         try:
             send = self._senders.get(family) or self._outbound_port(family)
@@ -444,6 +453,10 @@ class UDPAssociation:
         client, send = self._client_addr, self._to_client
         if client is None or send is None:
             self.counters.drops["unknown_source"] += 1
+            return
+        meter = self.meter
+        if meter is not None and not meter.admit(0, len(datagram)):  # bandwidth.DOWN
+            self.counters.drops["bandwidth"] += 1
             return
         header = self._headers.get((host, port))
         if header is None:

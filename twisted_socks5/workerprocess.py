@@ -51,6 +51,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise_fd_limit()
     factory = build_factory(options, reactor)
     install_reload_signal(factory)
+    # i14-core: the rules' limits (their store, quota flushes; saved at stop).
+    from .exposure import refuse_split_limits_on_reload
+
+    refuse_split_limits_on_reload(options.policy, options["limits-store"])
+    limiter = factory.limiter
+    if limiter is not None:
+        reactor.callWhenRunning(limiter.start)  # type: ignore[attr-defined]
     ports = []
     for spec in args.fd:
         fd_text, _, family_text = spec.partition(":")
@@ -62,7 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def drain() -> object:
         for port in ports:
             port.stopListening()
-        return factory.drain(options["drain-timeout"])
+        drained = factory.drain(options["drain-timeout"])
+        return drained if limiter is None else limiter.stop_after(drained)
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)  # type: ignore[attr-defined]
     reactor.callWhenRunning(freeze_startup_heap)  # type: ignore[attr-defined]

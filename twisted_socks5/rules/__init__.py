@@ -146,6 +146,7 @@ First match wins across both steps: with ``allow to .example.com`` above
 
 from .decision import AllowAll, Decision, IPolicy, RulesError, allows
 from .file import RulesFile
+from .limit import BandwidthLimit, LimitLine
 from .names import (
     SELF,
     IPAddress,
@@ -180,4 +181,6 @@ __all__ = [
     "client_allow_list",
     "open_relay_clients",
     "RulesFile",
+    "LimitLine",
+    "BandwidthLimit",
 ]

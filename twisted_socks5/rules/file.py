@@ -46,6 +46,14 @@ class RulesFile:
     def check_resolved(self, *args: Any, **kwargs: Any) -> Any:
         return self.rules.check_resolved(*args, **kwargs)
 
+    @property
+    def limits(self) -> Any:
+        """The ``limit`` lines of the rules in force."""
+        return self.rules.limits
+
+    def limits_for(self, *args: Any) -> Any:
+        return self.rules.limits_for(*args)
+
     def describe(self) -> str:
         return self.rules.describe()
 

@@ -15,9 +15,10 @@ from ..addresses import parse_ip
 from ..codec import Address, AddressType, Command
 from ..selfnet import HostAddresses, default_host
 from .decision import Decision, IPolicy, RulesError
+from .limit import LimitLine
 from .names import IPLike, _looks_like_ip, name_forms
 from .rule import Rule, _Facts
-from .syntax import parse_lines
+from .syntax import parse_text
 
 
 @implementer(IPolicy)
@@ -37,8 +38,11 @@ class RuleSet:
         source: str = "<code>",
         default_line: Optional[int] = None,
         host: Optional[HostAddresses] = None,
+        limits: Sequence[LimitLine] = (),
     ) -> None:
         self.rules: Tuple[Rule, ...] = tuple(rules)
+        #: The ``limit`` lines, in order (empty: nothing is limited).
+        self.limits: Tuple[LimitLine, ...] = tuple(limits)
         #: The ``self`` network, when a rule names it (read on first use).
         self.host: Optional[HostAddresses] = host
         if host is None and any(rule.to_self for rule in self.rules):
@@ -65,7 +69,11 @@ class RuleSet:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RuleSet):
             return NotImplemented
-        return (self.rules, self.default_allow) == (other.rules, other.default_allow)
+        return (self.rules, self.default_allow, self.limits) == (
+            other.rules,
+            other.default_allow,
+            other.limits,
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -82,13 +90,14 @@ class RuleSet:
         Parse rules text; raises :class:`RulesError` naming the line.
         ``host`` is the ``self`` network (default: this host's, read once).
         """
-        rules, default_allow, default_line = parse_lines(text, source)
+        rules, default_allow, default_line, limits = parse_text(text, source)
         return cls(
             rules,
             default_allow,
             source=source,
             default_line=default_line,
             host=host,
+            limits=limits,
         )
 
     @classmethod
@@ -112,6 +121,7 @@ class RuleSet:
         """The rule set in the file syntax; ``parse(render())`` is equal."""
         lines = [str(rule) for rule in self.rules]
         lines.append("default allow" if self.default_allow else "default deny")
+        lines.extend(str(limit) for limit in self.limits)
         return "\n".join(lines) + "\n"
 
     @property
@@ -142,6 +152,7 @@ class RuleSet:
             f"match wins, otherwise default {action}{how}"
         ]
         lines.extend(f"  {rule.description}" for rule in self.rules)
+        lines.extend(f"  {limit.description}" for limit in self.limits)
         lines.extend(f"  warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
@@ -176,7 +187,7 @@ class RuleSet:
     def check_client(self, client: IPLike) -> Decision:
         return self._decide(_Facts(parse_ip(client)))
 
-    def check_request(
+    def _request_facts(
         self,
         client_ip: IPLike,
         user: Optional[str],
@@ -184,7 +195,7 @@ class RuleSet:
         destination: Address,
         protocol: str = "socks5",
         explicit: bool = False,
-    ) -> Decision:
+    ) -> _Facts:
         facts = _Facts(
             parse_ip(client_ip),
             user_known=True,
@@ -212,7 +223,51 @@ class RuleSet:
                 facts.port = None
             if destination.port == 0:
                 facts.port = None
-        return self._decide(facts)
+        return facts
+
+    def check_request(
+        self,
+        client_ip: IPLike,
+        user: Optional[str],
+        command: Command,
+        destination: Address,
+        protocol: str = "socks5",
+        explicit: bool = False,
+    ) -> Decision:
+        return self._decide(
+            self._request_facts(
+                client_ip, user, command, destination, protocol, explicit
+            )
+        )
+
+    def limits_for(
+        self,
+        client_ip: IPLike,
+        user: Optional[str],
+        command: Command,
+        destination: Address,
+        via: Optional[str] = None,
+        protocol: str = "socks5",
+    ) -> Tuple[LimitLine, ...]:
+        """
+        The limit lines that apply to a request (routed ``via``): the first
+        matching line of each slot (:attr:`LimitLine.slot`).  A condition
+        not known yet (a ``to`` network for a name) matches: the stricter way.
+        """
+        if not self.limits:
+            return ()
+        facts = self._request_facts(client_ip, user, command, destination, protocol)
+        if facts.ip is not None and self.host is not None:
+            facts.ip_is_self = facts.ip in self.host
+        chosen: dict[str, LimitLine] = {}
+        for line in self.limits:
+            if line.slot in chosen:
+                continue
+            if line.when.via is not None and line.when.via != via:
+                continue
+            if line.when.match(facts) is not False:
+                chosen[line.slot] = line
+        return tuple(chosen.values())
 
     def check_resolved(
         self,

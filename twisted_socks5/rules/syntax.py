@@ -5,9 +5,10 @@ objects and the ``default`` line.  The grammar is in the package docstring.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 from .decision import RulesError
+from .limit import KINDS, LimitLine, parse_limit
 from .names import SELF, IPNetwork, _looks_like_ip, _parse_network
 from .rule import _COMMAND_WORDS, Rule
 
@@ -27,12 +28,19 @@ def _parse_ports(item: str) -> Tuple[int, int]:
     return bounds[0], bounds[-1]
 
 
-def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
-    """Parse ``allow|deny`` and its conditions; raises ValueError."""
+def _parse_rule(
+    tokens: List[str], source: str, number: int, stop: FrozenSet[str] = frozenset()
+) -> Tuple[Rule, int]:
+    """
+    Parse ``allow|deny`` and its conditions, up to a keyword of ``stop``:
+    the rule and the index of that keyword; raises ValueError.
+    """
     values: dict[str, List[str]] = {}
     index = 1
     while index < len(tokens):
         keyword = tokens[index].lower()
+        if keyword in stop:
+            break
         index += 1
         if keyword not in _KEYWORDS:
             raise ValueError(
@@ -106,7 +114,7 @@ def _parse_rule(tokens: List[str], source: str, number: int) -> Rule:
         protocols=protocols,
         source=source,
         line=number,
-    )
+    ), index
 
 
 def parse_lines(text: str, source: str) -> Tuple[List[Rule], bool, Optional[int]]:
@@ -114,7 +122,31 @@ def parse_lines(text: str, source: str) -> Tuple[List[Rule], bool, Optional[int]
     The rules of ``text`` in order, the default action and its line (``None``
     without one: deny); raises :class:`~.decision.RulesError` naming the line.
     """
+    rules, default, default_line, _ = parse_text(text, source)
+    return rules, default, default_line
+
+
+_LIMIT_KINDS = frozenset(KINDS)
+
+
+def _parse_limit_line(tokens: List[str], source: str, number: int) -> LimitLine:
+    try:
+        when, index = _parse_rule(["allow", *tokens[1:]], source, number, _LIMIT_KINDS)
+    except ValueError as e:
+        if str(e).startswith("unknown condition"):
+            raise ValueError(f"{e}, or a limit: {', '.join(KINDS)}") from None
+        raise
+    if index == len(tokens):
+        raise ValueError(f"a limit line ends with its limit: {', '.join(KINDS)}")
+    return parse_limit(when, tuple(tokens[index:]), source, number)
+
+
+def parse_text(
+    text: str, source: str
+) -> Tuple[List[Rule], bool, Optional[int], List[LimitLine]]:
+    """:func:`parse_lines` and the ``limit`` lines, in order."""
     rules: List[Rule] = []
+    limits: List[LimitLine] = []
     default: Optional[bool] = None
     default_line: Optional[int] = None
     for number, raw in enumerate(text.split("\n"), 1):
@@ -122,6 +154,13 @@ def parse_lines(text: str, source: str) -> Tuple[List[Rule], bool, Optional[int]
         if not tokens:
             continue
         head = tokens[0].lower()
+        if head == "limit":
+            # Limits are not access rules: they may follow the default.
+            try:
+                limits.append(_parse_limit_line(tokens, source, number))
+            except ValueError as e:
+                raise RulesError(str(e), source, number) from None
+            continue
         if default_line is not None:
             raise RulesError(
                 f"rule after the 'default' line (line {default_line}); "
@@ -138,13 +177,13 @@ def parse_lines(text: str, source: str) -> Tuple[List[Rule], bool, Optional[int]
             default_line = number
         elif head in ("allow", "deny"):
             try:
-                rules.append(_parse_rule(tokens, source, number))
+                rules.append(_parse_rule(tokens, source, number)[0])
             except ValueError as e:
                 raise RulesError(str(e), source, number) from None
         else:
             raise RulesError(
-                f"expected 'allow', 'deny' or 'default', not {tokens[0]!r}",
+                f"expected 'allow', 'deny', 'limit' or 'default', not {tokens[0]!r}",
                 source,
                 number,
             )
-    return rules, bool(default), default_line
+    return rules, bool(default), default_line, limits
