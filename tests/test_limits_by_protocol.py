@@ -1,0 +1,114 @@
+"""
+The rules' ``limit`` lines hold for SOCKS4 and HTTP clients as for SOCKS5
+ones: a SOCKS4 or HTTP CONNECT tunnel is a session, and every forwarded
+HTTP request counts against ``rate`` and holds a session while it is
+answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
+
+from twisted_socks5.codec import ReplyCode
+from twisted_socks5.limitstore import MemoryLimitStore
+from twisted_socks5.rules import RuleSet
+
+HTTP = ("socks5", "socks4", "http")
+CONNECT = b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n"
+GET = b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+
+
+def limited(rules: str) -> Harness:
+    h = Harness(protocols=HTTP, protect_host=None, policy=RuleSet.parse(rules))
+    h.factory.enable_limits(MemoryLimitStore(h.reactor)).start()
+    return h
+
+
+def another(h: Harness) -> Tuple[Any, HalfCloseTransport]:
+    """One more client connection to the same server."""
+    protocol = h.factory.buildProtocol(CLIENT)
+    transport = HalfCloseTransport(SERVER, CLIENT)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def status_of(data: bytes) -> int:
+    assert data.startswith(b"HTTP/1.1 "), data[:80]
+    return int(data[9:12])
+
+
+def test_an_http_connect_over_its_sessions_is_403_until_one_closes() -> None:
+    h = limited("limit from 127.0.0.0/8 sessions 1\nallow")
+    h.send(CONNECT)
+    assert len(h.connector.calls) == 1
+    protocol, transport = another(h)
+    protocol.dataReceived(CONNECT)
+    assert status_of(transport.value()) == 403
+    assert protocol.reply is ReplyCode.CONNECTION_NOT_ALLOWED
+    assert "sessions 1" in (protocol.rule or "")
+    assert len(h.connector.calls) == 1
+    h.lose()  # the first tunnel's client goes: its session is released
+    protocol, transport = another(h)
+    protocol.dataReceived(CONNECT)
+    assert len(h.connector.calls) == 2
+
+
+def test_forwarded_requests_count_against_the_rate() -> None:
+    h = limited("limit from 127.0.0.0/8 rate 2/1h\nallow")
+    for n in (1, 2):
+        h.send(GET)
+        assert len(h.connector.calls) == n
+        origin, _ = h.connector.succeed()
+        origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        assert status_of(h.take()) == 200
+    h.send(GET)
+    assert status_of(h.take()) == 403
+    assert len(h.connector.calls) == 2
+
+
+def test_a_forwarded_request_holds_a_session_while_it_is_answered() -> None:
+    h = limited("limit from 127.0.0.0/8 sessions 1\nallow")
+    h.send(GET)
+    origin, _ = h.connector.succeed()
+    # Answered in part: the session is held, another client is refused.
+    origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+    protocol, transport = another(h)
+    protocol.dataReceived(GET)
+    assert status_of(transport.value()) == 403
+    assert len(h.connector.calls) == 1
+    # Answered whole: released, so the next request on the kept-alive
+    # connection is admitted.
+    origin.dataReceived(b"ok")
+    assert status_of(h.take()) == 200
+    h.send(GET)
+    assert len(h.connector.calls) == 2
+
+
+SOCKS4_CONNECT = b"\x04\x01\x01\xbb\x7f\x00\x00\x01bob\x00"
+
+
+def test_a_socks4_connect_over_its_sessions_is_refused_0x5b() -> None:
+    h = limited("limit from 127.0.0.0/8 sessions 1\nallow")
+    h.send(SOCKS4_CONNECT)
+    assert len(h.connector.calls) == 1
+    protocol, transport = another(h)
+    protocol.dataReceived(SOCKS4_CONNECT)
+    assert transport.value()[:2] == b"\x00\x5b"
+    assert "sessions 1" in (protocol.rule or "")
+    assert len(h.connector.calls) == 1
+
+
+def test_a_limit_line_can_name_the_protocol() -> None:
+    h = limited("limit protocol http sessions 1\nallow")
+    h.send(SOCKS4_CONNECT)
+    protocol, transport = another(h)
+    protocol.dataReceived(SOCKS4_CONNECT)  # not HTTP: not limited
+    assert len(h.connector.calls) == 2
+    protocol, transport = another(h)
+    protocol.dataReceived(CONNECT)
+    assert len(h.connector.calls) == 3
+    protocol, transport = another(h)
+    protocol.dataReceived(CONNECT)
+    assert status_of(transport.value()) == 403
