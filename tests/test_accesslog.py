@@ -429,3 +429,13 @@ def test_log_file_internals_are_there(tmp_path: Path) -> None:
         )
     assert _twisted.append_only(logfile)
     logfile.close()
+
+
+def test_closed_is_closed(tmp_path: Path) -> None:
+    lines = Lines(tmp_path / "a.log", Clock())
+    lines.add(2)
+    lines.log.close()
+    lines.log.close()
+    lines.add(1)  # a connection that ends after shutdown: dropped, no error
+    assert len(read_plain(lines.path)) == 2
+    assert lines.log.dropped == 1

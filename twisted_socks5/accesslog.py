@@ -194,6 +194,7 @@ class AccessLog:
         self._stamp: List[Any] = [None, ""]
         #: Lines lost to failed writes since the last that worked.
         self.dropped = 0
+        self.closed = False
         self._failing = False
 
     @classmethod
@@ -247,6 +248,9 @@ class AccessLog:
 
     def write(self, record: Dict[str, Any]) -> None:
         """Buffer one record's line; written within :data:`FLUSH_INTERVAL`."""
+        if self.closed:  # after shutdown: nowhere to go
+            self.dropped += 1
+            return
         line = json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
         self._lines.append(line)
         self._size += len(line)
@@ -326,5 +330,8 @@ class AccessLog:
 
     def close(self) -> None:
         """Write what is buffered and close the file (at shutdown)."""
+        if self.closed:
+            return
         self.flush()
+        self.closed = True
         self.out.close()
