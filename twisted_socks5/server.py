@@ -417,12 +417,14 @@ class SOCKS5ServerFactory(Factory):
             self.limits.closed(protocol.client_ip if protocol.identified else None)
         if self.metrics is not None:
             self.metrics.closed(protocol)
-        if self.draining and not self.active:
-            drained, self._drained = self._drained, []
-            for d in drained:
-                d.callback(None)
         event = log_connection(
             self.log, protocol, self.reactor.seconds() - protocol.started
         )
         if self.access_log is not None:
             self.access_log.finished(protocol, event)
+        # Last: what waits for the drain (closing the access log) sees
+        # this connection's lines written.
+        if self.draining and not self.active:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
