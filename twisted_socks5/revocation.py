@@ -23,8 +23,9 @@ checks every open tunnel, UDP association and BIND wait again:
   rules one by one anyway); a BIND wait by the peer it expects.
 
 The sweep touches each connection once, with no I/O: its cost is the rules'
-matching per connection, run in slices of :data:`SLICE` so the reactor
-serves between them.  Connections still connecting are left to finish (the
+matching per connection (the checks the request itself met), run in slices
+of at most :data:`SLICE` connections and :data:`SLICE_SECONDS`, so the
+reactor serves between them.  Connections still connecting are left to finish (the
 connect timeout bounds them; a new request meets the new rules).
 """
 
@@ -33,12 +34,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from twisted.cred.checkers import (
     FilePasswordDB,
     InMemoryUsernamePasswordDatabaseDontUse,
 )
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -51,8 +54,11 @@ from .logs import escape_word
 
 log = Logger("twisted_socks5.server.SOCKS5ServerFactory")
 
-#: Connections looked at per reactor turn during a sweep.
+#: Connections looked at per reactor turn during a sweep, at most...
 SLICE = 2000
+#: ...and for at most this many seconds: a long rules file costs more
+#: per connection, never a longer stall of the relay.
+SLICE_SECONDS = 0.005
 
 #: The states of connections that hold something to revoke.
 _LIVE = frozenset((State.RELAYING, State.BINDING, State.ASSOCIATED))
@@ -106,6 +112,20 @@ def stored_entries(checker: Any) -> Optional[Dict[bytes, bytes]]:
     return None
 
 
+def _entry(checker: Any, key: bytes, user: str) -> Optional[bytes]:
+    """One user's stored entry in a checker :func:`stored_entries` reads."""
+    if isinstance(checker, HtpasswdChecker):
+        return checker.entry(key)
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        users: Dict[Any, Any] = checker.users
+        found = users.get(key, users.get(user))
+        return None if found is None else _as_bytes(found)
+    try:
+        return _as_bytes(checker.getUser(key)[1])
+    except (KeyError, UnauthorizedLogin):
+        return None
+
+
 class Credentials:
     """
     The password checkers whose entries can be fingerprinted: one
@@ -132,14 +152,14 @@ class Credentials:
         return entries.get(key)
 
     def fingerprint(self, user: str) -> Optional[bytes]:
-        """The fingerprint of ``user``'s entry now (``None``: not in any file)."""
+        """
+        The fingerprint of ``user``'s entry now (``None``: not in any
+        file): one look-up, as the login's own check made (a ``file:``
+        checker reads its file again, as it does for each login).
+        """
         key = user.encode("utf-8")
         for checker in self.checkers:
-            if isinstance(checker, HtpasswdChecker):
-                entry = checker.entry(key)  # no copy of the whole file
-            else:
-                entries = stored_entries(checker)
-                entry = None if entries is None else self._lookup(entries, checker, key)
+            entry = _entry(checker, key, user)
             if entry is not None:
                 return _fingerprint(entry)
         return None
@@ -288,19 +308,23 @@ def sweep(factory: Any, slice_size: int = SLICE) -> defer.Deferred[int]:
     revoked = [0]
 
     def look(start: int) -> None:
-        for connection in live[start : start + slice_size]:
-            if connection.state not in _LIVE:
-                continue  # closed meanwhile
-            try:
-                why = verdict(connection, current)
-            except Exception:  # noqa: BLE001 - one bad check stops no sweep
-                log.failure("revocation check of {c!r} failed", c=connection)
-                continue
-            if why is not None and revoke(connection, why):
-                revoked[0] += 1
-        start += slice_size
-        if start < len(live):
-            factory.reactor.callLater(0, look, start)
+        deadline = time.perf_counter() + SLICE_SECONDS
+        index, end = start, min(len(live), start + slice_size)
+        while index < end:
+            connection = live[index]
+            index += 1
+            if connection.state in _LIVE:  # else closed meanwhile
+                try:
+                    why = verdict(connection, current)
+                except Exception:  # noqa: BLE001 - one bad check stops no sweep
+                    log.failure("revocation check of {c!r} failed", c=connection)
+                    continue
+                if why is not None and revoke(connection, why):
+                    revoked[0] += 1
+            if time.perf_counter() >= deadline:
+                break
+        if index < len(live):
+            factory.reactor.callLater(0, look, index)
             return
         log.info(
             "reload: {revoked} of {count} open connection(s) revoked",
