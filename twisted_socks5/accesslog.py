@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.logfile import DailyLogFile, LogFile
 
@@ -327,6 +328,15 @@ class AccessLog:
 
     #: SIGHUP reloads every ``reloadable``: for the access log, a reopen.
     reload = reopen
+
+    def close_after(self, d: Deferred[Any]) -> Deferred[Any]:
+        """:meth:`close` once ``d`` (a drain, at shutdown) fires; ``d``'s result."""
+
+        def close(result: Any) -> Any:
+            self.close()
+            return result
+
+        return d.addBoth(close)
 
     def close(self) -> None:
         """Write what is buffered and close the file (at shutdown)."""

@@ -114,14 +114,8 @@ class SOCKS5Service(service.MultiService):
         )
         drained = self.factory.drain(self.drain_timeout)
         done = gatherResults([stopped, drained], consumeErrors=True)
-        access_log = self.factory.access_log
-        if access_log is not None:  # the drained tunnels' records too
-
-            def close(result: Any) -> Any:
-                access_log.close()
-                return result
-
-            done.addBoth(close)
+        if self.factory.access_log is not None:  # the drained tunnels' too
+            return self.factory.access_log.close_after(done)
         return done
 
     def _listening(self, ports: List[Any]) -> None:

@@ -62,7 +62,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     def drain() -> object:
         for port in ports:
             port.stopListening()
-        return factory.drain(options["drain-timeout"])
+        drained = factory.drain(options["drain-timeout"])
+        if factory.access_log is not None:  # i16-log: its last lines
+            return factory.access_log.close_after(drained)
+        return drained
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)  # type: ignore[attr-defined]
     reactor.callWhenRunning(freeze_startup_heap)  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ import bcrypt
 import pytest
 import pytest_twisted
 from conftest import Echo, until
+from test_clients import CURL, curl
 from test_revocation import Client, tunnel
 from test_twistd import TWISTD, Twistd, _env
 from twisted.internet import reactor, utils
@@ -103,3 +104,34 @@ async def test_rotation_options_are_checked(tmp_path: Path) -> None:
         "--access-log", "a.log", "--access-log-rotate", "daily", "--workers", "2"
     )
     assert code != 0 and b"cannot be combined with --workers" in err + out
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest_twisted.ensureDeferred
+async def test_workers_append_to_one_access_log_and_survive_sigusr1(
+    http_target: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "access.log"
+    process = Twistd.start(tmp_path, "--workers", "2", "--access-log", str(log))
+    url = f"http://127.0.0.1:{http_target['127.0.0.1']}/"
+    try:
+        port = await process.listening.addTimeout(30, reactor)
+        await process.wait_for(b"worker 1 started").addTimeout(30, reactor)
+        for _ in range(4):
+            _, err, code = await curl("--socks5", f"127.0.0.1:{port}", url)
+            assert code == 0, err
+        log.rename(tmp_path / "access.log.1")
+        process.transport.signalProcess(signal.SIGUSR1)  # passed on to each
+        await until(log.exists, "the workers' new access log")
+        for _ in range(4):
+            _, err, code = await curl("--socks5", f"127.0.0.1:{port}", url)
+            assert code == 0, err
+    finally:
+        process.transport.signalProcess(signal.SIGTERM)
+        code = await process.ended
+    output = b"".join(process.output).decode()
+    assert code == 0, output
+    assert "restarting" not in output  # no worker died of the signal
+    both = records(tmp_path / "access.log.1") + records(log)
+    assert len(both) == 8
+    assert {r["outcome"] for r in both} == {"success"}
