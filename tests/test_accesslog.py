@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from helpers import Harness
+from helpers import CLIENT, SERVER, Harness, UDPReactor
 from hypothesis import given
 from hypothesis import strategies as st
 from test_server import CONNECT, GREET_NOAUTH, GREET_USERPASS, TARGET
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import error
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.python.logfile import LogFile
 
@@ -39,7 +40,10 @@ from twisted_socks5.codec import (
     Request,
     UserPassRequest,
 )
+from twisted_socks5.limits import ConnectionLimits
 from twisted_socks5.rules import RuleSet
+from twisted_socks5.server import SOCKS5ServerFactory
+from twisted_socks5.testing import HalfCloseTransport
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -87,7 +91,7 @@ class Logged:
 
     def __init__(self, tmp_path: Path, **kw: Any) -> None:
         self.path = tmp_path / "access.log"
-        self.log = AccessLog.open(str(self.path), None)
+        self.log = AccessLog.open(str(self.path), Clock())
         self.kw = kw
         self.harnesses: List[Harness] = []
 
@@ -439,3 +443,37 @@ def test_closed_is_closed(tmp_path: Path) -> None:
     lines.add(1)  # a connection that ends after shutdown: dropped, no error
     assert len(read_plain(lines.path)) == 2
     assert lines.log.dropped == 1
+
+
+# --------------------------------------------------------------------------
+# Clients refused at accept, before any SOCKS byte
+
+
+def test_a_client_the_rules_refuse_at_accept(tmp_path: Path) -> None:
+    rules = RuleSet.parse("deny from 127.0.0.0/8\ndefault allow\n", "t")
+    logged = Logged(tmp_path, policy=rules)
+    h = logged.connection()
+    assert h.transport.disconnecting or h.transport.disconnected
+    (record,) = logged.records()
+    assert record["outcome"] == "refused" and record["reply"] is None
+    assert record["client"] == "127.0.0.1"
+    assert record["rule"] == "t:1: deny from 127.0.0.0/8"
+    assert record["limit"] is None
+
+
+def test_a_client_over_its_connection_limit(tmp_path: Path) -> None:
+    log = AccessLog.open(str(tmp_path / "a.log"), Clock())
+    reactor = UDPReactor()
+    factory = SOCKS5ServerFactory(
+        reactor=reactor,
+        access_log=log,
+        limits=ConnectionLimits(reactor.seconds, max_per_client=1),
+    )
+    for port in (40000, 40001):
+        protocol = factory.buildProtocol(CLIENT)
+        peer = IPv4Address("TCP", "127.0.0.1", port)
+        protocol.makeConnection(HalfCloseTransport(SERVER, peer))
+    log.flush()
+    (record,) = read_records(tmp_path / "a.log")
+    assert record["outcome"] == "refused" and record["limit"] == "client_limit"
+    assert record["reason"] == "refused: 1 connections already"

@@ -37,6 +37,7 @@ from twisted.python.logfile import DailyLogFile, LogFile
 
 from ._twisted import appending_log_file
 from .codec import Method, ReplyCode
+from .logs import escape, escape_word
 
 #: Buffered bytes that make a write at once, before the timer's.
 BUFFER_BYTES = 64 * 1024
@@ -58,6 +59,31 @@ _REFUSALS = frozenset(
 )
 #: Outcomes (admission.py's texts) of logins the server refused.
 _LOGIN_REFUSED = ("authentication failed", "login refused")
+
+#: The fields of every record, in order.
+_FIELDS = (
+    "time",
+    "listener",
+    "protocol",
+    "client",
+    "user",
+    "command",
+    "destination",
+    "resolved",
+    "bound",
+    "outgoing",
+    "route",
+    "bytes_up",
+    "bytes_down",
+    "udp",
+    "duration",
+    "outcome",
+    "reply",
+    "reply_text",
+    "reason",
+    "rule",
+    "limit",
+)
 
 _SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -246,6 +272,28 @@ class AccessLog:
             "rule": event["rule"],
             "limit": str(limit) if limit is not None else None,
         }
+
+    def refused_client(self, ip: Optional[str], kind: str, why: str) -> None:
+        """
+        A client refused at accept, before any SOCKS byte (a connection
+        limit, the rules' client check, shutdown): no request, no reply.
+        """
+        record = dict.fromkeys(_FIELDS)
+        rule = why[len("denied by ") :] if kind == "rules" else None
+        record.update(
+            time=_utc_stamp(time.time(), self._stamp),
+            protocol=None,
+            client=escape_word(ip) if ip is not None else None,
+            route=None,
+            bytes_up=0,
+            bytes_down=0,
+            duration=0.0,
+            outcome="refused",
+            reason=f"refused: {why}",
+            rule=escape(rule) if rule is not None else None,
+            limit=None if kind in ("rules", "draining") else kind,
+        )
+        self.write(record)
 
     def write(self, record: Dict[str, Any]) -> None:
         """Buffer one record's line; written within :data:`FLUSH_INTERVAL`."""
