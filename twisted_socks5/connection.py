@@ -346,9 +346,12 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     def _authenticated(self, event: Authenticated) -> None:
         if admission.authenticated(self, event):
             self.state = State.REQUEST
+            # The password files' users: fingerprinted for revocation.
             credentials = getattr(self.factory, "credentials", None)
-            if credentials is not None and self.user is not None:
-                self.credential = credentials.fingerprint(self.user)
+            user = self.user
+            by_password = self.method == Method.USERNAME_PASSWORD
+            if credentials is not None and user is not None and by_password:
+                self.credential = credentials.fingerprint(user)
 
     def handle_event(self, event: Event) -> None:
         """Act on a handshake event (also one a check answered later)."""

@@ -295,7 +295,9 @@ def verdict(
     return None if rule is None else f"denied by {rule}"
 
 
-def sweep(factory: Any, slice_size: int = SLICE) -> defer.Deferred[int]:
+def sweep(
+    factory: Any, slice_size: int = SLICE, slice_seconds: float = SLICE_SECONDS
+) -> defer.Deferred[int]:
     """
     Revoke the open connections the configuration (just reloaded) no
     longer allows; fires with how many were, once all were looked at.
@@ -308,7 +310,7 @@ def sweep(factory: Any, slice_size: int = SLICE) -> defer.Deferred[int]:
     revoked = [0]
 
     def look(start: int) -> None:
-        deadline = time.perf_counter() + SLICE_SECONDS
+        deadline = time.perf_counter() + slice_seconds
         index, end = start, min(len(live), start + slice_size)
         while index < end:
             connection = live[index]
@@ -316,11 +318,10 @@ def sweep(factory: Any, slice_size: int = SLICE) -> defer.Deferred[int]:
             if connection.state in _LIVE:  # else closed meanwhile
                 try:
                     why = verdict(connection, current)
+                    if why is not None and revoke(connection, why):
+                        revoked[0] += 1
                 except Exception:  # noqa: BLE001 - one bad check stops no sweep
                     log.failure("revocation check of {c!r} failed", c=connection)
-                    continue
-                if why is not None and revoke(connection, why):
-                    revoked[0] += 1
             if time.perf_counter() >= deadline:
                 break
         if index < len(live):
