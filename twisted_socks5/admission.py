@@ -167,6 +167,9 @@ class Admission:
                 reason=why,
             )
             self._count_refusal(kind)
+            access_log = getattr(self.server, "access_log", None)
+            if access_log is not None:  # i16-log
+                access_log.refused_client(ip, kind, why)
             return False
         return True
 

@@ -219,6 +219,15 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     #: What it holds in the rules' limits (a ``limiting.Held``): set only
     #: when a limit line applied to its request.
     limited: Any = None
+    # i16-log: set only when an access log or revocation needs them.
+    #: The address a CONNECT reached (see ``commands/connect.py``).
+    resolved: Optional[Address] = None
+    #: The address the client connected to, for the access log.
+    listener: Optional[str] = None
+    #: A fingerprint of the password-file entry the user logged in with.
+    credential: Optional[bytes] = None
+    #: Why the connection was revoked (:mod:`twisted_socks5.revocation`).
+    revoked: Optional[str] = None
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
@@ -401,6 +410,12 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     def _authenticated(self, event: Authenticated) -> None:
         if admission.authenticated(self, event):
             self.state = State.REQUEST
+            # The password files' users: fingerprinted for revocation.
+            credentials = getattr(self.factory, "credentials", None)
+            user = self.user
+            by_password = self.method == Method.USERNAME_PASSWORD
+            if credentials is not None and user is not None and by_password:
+                self.credential = credentials.fingerprint(user)
 
     def handle_event(self, event: Event) -> None:
         """Act on a handshake event (also one a check answered later)."""

@@ -907,6 +907,14 @@ class _Forward:
         self.connection.bound = bound
 
     @property
+    def resolved(self) -> Optional[Address]:
+        return self.connection.resolved
+
+    @resolved.setter
+    def resolved(self, address: Optional[Address]) -> None:
+        self.connection.resolved = address
+
+    @property
     def outgoing(self) -> Optional[str]:
         return self.connection.outgoing
 

@@ -167,10 +167,10 @@ def protocol_of(connection: Any) -> str:
     return str(getattr(connection, "protocol", "socks5"))
 
 
-def log_connection(log: Logger, protocol: Any, duration: float) -> None:
+def log_connection(log: Logger, protocol: Any, duration: float) -> LogEvent:
     """
     The connection's one log event (``socks5.connection``), from the
-    server protocol's facts at close.
+    server protocol's facts at close; returned for the access log.
     """
     request = protocol.request
     # Names, users and error messages come from the network: escaped
@@ -210,7 +210,7 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
     # Logger.emit would first check its level against a sorted list of
     # LogLevel constants, for every connection.
     log.observer(
-        {
+        event := {
             "log_logger": log,
             "log_level": LogLevel.info,
             "log_namespace": log.namespace,
@@ -242,3 +242,4 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
             "duration": duration,
         }
     )
+    return event

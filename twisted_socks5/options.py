@@ -23,6 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from ._version import version_line
+from .accesslog import Rotation
 from .addresses import by_family
 from .auth import (
     NoAuthAuthenticator,
@@ -513,6 +514,23 @@ _PARAMETERS: List[List[Any]] = [
         "rate lines let requests through either way.",
         _store_failure_mode,
     ],
+    # i16-log: the access log.
+    [
+        "access-log",
+        None,
+        None,
+        "Write one JSON line per finished tunnel or refused request to this "
+        "file ('-': standard output); reopened on SIGHUP and SIGUSR1 "
+        "(logrotate).",
+    ],
+    [
+        "access-log-rotate",
+        None,
+        "none",
+        "How --access-log rotates: none (leave it to logrotate), daily, or "
+        "size:BYTES[:KEEP] (BYTES may end in K, M or G; KEEP old files).",
+        Rotation,
+    ],
 ]
 
 
@@ -566,6 +584,14 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "Label --metrics' limit refusals by user too (one series per user "
             "refused: use it when the users are few).",
+        ],
+        # i16-log: revocation.
+        [
+            "keep-tunnels-on-reload",
+            None,
+            "On SIGHUP, re-read rules and password files but leave every open "
+            "tunnel as it is (by default those the new ones no longer allow "
+            "are closed).",
         ],
     ]
 
@@ -752,6 +778,15 @@ class Options(usage.Options, AuthOptionMixin):
         if not self["allow-open-relay"]:
             refuse_open_relay(
                 self["listen"], self._anonymous, self.policy, self["protocols"]
+            )
+        # i16-log: workers append to one access log; one of them rotating
+        # it would pull it from under the others.
+        if isinstance(self["access-log-rotate"], str):
+            self["access-log-rotate"] = Rotation(self["access-log-rotate"])
+        if self["workers"] > 1 and self["access-log-rotate"].kind != "none":
+            raise usage.UsageError(
+                "--access-log-rotate cannot be combined with --workers: "
+                "rotate with logrotate (every worker reopens on SIGUSR1)"
             )
 
     def _anonymous(self) -> bool:

@@ -70,7 +70,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for port in ports:
             port.stopListening()
         drained = factory.drain(options["drain-timeout"])
-        return drained if limiter is None else limiter.stop_after(drained)
+        if limiter is not None:
+            drained = limiter.stop_after(drained)
+        if factory.access_log is not None:  # i16-log: its last lines
+            return factory.access_log.close_after(drained)
+        return drained
 
     reactor.addSystemEventTrigger("before", "shutdown", drain)  # type: ignore[attr-defined]
     reactor.callWhenRunning(freeze_startup_heap)  # type: ignore[attr-defined]

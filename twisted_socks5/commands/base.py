@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from ..addresses import canonical_ip_text, family_of
-from ..codec import Address, ReplyCode, Request
+from ..codec import Address, Command, ReplyCode, Request
 from ..relay import OutboundProtocol, RelayCounters
 from ..rules import Decision
 from ..selfnet import (
@@ -58,6 +58,8 @@ class RequestContext(Protocol):
     bound: Optional[Address]
     #: The source an --outgoing set chose (for the log).
     outgoing: Optional[str]
+    #: The address a CONNECT reached, when known (access log, revocation).
+    resolved: Optional[Address]
     peer: Optional[Address]
     udp: Optional[UDPAssociation]
     #: Holds a UDP association's extra descriptors in the limits.
@@ -135,23 +137,27 @@ def handler_for(ctx: RequestContext, request: Request) -> Optional[ICommandHandl
     policy = factory.policy
     if policy is not None:
         destination = handler.rules_destination(request)
-        if ctx.protocol == "socks5":
-            decision = policy.check_request(
-                ctx.policy_ip, ctx.user, request.command, destination
-            )
-        else:
-            decision = policy.check_request(
-                ctx.policy_ip,
-                ctx.user,
-                request.command,
-                destination,
-                **protocol_facts(ctx),
-            )
-        ctx.decision = decision
+        decision = ctx.decision = request_decision(ctx, request.command, destination)
         if not decision.allowed:
             ctx.deny(decision.rule)
             return None
     return handler
+
+
+def request_decision(
+    ctx: RequestContext, command: Command, destination: Address
+) -> Decision:
+    """The rules' answer to ``ctx``'s request (they must exist)."""
+    policy = ctx.factory.policy
+    if ctx.protocol == "socks5":
+        decision: Decision = policy.check_request(
+            ctx.policy_ip, ctx.user, command, destination
+        )
+    else:
+        decision = policy.check_request(
+            ctx.policy_ip, ctx.user, command, destination, **protocol_facts(ctx)
+        )
+    return decision
 
 
 def protocol_facts(ctx: RequestContext) -> Dict[str, Any]:
