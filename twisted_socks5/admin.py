@@ -98,6 +98,8 @@ class Console:
 
     :param checkers: ``twisted.cred`` checkers of ``IUsernamePassword``
         (``--admin-auth``); a login is good when one of them accepts it.
+    :param clock: times sessions and the login throttle (default: the
+        factory's reactor).
     """
 
     def __init__(
@@ -107,11 +109,12 @@ class Console:
         *,
         login_failures: int = 5,
         login_window: float = 60.0,
+        clock: Any = None,
     ) -> None:
         if not checkers:
             raise ValueError("the console needs a credential checker")
         self.factory = factory
-        self.clock = factory.reactor
+        self.clock = clock or factory.reactor
         self.checkers = list(checkers)
         self._ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._by_id: weakref.WeakValueDictionary[int, Any] = (
@@ -188,8 +191,10 @@ class Console:
 
     def tunnels(self) -> List[Dict[str, Any]]:
         """Every open connection, oldest first."""
-        now = self.clock.seconds()
-        listed = [self.describe(c, now) for c in self._open()]
+        now = self.factory.reactor.seconds()  # the clock of ``started``
+        # Oldest first, so that ids given now follow the order of arrival.
+        by_age = sorted(self._open(), key=lambda c: c.started)
+        listed = [self.describe(c, now) for c in by_age]
         listed.sort(key=lambda t: t["id"])
         return listed
 

@@ -146,7 +146,7 @@ def refuse_console_without_password(description: str, checkers: Sequence[Any]) -
 
 def warn_if_console_in_clear(description: str) -> bool:
     """Passwords cross the network in clear to a plain TCP console: say so."""
-    if not exposed(description) or description.startswith(("ssl:", "tls:")):
+    if description.startswith(("ssl:", "tls:")) or not exposed(description):
         return False
     log.warn(
         "--admin {endpoint} can be reached from other hosts without TLS: "
