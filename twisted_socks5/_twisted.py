@@ -208,3 +208,52 @@ def endpoint_address(endpoint: Any) -> Optional[Tuple[str, int, int]]:
     ):
         return None
     return interface, port, backlog
+
+
+class LogFileInternals(Protocol):
+    """
+    ``twisted.python.logfile.LogFile``'s open file and the method that
+    opens it (on start, on ``reopen()`` and after each rotation).
+    """
+
+    _file: Any
+
+    def _openFile(self) -> None: ...
+
+
+#: The names relied on, for the canary test.
+LOGFILE_ATTRIBUTES = _members(LogFileInternals)
+
+
+def append_only(logfile: Any) -> bool:
+    """
+    Make the file a ``LogFile`` has just opened append-only (``O_APPEND``):
+    Twisted opens it ``rb+`` and seeks to the end once, so after a
+    ``copytruncate`` (or beside another process's appends) its writes would
+    land at a stale offset.  False when the attribute is gone (a rename):
+    the file is then written as Twisted writes it.
+    """
+    import fcntl
+    import os
+
+    stream = getattr(logfile, "_file", None)
+    if stream is None or not hasattr(stream, "fileno"):
+        return False
+    fd = stream.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    return True
+
+
+def appending_log_file(cls: type) -> type:
+    """
+    A subclass of ``LogFile`` or ``DailyLogFile`` whose file is made
+    append-only each time Twisted opens it (:func:`append_only`).
+    """
+
+    class Appending(cls):  # type: ignore[valid-type,misc]
+        def _openFile(self) -> None:
+            super()._openFile()
+            append_only(self)
+
+    Appending.__name__ = Appending.__qualname__ = f"Appending{cls.__name__}"
+    return Appending

@@ -25,7 +25,7 @@ import secrets
 import string
 import weakref
 from importlib import resources
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 from twisted.cred.credentials import UsernamePassword
@@ -37,6 +37,7 @@ from twisted.web import resource, server
 
 from .limits import ConnectionLimits
 from .logs import escape, escape_word
+from .revocation import revoke
 
 log = Logger()
 
@@ -232,17 +233,15 @@ class Console:
         connection = self._by_id.get(tunnel_id)
         if connection is None or connection not in self.factory.active:
             return False
-        self._close(connection, by)
-        return True
+        return self._close(connection, by)
 
     def close_user(self, user: str, by: str) -> int:
         """Close every open connection of ``user``; how many."""
         mine = [c for c in self._open() if c.user == user]
-        for connection in mine:
-            self._close(connection, by)
-        return len(mine)
+        return sum(self._close(connection, by) for connection in mine)
 
-    def _close(self, connection: Any, by: str) -> None:
+    def _close(self, connection: Any, by: str) -> bool:
+        """Revoke ``connection`` (as a reload would); False if closing already."""
         why = f"closed from the console by {escape_word(by)}"
         log.info(
             "console: {admin} closes connection {id} ({user} to {target})",
@@ -254,16 +253,21 @@ class Console:
             ),
             event="socks5.console_close",
         )
-        close_connection(connection, why)
+        return revoke(connection, why)
 
-    def reload(self, by: str) -> None:
-        """Re-read the configuration: what SIGHUP does."""
+    def reload(self, by: str) -> defer.Deferred[int]:
+        """
+        Re-read the configuration, what SIGHUP does (revocation included):
+        fires with how many connections the new one closed.
+        """
         log.info(
             "console: {admin} reloads the configuration",
             admin=escape_word(by),
             event="socks5.console_reload",
         )
-        self.factory.reload()
+        return defer.maybeDeferred(self.factory.reload).addCallback(
+            lambda revoked: revoked or 0
+        )
 
     # ------------------------------------------------------------------
     # Logging in
@@ -325,17 +329,12 @@ class Throttled(Exception):
     """Too many failed logins from this client lately."""
 
 
-def close_connection(connection: Any, why: str) -> None:
-    """
-    End a connection now (TCP tunnel, UDP association, BIND wait, or one
-    still in its handshake), its log line saying ``why``.
-    """
-    connection.outcome = why
-    connection.transport.abortConnection()
-
-
 # ----------------------------------------------------------------------
 # HTTP
+
+
+#: What an API route gives: the body now, or later.
+Answer = Union[bytes, "defer.Deferred[bytes]"]
 
 
 def _same_origin(request: Any) -> bool:
@@ -495,7 +494,10 @@ class ConsoleResource(resource.Resource):
     def _api(self, request: Any, path: List[bytes]) -> Any:
         session = self._session(request)
         if session is not None:
-            return self._api_as(request, path, session.user, session)
+            answer = self._api_as(request, path, session.user, session)
+            if isinstance(answer, defer.Deferred):
+                return _finish(request, answer)
+            return answer
         user, password = request.getUser(), request.getPassword()
         if not user:
             return self._unauthorized(request)
@@ -508,7 +510,7 @@ class ConsoleResource(resource.Resource):
             reason.trap(UnauthorizedLogin)
             return self._unauthorized(request)
 
-        def good(name: str) -> bytes:
+        def good(name: str) -> Answer:
             return self._api_as(request, path, name, None)
 
         return _finish(request, d.addCallbacks(good, bad))
@@ -524,7 +526,7 @@ class ConsoleResource(resource.Resource):
 
     def _api_as(
         self, request: Any, path: List[bytes], user: str, session: Optional[Session]
-    ) -> bytes:
+    ) -> Answer:
         method = request.method
         if method in (b"GET", b"HEAD"):
             if path == [b"tunnels"]:
@@ -544,11 +546,14 @@ class ConsoleResource(resource.Resource):
                 return _json(request, 403, {"error": "missing or wrong CSRF token"})
         return self._act(request, path, user)
 
-    def _act(self, request: Any, path: List[bytes], user: str) -> bytes:
+    def _act(self, request: Any, path: List[bytes], user: str) -> Answer:
         console = self.console
         if path == [b"reload"]:
-            console.reload(user)
-            return _json(request, 200, {"reloaded": True})
+            return console.reload(user).addCallback(
+                lambda revoked: _json(
+                    request, 200, {"reloaded": True, "revoked": revoked}
+                )
+            )
         if len(path) == 3 and path[0] == b"tunnels" and path[2] == b"close":
             number = _tunnel_number(path[1])
             if number is None or not console.close_tunnel(number, user):

@@ -183,6 +183,15 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     #: The address an --outgoing set made a connection leave from (for the
     #: log): set only then.
     outgoing: Optional[str] = None
+    # i16-log: set only when an access log or revocation needs them.
+    #: The address a CONNECT reached (see ``commands/connect.py``).
+    resolved: Optional[Address] = None
+    #: The address the client connected to, for the access log.
+    listener: Optional[str] = None
+    #: A fingerprint of the password-file entry the user logged in with.
+    credential: Optional[bytes] = None
+    #: Why the connection was revoked (:mod:`twisted_socks5.revocation`).
+    revoked: Optional[str] = None
 
     # TimeoutMixin schedules through this, so tests drive it with a Clock.
     def callLater(self, delay: float, f: Callable[..., Any], *a: Any) -> Any:  # type: ignore[override]
@@ -337,6 +346,9 @@ class SOCKS5ServerProtocol(protocol.Protocol, TimeoutMixin):
     def _authenticated(self, event: Authenticated) -> None:
         if admission.authenticated(self, event):
             self.state = State.REQUEST
+            credentials = getattr(self.factory, "credentials", None)
+            if credentials is not None and self.user is not None:
+                self.credential = credentials.fingerprint(self.user)
 
     def handle_event(self, event: Event) -> None:
         """Act on a handshake event (also one a check answered later)."""

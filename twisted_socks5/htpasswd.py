@@ -324,6 +324,14 @@ class HtpasswdChecker:
                 event="socks5.htpasswd_mixed_costs",
             )
 
+    def entry(self, username: bytes) -> Optional[bytes]:
+        """The stored hash of ``username`` (revocation fingerprints it)."""
+        return self._users.get(username)
+
+    def entries(self) -> Dict[bytes, bytes]:
+        """Every user's stored hash, as last read."""
+        return dict(self._users)
+
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:  # type: ignore[override]
         self._load()
         username = credentials.username

@@ -162,10 +162,10 @@ def text_observer() -> TextLogObserver:
     return TextLogObserver(sys.stdout)
 
 
-def log_connection(log: Logger, protocol: Any, duration: float) -> None:
+def log_connection(log: Logger, protocol: Any, duration: float) -> LogEvent:
     """
     The connection's one log event (``socks5.connection``), from the
-    server protocol's facts at close.
+    server protocol's facts at close; returned for the access log.
     """
     request = protocol.request
     # Names, users and error messages come from the network: escaped
@@ -194,7 +194,7 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
     # Logger.emit would first check its level against a sorted list of
     # LogLevel constants, for every connection.
     log.observer(
-        {
+        event := {
             "log_logger": log,
             "log_level": LogLevel.info,
             "log_namespace": log.namespace,
@@ -224,3 +224,4 @@ def log_connection(log: Logger, protocol: Any, duration: float) -> None:
             "duration": duration,
         }
     )
+    return event

@@ -23,6 +23,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from ._version import version_line
+from .accesslog import Rotation
 from .addresses import by_family
 from .auth import (
     NoAuthAuthenticator,
@@ -449,6 +450,23 @@ _PARAMETERS: List[List[Any]] = [
         "the public address of a NAT in front (default: the address bound)",
         _addresses,
     ],
+    # i16-log: the access log.
+    [
+        "access-log",
+        None,
+        None,
+        "Write one JSON line per finished tunnel or refused request to this "
+        "file ('-': standard output); reopened on SIGHUP and SIGUSR1 "
+        "(logrotate).",
+    ],
+    [
+        "access-log-rotate",
+        None,
+        "none",
+        "How --access-log rotates: none (leave it to logrotate), daily, or "
+        "size:BYTES[:KEEP] (BYTES may end in K, M or G; KEEP old files).",
+        Rotation,
+    ],
     # i16-console: the live console
     [
         "admin",
@@ -505,6 +523,14 @@ class Options(usage.Options, AuthOptionMixin):
             None,
             "Relay UDP datagrams to a client from addresses it never sent to "
             "(needed by some NAT traversal); by default they are dropped.",
+        ],
+        # i16-log: revocation.
+        [
+            "keep-tunnels-on-reload",
+            None,
+            "On SIGHUP, re-read rules and password files but leave every open "
+            "tunnel as it is (by default those the new ones no longer allow "
+            "are closed).",
         ],
     ]
 
@@ -698,6 +724,15 @@ class Options(usage.Options, AuthOptionMixin):
             self["listen"] = [DEFAULT_LISTEN]
         if not self["allow-open-relay"]:
             refuse_open_relay(self["listen"], self._anonymous, self.policy)
+        # i16-log: workers append to one access log; one of them rotating
+        # it would pull it from under the others.
+        if isinstance(self["access-log-rotate"], str):
+            self["access-log-rotate"] = Rotation(self["access-log-rotate"])
+        if self["workers"] > 1 and self["access-log-rotate"].kind != "none":
+            raise usage.UsageError(
+                "--access-log-rotate cannot be combined with --workers: "
+                "rotate with logrotate (every worker reopens on SIGUSR1)"
+            )
         # i16-console: the live console
         if self["admin"] or self["admin-auth"]:
             self["admin"] = _admin_endpoint(self["admin"], self)

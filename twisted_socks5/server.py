@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .accesslog import AccessLog, address_text
 from .addresses import by_family
 from .admission import Admission
 from .auth import NoAuthAuthenticator
@@ -35,6 +36,7 @@ from .outbound import DirectConnector, IOutboundConnector
 from .outgoing import OutgoingAddresses
 from .reloading import reload_all, reloadables
 from .resolver import FamilyPreference
+from .revocation import Credentials, sweep
 from .rules import AllowAll, IPolicy
 from .selfnet import HostAddresses, default_host
 from .tunnel import ActivityWatch, Watched
@@ -126,6 +128,12 @@ class SOCKS5ServerFactory(Factory):
     :param prefer: ``--prefer``
         (:class:`~twisted_socks5.resolver.FamilyPreference`), applied to a
         name's addresses the rules allowed, for CONNECT and UDP.
+    :param access_log: an :class:`~twisted_socks5.accesslog.AccessLog`: one
+        JSON record per finished connection (``--access-log``).
+    :param revoke_on_reload: whether :meth:`reload` closes the open
+        connections the new rules or password files no longer allow
+        (:mod:`twisted_socks5.revocation`); ``False``:
+        ``--keep-tunnels-on-reload``.
     """
 
     log = Logger()
@@ -162,6 +170,8 @@ class SOCKS5ServerFactory(Factory):
         protect_host: Union[HostAddresses, str, None] = PROTECT_WHEN_EXPOSED,
         resolver: Optional[IHostnameResolver] = None,
         prefer: Optional[FamilyPreference] = None,
+        access_log: Optional[AccessLog] = None,
+        revoke_on_reload: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -228,6 +238,14 @@ class SOCKS5ServerFactory(Factory):
         self.metrics: Optional[Metrics] = None
         #: Who gets in: the connection and login gates (admission.py).
         self.admission = Admission(self)
+        #: ``--access-log``, or ``None`` (then nothing is done for it).
+        self.access_log = access_log
+        self.revoke_on_reload = revoke_on_reload
+        #: The password files whose entries a login's fingerprint is taken
+        #: from, when a reload revokes (else ``None``: nothing per login).
+        self.credentials: Optional[Credentials] = (
+            Credentials.of(self.authenticators) if revoke_on_reload else None
+        )
 
     @property
     def methods(self) -> list[int]:
@@ -326,6 +344,8 @@ class SOCKS5ServerFactory(Factory):
     def connection_opened(self, protocol: SOCKS5ServerProtocol) -> None:
         self.active.add(protocol)
         self.limits.opened(protocol.client_ip if protocol.identified else None)
+        if self.access_log is not None:
+            protocol.listener = address_text(protocol.transport.getHost())
 
     def reloadables(self) -> List[Any]:
         """
@@ -333,16 +353,25 @@ class SOCKS5ServerFactory(Factory):
         (plugins included), the credential checkers behind them, and the
         name resolver.
         """
-        return reloadables(
+        found = reloadables(
             self.protect_host, self.policy, self.authenticators, self.resolver
         )
+        if self.access_log is not None:
+            found.append(self.access_log)  # reopened, for logrotate
+        return found
 
-    def reload(self) -> None:
+    def reload(self) -> defer.Deferred[int]:
         """
-        Re-read configuration files (SIGHUP) without touching open tunnels;
-        a file that fails to load keeps its old contents, and the log says why.
+        Re-read configuration files (SIGHUP, the console's reload); a file
+        that fails to load keeps its old contents, and the log says why.
+        Then, unless ``revoke_on_reload`` is off, close the connections the
+        new configuration no longer allows: the Deferred fires with how
+        many, once all were looked at (:func:`~twisted_socks5.revocation.sweep`).
         """
         reload_all(self.reloadables(), self.log)
+        if not self.revoke_on_reload:
+            return defer.succeed(0)
+        return sweep(self)
 
     # Kept for one release: the gates are the factory's ``admission`` now
     # (:class:`~twisted_socks5.admission.Admission`), which does not call these.
@@ -392,4 +421,8 @@ class SOCKS5ServerFactory(Factory):
             drained, self._drained = self._drained, []
             for d in drained:
                 d.callback(None)
-        log_connection(self.log, protocol, self.reactor.seconds() - protocol.started)
+        event = log_connection(
+            self.log, protocol, self.reactor.seconds() - protocol.started
+        )
+        if self.access_log is not None:
+            self.access_log.finished(protocol, event)

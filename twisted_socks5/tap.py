@@ -28,6 +28,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ._version import version_line as version_line
+from .accesslog import AccessLog, Rotation
 from .exposure import protected_host
 from .exposure import warn_if_metrics_exposed as warn_if_metrics_exposed
 from .limits import ConnectionLimits
@@ -112,7 +113,16 @@ class SOCKS5Service(service.MultiService):
             timeout=self.drain_timeout,
         )
         drained = self.factory.drain(self.drain_timeout)
-        return gatherResults([stopped, drained], consumeErrors=True)
+        done = gatherResults([stopped, drained], consumeErrors=True)
+        access_log = self.factory.access_log
+        if access_log is not None:  # the drained tunnels' records too
+
+            def close(result: Any) -> Any:
+                access_log.close()
+                return result
+
+            done.addBoth(close)
+        return done
 
     def _listening(self, ports: List[Any]) -> None:
         self.ports = ports = [port for port in ports if port is not None]
@@ -219,6 +229,14 @@ def install_reload_signal(factory: SOCKS5ServerFactory) -> None:
         # ValueError: not the main thread (embedded, tests).
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, handler)
+    access_log = factory.access_log
+    if access_log is not None and hasattr(signal, "SIGUSR1"):
+
+        def reopen(signum: int, frame: Any) -> None:
+            factory.reactor.callFromThread(access_log.reopen)
+
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGUSR1, reopen)
 
 
 def describe_routes(
@@ -407,7 +425,24 @@ def build_factory(options: Options, reactor: Any) -> SOCKS5ServerFactory:
             auth_window=options["auth-failure-window"],
             ipv6_client_prefix=options["ipv6-client-prefix"],
         ),
+        # i16-log
+        access_log=open_access_log(options, reactor),
+        revoke_on_reload=not options["keep-tunnels-on-reload"],
     )
+
+
+def open_access_log(options: Options, reactor: Any) -> Optional[AccessLog]:
+    """``--access-log``, opened (a usage error if it cannot be)."""
+    path = options["access-log"]
+    if not path:
+        return None
+    rotation = options["access-log-rotate"]
+    try:
+        return AccessLog.open(
+            path, reactor, rotation if isinstance(rotation, Rotation) else None
+        )
+    except OSError as e:
+        raise SystemExit(f"twistd socks5: --access-log {path}: {e}") from None
 
 
 def _without_workers(argv: List[str]) -> List[str]:

@@ -173,11 +173,16 @@ class WorkerSupervisor(service.Service):
             event="socks5.listening",
         )
         signal.signal(signal.SIGHUP, self._forward_sighup)
+        # i16-log: the workers' access logs reopen on SIGUSR1 (logrotate).
+        signal.signal(signal.SIGUSR1, self._forward_sigusr1)
         for index in range(self.count):
             self._spawn(index)
 
     def _forward_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.signal_all, signal.SIGHUP)
+
+    def _forward_sigusr1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.signal_all, signal.SIGUSR1)
 
     def signal_all(self, signum: int) -> None:
         for worker in list(self.workers.values()):

@@ -213,7 +213,7 @@ async def test_close_one_tunnel(env: Any, events: Any) -> None:
     await until(lambda: closed(cut), "the tunnel's close")
     assert not closed(keep)
     lines = [x for x in events if x.get("event") == "socks5.connection"]
-    assert lines[-1]["outcome"] == "closed from the console by root"
+    assert lines[-1]["outcome"] == "revoked: closed from the console by root"
     # Closed already, unknown, not a number: 404, nothing else closed.
     for bad in (str(target), "999999", "abc", "-1", "1" * 40):
         response, _ = await e.call("POST", f"/api/tunnels/{bad}/close")
@@ -244,14 +244,19 @@ async def test_reload_is_sighups(env: Any, tmp_path: Any, events: Any) -> None:
     rules = tmp_path / "rules"
     rules.write_text("allow\n")
     e.factory.policy = RulesFile(str(rules))
-    rules.write_text("deny to 127.0.0.1/32\nallow\n")
+    alice = await e.tunnel("alice")
+    other = await e.tunnel(HOSTILE)
+    rules.write_text(f"deny user alice to 127.0.0.1 port {e.echo}\nallow\n")
     response, body = await e.call("GET", "/api/reload")
     assert response.code == 404  # never by GET
     assert len(e.factory.policy.rules.rules) == 1
     response, body = await e.call("POST", "/api/reload")
-    assert (response.code, json.loads(body)) == (200, {"reloaded": True})
+    assert (response.code, json.loads(body)) == (200, {"reloaded": True, "revoked": 1})
     assert len(e.factory.policy.rules.rules) == 2
     assert any(x.get("event") == "socks5.reloaded" for x in events)
+    # As on SIGHUP, the new rules revoke what they deny, and only that.
+    await until(lambda: closed(alice), "the revocation")
+    assert not closed(other)
 
 
 @pytest_twisted.ensureDeferred

@@ -56,6 +56,8 @@ class RequestContext(Protocol):
     bound: Optional[Address]
     #: The source an --outgoing set chose (for the log).
     outgoing: Optional[str]
+    #: The address a CONNECT reached, when known (access log, revocation).
+    resolved: Optional[Address]
     peer: Optional[Address]
     udp: Optional[UDPAssociation]
     #: Holds a UDP association's extra descriptors in the limits.

@@ -6,7 +6,7 @@ hand both connections to a :class:`~twisted_socks5.tunnel.Tunnel`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocol
@@ -110,11 +110,8 @@ def _route_resolved(
         getattr(ctx.factory, "prefer", None),
         address.host,
     )
-    d = _connect(
-        ctx,
-        ctx.factory.connector_for(decision.via),
-        Address.from_host(ip, address.port),
-    )
+    resolved = ctx.resolved = Address.from_host(ip, address.port)
+    d = _connect(ctx, ctx.factory.connector_for(decision.via), resolved)
     ctx.pending = d
     return d
 
@@ -155,8 +152,23 @@ def _connected(protocol: IProtocol, ctx: RequestContext) -> None:
     ctx.bound = bound if isinstance(bound, Address) else None
     if ctx.bound is None:
         ctx.bound = address_of(protocol.transport.getHost())
+    if ctx.resolved is None and getattr(ctx.factory, "access_log", None):
+        ctx.resolved = _reached(protocol.transport, ctx.request, bound)
     ctx.send_reply(ReplyCode.SUCCEEDED, ctx.bound)
     ctx.start_tunnel(protocol)
+
+
+def _reached(transport: Any, request: Optional[Request], bound: Any) -> Any:
+    """
+    The destination's address: the peer of a direct connection; through an
+    upstream (``bound`` set), the request's IP, or ``None`` for a name the
+    upstream resolved.
+    """
+    if not isinstance(bound, Address):
+        return address_of(transport.getPeer())
+    if request is not None and request.address.type is not AddressType.DOMAIN:
+        return request.address
+    return None
 
 
 def _connect_failed(failure: Failure, ctx: RequestContext) -> None:
