@@ -340,8 +340,9 @@ Answer = Union[bytes, "defer.Deferred[bytes]"]
 def _same_origin(request: Any) -> bool:
     """
     Whether a POST may act: it says it comes from this console (``Origin``
-    is the ``Host`` asked for, or absent, as from scripts; and no browser's
-    ``Sec-Fetch-Site`` says cross-site).
+    is the ``Host`` asked for, or absent, as from scripts, or ``null`` with
+    ``Sec-Fetch-Site: same-origin``; and no browser's ``Sec-Fetch-Site``
+    says cross-site).
     """
     site = request.getHeader(b"sec-fetch-site")
     if site is not None and site not in (b"same-origin", b"none"):
@@ -349,6 +350,10 @@ def _same_origin(request: Any) -> bool:
     origin = request.getHeader(b"origin")
     if origin is None:
         return True
+    if origin == b"null":
+        # A form's POST under "Referrer-Policy: no-referrer" says "null":
+        # only the browser's own word that it is same-origin will do.
+        return site == b"same-origin"
     host = request.getHeader(b"host")
     if host is None:
         return False

@@ -355,6 +355,26 @@ async def test_cross_site_login_and_logout_are_refused(env: Any) -> None:
         headers={"Origin": "http://evil.example"},
     )
     assert response.code == 403 and header(response, "set-cookie") is None
+    # A browser's form says "Origin: null" (the pages' Referrer-Policy is
+    # no-referrer): then only its Sec-Fetch-Site: same-origin lets it in.
+    login = {"user": "root", "password": "toor"}
+    for headers in (
+        {"Origin": "null"},
+        {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "null", "Sec-Fetch-Site": "same-site"},
+    ):
+        response, _ = await e.call(
+            "POST", "/login", auth=None, data=login, headers=headers
+        )
+        assert response.code == 403, headers
+    response, _ = await e.call(
+        "POST",
+        "/login",
+        auth=None,
+        data=login,
+        headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+    )
+    assert response.code == 303
     jar, csrf = await e.login()
     await e.call("POST", "/logout", auth=None, cookies=jar, data={"csrf": "wrong"})
     response, _ = await e.call("GET", "/api/tunnels", auth=None, cookies=jar)

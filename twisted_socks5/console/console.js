@@ -41,7 +41,7 @@
       n /= 1024;
       i += 1;
     }
-    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+    return (i ? n.toFixed(1) : String(Math.round(n))) + " " + units[i];
   }
 
   function seconds(s) {
