@@ -353,7 +353,7 @@ def _same_origin(request: Any) -> bool:
     if origin == b"null":
         # A form's POST under "Referrer-Policy: no-referrer" says "null":
         # only the browser's own word that it is same-origin will do.
-        return site == b"same-origin"
+        return bool(site == b"same-origin")
     host = request.getHeader(b"host")
     if host is None:
         return False
