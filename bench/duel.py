@@ -2,7 +2,8 @@
 """
 Judge a change by churn: two builds of the server on one core, at once.
 
-    python bench/duel.py OLD_TREE NEW_TREE [--rounds 3] [-- SERVER OPTIONS...]
+    python bench/duel.py OLD_TREE NEW_TREE [--rounds 3] [--b-options "..."]
+        [-- SERVER OPTIONS...]
 
 Full benchmark runs on a shared or virtual machine move by 15-25 % from one
 run to the next, more than most changes are worth.  Here both builds run
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -61,6 +63,12 @@ def main() -> int:
     parser.add_argument("new", type=Path, help="tree B (the change)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds a round")
+    parser.add_argument(
+        "--b-options",
+        default="",
+        help="options for B only, as one shell-quoted string: a feature turned "
+        "on against the same tree without it (e.g. an idle --admin console)",
+    )
     argv = sys.argv[1:]
     extra: List[str] = []
     if "--" in argv:  # what follows goes to both servers
@@ -78,7 +86,8 @@ def main() -> int:
     try:
         a = proxy("a", args.old.resolve(), twistd, pin.proxy, extra)
         procs.append(a)
-        b = proxy("b", args.new.resolve(), twistd, pin.proxy, extra)
+        b_extra = [*extra, *shlex.split(args.b_options)]
+        b = proxy("b", args.new.resolve(), twistd, pin.proxy, b_extra)
         procs.append(b)
         ratios: List[float] = []
         for round_ in range(1, args.rounds + 1):
