@@ -77,6 +77,8 @@ API_MODULES = [
     "commands",
     "tunnel",
     "relay",
+    "accesslog",
+    "revocation",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.

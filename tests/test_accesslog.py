@@ -238,6 +238,7 @@ HOSTILE = [
     'q"uote\\d.test',
     "esc\x1b[31m.test",
     "rtl\u202egnp.test",
+    "caf\u00e9.test",
     "-",
 ]
 
