@@ -334,7 +334,7 @@ class Throttled(Exception):
 
 
 #: What an API route gives: the body now, or later.
-Answer = Union[bytes, "defer.Deferred[bytes]"]
+_Answer = Union[bytes, "defer.Deferred[bytes]"]
 
 
 def _same_origin(request: Any) -> bool:
@@ -515,7 +515,7 @@ class ConsoleResource(resource.Resource):
             reason.trap(UnauthorizedLogin)
             return self._unauthorized(request)
 
-        def good(name: str) -> Answer:
+        def good(name: str) -> _Answer:
             return self._api_as(request, path, name, None)
 
         return _finish(request, d.addCallbacks(good, bad))
@@ -531,7 +531,7 @@ class ConsoleResource(resource.Resource):
 
     def _api_as(
         self, request: Any, path: List[bytes], user: str, session: Optional[Session]
-    ) -> Answer:
+    ) -> _Answer:
         method = request.method
         if method in (b"GET", b"HEAD"):
             if path == [b"tunnels"]:
@@ -551,7 +551,7 @@ class ConsoleResource(resource.Resource):
                 return _json(request, 403, {"error": "missing or wrong CSRF token"})
         return self._act(request, path, user)
 
-    def _act(self, request: Any, path: List[bytes], user: str) -> Answer:
+    def _act(self, request: Any, path: List[bytes], user: str) -> _Answer:
         console = self.console
         if path == [b"reload"]:
             return console.reload(user).addCallback(
@@ -600,6 +600,10 @@ def _finish(request: Any, d: defer.Deferred[bytes]) -> Any:
 
 class ConsoleSite(server.Site):
     """A site whose every answer carries the security headers."""
+
+    def __init__(self, root: resource.IResource) -> None:
+        """Serve ``root`` (a :class:`ConsoleResource`)."""
+        super().__init__(root)
 
     def getResourceFor(self, request: Any) -> Any:
         for name, value in SECURITY_HEADERS.items():
