@@ -598,12 +598,53 @@ def _finish(request: Any, d: defer.Deferred[bytes]) -> Any:
     return server.NOT_DONE_YET
 
 
+#: Request bodies (the login form, at most) are refused beyond this size:
+#: the form is there for anyone who can connect, before any login.
+MAX_BODY = 64 * 1024
+
+_TOO_LARGE = (
+    b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+
+
+class ConsoleRequest(server.Request):
+    """A request whose body is bounded by :data:`MAX_BODY`."""
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > MAX_BODY:
+            self._refuse()
+        super().gotLength(None if self._refused else length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(_TOO_LARGE)
+            transport.loseConnection()
+
+    def process(self) -> None:
+        if not self._refused:  # answered already
+            super().process()
+
+
 class ConsoleSite(server.Site):
     """A site whose every answer carries the security headers."""
 
     def __init__(self, root: resource.IResource) -> None:
         """Serve ``root`` (a :class:`ConsoleResource`)."""
-        super().__init__(root)
+        super().__init__(root, requestFactory=ConsoleRequest)
 
     def getResourceFor(self, request: Any) -> Any:
         for name, value in SECURITY_HEADERS.items():

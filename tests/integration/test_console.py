@@ -23,6 +23,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from twisted_socks5.admin import (
     COOKIE,
+    MAX_BODY,
     Console,
     ConsoleResource,
     ConsoleSite,
@@ -157,6 +158,8 @@ async def test_api_lists_tunnels_and_users(env: Any) -> None:
     await e.tunnel("alice")
     await e.tunnel("alice")
     await e.tunnel(HOSTILE)
+    # Nothing was kept for the console while nobody looked.
+    assert len(e.console._ids) == 0
     response, body = await e.call("GET", "/api/tunnels")
     assert response.code == 200
     assert header(response, "content-type") == "application/json; charset=utf-8"
@@ -487,3 +490,60 @@ async def test_over_tls_the_cookie_is_secure(make_proxy: Any, tmp_path: Any) -> 
         assert json.loads(await treq.content(response)) == []
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_large_bodies_are_refused_before_login(env: Any, chunked: bool) -> None:
+    from test_errors import exchange
+
+    e = env()
+    body = b"user=root&password=" + b"x" * (MAX_BODY + 1)
+    if chunked:
+        head = b"Transfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(
+            b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096])
+            for i in range(0, len(body), 4096)
+        )
+    else:  # refused on the declared length, before the body comes
+        head = b"Content-Length: %d\r\n\r\n" % (100 * MAX_BODY)
+        body = b"user=root"
+    answer = await exchange(
+        e.site_port.getHost().port,
+        b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n" + head + body,
+    )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.count(b"HTTP/1.1") == 1  # and nothing after it
+    # A form of a normal size still works.
+    jar, _ = await e.login()
+    assert jar
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_udp_association_is_listed_and_closed(env: Any) -> None:
+    from twisted_socks5.codec import Address, AddressType, Command, Request
+
+    e = env()
+    client = RawClient(
+        b"\x05\x01\x02"
+        + UserPassRequest(b"alice", b"s3cret").to_bytes()
+        + Request(
+            Command.UDP_ASSOCIATE, Address(AddressType.IPV4, "0.0.0.0", 0)
+        ).to_bytes()
+    )
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", e.port)
+    await connectProtocol(endpoint, client)
+    # Method choice (2), login status (2), the reply (10).
+    await until(lambda: len(b"".join(client.received)) >= 14, "the UDP reply")
+    _, body = await e.call("GET", "/api/tunnels")
+    [association] = json.loads(body)
+    assert (association["command"], association["state"]) == (
+        "udp associate",
+        "associated",
+    )
+    assert association["bytes_up"] == association["bytes_down"] == 0
+    response, _ = await e.call("POST", f"/api/tunnels/{association['id']}/close")
+    assert response.code == 200
+    await until(lambda: closed(client), "the association's close")
+    await until(lambda: not e.factory.active, "the factory's count")
