@@ -535,7 +535,7 @@ class ConsoleResource(resource.Resource):
         method = request.method
         if method in (b"GET", b"HEAD"):
             if path == [b"tunnels"]:
-                return _json(request, 200, self.console.tunnels())
+                return _json(request, 200, _filtered(request, self.console.tunnels()))
             if path == [b"users"]:
                 return _json(request, 200, self.console.users())
             if path == [b"session"]:
@@ -568,6 +568,20 @@ class ConsoleResource(resource.Resource):
             closed = console.close_user(_text(path[1]), user)
             return _json(request, 200, {"closed": closed})
         return _json(request, 404, {"error": "not found"})
+
+
+def _filtered(request: Any, tunnels: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``?user=NAME`` (exact) and ``?destination=TEXT`` (a part of it)."""
+    args = request.args or {}
+    user = args.get(b"user")
+    if user:
+        name = _text(user[0])
+        tunnels = [t for t in tunnels if t["user"] == name]
+    part = args.get(b"destination")
+    if part:
+        text = _text(part[0]).lower()
+        tunnels = [t for t in tunnels if text in (t["destination"] or "").lower()]
+    return tunnels
 
 
 def _tunnel_number(text: bytes) -> Optional[int]:

@@ -177,6 +177,16 @@ async def test_api_lists_tunnels_and_users(env: Any) -> None:
     ids = [t["id"] for t in tunnels]
     assert len(set(ids)) == 3
 
+    # Filters for scripts: a user exactly, a part of the destination.
+    _, body = await e.call("GET", f"/api/tunnels?user={quote(HOSTILE, safe='')}")
+    assert [t["id"] for t in json.loads(body)] == [ids[2]]
+    _, body = await e.call("GET", "/api/tunnels?user=ALICE")
+    assert json.loads(body) == []
+    _, body = await e.call("GET", f"/api/tunnels?destination=:{e.echo}")
+    assert len(json.loads(body)) == 3
+    _, body = await e.call("GET", "/api/tunnels?destination=example.org")
+    assert json.loads(body) == []
+
     response, body = await e.call("GET", "/api/users")
     users = json.loads(body)
     assert [(u["user"], u["tunnels"], u["bytes_up"]) for u in users] == [
