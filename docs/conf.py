@@ -79,6 +79,7 @@ API_MODULES = [
     "relay",
     "accesslog",
     "revocation",
+    "admin",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.
