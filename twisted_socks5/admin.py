@@ -627,6 +627,10 @@ class ConsoleRequest(server.Request):
     _received = 0
     _refused = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """As ``twisted.web.server.Request``'s."""
+        super().__init__(*args, **kwargs)
+
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > MAX_BODY:
             self._refuse()
