@@ -105,6 +105,9 @@ class Env:
             cookies=cookies,
             data=data,
             allow_redirects=False,
+            # No connection left open after the test (a descriptor count
+            # in another test would see it close later).
+            persistent=False,
         )
         return response, await treq.content(response)
 
