@@ -664,6 +664,16 @@ class ConsoleSite(server.Site):
         """Serve ``root`` (a :class:`ConsoleResource`)."""
         super().__init__(root, requestFactory=ConsoleRequest)
 
+    def startFactory(self) -> None:
+        """
+        No request log, and so none of its once-a-second clock: a page
+        polling would add two lines every two seconds to the server's log,
+        which has the console's logins and actions already.
+        """
+
+    def log(self, request: Any) -> None:
+        """Requests are not logged (see :meth:`startFactory`)."""
+
     def getResourceFor(self, request: Any) -> Any:
         for name, value in SECURITY_HEADERS.items():
             request.setHeader(name, value)

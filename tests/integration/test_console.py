@@ -200,6 +200,20 @@ async def test_api_lists_tunnels_and_users(env: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_idle_console_has_no_timer_and_polls_are_not_logged(
+    env: Any, events: Any
+) -> None:
+    calls = len(reactor.getDelayedCalls())
+    e = env()
+    for _ in range(3):
+        response, _ = await e.call("GET", "/api/tunnels")
+        assert response.code == 200
+    assert not [x for x in events if "/api/tunnels" in repr(x)]
+    # Nothing scheduled on the console's behalf (HTTP connections are gone).
+    await until(lambda: len(reactor.getDelayedCalls()) <= calls, "the timers' end")
+
+
+@pytest_twisted.ensureDeferred
 async def test_ids_are_stable_and_never_reused(env: Any) -> None:
     e = env()
     one = await e.tunnel("alice")
