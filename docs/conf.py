@@ -87,6 +87,7 @@ API_MODULES = [
     "resp",
     "accesslog",
     "revocation",
+    "admin",
 ]
 #: Modules in progress, not in the API reference yet: their names are not
 #: cross-referenced.  Move a module to API_MODULES once docs/api has its page.

@@ -529,3 +529,35 @@ def test_bandwidth_lines_reach_the_bandwidth_module(
         [BandwidthLimit(524288.0, "per-user", "user:alice")],
     )
     assert plain.protocol.tunnel is None and len(calls) == 2
+
+
+def test_the_console_sees_what_the_limits_hold_of_a_user() -> None:
+    server = Server(
+        "limit user alice sessions 3\n"
+        "limit user alice quota 1MiB/day\n"
+        "limit user alice bandwidth 1MiB/s per-user\n"
+        "allow user *\n"
+    )
+    assert server.factory.user_limits("alice") == {
+        "sessions": 0,
+        "quotas": [],
+        "bandwidth": [],
+    }
+    first = server.request().connected()
+    server.request().connected()
+    first.protocol.counters.bytes_down += 1000
+    server.limiter.flush()
+    view = server.factory.user_limits("alice")
+    assert view["sessions"] == 2
+    (quota,) = view["quotas"]
+    assert quota["limit"] == 1 << 20 and quota["used"] == 1000
+    assert quota["line"] == "limits.rules:2: limit user alice quota 1MiB/day"
+    assert len(view["bandwidth"]) == 1
+    assert server.factory.user_limits("bob")["sessions"] == 0
+    first.close()
+    assert server.factory.user_limits("alice")["sessions"] == 1
+
+
+def test_a_factory_without_limits_shows_none() -> None:
+    factory = SOCKS5ServerFactory(reactor=UDPReactor())
+    assert factory.user_limits("alice") is None

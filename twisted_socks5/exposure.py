@@ -195,3 +195,36 @@ def refuse_split_limits_on_reload(policy: Any, store: str) -> None:
             )
 
     policy.guard = guard
+
+
+def refuse_console_without_password(description: str, checkers: Sequence[Any]) -> None:
+    """
+    The live console (--admin) closes tunnels and reloads the
+    configuration: it never starts without --admin-auth.  The message says
+    who could otherwise use it: other hosts, or every local user and
+    every page a local browser opens.
+    """
+    if checkers:
+        return
+    who = (
+        "it can be reached from other hosts"
+        if exposed(description)
+        else "every local user (and any web page a browser here opens) could use it"
+    )
+    raise usage.UsageError(
+        f"refusing to start the console on {description} without a password: "
+        f"{who}.  Give --admin-auth (e.g. --admin-auth file:/etc/socks5-admins)."
+    )
+
+
+def warn_if_console_in_clear(description: str) -> bool:
+    """Passwords cross the network in clear to a plain TCP console: say so."""
+    if description.startswith(("ssl:", "tls:")) or not exposed(description):
+        return False
+    log.warn(
+        "--admin {endpoint} can be reached from other hosts without TLS: "
+        "console passwords and cookies cross the network in clear; use ssl:",
+        endpoint=description,
+        event="socks5.console_in_clear",
+    )
+    return True

@@ -24,6 +24,8 @@ from .rules.limit import BandwidthLimit, LimitLine
 
 #: How often the bytes of live tunnels are added to their quotas (seconds).
 DEFAULT_FLUSH_INTERVAL = 5.0
+#: Users whose last known quota usage the console can show.
+USAGE_SHOWN = 65536
 #: --limits-on-store-failure values.
 STORE_FAILURE_MODES = ("open", "closed")
 
@@ -158,6 +160,9 @@ class Limiter:
         #: Whether the store failed last time it was asked (logged once).
         self.store_down = False
         self._flushing: Optional[task.LoopingCall] = None
+        #: The last usage the store reported, by (who, period): what the
+        #: console shows, with no store call while nobody looks.
+        self.usage: Dict[Tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"<limits of the rules, store {self.store!r}>"
@@ -469,6 +474,11 @@ class Limiter:
 
     def _used(self, total: int, who: str, line: LimitLine) -> None:
         self._store_answered()
+        usage, key = self.usage, (who, line.period)
+        usage.pop(key, None)  # the newest last, the oldest forgotten first
+        usage[key] = total
+        if len(usage) > USAGE_SHOWN:
+            del usage[next(iter(usage))]
         if total >= line.nbytes:
             self.used_up(who, line.period, total)
 
@@ -493,6 +503,34 @@ class Limiter:
         ctx.rule = f"limit {line.description}"
         ctx.outcome = f"quota used up: limit {line.description}"
         ctx.transport.abortConnection()
+
+    def user_view(self, user: str) -> Dict[str, Any]:
+        """
+        What the limits hold of ``user`` now, for the console: sessions
+        open, and the quotas and bandwidth lines of their live tunnels
+        (usage as of the last flush, ``None`` before the first).
+        """
+        who = f"user:{user}"
+        sessions = 0
+        quotas: Dict[str, Dict[str, Any]] = {}
+        bandwidth: Set[str] = set()
+        for ctx in self.live:
+            held = ctx.limited
+            if held is None or held.who != who:
+                continue
+            sessions += held.session is not None
+            for line in held.quotas:
+                quotas[line.description] = {
+                    "line": line.description,
+                    "limit": line.nbytes,
+                    "used": self.usage.get((who, line.period)),
+                }
+            bandwidth.update(line.description for line in held.bandwidth)
+        return {
+            "sessions": sessions,
+            "quotas": sorted(quotas.values(), key=lambda q: str(q["line"])),
+            "bandwidth": sorted(bandwidth),
+        }
 
     # -- reload --------------------------------------------------------
 

@@ -531,6 +531,16 @@ _PARAMETERS: List[List[Any]] = [
         "size:BYTES[:KEEP] (BYTES may end in K, M or G; KEEP old files).",
         Rotation,
     ],
+    # i16-console: the live console
+    [
+        "admin",
+        None,
+        None,
+        "Serve the live console (open tunnels, per-user totals, close, "
+        "reload) and its JSON API on this endpoint, e.g. "
+        "tcp:8081:interface=127.0.0.1 or ssl:8443:...; needs --admin-auth; "
+        "not with --workers (default: off).",
+    ],
 ]
 
 
@@ -603,6 +613,8 @@ class Options(usage.Options, AuthOptionMixin):
         self["upstreams"] = {}
         #: --outgoing address lists by route name; ``None``: the default set.
         self["outgoing"] = {}
+        #: --admin-auth's checkers (i16-console).
+        self["admin-auth"] = []
 
     def opt_upstream(self, spec: str) -> None:
         from twisted.internet import reactor
@@ -684,6 +696,15 @@ class Options(usage.Options, AuthOptionMixin):
         AuthOptionMixin.opt_auth(self, description)
 
     opt_auth.__doc__ = AuthOptionMixin.opt_auth.__doc__
+
+    def opt_admin_auth(self, description: str) -> None:
+        self["admin-auth"].append(_admin_checker(description))
+
+    opt_admin_auth.__doc__ = (
+        "A twisted.cred checker (as --auth takes: memory:, file:, unix, "
+        "htpasswd:...) for the --admin console's users, separate from the "
+        "SOCKS users; repeatable."
+    )
 
     def opt_method(self, spec: str) -> None:
         name, _, argument = spec.partition(":")
@@ -788,6 +809,9 @@ class Options(usage.Options, AuthOptionMixin):
                 "--access-log-rotate cannot be combined with --workers: "
                 "rotate with logrotate (every worker reopens on SIGUSR1)"
             )
+        # i16-console: the live console
+        if self["admin"] or self["admin-auth"]:
+            self["admin"] = _admin_endpoint(self["admin"], self)
 
     def _anonymous(self) -> bool:
         """Whether a client may use the proxy without a password."""
@@ -821,6 +845,49 @@ def _metrics_endpoint(description: str) -> str:
         serverFromString(reactor, escaped)
     except Exception as e:  # noqa: BLE001 - any parser error is a usage error
         raise usage.UsageError(f"--metrics {description!r}: {e}") from None
+    return escaped
+
+
+def _admin_checker(description: str) -> Any:
+    """An --admin-auth checker: one of usernames and passwords."""
+    from twisted.cred import strcred
+
+    problem = unusable_credentials(description)
+    kind = description.partition(":")[0]
+    if problem is not None:
+        raise usage.UsageError(f"--admin-auth {kind}: {problem}")
+    try:
+        checker = strcred.makeChecker(description)
+    except Exception as e:  # noqa: BLE001 - any checker error is a usage error
+        raise usage.UsageError(f"--admin-auth {kind}: {e}") from None
+    if IUsernamePassword not in checker.credentialInterfaces:
+        raise usage.UsageError(
+            f"--admin-auth {kind}: the console needs a username/password checker"
+        )
+    _bytes_memory_checkers([checker])
+    return checker
+
+
+def _admin_endpoint(description: Optional[str], options: Options) -> str:
+    """A usable --admin endpoint, or a usage error that says why not."""
+    from .exposure import refuse_console_without_password
+
+    if not description:
+        raise usage.UsageError("--admin-auth is for the console: give --admin too")
+    if options["workers"] > 1:
+        raise usage.UsageError(
+            "--admin shows one process's tunnels: it cannot be combined with "
+            "--workers (each worker holds its own; run one process, or use "
+            "each worker's log)"
+        )
+    from twisted.internet import reactor
+
+    escaped = escape_ipv6_interface(description)
+    try:
+        serverFromString(reactor, escaped)
+    except Exception as e:  # noqa: BLE001 - any parser error is a usage error
+        raise usage.UsageError(f"--admin {description!r}: {e}") from None
+    refuse_console_without_password(escaped, options["admin-auth"])
     return escaped
 
 

@@ -454,6 +454,11 @@ class SOCKS5ServerFactory(Factory):
         self.metrics = Metrics(self, registry)
         return self.metrics
 
+    def user_limits(self, user: str) -> Optional[Dict[str, Any]]:
+        """What the rules' limits hold of ``user`` (the console's view)."""
+        limiter = self.limiter
+        return None if limiter is None else limiter.user_view(user)
+
     def connection_closed(
         self, protocol: SOCKS5ServerProtocol, reason: Failure
     ) -> None:

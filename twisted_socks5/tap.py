@@ -511,4 +511,13 @@ def makeService(options: Options) -> service.IService:
         warn_if_metrics_exposed(options["metrics"])
         endpoint = serverFromString(reactor, escape_ipv6_interface(options["metrics"]))
         ListeningService(endpoint, site).setServiceParent(top)
+    # i16-console: the live console
+    if options["admin"]:
+        from .admin import console_site
+        from .exposure import warn_if_console_in_clear
+
+        warn_if_console_in_clear(options["admin"])
+        console = console_site(factory, options["admin-auth"])
+        endpoint = serverFromString(reactor, options["admin"])
+        ListeningService(endpoint, console).setServiceParent(top)
     return top
