@@ -236,6 +236,17 @@ def test_another_protocol_is_named(tmp_path: Path) -> None:
     assert record["protocol"] == "socks4"
 
 
+def test_http_requests_are_recorded_as_http(tmp_path: Path) -> None:
+    logged = Logged(tmp_path, protocols=("socks5", "http"), protect_host=None)
+    h = logged.connection()
+    h.send(b"CONNECT 127.0.0.1:8080 HTTP/1.1\r\nHost: x\r\n\r\n")
+    h.connector.succeed()
+    record = logged.one(h)
+    assert record["protocol"] == "http"
+    assert record["command"] == "connect" and record["outcome"] == "success"
+    assert record["destination"] == "127.0.0.1:8080"
+
+
 def test_a_limit_line_that_refused_is_named(tmp_path: Path) -> None:
     rules = RuleSet.parse("limit from 127.0.0.0/8 sessions 1\nallow")
     logged = Logged(tmp_path, policy=rules, protect_host=None)

@@ -30,7 +30,8 @@ from twisted_socks5.auth import UsernamePasswordAuthenticator
 from twisted_socks5.splice import splice_available
 
 CURL = shutil.which("curl")
-NC = "/usr/bin/nc" if os.path.exists("/usr/bin/nc") else None
+# OpenBSD netcat (its -X/-x proxy options): nc.openbsd where ncat owns "nc".
+NC = shutil.which("nc.openbsd") or shutil.which("nc")
 GIT = shutil.which("git")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
@@ -242,7 +243,9 @@ async def test_curl_refusals(make_proxy: Any) -> None:
 # nc, git
 
 
-@pytest.mark.skipif(NC is None, reason="OpenBSD nc is not at /usr/bin/nc")
+@pytest.mark.skipif(
+    NC is None, reason="OpenBSD netcat (nc.openbsd or nc) is not installed"
+)
 @pytest_twisted.ensureDeferred
 async def test_nc_connect(make_proxy: Any, origin: Any) -> None:
     _, port = make_proxy(protocols=HTTP)

@@ -28,7 +28,8 @@ from twisted_socks5.rules import RuleSet
 BOTH = ("socks5", "socks4")
 GET = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
 HELLO = b"hello through socks\n"
-NC = shutil.which("nc")
+# OpenBSD netcat (its -X/-x proxy options): nc.openbsd where ncat owns "nc".
+NC = shutil.which("nc.openbsd") or shutil.which("nc")
 
 
 def _openbsd_netcat() -> bool:
@@ -115,8 +116,12 @@ async def test_curl_socks4_refused_when_not_enabled(
 
 
 @needs_nc
+@pytest.mark.parametrize("version", ["4", "5"])
 @pytest_twisted.ensureDeferred
-async def test_netcat_socks4(make_proxy: Any, http_target: Any) -> None:
+async def test_netcat_socks4_and_socks5_on_one_port(
+    make_proxy: Any, http_target: Any, version: str
+) -> None:
+    # netcat-openbsd checks the reply's address type strictly (sing-box#356).
     _, port = make_proxy(protocols=BOTH)
     argv = [
         str(NC),
@@ -124,7 +129,7 @@ async def test_netcat_socks4(make_proxy: Any, http_target: Any) -> None:
         "-w",
         "20",
         "-X",
-        "4",
+        version,
         "-x",
         f"127.0.0.1:{port}",
         "127.0.0.1",
