@@ -228,6 +228,10 @@ def _status_text(status: int, why: str) -> str:
 # The client side: twisted.web's channel, bounded
 
 
+#: The versions a client may speak to the proxy.
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+
+
 class _ProxyRequest(http.Request):
     """One request on the channel; the connection handles it."""
 
@@ -253,6 +257,12 @@ class _ProxyRequest(http.Request):
             self.content.seek(0, 0)
         self.args = {}
         self.method, self.uri, self.path = command, path, path
+        if version not in _VERSIONS:
+            # Answered in HTTP/1.1 whatever it claimed (Twisted before 24
+            # would echo "HTTP/2" or anything else in the status line).
+            self.clientproto = b"HTTP/1.1"
+            self.channel.refuse(505, f"HTTP version {version[:16]!r} not supported")
+            return
         self.clientproto = version
         self.process()
 
