@@ -677,6 +677,10 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
             self._throttled(request)
             return
         self.accepted = value
+        # The password files' users: fingerprinted for revocation.
+        credentials = getattr(self.factory, "credentials", None)
+        if credentials is not None and self.user is not None:
+            self.credential = credentials.fingerprint(self.user)
         self.serve(request)
 
     def _failed_login(self, request: _ProxyRequest, why: str) -> None:
