@@ -998,10 +998,10 @@ class _Forward:
         handler = handler_for(self, self.socks)
         if handler is not None:
             socks = self.socks
+            # Its session, and its bytes for the quotas, end with it (also
+            # when a remote store admits it later than this call).
+            self.http.notifyFinish().addBoth(self._limits_done)
             within_limits(self, socks, handler, lambda: handler.handle(self, socks))
-            if self.limited is not None:
-                # Its session, and its bytes for the quotas, end with it.
-                self.http.notifyFinish().addBoth(self._limits_done)
         return d
 
     def _limits_done(self, result: Any) -> None:
