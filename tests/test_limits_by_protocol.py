@@ -152,3 +152,17 @@ def test_a_forwarded_request_releases_its_session_with_a_remote_store() -> None:
         origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         assert status_of(h.take()) == 200
     assert not h.factory.limiter.live
+
+
+def test_a_forwarded_request_body_counts_against_the_quota() -> None:
+    # The body was counted before the request was admitted, so into the
+    # baseline the quota's bytes are reckoned from: uploads went uncounted.
+    h = limited("limit from 127.0.0.0/8 quota 1000B/day\nallow")
+    post = b"POST http://127.0.0.1:8080/ HTTP/1.1\r\nContent-Length: 5000\r\n\r\n"
+    h.send(post + b"x" * 5000)
+    origin, _ = h.connector.succeed()
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert status_of(h.take()) == 204
+    h.send(GET)
+    assert status_of(h.take()) == 403
+    assert len(h.connector.calls) == 1

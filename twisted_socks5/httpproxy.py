@@ -858,6 +858,8 @@ class _Forward:
     binding: Any = None
     peer: Optional[Address] = None
     request: Optional[Request]
+    #: The request body's bytes (sent to the origin once connected).
+    body_size = 0
 
     def __init__(
         self,
@@ -978,6 +980,8 @@ class _Forward:
             peer.transport.abortConnection()
             return
         self.link = peer
+        # Counted once admitted: the quotas reckon from the bytes before.
+        self.counters.bytes_up += self.body_size
         app = self.app_factory.buildProtocol(None)
         peer.attach(app, self.counters)
         d.callback(app)
@@ -1019,9 +1023,8 @@ class _Forward:
             request.requestHeaders.hasHeader(b"content-length")
             or request.requestHeaders.hasHeader(b"transfer-encoding")
         ):
-            size = content.seek(0, 2)
+            self.body_size = content.seek(0, 2)
             content.seek(0, 0)
-            self.counters.bytes_up += size
             body = FileBodyProducer(content)
         reactor = connection.factory.reactor
         agent = Agent.usingEndpointFactory(
