@@ -34,7 +34,7 @@ import base64
 import binascii
 import ipaddress
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -235,6 +235,9 @@ class _ProxyRequest(http.Request):
     #: The client went away (``http.Request`` keeps that private).
     gone = False
     body_size = 0
+    #: Its credentials are checked before its body is read (see
+    #: :meth:`HTTPProxyConnection.check_before_body`).
+    early_check = False
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
@@ -281,6 +284,9 @@ class _Channel(http.HTTPChannel):
         self.head_bytes = 0
         #: A CONNECT's head is in: what follows is for its tunnel.
         self.tunneling = False
+        #: A body's bytes held while its request's credentials are checked.
+        self.held: Optional[List[bytes]] = None
+        self.held_size = 0
 
     def callLater(self, delay: float, f: Any, *a: Any) -> Any:  # type: ignore[override]
         return self.proxy.factory.reactor.callLater(delay, f, *a)
@@ -320,7 +326,26 @@ class _Channel(http.HTTPChannel):
             self.proxy.early_data(data)
             return
         self.proxy.body_data()
+        held = self.held
+        if held is not None:
+            held.append(data)
+            self.held_size += len(data)
+            if self.held_size > EARLY_DATA_PAUSE:
+                self.proxy.transport.pauseProducing()
+            return
         super().rawDataReceived(data)
+
+    def release_body(self) -> None:
+        """The credentials are good: read the body held meanwhile, and on."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        if self.held_size > EARLY_DATA_PAUSE:
+            self.proxy.transport.resumeProducing()
+        self.held_size = 0
+        data = b"".join(held)
+        if data:
+            self.rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > MAX_BODY:
@@ -329,6 +354,12 @@ class _Channel(http.HTTPChannel):
             return
         super().allHeadersReceived()
         self.proxy.head_ended()
+        if self.length != 0:  # a body follows: read only once authorized
+            request = self.requests[-1]
+            # What requestReceived sets, for an answer before it.
+            request.method, request.uri = self._command, self._path
+            request.path, request.clientproto = self._path, self._version
+            self.proxy.check_before_body(request)
 
     def requestDone(self, request: Any) -> None:
         self.proxy.request_done(request, bool(self.persistent))
@@ -512,7 +543,7 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         request.setHeader(b"content-length", b"%d" % len(body))
         for name, value in (headers or {}).items():
             request.setHeader(name, value)
-        if close:
+        if close or request.early_check:  # (its body was not read)
             request.setHeader(b"connection", b"close")
             if request.channel is not None:
                 request.channel.persistent = False
@@ -593,17 +624,37 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
                 self.channel.tunneling = True
         self.authorize(request)
 
-    def authorize(self, request: _ProxyRequest) -> None:
-        """Serve ``request`` once its Proxy-Authorization is checked."""
-        factory: Any = self.factory
-        authenticators = factory.authenticators
+    def _methods(self) -> Tuple[Any, bool]:
+        """The username/password authenticator (or None), and whether anonymous."""
         checker = None
         anonymous = False
-        for authenticator in authenticators:
+        factory: Any = self.factory
+        for authenticator in factory.authenticators:
             if authenticator.method == Method.USERNAME_PASSWORD and checker is None:
                 checker = authenticator
             elif authenticator.method == Method.NO_AUTHENTICATION:
                 anonymous = True
+        return checker, anonymous
+
+    def check_before_body(self, request: _ProxyRequest) -> None:
+        """
+        A request whose body follows, on a server that wants a password:
+        its credentials are checked first, its body held meanwhile, so that
+        no client without them has a body stored (up to ``MAX_BODY``).
+        """
+        checker, anonymous = self._methods()
+        value = request.getHeader(b"proxy-authorization")
+        if anonymous or checker is None or self.channel is None:
+            return
+        if value is not None and value == self.accepted:
+            return
+        request.early_check = True
+        self.channel.held = []
+        self.authorize(request)
+
+    def authorize(self, request: _ProxyRequest) -> None:
+        """Serve ``request`` once its Proxy-Authorization is checked."""
+        checker, anonymous = self._methods()
         value = request.getHeader(b"proxy-authorization")
         if value is None or checker is None:
             if anonymous:
@@ -708,6 +759,11 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
 
     def serve(self, request: _ProxyRequest) -> None:
         """An authorized request: a tunnel, or a request forwarded."""
+        if request.early_check:  # authorized before its body: read it now
+            request.early_check = False
+            if self.channel is not None:
+                self.channel.release_body()
+            return
         try:
             if request.method == b"CONNECT":
                 address = parse_authority(request.uri)
