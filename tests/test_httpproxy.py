@@ -752,3 +752,57 @@ def test_other_credentials_on_the_same_connection_are_checked_again() -> None:
     assert status_of(h.take()) == 407
     assert len(h.connector.calls) == 2
     assert h.closing
+
+
+@pytest.mark.parametrize("auth", [b"", b"Proxy-Authorization: " + BAD + b"\r\n"])
+def test_a_body_is_not_read_before_its_credentials_are_checked(auth: bytes) -> None:
+    # A body was read whole (to a temporary file past 100 kB, up to
+    # MAX_BODY) before Proxy-Authorization was looked at: anyone could
+    # fill the proxy's disk, a connection at a time.
+    h = with_auth()
+    h.send(
+        b"POST http://127.0.0.1/ HTTP/1.1\r\nContent-Length: 50000000\r\n"
+        + auth
+        + b"\r\n"
+    )
+    answer = h.take()
+    assert status_of(answer) == 407
+    assert b"proxy-authenticate" in answer.lower()
+    assert h.closing
+    h.send(b"x" * 100000)
+    assert not h.connector.calls
+
+
+def test_a_body_is_held_until_its_credentials_are_good() -> None:
+    h = with_auth()
+    h.send(
+        b"POST http://127.0.0.1/ HTTP/1.1\r\nContent-Length: 5\r\n"
+        b"Proxy-Authorization: " + GOOD + b"\r\n\r\nhello"
+    )
+    origin, transport = h.connector.succeed()
+    assert b"Content-Length: 5\r\n" in transport.value()  # its body follows
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert status_of(h.take()) == 204
+    # Accepted on this connection: the next body is not held.
+    h.send(
+        b"POST http://127.0.0.1/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Proxy-Authorization: " + GOOD + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    assert len(h.connector.calls) == 2
+
+
+def test_a_body_sent_during_a_slow_check_is_held_then_read() -> None:
+    checker = _SlowChecker()
+    h = harness(authenticators=[UsernamePasswordAuthenticator.from_checkers(checker)])
+    size = 200 * 1024
+    h.send(
+        b"POST http://127.0.0.1/ HTTP/1.1\r\nContent-Length: %d\r\n"
+        b"Proxy-Authorization: %s\r\n\r\n" % (size, GOOD)
+    )
+    h.send(b"x" * size)
+    assert h.transport.producerState == "paused"  # past what it holds
+    assert not h.connector.calls
+    checker.waiting[0][1].callback(b"alice")
+    assert h.transport.producerState == "producing"
+    assert len(h.connector.calls) == 1
+    assert h.protocol.current.body_size == size

@@ -7,9 +7,10 @@ answered.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
+from twisted.internet.defer import Deferred
 
 from twisted_socks5.codec import ReplyCode
 from twisted_socks5.limitstore import MemoryLimitStore
@@ -112,3 +113,56 @@ def test_a_limit_line_can_name_the_protocol() -> None:
     protocol, transport = another(h)
     protocol.dataReceived(CONNECT)
     assert status_of(transport.value()) == 403
+
+
+class LaterStore(MemoryLimitStore):
+    """A store that answers on a later turn (as Redis does): :meth:`answer`."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.waiting: List[Tuple[Deferred[Any], Any]] = []
+
+    def open_session(self, key: str, maximum: int) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        self.waiting.append((d, super().open_session(key, maximum)))
+        return d
+
+    def answer(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, answer in waiting:
+            answer.chainDeferred(d)
+
+
+def test_a_forwarded_request_releases_its_session_with_a_remote_store() -> None:
+    # The session was only released when the store had answered within the
+    # request's own call: with a remote store it stayed held (and the
+    # request in the limiter's live set) once the answer was sent.
+    h = Harness(
+        protocols=HTTP,
+        protect_host=None,
+        policy=RuleSet.parse("limit from 127.0.0.0/8 sessions 1\nallow"),
+    )
+    store = LaterStore(h.reactor)
+    h.factory.enable_limits(store).start()
+    for n in (1, 2):
+        h.send(GET)
+        store.answer()
+        assert len(h.connector.calls) == n, h.take()
+        origin, _ = h.connector.succeed()
+        origin.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        assert status_of(h.take()) == 200
+    assert not h.factory.limiter.live
+
+
+def test_a_forwarded_request_body_counts_against_the_quota() -> None:
+    # The body was counted before the request was admitted, so into the
+    # baseline the quota's bytes are reckoned from: uploads went uncounted.
+    h = limited("limit from 127.0.0.0/8 quota 1000B/day\nallow")
+    post = b"POST http://127.0.0.1:8080/ HTTP/1.1\r\nContent-Length: 5000\r\n\r\n"
+    h.send(post + b"x" * 5000)
+    origin, _ = h.connector.succeed()
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert status_of(h.take()) == 204
+    h.send(GET)
+    assert status_of(h.take()) == 403
+    assert len(h.connector.calls) == 1

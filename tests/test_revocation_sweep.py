@@ -160,3 +160,37 @@ def test_socks4_and_http_tunnels_are_judged_as_they_asked() -> None:
     )
     assert sweep(factory).result == 2
     assert all(p.transport.aborted for p in opened)
+
+
+def test_http_logins_are_revoked_when_the_user_is_removed() -> None:
+    # A CONNECT tunnel and an idle keep-alive connection that logged in with
+    # Proxy-Authorization: both held alice's login past her removal, and the
+    # keep-alive one served her next request without checking it again.
+    checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"pw")
+    factory, connector = server(
+        protocols=("socks5", "http"),
+        authenticators=[UsernamePasswordAuthenticator.from_checkers(checker)],
+        protect_host=None,
+    )
+    auth = b"Proxy-Authorization: Basic YWxpY2U6cHc=\r\n\r\n"
+    opened = []
+    for i, head in enumerate(
+        (
+            b"CONNECT 127.0.0.1:8080 HTTP/1.1\r\n",
+            b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: a\r\n",
+        )
+    ):
+        protocol = factory.buildProtocol(CLIENT)
+        peer = IPv4Address("TCP", "127.0.0.1", 42000 + i)
+        protocol.makeConnection(HalfCloseTransport(SERVER, peer))
+        protocol.dataReceived(head + auth)
+        origin, _ = connector.succeed()
+        opened.append(protocol)
+    origin.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    tunnel, idle = opened
+    assert tunnel.state is State.RELAYING and idle.state is State.REQUEST
+    assert b" 204 " in idle.transport.value()
+    del checker.users[b"alice"]
+    assert sweep(factory).result == 2
+    assert all(p.transport.aborted for p in opened)
+    assert idle.revoked == "user removed from the password file"

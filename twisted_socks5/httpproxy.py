@@ -34,7 +34,7 @@ import base64
 import binascii
 import ipaddress
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
@@ -239,6 +239,9 @@ class _ProxyRequest(http.Request):
     #: The client went away (``http.Request`` keeps that private).
     gone = False
     body_size = 0
+    #: Its credentials are checked before its body is read (see
+    #: :meth:`HTTPProxyConnection.check_before_body`).
+    early_check = False
 
     def connectionLost(self, reason: Failure) -> None:
         self.gone = True
@@ -291,6 +294,9 @@ class _Channel(http.HTTPChannel):
         self.head_bytes = 0
         #: A CONNECT's head is in: what follows is for its tunnel.
         self.tunneling = False
+        #: A body's bytes held while its request's credentials are checked.
+        self.held: Optional[List[bytes]] = None
+        self.held_size = 0
 
     def callLater(self, delay: float, f: Any, *a: Any) -> Any:  # type: ignore[override]
         return self.proxy.factory.reactor.callLater(delay, f, *a)
@@ -330,7 +336,26 @@ class _Channel(http.HTTPChannel):
             self.proxy.early_data(data)
             return
         self.proxy.body_data()
+        held = self.held
+        if held is not None:
+            held.append(data)
+            self.held_size += len(data)
+            if self.held_size > EARLY_DATA_PAUSE:
+                self.proxy.transport.pauseProducing()
+            return
         super().rawDataReceived(data)
+
+    def release_body(self) -> None:
+        """The credentials are good: read the body held meanwhile, and on."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        if self.held_size > EARLY_DATA_PAUSE:
+            self.proxy.transport.resumeProducing()
+        self.held_size = 0
+        data = b"".join(held)
+        if data:
+            self.rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
         if self.length is not None and self.length > MAX_BODY:
@@ -339,6 +364,12 @@ class _Channel(http.HTTPChannel):
             return
         super().allHeadersReceived()
         self.proxy.head_ended()
+        if self.length != 0:  # a body follows: read only once authorized
+            request = self.requests[-1]
+            # What requestReceived sets, for an answer before it.
+            request.method, request.uri = self._command, self._path
+            request.path, request.clientproto = self._path, self._version
+            self.proxy.check_before_body(request)
 
     def requestDone(self, request: Any) -> None:
         self.proxy.request_done(request, bool(self.persistent))
@@ -522,7 +553,7 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
         request.setHeader(b"content-length", b"%d" % len(body))
         for name, value in (headers or {}).items():
             request.setHeader(name, value)
-        if close:
+        if close or request.early_check:  # (its body was not read)
             request.setHeader(b"connection", b"close")
             if request.channel is not None:
                 request.channel.persistent = False
@@ -603,17 +634,37 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
                 self.channel.tunneling = True
         self.authorize(request)
 
-    def authorize(self, request: _ProxyRequest) -> None:
-        """Serve ``request`` once its Proxy-Authorization is checked."""
-        factory: Any = self.factory
-        authenticators = factory.authenticators
+    def _methods(self) -> Tuple[Any, bool]:
+        """The username/password authenticator (or None), and whether anonymous."""
         checker = None
         anonymous = False
-        for authenticator in authenticators:
+        factory: Any = self.factory
+        for authenticator in factory.authenticators:
             if authenticator.method == Method.USERNAME_PASSWORD and checker is None:
                 checker = authenticator
             elif authenticator.method == Method.NO_AUTHENTICATION:
                 anonymous = True
+        return checker, anonymous
+
+    def check_before_body(self, request: _ProxyRequest) -> None:
+        """
+        A request whose body follows, on a server that wants a password:
+        its credentials are checked first, its body held meanwhile, so that
+        no client without them has a body stored (up to ``MAX_BODY``).
+        """
+        checker, anonymous = self._methods()
+        value = request.getHeader(b"proxy-authorization")
+        if anonymous or checker is None or self.channel is None:
+            return
+        if value is not None and value == self.accepted:
+            return
+        request.early_check = True
+        self.channel.held = []
+        self.authorize(request)
+
+    def authorize(self, request: _ProxyRequest) -> None:
+        """Serve ``request`` once its Proxy-Authorization is checked."""
+        checker, anonymous = self._methods()
         value = request.getHeader(b"proxy-authorization")
         if value is None or checker is None:
             if anonymous:
@@ -687,6 +738,10 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
             self._throttled(request)
             return
         self.accepted = value
+        # The password files' users: fingerprinted for revocation.
+        credentials = getattr(self.factory, "credentials", None)
+        if credentials is not None and self.user is not None:
+            self.credential = credentials.fingerprint(self.user)
         self.serve(request)
 
     def _failed_login(self, request: _ProxyRequest, why: str) -> None:
@@ -714,6 +769,11 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
 
     def serve(self, request: _ProxyRequest) -> None:
         """An authorized request: a tunnel, or a request forwarded."""
+        if request.early_check:  # authorized before its body: read it now
+            request.early_check = False
+            if self.channel is not None:
+                self.channel.release_body()
+            return
         try:
             if request.method == b"CONNECT":
                 address = parse_authority(request.uri)
@@ -864,6 +924,8 @@ class _Forward:
     binding: Any = None
     peer: Optional[Address] = None
     request: Optional[Request]
+    #: The request body's bytes (sent to the origin once connected).
+    body_size = 0
 
     def __init__(
         self,
@@ -984,6 +1046,8 @@ class _Forward:
             peer.transport.abortConnection()
             return
         self.link = peer
+        # Counted once admitted: the quotas reckon from the bytes before.
+        self.counters.bytes_up += self.body_size
         app = self.app_factory.buildProtocol(None)
         peer.attach(app, self.counters)
         d.callback(app)
@@ -1004,10 +1068,10 @@ class _Forward:
         handler = handler_for(self, self.socks)
         if handler is not None:
             socks = self.socks
+            # Its session, and its bytes for the quotas, end with it (also
+            # when a remote store admits it later than this call).
+            self.http.notifyFinish().addBoth(self._limits_done)
             within_limits(self, socks, handler, lambda: handler.handle(self, socks))
-            if self.limited is not None:
-                # Its session, and its bytes for the quotas, end with it.
-                self.http.notifyFinish().addBoth(self._limits_done)
         return d
 
     def _limits_done(self, result: Any) -> None:
@@ -1025,9 +1089,8 @@ class _Forward:
             request.requestHeaders.hasHeader(b"content-length")
             or request.requestHeaders.hasHeader(b"transfer-encoding")
         ):
-            size = content.seek(0, 2)
+            self.body_size = content.seek(0, 2)
             content.seek(0, 0)
-            self.counters.bytes_up += size
             body = FileBodyProducer(content)
         reactor = connection.factory.reactor
         agent = Agent.usingEndpointFactory(

@@ -63,6 +63,20 @@ SLICE_SECONDS = 0.005
 #: The states of connections that hold something to revoke.
 _LIVE = frozenset((State.RELAYING, State.BINDING, State.ASSOCIATED))
 
+
+def _revocable(connection: Any) -> bool:
+    """
+    Holding something to revoke: a tunnel, association or BIND wait, or an
+    HTTP keep-alive connection that has served (its accepted
+    Proxy-Authorization serves its next requests unchecked).
+    """
+    if connection.request is None:
+        return False
+    return connection.state in _LIVE or (
+        connection.state is State.REQUEST and connection.protocol == "http"
+    )
+
+
 #: Keys the fingerprints: a connection object holds no value a password
 #: (or a stored hash) could be guessed from offline.
 _KEY = os.urandom(32)
@@ -304,7 +318,7 @@ def sweep(
     """
     credentials: Optional[Credentials] = factory.credentials
     current = credentials.current() if credentials is not None else None
-    live = [c for c in factory.active if c.state in _LIVE and c.request is not None]
+    live = [c for c in factory.active if _revocable(c)]
     done: defer.Deferred[int] = defer.Deferred()
     revoked = [0]
 
@@ -314,7 +328,7 @@ def sweep(
         while index < end:
             connection = live[index]
             index += 1
-            if connection.state in _LIVE:  # else closed meanwhile
+            if _revocable(connection):  # else closed meanwhile
                 try:
                     why = verdict(connection, current)
                     if why is not None and revoke(connection, why):
