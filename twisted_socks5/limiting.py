@@ -4,8 +4,9 @@ each request (once the user is known), the bytes of live tunnels counted
 into the quotas, tunnels cut when a quota is used up, and what a store that
 cannot answer means (``--limits-on-store-failure``).
 
-A server whose rules have no ``limit`` line pays one attribute test per
-request: no store call, no object per connection.
+A server whose rules have no ``limit`` line pays two tests per request (a
+limiter, and :attr:`Limiter.active`): no store call, no object per
+connection.
 """
 
 from __future__ import annotations
