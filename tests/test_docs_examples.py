@@ -784,9 +784,12 @@ def test_readme_commands_are_the_documented_ones() -> None:
         "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/twistd -n socks5"
         in readme
     )
-    assert (
-        "python3 -m venv .venv && .venv/bin/pip install tox && .venv/bin/tox" in readme
+    test_command = (
+        "python3 -m venv .venv && .venv/bin/pip install tox && .venv/bin/tox p"
     )
+    assert test_command + "\n" in readme
+    # CI runs that same command (tox in parallel) on a fresh clone.
+    assert '"$venv/bin/tox" p\n' in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "RFC 1928 in full" not in readme
     assert "GSSAPI" in readme
 
