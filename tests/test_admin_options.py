@@ -51,6 +51,13 @@ def test_console_with_a_password_starts(endpoint: str) -> None:
     assert checker.users == {b"root": b"toor"}
 
 
+def test_a_bare_port_is_on_loopback() -> None:
+    options = parse("--admin", "8081", "--admin-auth", "memory:root:toor")
+    assert options["admin"] == LOOPBACK
+    with pytest.raises(usage.UsageError, match="every local user"):
+        parse("--admin", "8081")
+
+
 def test_ipv6_interface_needs_no_escaping() -> None:
     options = parse("--admin", "tcp:8081:interface=::1", "--admin-auth", "memory:a:b")
     assert options["admin"] == "tcp:8081:interface=\\:\\:1"

@@ -538,8 +538,8 @@ _PARAMETERS: List[List[Any]] = [
         None,
         "Serve the live console (open tunnels, per-user totals, close, "
         "reload) and its JSON API on this endpoint, e.g. "
-        "tcp:8081:interface=127.0.0.1 or ssl:8443:...; needs --admin-auth; "
-        "not with --workers (default: off).",
+        "tcp:8081:interface=127.0.0.1 or ssl:8443:... (a bare port: on "
+        "127.0.0.1); needs --admin-auth; not with --workers (default: off).",
     ],
 ]
 
@@ -840,6 +840,9 @@ def _metrics_endpoint(description: str) -> str:
         raise usage.UsageError(missing("prometheus_client", "--metrics needs"))
     from twisted.internet import reactor
 
+    if description.isascii() and description.isdigit():
+        # A bare port: on loopback, as --listen's default is.
+        description = f"tcp:{description}:interface=127.0.0.1"
     escaped = escape_ipv6_interface(description)
     try:
         serverFromString(reactor, escaped)
@@ -882,6 +885,9 @@ def _admin_endpoint(description: Optional[str], options: Options) -> str:
         )
     from twisted.internet import reactor
 
+    if description.isascii() and description.isdigit():
+        # A bare port: on loopback, as --listen's default is.
+        description = f"tcp:{description}:interface=127.0.0.1"
     escaped = escape_ipv6_interface(description)
     try:
         serverFromString(reactor, escaped)
