@@ -339,7 +339,8 @@ async def test_session_cookie_and_csrf(env: Any) -> None:
     path = f"/api/tunnels/{tunnel}/close"
     for headers in (
         {},  # no token
-        {"X-CSRF-Token": "x" + csrf[1:]},  # a wrong one
+        # A wrong one (one character off: never the token itself).
+        {"X-CSRF-Token": ("y" if csrf[0] == "x" else "x") + csrf[1:]},
         {"X-CSRF-Token": csrf, "Origin": "http://evil.example"},
         {"X-CSRF-Token": csrf, "Origin": e.base.replace("127.0.0.1", "localhost")},
         {"X-CSRF-Token": csrf, "Sec-Fetch-Site": "cross-site"},
