@@ -82,6 +82,7 @@ def start_browser() -> Any:
 
 def use_the_console(driver: Any, base: str, shots: Path) -> List[str]:
     """Log in, close the hostile user's tunnel; the users left listed."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -95,23 +96,37 @@ def use_the_console(driver: Any, base: str, shots: Path) -> List[str]:
     def rows(d: Any) -> Any:
         return d.find_elements(By.CSS_SELECTOR, "#tunnels tbody tr")
 
-    wait.until(lambda d: len(rows(d)) == 3)
-    users = [r.find_element(By.CSS_SELECTOR, "td.user").text for r in rows(driver)]
+    def users_shown(d: Any) -> Any:
+        # The page redraws its table on every poll: an element found just
+        # before may be gone (stale); then look again.
+        try:
+            return [r.find_element(By.CSS_SELECTOR, "td.user").text for r in rows(d)]
+        except StaleElementReferenceException:
+            return None
+
+    def close_hostile(d: Any) -> bool:
+        try:
+            for r in rows(d):
+                if r.find_element(By.CSS_SELECTOR, "td.user").text == HOSTILE:
+                    r.find_element(By.TAG_NAME, "button").click()
+                    return True
+        except StaleElementReferenceException:
+            pass
+        return False
+
+    wait.until(lambda d: len(users_shown(d) or ()) == 3)
+    users = wait.until(users_shown)
     # The name is shown as text: no element came out of it.
     assert sorted(users) == sorted(["alice", "alice", HOSTILE])
     assert driver.find_elements(By.CSS_SELECTOR, "img") == []
     assert driver.find_element(By.ID, "admin").text == "root"
     driver.save_screenshot(str(shots / "console.png"))
 
-    [hostile] = [
-        r
-        for r in rows(driver)
-        if r.find_element(By.CSS_SELECTOR, "td.user").text == HOSTILE
-    ]
-    hostile.find_element(By.TAG_NAME, "button").click()
-    wait.until(lambda d: len(rows(d)) == 2)
+    wait.until(close_hostile)
+    wait.until(lambda d: len(users_shown(d) or ()) == 2)
     driver.save_screenshot(str(shots / "console-after-close.png"))
-    return [r.find_element(By.CSS_SELECTOR, "td.user").text for r in rows(driver)]
+    left: Any = wait.until(users_shown)
+    return left
 
 
 @pytest_twisted.ensureDeferred
