@@ -542,6 +542,8 @@ class Limiter:
         """
         handlers = self.factory.handlers
         for ctx in list(self.factory.active):
+            # An HTTP connection's forwarded request holds its own limits.
+            ctx = getattr(ctx, "forward", None) or ctx
             request = ctx.request
             if request is None or ctx.closing or ctx.reply is None:
                 continue
@@ -577,4 +579,4 @@ class Limiter:
     def _update_bandwidth(self, tunnel: Any, limits: List[BandwidthLimit]) -> None:
         bandwidth = _bandwidth()
         if bandwidth is not None:
-            bandwidth.update(tunnel, limits)
+            bandwidth.update(tunnel, limits, self.store)
