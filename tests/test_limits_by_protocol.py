@@ -7,14 +7,20 @@ answered.
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any, List, Tuple
 
 from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
 
+from twisted_socks5.bandwidth import UP, Meter
 from twisted_socks5.codec import ReplyCode
+from twisted_socks5.httpproxy import _MeteredBody
 from twisted_socks5.limitstore import MemoryLimitStore
 from twisted_socks5.rules import RuleSet
+from twisted_socks5.rules.limit import BandwidthLimit
 
 HTTP = ("socks5", "socks4", "http")
 CONNECT = b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n"
@@ -269,3 +275,39 @@ def test_a_reload_lowering_then_removing_the_line_reaches_a_live_forward() -> No
     origin.dataReceived(b"x" * (3 * BURST - 32 * 1024))
     assert transport.producerState == "producing"
     assert status_of(h.take()) == 200
+
+
+class _Metered:
+    """What a request body asks of its forward: the meter."""
+
+    def __init__(self, meter: Any) -> None:
+        self.meter = meter
+
+
+def test_a_forwarded_request_body_is_booked_and_its_sending_paused() -> None:
+    clock = Clock()
+    meter = Meter(clock, None)
+    meter.set_limits([BandwidthLimit(float(BURST), "per-connection", "c")])
+    cooperator = Cooperator(
+        terminationPredicateFactory=lambda: lambda: True,  # one chunk a tick
+        scheduler=lambda step: clock.callLater(0, step),
+    )
+    size = 4 * BURST
+    body = _MeteredBody(BytesIO(b"u" * size), _Metered(meter), cooperator)
+    origin = StringTransport()
+    origin.registerProducer(body, True)  # as the Agent does
+    meter.feed(UP, body, origin)
+    done: List[Any] = []
+    body.startProducing(origin).addBoth(done.append)
+    for _ in range(5):
+        clock.advance(0)
+    sent = len(origin.value())
+    assert BURST < sent < size  # the burst and one read, then held
+    for _ in range(5):
+        clock.advance(0)
+    assert len(origin.value()) == sent
+    for _ in range(40):
+        if done:
+            break
+        clock.advance(0.5)
+    assert done == [None] and origin.value() == b"u" * size

@@ -1250,8 +1250,11 @@ class _MeteredBody(FileBodyProducer):
     it (as it pauses a relay's transport) while they are in debt.
     """
 
-    def __init__(self, content: Any, forward: _Forward) -> None:
-        super().__init__(content)
+    def __init__(self, content: Any, forward: Any, cooperator: Any = None) -> None:
+        if cooperator is None:
+            super().__init__(content)
+        else:  # tests: one driven by a clock
+            super().__init__(content, cooperator)
         self.forward = forward
 
     def startProducing(self, consumer: Any) -> defer.Deferred[None]:
@@ -1264,7 +1267,7 @@ class _MeteredBody(FileBodyProducer):
 class _Booked:
     """A body's consumer that books what is written to it."""
 
-    def __init__(self, consumer: Any, forward: _Forward) -> None:
+    def __init__(self, consumer: Any, forward: Any) -> None:
         self.consumer = consumer
         self.forward = forward
 
