@@ -1025,6 +1025,11 @@ class _Forward:
         return self.factory.reactor
 
     @property
+    def settings(self) -> Any:
+        """Where ``bandwidth.update`` finds the limiter's store, as a tunnel's."""
+        return self.factory
+
+    @property
     def tunnel(self) -> Optional[_Forward]:
         """What the limiter's bandwidth applies to: itself, once connected."""
         return self if self.link is not None else None

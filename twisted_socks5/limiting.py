@@ -579,4 +579,4 @@ class Limiter:
     def _update_bandwidth(self, tunnel: Any, limits: List[BandwidthLimit]) -> None:
         bandwidth = _bandwidth()
         if bandwidth is not None:
-            bandwidth.update(tunnel, limits, self.store)
+            bandwidth.update(tunnel, limits)
