@@ -7,14 +7,20 @@ answered.
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any, List, Tuple
 
 from helpers import CLIENT, SERVER, HalfCloseTransport, Harness
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import StringTransport
 
+from twisted_socks5.bandwidth import UP, Meter
 from twisted_socks5.codec import ReplyCode
+from twisted_socks5.httpproxy import _MeteredBody
 from twisted_socks5.limitstore import MemoryLimitStore
 from twisted_socks5.rules import RuleSet
+from twisted_socks5.rules.limit import BandwidthLimit
 
 HTTP = ("socks5", "socks4", "http")
 CONNECT = b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n"
@@ -166,3 +172,142 @@ def test_a_forwarded_request_body_counts_against_the_quota() -> None:
     h.send(GET)
     assert status_of(h.take()) == 403
     assert len(h.connector.calls) == 1
+
+
+# --------------------------------------------------------------------------
+# Bandwidth lines hold forwarded requests too (the origin's reads paused)
+
+BURST = 64 * 1024  # bandwidth.MIN_BURST: what a 64KiB/s bucket holds
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+
+
+def forwarding(h: Harness, size: int) -> Tuple[Any, HalfCloseTransport]:
+    """A forwarded GET, its origin's response head sent: (origin, its transport)."""
+    h.send(GET)
+    origin, transport = h.connector.succeed()
+    origin.dataReceived(HEAD % size)
+    return origin, transport
+
+
+def test_a_forwarded_download_is_held_by_a_bandwidth_line_then_arrives_whole() -> None:
+    h = limited("limit from 127.0.0.0/8 bandwidth 64KiB/s per-connection\nallow")
+    size = 3 * BURST
+    origin, transport = forwarding(h, size)
+    origin.dataReceived(b"a" * (BURST - 1000))  # within the burst
+    assert transport.producerState == "producing"
+    origin.dataReceived(b"b" * 2000)  # the burst spent: the origin is not read
+    assert transport.producerState == "paused"
+    h.reactor.advance(1.0)  # the debt is paid
+    assert transport.producerState == "producing"
+    sent = BURST + 1000
+    while sent < size:
+        assert transport.producerState == "producing"
+        chunk = min(16384, size - sent)
+        origin.dataReceived(b"c" * chunk)
+        sent += chunk
+        for _ in range(20):  # bounded: a gate never released fails below
+            if transport.producerState != "paused":
+                break
+            h.reactor.advance(0.25)
+    answer = h.take()
+    assert status_of(answer) == 200
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    assert len(body) == size and body.startswith(b"a" * (BURST - 1000))
+    assert h.protocol.forward is None  # its meter stopped with it
+    assert not h.reactor.getDelayedCalls() or all(
+        "Meter" not in repr(call) for call in h.reactor.getDelayedCalls()
+    )
+
+
+def test_without_a_bandwidth_line_a_forward_has_no_meter() -> None:
+    h = limited("limit from 127.0.0.0/8 sessions 5\nallow")
+    origin, transport = forwarding(h, 4 * BURST)
+    forward = h.protocol.forward
+    assert forward is not None and forward.meter is None
+    origin.dataReceived(b"x" * 4 * BURST)
+    assert transport.producerState == "producing"
+    assert status_of(h.take()) == 200
+
+
+def test_a_connect_tunnel_and_a_forward_of_one_client_share_its_bucket() -> None:
+    h = limited("limit from 127.0.0.0/8 bandwidth 64KiB/s per-user\nallow")
+    h.send(CONNECT)
+    target, _ = h.connector.succeed()
+    assert status_of(h.take()) == 200
+    tunnel_meter = h.protocol.tunnel.counters.meter
+    protocol, client = another(h)
+    protocol.dataReceived(GET)
+    origin, transport = h.connector.succeed()
+    forward = protocol.forward
+    assert forward is not None and forward.meter is not None
+    assert forward.meter.buckets[0][0] is tunnel_meter.buckets[0][0]
+    # The tunnel's download spends the client's budget...
+    target.dataReceived(b"t" * (BURST + 1000))
+    assert tunnel_meter.buckets[0][0].tokens < 0, tunnel_meter.buckets[0][0].tokens
+    # ...so the forward's origin is held from its first bytes on.
+    origin.dataReceived(HEAD % 1000 + b"0123456789")
+    assert transport.producerState == "paused"
+    h.reactor.advance(1.0)
+    assert transport.producerState == "producing"
+    origin.dataReceived(b"x" * 990)
+    assert status_of(client.value()) == 200
+
+
+def test_a_reload_lowering_then_removing_the_line_reaches_a_live_forward() -> None:
+    h = limited("limit from 127.0.0.0/8 bandwidth 64KiB/s per-connection\nallow")
+    origin, transport = forwarding(h, 4 * BURST)
+    forward = h.protocol.forward
+    meter = forward.meter
+    assert meter is not None and meter.buckets[0][0].rate == BURST
+    h.factory.policy = RuleSet.parse(
+        "limit from 127.0.0.0/8 bandwidth 16KiB/s per-connection\nallow"
+    )
+    h.factory.limiter.reload()
+    assert forward.meter is meter and meter.buckets[0][0].rate == 16 * 1024
+    origin.dataReceived(b"x" * (BURST + 32 * 1024))  # 2 s of debt at 16KiB/s
+    assert transport.producerState == "paused"
+    h.reactor.advance(1.0)  # enough at 64KiB/s, not at 16KiB/s
+    assert transport.producerState == "paused"
+    h.factory.policy = RuleSet.parse("allow")
+    h.factory.limiter.reload()
+    assert forward.meter is None
+    assert transport.producerState == "producing"  # at once, no timer
+    origin.dataReceived(b"x" * (3 * BURST - 32 * 1024))
+    assert transport.producerState == "producing"
+    assert status_of(h.take()) == 200
+
+
+class _Metered:
+    """What a request body asks of its forward: the meter."""
+
+    def __init__(self, meter: Any) -> None:
+        self.meter = meter
+
+
+def test_a_forwarded_request_body_is_booked_and_its_sending_paused() -> None:
+    clock = Clock()
+    meter = Meter(clock, None)
+    meter.set_limits([BandwidthLimit(float(BURST), "per-connection", "c")])
+    cooperator = Cooperator(
+        terminationPredicateFactory=lambda: lambda: True,  # one chunk a tick
+        scheduler=lambda step: clock.callLater(0, step),
+    )
+    size = 4 * BURST
+    body = _MeteredBody(BytesIO(b"u" * size), _Metered(meter), cooperator)
+    origin = StringTransport()
+    origin.registerProducer(body, True)  # as the Agent does
+    meter.feed(UP, body, origin)
+    done: List[Any] = []
+    body.startProducing(origin).addBoth(done.append)
+    for _ in range(5):
+        clock.advance(0)
+    sent = len(origin.value())
+    assert BURST < sent < size  # the burst and one read, then held
+    for _ in range(5):
+        clock.advance(0)
+    assert len(origin.value()) == sent
+    for _ in range(40):
+        if done:
+            break
+        clock.advance(0.5)
+    assert done == [None] and origin.value() == b"u" * size

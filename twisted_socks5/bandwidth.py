@@ -351,8 +351,9 @@ class Meter:
         #: Shared buckets held, to release: (budgets, key).
         self.held: List[Tuple[_Budgets, str]] = []
         self.gates: List[Optional[_Gate]] = [None, None]
-        #: The copying relay's transports: (the destination's, the client's).
-        self.ends: Optional[Tuple[Any, Any]] = None
+        #: By direction: (the producer that reads it, the consumer it is
+        #: registered with), once known (see :meth:`link`, :meth:`feed`).
+        self.feeds: List[Optional[Tuple[Any, Any]]] = [None, None]
         self.timers: List[Any] = [None, None]
         self.waiting: List[Optional[Callable[[], None]]] = [None, None]
         #: The (down, up) buckets of each limit, in ``limits``' order.
@@ -413,22 +414,30 @@ class Meter:
         each way gets its gate when its bucket first runs dry (most tunnels
         never do), at once if in debt already.
         """
-        self.ends = (outbound_transport, client)
+        self.feeds = [(outbound_transport, client), (client, outbound_transport)]
         self.gates = [None, None]
         for way in (DOWN, UP):
             if any(b.tokens < 0 for b in self.buckets[way]):
                 self._hold(way, 0.0)
 
+    def feed(self, way: int, source: Any, consumer: Any) -> None:
+        """
+        ``source`` (a push producer registered with ``consumer``) carries
+        ``way`` from now on: a forwarded HTTP request's origin transport and
+        the client's request (down), its body and the origin (up).  Booked
+        with :meth:`moved` as the copying relay's bytes are.
+        """
+        self.feeds[way] = (source, consumer)
+        self.gates[way] = None
+        if any(b.tokens < 0 for b in self.buckets[way]):
+            self._hold(way, 0.0)
+
     def _gate(self, way: int) -> Optional[_Gate]:
         """Put a gate between ``way``'s consumer and the transport feeding it."""
-        if self.ends is None:
+        feed = self.feeds[way]
+        if feed is None:
             return None
-        outbound_transport, client = self.ends
-        source, consumer = (
-            (outbound_transport, client)
-            if way == DOWN
-            else (client, outbound_transport)
-        )
+        source, consumer = feed
         if consumer.producer is not source:  # the splice relay or the close has it
             return None
         gate = self.gates[way] = _Gate(source, consumer)
@@ -565,7 +574,7 @@ class Meter:
             if timer is not None and timer.active():
                 timer.cancel()
         self.gates = [None, None]
-        self.ends = None
+        self.feeds = [None, None]
         held, self.held = self.held, []
         for shared, key in held:
             shared.release(key)
@@ -578,8 +587,10 @@ def _identity(limit: Any) -> Tuple[str, str, str]:
 def throttle(target: Any, limits: Sequence[Any], store: Any = None) -> Optional[Meter]:
     """
     Put ``limits`` (:class:`BandwidthLimit` or alike) on ``target``, a
-    :class:`~twisted_socks5.tunnel.Tunnel` or a
-    :class:`~twisted_socks5.udp.UDPAssociation`, before or after it started.
+    :class:`~twisted_socks5.tunnel.Tunnel`, or anything that keeps its
+    ``meter`` itself and has a ``reactor`` (a
+    :class:`~twisted_socks5.udp.UDPAssociation`, a forwarded HTTP request),
+    before or after it started.
     ``store`` (an ``ILimitStore``, or ``None``) backs the shared buckets.
     """
     if not limits:
@@ -587,7 +598,7 @@ def throttle(target: Any, limits: Sequence[Any], store: Any = None) -> Optional[
     for limit in limits:
         if limit.scope not in SCOPES:
             raise ValueError(f"bandwidth: unknown scope {limit.scope!r}")
-    if hasattr(target, "meter"):  # a UDP association
+    if hasattr(target, "meter"):  # a UDP association, a forwarded request
         meter = Meter(target.reactor, store)
         meter.set_limits(limits)
         target.meter = meter

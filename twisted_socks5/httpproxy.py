@@ -53,6 +53,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from .bandwidth import DOWN, UP, Meter
 from .codec import Address, Command, Method, ReplyCode, Request
 from .commands import handler_for
 from .connection import EARLY_DATA_PAUSE, SOCKS5ServerProtocol, State
@@ -411,6 +412,8 @@ class HTTPProxyConnection(SOCKS5ServerProtocol):
     requests: int
     #: The status of the last answer (for the log).
     last_status: int
+    #: The forwarded request being answered, while it holds its limits.
+    forward: Optional[_Forward] = None
 
     # ------------------------------------------------------------------
     # Input
@@ -851,6 +854,8 @@ class _OriginLink(OutboundProtocol):
     #: The response's bytes until its head is read (bounded): the Agent
     #: keeps its ``Connection`` field to itself, whose names are hop-by-hop.
     head: bytes = b""
+    #: The forwarded request it answers (its bandwidth meter, if any).
+    forward: Optional[_Forward] = None
 
     def attach(self, app: Any, counters: RelayCounters) -> None:
         self.app = app
@@ -861,9 +866,15 @@ class _OriginLink(OutboundProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.counters.bytes_down += len(data)  # type: ignore[union-attr]
         self.received += len(data)
+        forward = self.forward
+        meter = None if forward is None else forward.meter
         if not self.head_done:
             self.head += data
         self.app.dataReceived(data)
+        if meter is not None:
+            # Booked once delivered: the chunk that starts the body has fed
+            # the meter its producer (and the Agent resumed it) by now.
+            meter.moved(DOWN, len(data))
         if not self.head_done and self.received > MAX_RESPONSE_HEAD:
             self.transport.abortConnection()
 
@@ -926,6 +937,9 @@ class _Forward:
     request: Optional[Request]
     #: The request body's bytes (sent to the origin once connected).
     body_size = 0
+    #: The request body's producer, if it has one.
+    body: Optional[_MeteredBody] = None
+    _meter: Optional[Meter] = None
 
     def __init__(
         self,
@@ -1003,6 +1017,41 @@ class _Forward:
         self.connection.pending = d
 
     @property
+    def reply(self) -> Optional[ReplyCode]:
+        return self.connection.reply
+
+    @property
+    def reactor(self) -> Any:
+        return self.factory.reactor
+
+    @property
+    def settings(self) -> Any:
+        """Where ``bandwidth.update`` finds the limiter's store, as a tunnel's."""
+        return self.factory
+
+    @property
+    def tunnel(self) -> Optional[_Forward]:
+        """What the limiter's bandwidth applies to: itself, once connected."""
+        return self if self.link is not None else None
+
+    @property
+    def meter(self) -> Optional[Meter]:
+        """Its bandwidth meter (``bandwidth.throttle`` sets it), if a line applies."""
+        return self._meter
+
+    @meter.setter
+    def meter(self, meter: Optional[Meter]) -> None:
+        self._meter = meter
+        link = self.link
+        if meter is None or link is None:
+            return
+        if self.body is not None:  # registered with the origin transport
+            meter.feed(UP, self.body, link.transport)
+        producer = self.http.producer  # the response body, once it flows
+        if producer is not None:
+            meter.feed(DOWN, producer, self.http)
+
+    @property
     def outcome(self) -> str:
         return self.connection.outcome
 
@@ -1046,10 +1095,13 @@ class _Forward:
             peer.transport.abortConnection()
             return
         self.link = peer
+        peer.forward = self
         # Counted once admitted: the quotas reckon from the bytes before.
         self.counters.bytes_up += self.body_size
         app = self.app_factory.buildProtocol(None)
         peer.attach(app, self.counters)
+        if self.limited is not None:  # its bandwidth lines, before any byte
+            self.factory.limiter.tunnel_started(self, self)
         d.callback(app)
 
     # ------------------------------------------------------------------
@@ -1071,10 +1123,16 @@ class _Forward:
             # Its session, and its bytes for the quotas, end with it (also
             # when a remote store admits it later than this call).
             self.http.notifyFinish().addBoth(self._limits_done)
+            self.connection.forward = self  # for a reload of the rules
             within_limits(self, socks, handler, lambda: handler.handle(self, socks))
         return d
 
     def _limits_done(self, result: Any) -> None:
+        if self.connection.forward is self:
+            self.connection.forward = None
+        meter, self._meter = self._meter, None
+        if meter is not None:
+            meter.stop()
         limiter = self.factory.limiter
         if limiter is not None:
             limiter.closed(self)
@@ -1091,7 +1149,7 @@ class _Forward:
         ):
             self.body_size = content.seek(0, 2)
             content.seek(0, 0)
-            body = FileBodyProducer(content)
+            body = self.body = _MeteredBody(content, self)
         reactor = connection.factory.reactor
         agent = Agent.usingEndpointFactory(
             reactor, _Endpoint(self), pool=HTTPConnectionPool(reactor, persistent=False)
@@ -1140,7 +1198,7 @@ class _Forward:
             out.setRawHeaders(b"content-length", [b"%d" % length])
         major, minor = response.version[1], response.version[2]
         out.addRawHeader(b"via", b"%d.%d %s" % (major, minor, VIA_NAME))
-        response.deliverBody(_BodyWriter(request, connection))
+        response.deliverBody(_BodyWriter(request, connection, self))
 
     def _failed(self, failure: Failure) -> None:
         request = self.http
@@ -1190,16 +1248,58 @@ def _forwarded_headers(incoming: Headers, version: bytes) -> Headers:
     return headers
 
 
+class _MeteredBody(FileBodyProducer):
+    """
+    The request body (read whole into a file before it is forwarded), its
+    writes booked against the forward's upload buckets: the meter pauses
+    it (as it pauses a relay's transport) while they are in debt.
+    """
+
+    def __init__(self, content: Any, forward: Any, cooperator: Any = None) -> None:
+        if cooperator is None:
+            super().__init__(content)
+        else:  # tests: one driven by a clock
+            super().__init__(content, cooperator)
+        self.forward = forward
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        done: defer.Deferred[None] = super().startProducing(
+            _Booked(consumer, self.forward)
+        )
+        return done
+
+
+class _Booked:
+    """A body's consumer that books what is written to it."""
+
+    def __init__(self, consumer: Any, forward: Any) -> None:
+        self.consumer = consumer
+        self.forward = forward
+
+    def write(self, data: bytes) -> None:
+        self.consumer.write(data)
+        meter = self.forward.meter
+        if meter is not None:
+            meter.moved(UP, len(data))
+
+
 class _BodyWriter(Protocol):
     """The origin's body, to the client, at the client's pace."""
 
-    def __init__(self, request: _ProxyRequest, connection: HTTPProxyConnection) -> None:
+    def __init__(
+        self, request: _ProxyRequest, connection: HTTPProxyConnection, forward: _Forward
+    ) -> None:
         self.request = request
         self.connection = connection
+        self.forward = forward
 
     def connectionMade(self) -> None:
-        if not self.request.finished and not self.request.gone:
-            self.request.registerProducer(self.transport, True)
+        request = self.request
+        if not request.finished and not request.gone:
+            request.registerProducer(self.transport, True)
+            meter = self.forward.meter
+            if meter is not None:  # the bandwidth holds the origin's reads
+                meter.feed(DOWN, self.transport, request)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.request.gone:

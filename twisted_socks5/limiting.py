@@ -542,6 +542,8 @@ class Limiter:
         """
         handlers = self.factory.handlers
         for ctx in list(self.factory.active):
+            # An HTTP connection's forwarded request holds its own limits.
+            ctx = getattr(ctx, "forward", None) or ctx
             request = ctx.request
             if request is None or ctx.closing or ctx.reply is None:
                 continue
