@@ -327,7 +327,9 @@ _FAILURES = {
 class _Run:
     """One server protocol on a StringTransport, and what it did."""
 
-    def __init__(self, userpass: bool) -> None:
+    def __init__(
+        self, userpass: bool, protocols: Tuple[str, ...] = ("socks5",)
+    ) -> None:
         self.reactor = _Reactor()
         self.connector = _Connector()
         authenticators: List[Any] = [NoAuthAuthenticator()]
@@ -343,6 +345,7 @@ class _Run:
             reactor=self.reactor,
             connector=self.connector,
             handshake_timeout=HANDSHAKE_TIMEOUT,
+            protocols=protocols,
         )
         self.methods = self.factory.methods
         self.protocol = self.factory.buildProtocol(CLIENT)
@@ -351,6 +354,15 @@ class _Run:
         self.received = b""
         self.resolved: Optional[str] = None
         self.protocol.makeConnection(self.transport)
+
+    @property
+    def attempts(self) -> int:
+        """Outbound steps taken: connects, listening ports, look-ups."""
+        return (
+            len(self.connector.calls)
+            + len(self.reactor.ports)
+            + len(self.connector.lookups)
+        )
 
     @property
     def closing(self) -> bool:
@@ -384,11 +396,7 @@ class _Run:
         written = self.transport.value()
         protocol = self.protocol
         assert self.closing or len(protocol._buffer) <= MAX_EARLY_DATA
-        attempts = (
-            len(self.connector.calls)
-            + len(self.reactor.ports)
-            + len(self.connector.lookups)
-        )
+        attempts = self.attempts
         request = expected.request
         if request is None:
             assert attempts == 0, "an attempt before a complete, valid request"
@@ -588,17 +596,12 @@ class _Socks4Run(_Run):
     """A server speaking SOCKS5 and SOCKS4, fed a stream meant as SOCKS4."""
 
     def __init__(self, userpass: bool) -> None:
-        super().__init__(userpass)
-        self.factory.protocols = frozenset(("socks5", "socks4"))
+        super().__init__(userpass, ("socks5", "socks4"))
 
     def check(self, whole: bool = False) -> None:
         received = self.received
         written = self.transport.value()
-        attempts = (
-            len(self.connector.calls)
-            + len(self.reactor.ports)
-            + len(self.connector.lookups)
-        )
+        attempts = self.attempts
         if not received or received[0] != 4:
             return  # SOCKS5 (the other targets) or garbage: closed
         assert self.closing or len(self.protocol._buffer) <= MAX_EARLY_DATA
@@ -710,8 +713,7 @@ class _HttpRun(_Run):
     """A server speaking SOCKS5 and HTTP, fed a stream meant as HTTP."""
 
     def __init__(self, userpass: bool) -> None:
-        super().__init__(userpass)
-        self.factory.protocols = frozenset(("socks5", "http"))
+        super().__init__(userpass, ("socks5", "http"))
 
     def check(self, whole: bool = False) -> None:
         received = self.received
